@@ -1,0 +1,86 @@
+"""Policy checkpoints: our own pickle-free format.
+
+A para_policy checkpoint is one ``.safetensors`` file. Its tensors are the policy's
+state dict in DiffusionPolicy's naming (``model.*`` for the UNet,
+``normalizer.params_dict.{obs,action}.*`` for the normalizer), and its metadata holds
+the policy configuration as JSON under the key ``para_policy``. Loading it runs no
+code, unlike a pickled ``.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT_KIND = "para_policy.lowdim_diffusion_policy"
+FORMAT_VERSION = 1
+METADATA_KEY = "para_policy"
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """Call ``write(tmp_path)`` and move the result over ``path`` in one rename.
+
+    A crash halfway leaves the previous file intact: readers see the old file or
+    the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write ``state_dict`` and the JSON-serialisable ``config`` to ``path`` atomically."""
+    config = {"kind": FORMAT_KIND, "version": FORMAT_VERSION, **config}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    metadata = {METADATA_KEY: json.dumps(config, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a para_policy checkpoint: returns ``(state_dict, config)``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file
+    that is not a para_policy checkpoint (naming what was found instead).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state_dict = load_file(str(path))
+    except Exception as e:  # safetensors raises several kinds for a bad file
+        raise ValueError(
+            f"{path} is not a safetensors file ({type(e).__name__}: {e}); expected a para_policy "
+            "checkpoint (.safetensors)"
+        ) from e
+    if METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{path} has no '{METADATA_KEY}' metadata: it is a safetensors file but not a "
+            f"para_policy checkpoint (metadata keys: {sorted(metadata)})"
+        )
+    config = json.loads(metadata[METADATA_KEY])
+    if config.get("kind") != FORMAT_KIND:
+        raise ValueError(f"{path}: unknown checkpoint kind {config.get('kind')!r}, expected {FORMAT_KIND!r}")
+    if int(config.get("version", -1)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format version {config['version']} is newer than this "
+            f"para_policy understands ({FORMAT_VERSION}); upgrade para_policy"
+        )
+    return state_dict, config

@@ -1,0 +1,134 @@
+"""What every sampler shares: the denoiser contract, noise drawing, input checks, stats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from para_policy.schedule import Schedule
+
+
+class Denoiser(Protocol):
+    """``denoiser(x (N, T, D), t (N,) long, condition (N, ...) | None) -> (N, T, D)``.
+
+    Predicts what the schedule expects (epsilon for DiffusionPolicy). ``condition`` is
+    the caller's per-sample conditioning (e.g. DiffusionPolicy's global_cond), gathered
+    by the sampler to the rows it evaluates; ``None`` when the caller gave none.
+    """
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@dataclass
+class SampleStats:
+    """How much sequential and total model work one sampling call took.
+
+    rounds: sequential model calls (Picard iterations); the hardware-independent latency.
+    model_evals: denoiser rows evaluated, summed over rounds (the total compute).
+    converged: ``(B,)`` whether each sample met the tolerance everywhere.
+    rounds_per_sample: ``(B,)`` the round at which each sample finished.
+    """
+
+    rounds: int
+    model_evals: int
+    converged: torch.Tensor
+    rounds_per_sample: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+
+Inpaint = tuple[torch.Tensor, torch.Tensor]
+
+
+def draw_noise(
+    schedule: Schedule,
+    shape: tuple[int, int, int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``x_T`` and the per-step noise in the order of the sequential loop.
+
+    DiffusionPolicy draws ``x_T`` first, then one tensor per step whose scheduler
+    ``step`` draws noise (DDPM: every ``t > 0``). Drawing them here in that order from
+    the same generator reproduces its samples exactly.
+
+    Returns:
+        ``x_T`` of ``shape`` (B, T, D) and ``noise`` (B, S, T, D) of standard normal draws,
+        zero at steps that draw none.
+    """
+    x_T = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    noise = torch.zeros((shape[0], schedule.num_steps, *shape[1:]), device=device, dtype=dtype)
+    for k in torch.nonzero(schedule.draws_noise.cpu()).flatten().tolist():
+        noise[:, k] = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return x_T, noise
+
+
+def check_inputs(
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    noise: torch.Tensor | None,
+    condition: torch.Tensor | None,
+    inpaint: Inpaint | None,
+) -> torch.Tensor:
+    """Validate sampler inputs; return the noise tensor (zeros when none is needed).
+
+    Raises ``ValueError`` naming the offending argument and what was expected.
+    """
+    if x_T.dim() != 3:
+        raise ValueError(f"x_T must have shape (B, T, D), got {tuple(x_T.shape)}")
+    B, T, D = x_T.shape
+    S = schedule.num_steps
+    if noise is None:
+        if bool(schedule.draws_noise.any()) and bool((schedule.noise_std > 0).any()):
+            raise ValueError(
+                f"noise is required: this {schedule.kind} schedule adds noise at some steps; "
+                "draw it with para_policy.samplers.draw_noise"
+            )
+        noise = torch.zeros((B, S, T, D), device=x_T.device, dtype=x_T.dtype)
+    elif tuple(noise.shape) != (B, S, T, D):
+        raise ValueError(f"noise must have shape (B, S, T, D) = {(B, S, T, D)}, got {tuple(noise.shape)}")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains NaN or inf")
+    if condition is not None:
+        if condition.shape[0] != B:
+            raise ValueError(f"condition must have batch size {B} (as x_T), got shape {tuple(condition.shape)}")
+        if not bool(torch.isfinite(condition).all()):
+            raise ValueError("condition contains NaN or inf (check the observations)")
+    if inpaint is not None:
+        data, mask = inpaint
+        if tuple(data.shape) != (B, T, D) or tuple(mask.shape) != (B, T, D):
+            raise ValueError(
+                f"inpaint (condition_data, condition_mask) must both have shape {(B, T, D)}, got "
+                f"{tuple(data.shape)} and {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"inpaint condition_mask must be a bool tensor, got {mask.dtype}")
+    return noise
+
+
+def check_options(schedule: Schedule, window: int, tolerance: float, max_iterations: int | None) -> int:
+    """Validate Picard options; return the effective max_iterations."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if max_iterations is None:
+        return schedule.num_steps
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
+    return max_iterations
+
+
+def apply_inpaint(x: torch.Tensor, inpaint: Inpaint | None) -> torch.Tensor:
+    """``x`` with the known entries replaced, as DiffusionPolicy's ``trajectory[mask] = data[mask]``."""
+    if inpaint is None:
+        return x
+    data, mask = inpaint
+    return torch.where(mask, data, x)

@@ -1,0 +1,48 @@
+"""Shared test fixtures: small deterministic denoisers and DiffusionPolicy's scheduler configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+torch.set_num_threads(2)
+
+DP_BETAS = dict(num_train_timesteps=100, beta_start=0.0001, beta_end=0.02, beta_schedule="squaredcos_cap_v2")
+
+
+def dp_ddpm(**overrides) -> DDPMScheduler:
+    """DiffusionPolicy's PushT low-dim DDPM scheduler."""
+    cfg = dict(DP_BETAS, variance_type="fixed_small", clip_sample=True, prediction_type="epsilon")
+    return DDPMScheduler(**{**cfg, **overrides})
+
+
+def dp_ddim(**overrides) -> DDIMScheduler:
+    """DiffusionPolicy's DDIM scheduler config (same betas, set_alpha_to_one, steps_offset 0)."""
+    cfg = dict(DP_BETAS, clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon")
+    return DDIMScheduler(**{**cfg, **overrides})
+
+
+class MLPDenoiser(torch.nn.Module):
+    """A small per-row network over (x, t, condition): rows are independent, like the UNet."""
+
+    def __init__(self, dim: int = 3, cond_dim: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.cond_dim = cond_dim
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1 + cond_dim, 64), torch.nn.Tanh(),
+                                       torch.nn.Linear(64, dim))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x, t, condition=None):
+        B, T, _ = x.shape
+        c = torch.zeros(B, self.cond_dim) if condition is None else condition
+        h = torch.cat([x, (t.float() / 100)[:, None, None].expand(B, T, 1), c[:, None, :].expand(B, T, -1)], -1)
+        return self.net(h)
+
+
+@pytest.fixture
+def denoiser() -> MLPDenoiser:
+    return MLPDenoiser()

@@ -1,0 +1,167 @@
+"""Picard sampling against the sequential loop, and the sequential loop against DiffusionPolicy's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import MLPDenoiser, dp_ddim, dp_ddpm
+
+from para_policy.samplers import draw_noise, picard_sample, sequential_sample
+from para_policy.schedule import make_schedule
+
+SHAPE_T, SHAPE_D = 8, 3
+
+
+def diffusion_policy_loop(denoiser, scheduler, steps, shape, seed, condition=None, inpaint=None):
+    """DiffusionPolicy's ``conditional_sample`` written out with the diffusers scheduler.
+
+    Returns the sample and the states after every step (x_1 … x_S).
+    """
+    g = torch.Generator().manual_seed(seed)
+    trajectory = torch.randn(shape, generator=g)
+    scheduler.set_timesteps(steps)
+    states = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            if inpaint is not None:
+                trajectory[inpaint[1]] = inpaint[0][inpaint[1]]
+            out = denoiser(trajectory, t.expand(shape[0]), condition)
+            trajectory = scheduler.step(out, t, trajectory, generator=g).prev_sample
+            states.append(trajectory.clone())
+    if inpaint is not None:
+        trajectory[inpaint[1]] = inpaint[0][inpaint[1]]
+    return trajectory, torch.stack(states, dim=1)
+
+
+def make_inpaint(batch: int):
+    data = torch.randn(batch, SHAPE_T, SHAPE_D, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(batch, SHAPE_T, SHAPE_D, dtype=torch.bool)
+    mask[:, :2, 1:] = True  # like DiffusionPolicy's first n_obs_steps observation entries
+    return data, mask
+
+
+CONFIGS = [("ddpm-100", dp_ddpm, 100), ("ddim-10", dp_ddim, 10)]
+
+
+@pytest.mark.parametrize("name,make,steps", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sequential_reproduces_diffusion_policy(denoiser, name, make, steps, batch, masked):
+    shape = (batch, SHAPE_T, SHAPE_D)
+    cond = torch.randn(batch, 4, generator=torch.Generator().manual_seed(3))
+    inpaint = make_inpaint(batch) if masked else None
+    ref, _ = diffusion_policy_loop(denoiser, make(), steps, shape, seed=11, condition=cond, inpaint=inpaint)
+    schedule = make_schedule(make(), steps)
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(11))
+    ours, stats = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert stats.rounds == steps
+
+
+@pytest.mark.parametrize("name,make,steps", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("window", [1, 4, 100])
+def test_picard_tolerance_zero_equals_sequential(denoiser, name, make, steps, batch, masked, window):
+    shape = (batch, SHAPE_T, SHAPE_D)
+    cond = torch.randn(batch, 4, generator=torch.Generator().manual_seed(3))
+    inpaint = make_inpaint(batch) if masked else None
+    schedule = make_schedule(make(), steps)
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(5))
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
+    ours, stats = picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=0.0,
+                                condition=cond, inpaint=inpaint)
+    assert (ours - ref).abs().max() < 1e-5
+    assert stats.all_converged
+    assert stats.rounds <= steps
+    if window == 1:
+        assert stats.rounds == steps
+        assert stats.model_evals == steps * batch
+
+
+@pytest.mark.parametrize("tolerance", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("window", [4, 16, 100])
+def test_picard_with_tolerance_is_close_and_takes_fewer_rounds(denoiser, tolerance, window):
+    schedule = make_schedule(dp_ddpm(), 100)
+    shape = (2, SHAPE_T, SHAPE_D)
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(9))
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond)
+    ours, stats = picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=tolerance,
+                                condition=cond)
+    assert stats.all_converged
+    assert stats.rounds < 100
+    # a converged point moved by at most tolerance·σ in its last round; errors stay of that order
+    assert (ours - ref).abs().max() < 20 * tolerance * math.sqrt(float(schedule.variance.max()))
+
+
+def test_batch_takes_no_more_rounds_than_its_slowest_member():
+    denoiser = MLPDenoiser(seed=2)
+    schedule = make_schedule(dp_ddpm(), 100)
+    shape = (4, SHAPE_T, SHAPE_D)
+    cond = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 3
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(2))
+    batch, stats = picard_sample(denoiser, schedule, x_T, noise, window=16, tolerance=0.1, condition=cond)
+    alone_rounds = []
+    for b in range(4):
+        alone, s = picard_sample(denoiser, schedule, x_T[b:b + 1], noise[b:b + 1], window=16, tolerance=0.1,
+                                 condition=cond[b:b + 1])
+        alone_rounds.append(s.rounds)
+        assert torch.allclose(batch[b:b + 1], alone, atol=1e-5)
+        assert int(stats.rounds_per_sample[b]) == s.rounds  # its own window, undisturbed by the others
+    assert stats.rounds == max(alone_rounds)
+    # waiting for the worst sample never helps
+    _, shared = picard_sample(denoiser, schedule, x_T, noise, window=16, tolerance=0.1, condition=cond,
+                              per_sample_windows=False)
+    assert shared.rounds >= stats.rounds
+    assert shared.model_evals >= stats.model_evals
+
+
+def test_warm_start_from_the_solution_converges_at_once(denoiser):
+    """Given the exact trajectory as init, each round confirms a whole window."""
+    schedule = make_schedule(dp_ddpm(), 100)
+    shape = (1, SHAPE_T, SHAPE_D)
+    cond = torch.randn(1, 4)
+    ref, states = diffusion_policy_loop(denoiser, dp_ddpm(), 100, shape, seed=4, condition=cond)
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(4))
+    ours, stats = picard_sample(denoiser, schedule, x_T, noise, window=25, tolerance=0.05, condition=cond,
+                                init=states)
+    assert stats.rounds <= 100 // 25 + 1
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_max_iterations_returns_flagged_iterate(denoiser):
+    schedule = make_schedule(dp_ddpm(), 100)
+    x_T, noise = draw_noise(schedule, (2, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(0))
+    out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, tolerance=0.0, max_iterations=3)
+    assert stats.rounds == 3
+    assert not stats.converged.any()
+    assert torch.isfinite(out).all()
+
+
+def test_bad_arguments_raise(denoiser):
+    schedule = make_schedule(dp_ddpm(), 10)
+    x_T, noise = draw_noise(schedule, (2, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="tolerance"):
+        picard_sample(denoiser, schedule, x_T, noise, tolerance=-1)
+    with pytest.raises(ValueError, match="window"):
+        picard_sample(denoiser, schedule, x_T, noise, window=0)
+    with pytest.raises(ValueError, match="max_iterations"):
+        picard_sample(denoiser, schedule, x_T, noise, max_iterations=0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        picard_sample(denoiser, schedule, x_T, noise[:, :5])
+    with pytest.raises(ValueError, match="x_T must have shape"):
+        picard_sample(denoiser, schedule, x_T[0], noise)
+    with pytest.raises(ValueError, match="noise is required"):
+        sequential_sample(denoiser, schedule, x_T, None)
+    bad = cond.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="condition contains NaN"):
+        picard_sample(denoiser, schedule, x_T, noise, condition=bad)
+    with pytest.raises(ValueError, match="batch size"):
+        sequential_sample(denoiser, schedule, x_T, noise, condition=cond[:1])
+    with pytest.raises(ValueError, match="init must have shape"):
+        picard_sample(denoiser, schedule, x_T, noise, init=torch.zeros(2, 3, SHAPE_T, SHAPE_D))

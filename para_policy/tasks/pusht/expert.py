@@ -141,6 +141,22 @@ def _ray_exit(p: np.ndarray, d: np.ndarray, radius: float) -> float:
     return max(0.0, -b + math.sqrt(disc))
 
 
+def _dist_to_t(pt: np.ndarray) -> float:
+    """Distance (px) from a block-frame point to the T (0 inside)."""
+    best = math.inf
+    for x0, x1, y0, y1 in ((-60.0, 60.0, 0.0, 30.0), (-15.0, 15.0, 30.0, 120.0)):
+        dx = max(x0 - pt[0], 0.0, pt[0] - x1)
+        dy = max(y0 - pt[1], 0.0, pt[1] - y1)
+        best = min(best, math.hypot(dx, dy))
+    return best
+
+
+def _segment_clear(a: np.ndarray, b: np.ndarray, clearance: float) -> bool:
+    """Whether every point of segment a-b (block frame) is at least ``clearance`` px from the T."""
+    n = max(1, int(math.ceil(float(np.linalg.norm(b - a)) / 3.0)))
+    return all(_dist_to_t(a + (b - a) * (k / n)) >= clearance for k in range(n + 1))
+
+
 def _segment(a: np.ndarray, b: np.ndarray, step: float) -> list[np.ndarray]:
     """Points from a (exclusive) to b (inclusive) spaced about ``step`` apart."""
     dist = float(np.linalg.norm(b - a))
@@ -164,12 +180,16 @@ class PushTExpert:
     def __init__(
         self,
         seed: int = 0,
-        n_candidates: int = 96,
-        travel_speed: float = 16.0,
-        max_push_speed: float = 8.0,
-        clear_radius: float = 102.0,
+        n_candidates: int = 128,
+        travel_speed: float = 22.0,
+        max_push_speed: float = 12.0,
+        clear_radius: float = 98.0,
         step_cost: float = 0.004,
+        direct_paths: bool = True,
+        direct_clearance: float = 6.0,
     ) -> None:
+        self.direct_paths = direct_paths
+        self.direct_clearance = direct_clearance
         self.seed = seed
         self.n_candidates = n_candidates
         self.travel_speed = travel_speed
@@ -210,6 +230,19 @@ class PushTExpert:
         R, v = self.clear_radius, self.travel_speed
         pts: list[np.ndarray] = []
         cur = agent_local
+        gap = 4.0
+        pre = p - d * (AGENT_R + gap)
+        end = p - d * AGENT_R + d * length
+        vp = float(np.clip(length / 3.0, 1.5, self.max_push_speed))
+        far = p - d * (AGENT_R + 3.0 * self.direct_clearance)
+        if self.direct_paths and _segment_clear(cur, far, AGENT_R + self.direct_clearance):
+            # straight to the approach ray when that does not pass near the T
+            pts += _segment(cur, far, v)
+            pts += _segment(far, pre, v)
+            pts += _segment(pre, end, vp)
+            pts += [end, end]
+            pts += _segment(end, end - d * 18.0, 9.0)
+            return pts
         # 1. retreat out of the clear circle (along the last push's normal if we just pushed)
         if np.linalg.norm(cur - _C) < R:
             if self._last_normal is not None:
@@ -243,13 +276,9 @@ class PushTExpert:
             pts.append(stage)
         cur = stage
         # 4. approach to just before contact, then push through
-        gap = 4.0
-        pre = p - d * (AGENT_R + gap)
         if float(np.linalg.norm(pre - cur)) > 1e-6 and float((pre - cur) @ d) > 0:
             pts += _segment(cur, pre, v)
             cur = pre
-        end = p - d * AGENT_R + d * length
-        vp = float(np.clip(length / 3.0, 1.5, self.max_push_speed))
         pts += _segment(cur, end, vp)
         # 5. hold so the agent settles on the target, then back off
         pts += [end, end]

@@ -18,7 +18,7 @@ from torch import nn
 
 from para_policy.models import ConditionalUnet1D
 from para_policy.normalizer import LinearNormalizer
-from para_policy.samplers import SampleStats, draw_noise, picard_sample, sequential_sample
+from para_policy.samplers import SampleStats, draw_noise, picard_sample, sequential_sample, warm_start_init
 from para_policy.schedule import Schedule, build_scheduler, ddim_from, make_schedule
 
 # sampler name → (sampling function, scheduler kind; None = the checkpoint's own)
@@ -109,6 +109,7 @@ class LowdimPolicy(nn.Module):
         self.noise_scheduler = build_scheduler(c["noise_scheduler"])
         self.sampler = SamplerConfig()
         self.last_stats: SampleStats | None = None
+        self.last_trajectory: torch.Tensor | None = None  # normalized (B, T, D) of the last call
         self._schedules: dict[tuple[str, int], Schedule] = {}
 
     # ---- sampler choice -------------------------------------------------------------
@@ -196,6 +197,8 @@ class LowdimPolicy(nn.Module):
         x_T: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         init: torch.Tensor | None = None,
+        warm_start: torch.Tensor | None = None,
+        deadline: float | None = None,
         sampler: str | SamplerConfig | None = None,
         **options: Any,
     ) -> dict[str, torch.Tensor]:
@@ -204,7 +207,13 @@ class LowdimPolicy(nn.Module):
         Args:
             generator: draws ``x_T`` and the step noise in DiffusionPolicy's order.
             x_T, noise: explicit initial and per-step noise instead (both or neither).
-            init: warm-start trajectory guess for Picard samplers, (B, S, T, D).
+            init: initial Picard iterate of the whole trajectory, (B, S, T, D).
+            warm_start: a guess of the clean normalized trajectory (B, T, D), e.g. the
+                previous chunk's ``last_trajectory`` shifted by the executed actions;
+                Picard samplers start from it rebuilt with this call's noise
+                (:func:`para_policy.samplers.warm_start_init`).
+            deadline: a ``time.perf_counter()`` instant after which Picard samplers stop
+                and return their current iterate (``last_stats.converged`` False).
             sampler: override the policy's sampler for this call (a name plus
                 ``options``, or a :class:`SamplerConfig`).
         Returns:
@@ -232,10 +241,14 @@ class LowdimPolicy(nn.Module):
             x_T, noise = draw_noise(schedule, shape, generator, device=self.device, dtype=self.dtype)
         fn = SAMPLERS[spec.name][0]
         kwargs = dict(spec.options)
-        if init is not None:
-            if fn is not picard_sample:
-                raise ValueError("init (warm start) is only used by Picard samplers")
-            kwargs["init"] = init
+        if fn is picard_sample:
+            if warm_start is not None:
+                if init is not None:
+                    raise ValueError("pass init or warm_start, not both")
+                init = warm_start_init(schedule, warm_start.to(x_T), x_T, noise)
+            kwargs.update(init=init, deadline=deadline)
+        elif init is not None or warm_start is not None or deadline is not None:
+            raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
         sample, stats = fn(self.denoise, schedule, x_T, noise, condition=global_cond, inpaint=inpaint, **kwargs)
         self.last_stats = stats
         self.last_trajectory = sample

@@ -114,6 +114,16 @@ class Schedule:
         return x0.clamp(-self.clip_sample_range, self.clip_sample_range) if self.clip_sample else x0
 
 
+    def output_for_x0(self, x: torch.Tensor, k: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The model output that would make the scheduler predict ``x0`` from ``x`` at steps ``k``."""
+        a_t = self.alpha_t[k].view(-1, 1, 1)
+        if self.prediction_type == "epsilon":
+            return (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+        if self.prediction_type == "sample":
+            return x0
+        return (a_t**0.5 * x - x0) / (1 - a_t) ** 0.5  # v_prediction
+
+
 def _check_common(config: dict, name: str) -> None:
     if config.get("thresholding", False):
         raise ValueError(f"{name} with thresholding=True is not supported; expected thresholding=False")

@@ -165,3 +165,38 @@ def test_bad_arguments_raise(denoiser):
         sequential_sample(denoiser, schedule, x_T, noise, condition=cond[:1])
     with pytest.raises(ValueError, match="init must have shape"):
         picard_sample(denoiser, schedule, x_T, noise, init=torch.zeros(2, 3, SHAPE_T, SHAPE_D))
+
+
+def test_warm_start_keeps_exactness_and_saves_rounds(denoiser):
+    from para_policy.samplers import warm_start_init
+
+    schedule = make_schedule(dp_ddpm(), 100)
+    shape = (2, SHAPE_T, SHAPE_D)
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(8))
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(8))
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond)
+    # any guess: tolerance 0 still gives the sequential sample
+    junk = warm_start_init(schedule, torch.randn(shape), x_T, noise)
+    exact, _ = picard_sample(denoiser, schedule, x_T, noise, window=16, tolerance=0.0, condition=cond, init=junk)
+    assert (exact - ref).abs().max() < 1e-5
+    # a good guess of the clean trajectory converges in fewer rounds than a cold start
+    init = warm_start_init(schedule, ref + 0.01 * torch.randn(shape, generator=torch.Generator()), x_T, noise)
+    for tolerance in (0.1, 0.01):
+        cold_out, cold = picard_sample(denoiser, schedule, x_T, noise, window=16, tolerance=tolerance, condition=cond)
+        warm_out, warm = picard_sample(denoiser, schedule, x_T, noise, window=16, tolerance=tolerance,
+                                       condition=cond, init=init)
+        assert warm.rounds < cold.rounds
+    # at a tight tolerance the warm result is as faithful as the cold one
+    assert (warm_out - ref).abs().max() < 2 * max((cold_out - ref).abs().max(), 1e-3)
+
+
+def test_deadline_returns_flagged_iterate(denoiser):
+    import time
+
+    schedule = make_schedule(dp_ddpm(), 100)
+    x_T, noise = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(0))
+    out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter())
+    assert stats.rounds == 0 and stats.extra["deadline_hit"] and not stats.converged.any()
+    assert torch.isfinite(out).all()
+    out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter() + 60)
+    assert stats.all_converged and not stats.extra["deadline_hit"]

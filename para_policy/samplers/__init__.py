@@ -3,6 +3,7 @@
 from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, draw_noise
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.sequential import sequential_sample
+from para_policy.samplers.warm_start import warm_start_init
 
 __all__ = [
     "Denoiser",
@@ -11,4 +12,5 @@ __all__ = [
     "draw_noise",
     "picard_sample",
     "sequential_sample",
+    "warm_start_init",
 ]

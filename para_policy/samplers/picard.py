@@ -18,6 +18,8 @@ finishes and drops out of the batched call instead of waiting for the hardest.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from para_policy.samplers.common import (
@@ -44,6 +46,7 @@ def picard_sample(
     inpaint: Inpaint | None = None,
     init: torch.Tensor | None = None,
     per_sample_windows: bool = True,
+    deadline: float | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Sample with Picard iterations; tolerance 0 reproduces :func:`sequential_sample`.
 
@@ -101,7 +104,11 @@ def picard_sample(
     batch_index = torch.arange(B)[:, None].expand(B, W)
     rounds = 0
     model_evals = 0
+    deadline_hit = False
     while rounds < max_iterations and bool((begin < S).any()):
+        if deadline is not None and time.perf_counter() >= deadline:
+            deadline_hit = True
+            break
         rounds += 1
         k = begin[:, None] + offsets  # (B, W) step indices
         valid = k < S
@@ -148,5 +155,6 @@ def picard_sample(
         final = torch.where(inpaint[1], inpaint[0], final)
     done_round = torch.where(finished, done_round, rounds)
     return final, SampleStats(
-        rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round
+        rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,
+        extra={"deadline_hit": deadline_hit},
     )

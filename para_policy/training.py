@@ -1,0 +1,661 @@
+"""Training of a low-dim DiffusionPolicy (DiffusionPolicy's ``train_diffusion_unet_lowdim`` recipe).
+
+Why here and not in ``train.py``: the loop is importable and testable without Hydra's launcher;
+``train.py`` only composes the config and calls :func:`train`.
+
+The recipe (Chi et al.'s PushT low-dim UNet): windows of ``horizon`` steps padded at episode
+boundaries (:mod:`para_policy.dataset`), a normalizer fitted to the whole buffer, the epsilon-MSE
+DDPM loss of :meth:`LowdimPolicy.compute_loss`, AdamW with betas (0.95, 0.999) and weight decay
+1e-6, a per-step learning-rate schedule (cosine with linear warm-up), and an exponential moving
+average of the weights with DiffusionPolicy's power warm-up.  The EMA weights are what ship.
+
+Outputs (in the run directory, Hydra's by default)::
+
+    checkpoints/latest.safetensors   EMA policy, rewritten every ``checkpoint_every`` steps
+    checkpoints/final.safetensors    EMA policy at the end of the run
+    checkpoints/resume.pt            full training state for ``resume=true`` (tensors and primitive
+                                     containers only: ``torch.load(weights_only=True)`` reads it)
+    train_log.jsonl                  one JSON object per logged step / validation / rollout
+
+Every write is atomic (temp file + rename), so a run killed at any moment leaves the previous
+files intact and can be resumed.  Given the seed (and the number of CPU threads, which changes
+floating-point summation order) a run is deterministic, and a resumed run continues exactly as an
+uninterrupted one would: the data order, the loss noise and all optimizer state are restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from para_policy.checkpoints import atomic_write, save_checkpoint
+from para_policy.dataset import PushTLowdimDataset, SequenceDataset
+from para_policy.policy import LowdimPolicy
+
+RESUME_FORMAT = "para_policy.train_state"
+RESUME_VERSION = 1
+RESUME_NAME = "resume.pt"
+
+
+# ----------------------------------------------------------------------------- config
+def _plain(cfg: Any) -> Any:
+    """A resolved plain-Python copy of a DictConfig (or any mapping)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return copy.deepcopy(cfg)
+
+
+def build_policy_config(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """The policy config dict (what :class:`LowdimPolicy` takes and checkpoints store) from a train config.
+
+    ``model.input_dim`` and ``model.global_cond_dim`` are derived (obs as global conditioning:
+    the UNet denoises actions only, conditioned on ``n_obs_steps`` flattened observations).
+    """
+    cfg = _plain(cfg)
+    task, pol = cfg["task"], cfg["policy"]
+    obs_dim, action_dim, n_obs = int(task["obs_dim"]), int(task["action_dim"]), int(cfg["n_obs_steps"])
+    if not pol.get("obs_as_global_cond", True):
+        raise ValueError("training supports obs_as_global_cond=true only (DiffusionPolicy's PushT low-dim recipe)")
+    model = {"input_dim": action_dim, "global_cond_dim": obs_dim * n_obs, **pol["model"]}
+    model["down_dims"] = list(model["down_dims"])
+    return {
+        "task": task["name"],
+        "horizon": int(cfg["horizon"]),
+        "n_obs_steps": n_obs,
+        "n_action_steps": int(cfg["n_action_steps"]),
+        "obs_dim": obs_dim,
+        "action_dim": action_dim,
+        "num_inference_steps": int(pol["num_inference_steps"]),
+        "obs_as_global_cond": True,
+        "oa_step_convention": bool(pol.get("oa_step_convention", True)),
+        "model": model,
+        "noise_scheduler": dict(pol["noise_scheduler"]),
+    }
+
+
+def _abs_path(path: str) -> Path:
+    """A config path made absolute against the directory the command was started from."""
+    try:
+        from hydra.utils import to_absolute_path
+
+        return Path(to_absolute_path(path))
+    except Exception:  # Hydra missing or not initialised the usual way
+        return Path(path).resolve()
+
+
+def make_datasets(cfg: Mapping[str, Any] | DictConfig) -> tuple[PushTLowdimDataset, SequenceDataset]:
+    """Training and validation windows for ``cfg.task`` (pad_before = To-1, pad_after = Ta-1, as DP)."""
+    cfg = _plain(cfg)
+    task = cfg["task"]
+    if task["name"] != "pusht":
+        raise ValueError(f"no dataset loader for task {task['name']!r}; known: ['pusht']")
+    ds = PushTLowdimDataset.from_path(
+        _abs_path(task["dataset_path"]),
+        horizon=int(cfg["horizon"]),
+        pad_before=int(cfg["n_obs_steps"]) - 1,
+        pad_after=int(cfg["n_action_steps"]) - 1,
+        val_ratio=float(task.get("val_ratio", 0.0)),
+        seed=int(task.get("split_seed", 42)),
+        max_train_episodes=task.get("max_train_episodes"),
+    )
+    return ds, ds.get_validation_dataset()
+
+
+# ----------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of a module's weights with DiffusionPolicy's decay warm-up.
+
+    ``decay(k) = clamp(1 - (1 + s / inv_gamma) ** -power, min_value, max_value)`` with
+    ``s = k - update_after_step - 1`` (and 0 while ``s <= 0``), for the k-th update: the average
+    follows the weights closely early on and ever more slowly later (power 3/4 reaches 0.999 at
+    about 10k steps).  Parameters that do not require grad (the normalizer) and buffers are copied.
+
+    Args:
+        averaged: the module holding the average (a deep copy of the trained one); set to eval.
+    """
+
+    def __init__(
+        self,
+        averaged: torch.nn.Module,
+        update_after_step: int = 0,
+        inv_gamma: float = 1.0,
+        power: float = 0.75,
+        min_value: float = 0.0,
+        max_value: float = 0.9999,
+    ):
+        self.averaged = averaged.eval().requires_grad_(False)
+        self.update_after_step = int(update_after_step)
+        self.inv_gamma = float(inv_gamma)
+        self.power = float(power)
+        self.min_value = float(min_value)
+        self.max_value = float(max_value)
+        self.optimization_step = 0
+        self.decay = 0.0
+
+    def get_decay(self, optimization_step: int) -> float:
+        """Decay used for update number ``optimization_step`` (0-based)."""
+        step = max(0, optimization_step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        value = 1 - (1 + step / self.inv_gamma) ** -self.power
+        return max(self.min_value, min(value, self.max_value))
+
+    @torch.no_grad()
+    def step(self, model: torch.nn.Module) -> None:
+        """Fold ``model``'s current weights into the average."""
+        self.decay = self.get_decay(self.optimization_step)
+        avg_params = dict(self.averaged.named_parameters())
+        trained, averaged = [], []
+        for name, p in model.named_parameters():
+            q = avg_params[name]
+            if p.requires_grad:
+                trained.append(p.detach())
+                averaged.append(q)
+            else:
+                q.copy_(p)
+        if trained:
+            torch._foreach_mul_(averaged, self.decay)
+            torch._foreach_add_(averaged, trained, alpha=1.0 - self.decay)
+        avg_buffers = dict(self.averaged.named_buffers())
+        for name, b in model.named_buffers():
+            avg_buffers[name].copy_(b)
+        self.optimization_step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters only; the averaged weights are the averaged module's own state dict."""
+        return {"optimization_step": self.optimization_step, "decay": self.decay}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimization_step = int(state["optimization_step"])
+        self.decay = float(state["decay"])
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule from diffusers (``cosine`` = linear warm-up then half a cosine to 0)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+@torch.no_grad()
+def validation_loss(
+    policy: LowdimPolicy, dataset: SequenceDataset, batch_size: int, seed: int, max_batches: int | None = None
+) -> float | None:
+    """Mean loss over the validation windows, with the same noise draws every time it is called.
+
+    A fixed-seed generator makes successive values comparable (only the weights change) and keeps
+    validation from consuming the training noise stream.  None if there are no validation windows.
+    """
+    if len(dataset) == 0:
+        return None
+    was_training = policy.training
+    policy.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for b, start in enumerate(range(0, len(dataset), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        batch = {k: v.to(policy.device) for k, v in dataset.get_batch(idx).items()}
+        total += float(policy.compute_loss(batch, generator=gen)) * len(idx)
+        count += len(idx)
+    policy.train(was_training)
+    return total / count
+
+
+def rollout(
+    policy: LowdimPolicy,
+    episodes: int,
+    seed_start: int = 0,
+    max_steps: int = 300,
+    predict_kwargs: Mapping[str, Any] | None = None,
+    make_env: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``episodes`` PushT episodes in lock-step with one batched ``predict_action`` per chunk.
+
+    DiffusionPolicy's multi-step protocol: the policy sees the last ``n_obs_steps`` observations
+    (the first one repeated at the start), and each predicted chunk's ``n_action_steps`` actions are
+    executed open-loop.  Episode ``i`` is reset with seed ``seed_start + i``.
+
+    Returns:
+        ``{'mean_max_reward': float, 'max_rewards': [float] * episodes, 'success_rate': float}``;
+        an episode's score is its maximum reward (PushT's coverage-based reward), as in DP.
+    """
+    if make_env is None:
+        from para_policy.tasks.pusht.env import make_env
+    predict_kwargs = dict(predict_kwargs or {})
+    envs = [make_env() for _ in range(episodes)]
+    To = policy.n_obs_steps
+    hist, done = [], np.zeros(episodes, dtype=bool)
+    best = np.zeros(episodes)
+    success = np.zeros(episodes, dtype=bool)
+    for i, env in enumerate(envs):
+        obs, _ = env.reset(seed=seed_start + i)
+        hist.append([np.asarray(obs, dtype=np.float32)] * To)
+    steps = 0
+    gen = torch.Generator().manual_seed(seed_start)
+    was_training = policy.training
+    policy.eval()
+    try:
+        while steps < max_steps and not done.all():
+            obs = torch.from_numpy(np.stack([np.stack(h[-To:]) for h in hist]))
+            actions = policy.predict_action({"obs": obs}, generator=gen, **predict_kwargs)["action"]
+            actions = actions.detach().cpu().numpy()
+            for k in range(actions.shape[1]):
+                if steps >= max_steps:
+                    break
+                for i, env in enumerate(envs):
+                    if done[i]:
+                        continue
+                    obs_i, reward, terminated, truncated, info = env.step(actions[i, k])
+                    hist[i].append(np.asarray(obs_i, dtype=np.float32))
+                    del hist[i][:-To]
+                    best[i] = max(best[i], float(reward))
+                    success[i] |= bool(info.get("is_success", False))
+                    done[i] = terminated or truncated
+                steps += 1
+    finally:
+        policy.train(was_training)
+        for env in envs:
+            env.close()
+    return {
+        "mean_max_reward": float(best.mean()),
+        "max_rewards": best.tolist(),
+        "success_rate": float(success.mean()),
+    }
+
+
+class _Logger:
+    """W&B (offline by default) plus a JSON-lines file; ``backend: none`` keeps only the file."""
+
+    def __init__(self, cfg: Mapping[str, Any], output_dir: Path, run_config: dict, resume_id: str | None):
+        self.path = output_dir / "train_log.jsonl"
+        self.run = None
+        backend = str(cfg.get("backend", "none")).lower()
+        if backend == "wandb":
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.get("project", "para_policy"),
+                name=cfg.get("name"),
+                mode=cfg.get("mode", "offline"),
+                dir=str(output_dir),
+                config=run_config,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+            )
+        elif backend not in ("none", "off", "false"):
+            raise ValueError(f"unknown logger.backend {backend!r}; expected 'wandb' or 'none'")
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _command() -> str:
+    """The command line that started this process (``python train.py <overrides>``)."""
+    return " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
+
+
+def _hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ValueError("train() needs output_dir when not run under Hydra (python train.py ...)")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train a policy as configured by ``configs/train.yaml``; returns a summary.
+
+    Args:
+        cfg: the composed train config (``task``, ``policy``, ``optimizer``, ``ema``, ``training``,
+            ``logger``, ``resume``, ``resume_from``).
+        output_dir: where checkpoints and logs go (default: Hydra's run directory).
+    Returns:
+        ``{'output_dir', 'checkpoint' (final EMA .safetensors), 'resume_path', 'step',
+        'stop_reason', 'train_loss' (mean of the last 100 steps), 'val_loss', 'val_loss_ema',
+        'rollout' (last rollout result or None), 'policy_config'}``.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, output_dir)
+    finally:
+        torch.set_num_threads(threads)  # training.num_threads applies to this run only
+
+
+def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | None) -> dict[str, Any]:
+    run_cfg = _plain(cfg)
+    tcfg = run_cfg["training"]
+    output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = output_dir / "checkpoints"
+    if tcfg.get("num_threads"):
+        torch.set_num_threads(int(tcfg["num_threads"]))
+    device = torch.device(tcfg.get("device", "cpu"))
+    seed = int(tcfg["seed"])
+    max_steps = int(tcfg["max_steps"])
+    max_minutes = tcfg.get("max_minutes")
+    batch_size = int(tcfg["batch_size"])
+
+    # Resume state first: a missing resume file is an error before any expensive work.
+    resume_state = None
+    if run_cfg.get("resume"):
+        resume_path = Path(run_cfg.get("resume_from") or ckpt_dir / RESUME_NAME)
+        if not resume_path.is_file():
+            raise FileNotFoundError(
+                f"resume=true but there is no training state at {resume_path}. Pass the earlier run's "
+                f"directory (hydra.run.dir=<run dir>) or resume_from=<path to {RESUME_NAME}>."
+            )
+        resume_state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if resume_state.get("format") != RESUME_FORMAT or int(resume_state.get("version", -1)) > RESUME_VERSION:
+            raise ValueError(f"{resume_path} is not a para_policy training state (format {RESUME_FORMAT!r})")
+
+    train_set, val_set = make_datasets(run_cfg)
+    if len(train_set) == 0:
+        raise ValueError(f"no training windows in {train_set.path} (horizon {train_set.horizon})")
+
+    torch.manual_seed(seed)  # model initialisation
+    policy_config = build_policy_config(run_cfg)
+    policy = LowdimPolicy(policy_config)
+    policy.normalizer.fit(train_set.get_normalizer_data())
+    policy.to(device).train()
+    ema_policy = copy.deepcopy(policy)
+    ecfg = dict(run_cfg.get("ema") or {})
+    use_ema = bool(ecfg.pop("enabled", True))
+    ema = EMA(ema_policy, **ecfg) if use_ema else None
+
+    ocfg = run_cfg["optimizer"]
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=float(ocfg["lr"]),
+        betas=tuple(float(b) for b in ocfg["betas"]),
+        eps=float(ocfg.get("eps", 1e-8)),
+        weight_decay=float(ocfg["weight_decay"]),
+    )
+    lr_scheduler = make_lr_scheduler(
+        optimizer, tcfg.get("lr_scheduler", "cosine"), int(tcfg.get("lr_warmup_steps", 0)), max_steps
+    )
+    data_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1)
+    step, epoch, pos = 0, 0, 0
+    perm = torch.randperm(len(train_set), generator=data_gen)
+    wall_time_before = 0.0
+    recent: list[float] = []
+    wandb_id = None
+    sessions: list[dict[str, Any]] = []
+    fingerprint = _fingerprint(train_set)
+    if resume_state is not None:
+        saved_config = json.loads(resume_state["policy_config"])
+        if saved_config != policy_config:
+            changed = sorted(k for k in set(saved_config) | set(policy_config)
+                             if saved_config.get(k) != policy_config.get(k))
+            raise ValueError(f"cannot resume: the policy config differs from the saved run's in {changed}")
+        if resume_state.get("dataset_sha256") != fingerprint:
+            raise ValueError(
+                f"cannot resume: the dataset at {train_set.path} is not the one the run was trained on "
+                f"(sha256 {fingerprint[:12]}… != {str(resume_state.get('dataset_sha256'))[:12]}…)"
+            )
+        policy.load_state_dict(resume_state["model"])
+        ema_policy.load_state_dict(resume_state["ema_model"])
+        if ema is not None:
+            ema.load_state_dict(resume_state["ema"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        lr_scheduler.load_state_dict(resume_state["lr_scheduler"])
+        data_gen.set_state(resume_state["rng"]["data"])
+        noise_gen.set_state(resume_state["rng"]["noise"])
+        step, epoch, pos = int(resume_state["step"]), int(resume_state["epoch"]), int(resume_state["pos"])
+        perm = resume_state["perm"]
+        wall_time_before = float(resume_state["wall_time"])
+        recent = list(resume_state["recent_losses"])
+        wandb_id = resume_state.get("wandb_id")
+        sessions = [json.loads(x) for x in resume_state.get("sessions", [])]
+    sessions.append({"command": _command(), "overrides": _hydra_overrides(), "start_step": step})
+
+    logger = _Logger(run_cfg.get("logger") or {}, output_dir, run_cfg, wandb_id)
+    dataset_info = {
+        "path": str(train_set.path),
+        "episodes": int(len(train_set.episode_ends)),
+        "steps": int(len(train_set.obs)),
+        "train_episodes": train_set.n_episodes,
+        "val_episodes": val_set.n_episodes,
+        "train_windows": len(train_set),
+        "val_windows": len(val_set),
+        "sha256": fingerprint,
+    }
+    eval_model = ema_policy if use_ema else policy
+    val_every = int(tcfg.get("val_every") or 0)
+    ckpt_every = int(tcfg.get("checkpoint_every") or 0)
+    log_every = max(1, int(tcfg.get("log_every") or 1))
+    rollout_every = int(tcfg.get("rollout_every") or 0)
+    last: dict[str, Any] = {"val_loss": None, "val_loss_ema": None, "rollout": None, "val_step": None}
+    t0 = time.monotonic()
+
+    def elapsed() -> float:
+        return time.monotonic() - t0
+
+    def provenance(stop_reason: str | None) -> dict[str, Any]:
+        return {
+            "command": sessions[0]["command"],
+            "overrides": sessions[0]["overrides"],
+            "sessions": sessions if len(sessions) > 1 else [],  # every invocation of a resumed run
+            "seed": seed,
+            "steps": step,
+            "epochs": epoch,
+            "batch_size": batch_size,
+            "optimizer": {"name": "AdamW", **ocfg},
+            "lr_scheduler": tcfg.get("lr_scheduler", "cosine"),
+            "lr_warmup_steps": int(tcfg.get("lr_warmup_steps", 0)),
+            "max_steps": max_steps,
+            "max_minutes": max_minutes,
+            "ema": {"enabled": use_ema, **ecfg},
+            "wall_time_s": round(wall_time_before + elapsed(), 1),
+            "num_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "device": str(device),
+            "dataset": dataset_info,
+            "final_train_loss": _mean(recent[-100:]),
+            "final_val_loss": last["val_loss"],
+            "final_val_loss_ema": last["val_loss_ema"],
+            "last_rollout": last["rollout"],
+            "stop_reason": stop_reason,
+            "git_commit": _git_commit(),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+        }
+
+    def save_all(final: bool, stop_reason: str | None) -> None:
+        cfg_out = {**policy_config, "training": provenance(stop_reason)}
+        state = (ema_policy if use_ema else policy).state_dict()
+        save_checkpoint(ckpt_dir / "latest.safetensors", state, cfg_out)
+        if final:
+            save_checkpoint(ckpt_dir / "final.safetensors", state, cfg_out)
+        train_state = {
+            "format": RESUME_FORMAT,
+            "version": RESUME_VERSION,
+            "step": step,
+            "epoch": epoch,
+            "pos": pos,
+            "perm": perm,
+            "model": policy.state_dict(),
+            "ema_model": ema_policy.state_dict(),
+            "ema": ema.state_dict() if ema is not None else {"optimization_step": 0, "decay": 0.0},
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "rng": {"data": data_gen.get_state(), "noise": noise_gen.get_state()},
+            "wall_time": wall_time_before + elapsed(),
+            "recent_losses": recent[-100:],
+            "wandb_id": logger.run_id,
+            "sessions": [json.dumps(x) for x in sessions],
+            "policy_config": json.dumps(policy_config),
+            "dataset_sha256": fingerprint,
+        }
+        atomic_write(ckpt_dir / RESUME_NAME, lambda tmp: torch.save(train_state, tmp))
+
+    def evaluate(force_val: bool = False) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        if val_every and (force_val or step % val_every == 0 or step == max_steps):
+            last["val_step"] = step
+            vb = tcfg.get("val_batches")
+            last["val_loss"] = validation_loss(policy, val_set, batch_size, seed + 2, vb)
+            if use_ema:
+                last["val_loss_ema"] = validation_loss(ema_policy, val_set, batch_size, seed + 2, vb)
+            record.update(val_loss=last["val_loss"], val_loss_ema=last["val_loss_ema"])
+        if rollout_every and step % rollout_every == 0:
+            result = rollout(
+                eval_model,
+                int(tcfg.get("rollout_episodes", 4)),
+                int(tcfg.get("rollout_seed_start", 0)),
+                int(run_cfg["task"].get("max_steps", 300)),
+                tcfg.get("rollout_predict") or {},
+            )
+            last["rollout"] = {"step": step, **result}
+            record.update(rollout_mean_max_reward=result["mean_max_reward"], rollout_success=result["success_rate"])
+        return {k: v for k, v in record.items() if v is not None}
+
+    stop_reason = "max_steps"
+    bar = tqdm(total=max_steps, initial=step, desc="train", mininterval=1.0, disable=not tcfg.get("progress", True))
+    window: list[float] = []
+    try:
+        while step < max_steps:
+            if max_minutes is not None and elapsed() >= 60.0 * float(max_minutes):
+                stop_reason = "max_minutes"
+                break
+            if pos >= len(perm):
+                perm = torch.randperm(len(train_set), generator=data_gen)
+                pos, epoch = 0, epoch + 1
+            idx = perm[pos : pos + batch_size]
+            pos += batch_size
+            batch = {k: v.to(device) for k, v in train_set.get_batch(idx).items()}
+            loss = policy.compute_loss(batch, generator=noise_gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {float(loss)} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(policy)
+            step += 1
+            value = loss.detach().item()
+            recent.append(value)
+            del recent[:-100]
+            window.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            record: dict[str, Any] = {}
+            if step % log_every == 0:
+                record.update(
+                    train_loss=_mean(window), lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
+                    elapsed_s=round(wall_time_before + elapsed(), 2),
+                )
+                window = []
+            record.update(evaluate())
+            if record:
+                logger.log({"step": step, **record})
+                if "val_loss" in record:
+                    bar.write(
+                        f"step {step}: train {_mean(recent[-log_every:]):.4f}  val {record['val_loss']:.4f}"
+                        + (f"  val(ema) {record['val_loss_ema']:.4f}" if "val_loss_ema" in record else "")
+                    )
+            if ckpt_every and step % ckpt_every == 0 and step < max_steps:
+                save_all(final=False, stop_reason=None)
+    except KeyboardInterrupt:
+        bar.close()
+        save_all(final=False, stop_reason="interrupted")  # resume=true picks up from here
+        logger.finish()
+        raise
+    finally:
+        bar.close()
+    if val_every and last["val_step"] != step:  # stopped by the time budget: validate the final weights
+        logger.log({"step": step, **evaluate(force_val=True)})
+    save_all(final=True, stop_reason=stop_reason)
+    logger.log({"step": step, "event": "done", "stop_reason": stop_reason,
+                "wall_time_s": round(wall_time_before + elapsed(), 1)})
+    logger.finish()
+    return {
+        "output_dir": str(output_dir),
+        "checkpoint": str(ckpt_dir / "final.safetensors"),
+        "resume_path": str(ckpt_dir / RESUME_NAME),
+        "step": step,
+        "stop_reason": stop_reason,
+        "train_loss": _mean(recent[-100:]),
+        "val_loss": last["val_loss"],
+        "val_loss_ema": last["val_loss_ema"],
+        "rollout": last["rollout"],
+        "policy_config": policy_config,
+    }
+
+
+def _fingerprint(dataset: SequenceDataset) -> str:
+    """sha256 of the episode ends, observations and actions: names the exact data a checkpoint saw."""
+    h = hashlib.sha256()
+    for arr in (dataset.episode_ends, dataset.obs.numpy(), dataset.action.numpy()):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _hydra_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return list(HydraConfig.get().overrides.task)
+    except Exception:
+        pass
+    return []
+
+
+__all__ = [
+    "EMA",
+    "build_policy_config",
+    "make_datasets",
+    "make_lr_scheduler",
+    "rollout",
+    "train",
+    "validation_loss",
+]

@@ -296,6 +296,9 @@ class _Logger:
             self.run = wandb.init(
                 project=cfg.get("project", "para_policy"),
                 name=cfg.get("name"),
+                entity=cfg.get("entity"),
+                group=cfg.get("group"),
+                tags=["train"],
                 mode=cfg.get("mode", "offline"),
                 dir=str(output_dir),
                 config=run_config,

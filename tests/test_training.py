@@ -49,12 +49,15 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_compose_pusht_gives_diffusion_policy_recipe():
+def test_compose_pusht_gives_diffusion_policy_recipe(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_cfg([])
     assert cfg.task.name == "pusht" and cfg.task.obs_dim == 20 and cfg.task.action_dim == 2
     assert cfg.task.dataset_path == "data/pusht/pusht_expert.zarr"
     assert cfg.task.max_steps == 300 and cfg.task.episodes == 50
-    assert cfg.logger.mode == "offline" and cfg.resume is False
+    assert cfg.logger.backend == "wandb" and cfg.logger.mode == "offline" and cfg.resume is False
+    if (CONFIGS / "logger" / "none.yaml").exists():  # the logger group shared with eval.py
+        assert compose_cfg(["logger=none"]).logger.backend == "none"
     assert cfg.optimizer.weight_decay == 1e-6 and list(cfg.optimizer.betas) == [0.95, 0.999]
     pc = build_policy_config(cfg)
     assert pc == {

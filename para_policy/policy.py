@@ -301,12 +301,20 @@ def load_policy(path: str | os.PathLike, sampler: str = "sequential", device: st
                 **options: Any) -> LowdimPolicy:
     """Load a policy checkpoint and choose its sampler.
 
-    Reads para_policy's own ``.safetensors`` checkpoints (no pickled code).
+    Reads para_policy's own ``.safetensors`` checkpoints (no pickled code) and
+    DiffusionPolicy workspace ``.ckpt`` files (low-dim UNet policies; EMA weights when the
+    run used EMA). A ``.ckpt`` is a pickle: loading one runs code chosen by whoever wrote
+    it, so load only files you trust.
     ``options`` go to :meth:`LowdimPolicy.set_sampler` (``window``, ``tolerance``, …).
     """
     from para_policy.checkpoints import load_checkpoint
 
-    state_dict, config = load_checkpoint(path)
+    if str(path).endswith(".ckpt"):
+        from para_policy.integrations.diffusion_policy import read_diffusion_policy_checkpoint
+
+        state_dict, config = read_diffusion_policy_checkpoint(path)
+    else:
+        state_dict, config = load_checkpoint(path)
     policy = LowdimPolicy(config)
     try:
         result = policy.load_state_dict(state_dict, strict=False)

@@ -1,0 +1,261 @@
+"""The robot-loop object: observation history, action queue, warm start, deadline, latency statistics.
+
+Why a controller: a diffusion policy runs in a loop at a fixed control rate. Every
+``n_action_steps`` steps it must produce a new chunk of actions from the last
+``n_obs_steps`` observations, and the time that takes is the latency the robot sees.
+This class does that bookkeeping as LeRobot's ``select_action`` does, and adds what
+Picard sampling makes possible:
+
+* **Warm start.** Consecutive chunks overlap: the previous chunk's clean trajectory,
+  shifted by the ``n_action_steps`` actions executed since, is a good guess of the next
+  one. It is passed to ``predict_action(warm_start=...)``, which rebuilds a Picard iterate
+  from it with this chunk's fresh noise; where the guess is right the window slides
+  through at once, so fewer rounds are needed. The converged result does not depend on
+  the guess (up to ``tolerance``; with tolerance 0 it is the cold result).
+* **Deadline.** With ``deadline_ms`` the sampler stops when the time is up and returns its
+  current iterate; the chunk is flagged (``ChunkRecord.deadline_hit``) and counted as a
+  miss. The returned actions are still usable, just not converged.
+* **Latency statistics.** ms per chunk and per ``act`` call (p50 / p95 / max), rounds and
+  model evaluations per chunk, deadline misses: :meth:`Controller.stats`.
+
+Running at a fixed control rate (e.g. 10 Hz) — sleep to the next tick, never drift::
+
+    controller = Controller(load_policy(path), sampler="paradigms", deadline_ms=80, seed=0)
+    period = 0.1
+    obs, _ = env.reset(seed=0)
+    controller.reset()
+    next_tick = time.perf_counter()
+    while True:
+        action = controller.act(obs)           # (action_dim,); a new chunk every n_action_steps
+        obs, reward, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            break
+        next_tick += period
+        time.sleep(max(0.0, next_tick - time.perf_counter()))
+    print(controller.stats())
+
+Pick ``deadline_ms`` below the control period minus the time the rest of the loop needs,
+so a chunk is always ready by the step that needs it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from para_policy.policy import SAMPLERS, LowdimPolicy, SamplerConfig
+from para_policy.samplers import picard_sample
+
+
+@dataclass
+class ChunkRecord:
+    """One predicted chunk: its wall time and sampling work.
+
+    latency_ms: wall time of ``predict_action`` for this chunk.
+    rounds, model_evals: sequential model rounds and rows evaluated (``SampleStats``).
+    converged: whether the sampler met its tolerance (False after a deadline hit).
+    deadline_hit: the sampler stopped at the deadline and returned its current iterate (a miss).
+    overrun: the call took longer than ``deadline_ms`` (the last round ran past the deadline).
+    warm: whether the chunk started from a warm-start guess.
+    """
+
+    latency_ms: float
+    rounds: int
+    model_evals: int
+    converged: bool
+    deadline_hit: bool
+    overrun: bool
+    warm: bool
+
+
+def _distribution(values: Sequence[float]) -> dict[str, float | None]:
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "p50": None, "p95": None, "max": None}
+    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
+            "max": float(v.max())}
+
+
+def shift_trajectory(trajectory: torch.Tensor, steps: int) -> torch.Tensor:
+    """``trajectory`` (B, T, D) advanced by ``steps``: drop the first steps, repeat the last to keep T."""
+    T = trajectory.shape[1]
+    steps = min(int(steps), T)
+    if steps <= 0:
+        return trajectory.clone()
+    tail = trajectory[:, -1:].expand(-1, steps, -1)
+    return torch.cat([trajectory[:, steps:], tail], dim=1)
+
+
+class Controller:
+    """Run a :class:`~para_policy.policy.LowdimPolicy` in a control loop.
+
+    Args:
+        policy: the policy (its normalizer and UNet; its own sampler setting is not changed).
+        sampler: ``'paradigms'`` (default), ``'paraddim'``, ``'paraddpm'``, ``'sequential'``,
+            or None for the policy's configured sampler.
+        warm_start: start each chunk from the previous one shifted by the executed actions
+            (Picard samplers only; ignored by ``'sequential'``).
+        deadline_ms: time budget per chunk in ms, or None (Picard samplers only).
+        seed: seeds the controller's own noise generator (fresh noise for every chunk;
+            the same seed and observations give the same actions). None: a random seed.
+        devices: evaluate the UNet on several devices (:func:`para_policy.devices.use_devices`;
+            this sets ``policy.denoise``).
+        options: sampler options (``window``, ``tolerance``, ``max_iterations``,
+            ``per_sample_windows``, ``scheduler``, ``num_inference_steps``).
+
+    Shapes: ``act(observation (obs_dim,)) -> (action_dim,)``;
+    ``predict_chunk(observations (n_obs_steps, obs_dim)) -> (n_action_steps, action_dim)``.
+    Actions come back as numpy arrays when observations are numpy, as tensors otherwise.
+    """
+
+    def __init__(self, policy: LowdimPolicy, sampler: str | None = "paradigms", warm_start: bool = True,
+                 deadline_ms: float | None = None, seed: int | None = None,
+                 devices: Sequence[str | torch.device] | None = None, **options: Any) -> None:
+        self.policy = policy
+        if sampler is None and not options:
+            self.spec = policy.sampler
+        else:
+            name = sampler or policy.sampler.name
+            opts = {**(policy.sampler.options if name == policy.sampler.name else {}), **options}
+            self.spec = SamplerConfig(name, opts.pop("scheduler", None), opts.pop("num_inference_steps", None), opts)
+        policy.schedule_for(self.spec)  # fail now, not in the loop
+        picard = SAMPLERS[self.spec.name][0] is picard_sample
+        if deadline_ms is not None:
+            if not picard:
+                raise ValueError(f"deadline_ms needs a Picard sampler, not {self.spec.name!r}")
+            if not deadline_ms >= 0:
+                raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
+        self.warm_start = bool(warm_start) and picard
+        self.deadline_ms = None if deadline_ms is None else float(deadline_ms)
+        if devices is not None:
+            from para_policy.devices import use_devices
+
+            use_devices(policy, devices)
+        self.generator = torch.Generator(device=policy.device)
+        self.seed(seed)
+        self.records: list[ChunkRecord] = []
+        self.act_latency_ms: list[float] = []
+        self.reset()
+
+    def seed(self, seed: int | None = None) -> None:
+        """Reseed the noise generator (None: a nondeterministic seed)."""
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+
+    def reset(self) -> None:
+        """Start a new episode: clear the observation history, the action queue and the warm-start guess.
+
+        Statistics are kept across episodes (see :meth:`reset_stats`).
+        """
+        self.observations: deque[torch.Tensor] = deque(maxlen=self.policy.n_obs_steps)
+        self.actions: deque[torch.Tensor] = deque()
+        self.guess: torch.Tensor | None = None  # normalized (1, T, D) clean trajectory for the next chunk
+
+    def reset_stats(self) -> None:
+        """Forget the latency and rounds records."""
+        self.records.clear()
+        self.act_latency_ms.clear()
+
+    # ---- the loop ------------------------------------------------------------------
+    def act(self, observation: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """One control step: record ``observation`` (obs_dim,), return the next action (action_dim,).
+
+        After :meth:`reset` the history is filled by repeating the first observation. When
+        the action queue is empty a new chunk is predicted from the last ``n_obs_steps``
+        observations and its ``n_action_steps`` actions are queued.
+        """
+        start = time.perf_counter()
+        as_numpy = not isinstance(observation, torch.Tensor)
+        obs = torch.as_tensor(np.asarray(observation) if as_numpy else observation, dtype=torch.float32)
+        if obs.shape != (self.policy.obs_dim,):
+            raise ValueError(f"observation must have shape (obs_dim,) = ({self.policy.obs_dim},), "
+                             f"got {tuple(obs.shape)}")
+        if not self.observations:
+            self.observations.extend([obs] * self.policy.n_obs_steps)
+        else:
+            self.observations.append(obs)
+        if not self.actions:
+            chunk = self.predict_chunk(torch.stack(list(self.observations)))
+            self.actions.extend(chunk.unbind(0))
+        action = self.actions.popleft()
+        self.act_latency_ms.append((time.perf_counter() - start) * 1000)
+        return action.numpy() if as_numpy else action
+
+    def predict_chunk(self, observations: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Predict ``(n_action_steps, action_dim)`` actions from ``(n_obs_steps, obs_dim)`` observations.
+
+        Uses and then updates the warm-start guess: after this call the guess is this chunk's
+        trajectory shifted by ``n_action_steps``, i.e. it assumes all the returned actions are
+        executed before the next chunk. Call :meth:`reset` when that is not so.
+        """
+        as_numpy = not isinstance(observations, torch.Tensor)
+        obs = torch.as_tensor(np.asarray(observations) if as_numpy else observations, dtype=torch.float32)
+        expected = (self.policy.n_obs_steps, self.policy.obs_dim)
+        if tuple(obs.shape) != expected:
+            raise ValueError(f"observations must have shape (n_obs_steps, obs_dim) = {expected}, "
+                             f"got {tuple(obs.shape)}")
+        warm = self.guess if self.warm_start else None
+        start = time.perf_counter()
+        deadline = None if self.deadline_ms is None else start + self.deadline_ms / 1000
+        out = self.policy.predict_action({"obs": obs[None]}, generator=self.generator, warm_start=warm,
+                                         deadline=deadline, sampler=self.spec)
+        latency_ms = (time.perf_counter() - start) * 1000
+        stats = self.policy.last_stats
+        deadline_hit = bool(stats.extra.get("deadline_hit", False)) if stats is not None else False
+        self.records.append(ChunkRecord(
+            latency_ms=latency_ms,
+            rounds=int(stats.rounds) if stats is not None else 0,
+            model_evals=int(stats.model_evals) if stats is not None else 0,
+            converged=bool(stats.all_converged) if stats is not None else True,
+            deadline_hit=deadline_hit,
+            overrun=self.deadline_ms is not None and latency_ms > self.deadline_ms,
+            warm=warm is not None,
+        ))
+        if self.warm_start and self.policy.last_trajectory is not None:
+            self.guess = shift_trajectory(self.policy.last_trajectory, self.policy.n_action_steps)
+        actions = out["action"][0].detach().to("cpu")
+        return actions.numpy() if as_numpy else actions
+
+    @property
+    def last_record(self) -> ChunkRecord | None:
+        """The record of the last predicted chunk (None before the first)."""
+        return self.records[-1] if self.records else None
+
+    def stats(self) -> dict[str, Any]:
+        """Latency, rounds and deadline statistics over all chunks since :meth:`reset_stats`.
+
+        Returns a dict: ``chunks``, ``actions``, ``chunk_latency_ms`` and ``action_latency_ms``
+        (mean / p50 / p95 / max; an action's latency is the time of its ``act`` call, which
+        includes the chunk prediction on the steps that make one), ``rounds`` and
+        ``model_evals`` per chunk, ``deadline_misses`` (chunks stopped at the deadline),
+        ``overruns`` (chunks slower than ``deadline_ms``), ``warm_chunks``, and the settings.
+        """
+        r = self.records
+        return {
+            "sampler": self.spec.name,
+            "options": dict(self.spec.options),
+            "warm_start": self.warm_start,
+            "deadline_ms": self.deadline_ms,
+            "chunks": len(r),
+            "actions": len(self.act_latency_ms),
+            "chunk_latency_ms": _distribution([x.latency_ms for x in r]),
+            "action_latency_ms": _distribution(self.act_latency_ms),
+            "rounds": _distribution([x.rounds for x in r]),
+            "model_evals": _distribution([x.model_evals for x in r]),
+            "deadline_misses": sum(x.deadline_hit for x in r),
+            "overruns": sum(x.overrun for x in r),
+            "unconverged": sum(not x.converged for x in r),
+            "warm_chunks": sum(x.warm for x in r),
+        }
+
+    def records_as_dicts(self) -> list[dict[str, Any]]:
+        """Every chunk's :class:`ChunkRecord` as a dict (for logging)."""
+        return [asdict(x) for x in self.records]

@@ -1,0 +1,460 @@
+"""DiffusionPolicy (Chi et al.) integration: read its workspace ``.ckpt`` files, patch live policies.
+
+Why: people who trained with DiffusionPolicy have ``.ckpt`` workspace checkpoints and
+running ``DiffusionUnetLowdimPolicy`` objects. This module lets them keep both:
+
+* :func:`read_diffusion_policy_checkpoint` turns a ``.ckpt`` into the ``(state_dict,
+  config)`` pair of para_policy's own :class:`~para_policy.policy.LowdimPolicy`, without
+  importing ``diffusion_policy`` (it is not on PyPI). ``load_policy('x.ckpt')`` uses it.
+* :func:`patch_diffusion_policy` swaps the sampling loop of a live DiffusionPolicy policy
+  object (``conditional_sample``) for para_policy's samplers; :func:`unpatch` restores it.
+
+The ``.ckpt`` format (``BaseWorkspace.save_checkpoint``): ``torch.save(payload,
+pickle_module=dill)`` of ``{'cfg': DictConfig (Hydra config, possibly unresolved),
+'state_dicts': {'model', 'ema_model' (when training.use_ema), 'optimizer'}, 'pickles':
+{'global_step', 'epoch'} (dill bytes)}``. Policy weights are ``model.*`` (the
+ConditionalUnet1D) and ``normalizer.params_dict.{obs,action}.*``.
+
+Security: a ``.ckpt`` is a pickle, and unpickling runs code chosen by whoever wrote the
+file. Load only checkpoints you trust (your own training runs, or published files from a
+source you trust). para_policy's own ``.safetensors`` checkpoints run no code; convert
+once with ``save_checkpoint(path, policy.state_dict(), policy.config)``.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from para_policy.samplers import SampleStats, draw_noise, picard_sample
+from para_policy.schedule import Schedule, ddim_from, make_schedule
+
+LOWDIM_TARGET = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"
+UNET_TARGET = "diffusion_policy.model.diffusion.conditional_unet1d.ConditionalUnet1D"
+UNET_ARGS = ("input_dim", "local_cond_dim", "global_cond_dim", "diffusion_step_embed_dim", "down_dims",
+             "kernel_size", "n_groups", "cond_predict_scale")
+REQUIRED_POLICY_KEYS = ("model", "noise_scheduler", "horizon", "obs_dim", "action_dim", "n_action_steps",
+                        "n_obs_steps")
+OPTIONAL_POLICY_KEYS = ("num_inference_steps", "obs_as_local_cond", "obs_as_global_cond", "pred_action_steps_only",
+                        "oa_step_convention")
+IGNORED_WEIGHTS = ("_dummy_variable", "mask_generator._dummy_variable")
+WEIGHT_PREFIXES = ("model.", "normalizer.params_dict.obs.", "normalizer.params_dict.action.")
+
+# ---- a restricted evaluator for DiffusionPolicy's ${eval:...} expressions ---------------
+
+_BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+_UNARY: dict[type, Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+_COMPARE: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
+    ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
+}
+
+
+def safe_eval(expression: Any) -> Any:
+    """Evaluate the arithmetic / conditional expressions DiffusionPolicy configs put in ``${eval:...}``.
+
+    Why not Python's ``eval`` (which DiffusionPolicy registers): a config is data, and a
+    resolver that runs arbitrary code would make loading one run that code. This accepts
+    literals (numbers, strings, True/False/None), ``+ - * / // % **`` on numbers,
+    ``not/and/or``, comparisons, ``a if c else b`` and tuples/lists of those, e.g.
+    ``'2 if False or True else 20 + 2'``; anything else (names, calls, attributes,
+    subscripts) raises ``ValueError``. Non-string values (an interpolation that resolved
+    to a number) are returned unchanged.
+    """
+    if not isinstance(expression, str):
+        return expression
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"${{eval:...}}: cannot parse {expression!r}: {e.msg}") from e
+
+    def number(v: Any) -> Any:
+        if isinstance(v, (int, float)):  # bool is an int
+            return v
+        raise ValueError(f"${{eval:...}}: arithmetic on a non-number {v!r} in {expression!r}")
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
+            return node.value
+        if isinstance(node, (ast.Tuple, ast.List)):
+            items = [ev(e) for e in node.elts]
+            return tuple(items) if isinstance(node, ast.Tuple) else items
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            v = ev(node.operand)
+            return _UNARY[type(node.op)](v if isinstance(node.op, ast.Not) else number(v))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            a, b = number(ev(node.left)), number(ev(node.right))
+            if isinstance(node.op, ast.Pow) and abs(b) > 64:
+                raise ValueError(f"${{eval:...}}: exponent {b} too large in {expression!r}")
+            return _BINARY[type(node.op)](a, b)
+        if isinstance(node, ast.BoolOp):
+            if isinstance(node.op, ast.And):
+                value = True
+                for e in node.values:
+                    value = ev(e)
+                    if not value:
+                        return value
+                return value
+            value = False
+            for e in node.values:
+                value = ev(e)
+                if value:
+                    return value
+            return value
+        if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+            left = ev(node.left)
+            for op, right_node in zip(node.ops, node.comparators, strict=True):
+                right = ev(right_node)
+                if not _COMPARE[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(node, ast.IfExp):
+            return ev(node.body) if ev(node.test) else ev(node.orelse)
+        raise ValueError(
+            f"${{eval:...}}: {type(node).__name__} is not allowed in {expression!r}; only arithmetic, "
+            "comparisons, and/or/not, conditionals and literals are evaluated"
+        )
+
+    return ev(tree)
+
+
+def register_eval_resolver() -> bool:
+    """Register :func:`safe_eval` as OmegaConf's ``eval`` resolver unless one is registered already.
+
+    Returns True when it registered. An ``eval`` resolver registered earlier (e.g. by
+    DiffusionPolicy's own training script) is left in place.
+    """
+    from omegaconf import OmegaConf
+
+    if OmegaConf.has_resolver("eval"):
+        return False
+    OmegaConf.register_new_resolver("eval", safe_eval)
+    return True
+
+
+# ---- .ckpt → LowdimPolicy config and state dict ----------------------------------------
+
+def _resolved(cfg: Any, key: str, problems: list[str]) -> Any:
+    """``cfg[key]`` (a dotted key) resolved to plain Python, or None (absent, or a problem recorded)."""
+    from omegaconf import OmegaConf
+
+    try:
+        node = OmegaConf.select(cfg, key, throw_on_missing=True)
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except Exception as e:  # omegaconf raises several kinds for bad interpolations
+        problems.append(f"cfg.{key} cannot be resolved ({type(e).__name__}: {e})")
+        return None
+
+
+def _as_config(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return OmegaConf.create(dict(cfg))
+    raise ValueError(f"cfg must be an OmegaConf DictConfig or a dict, got {type(cfg).__name__}")
+
+
+def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
+    """LowdimPolicy's config dict from a DiffusionPolicy workspace ``cfg`` (DictConfig or dict).
+
+    Reads ``cfg.policy`` (its ``_target_``, ``model.*`` UNet arguments, ``noise_scheduler.*``
+    and the policy arguments). Only ``DiffusionUnetLowdimPolicy`` with global conditioning
+    or inpainting is supported. Raises ``ValueError`` listing every problem found.
+    """
+    from para_policy.schedule import build_scheduler
+
+    register_eval_resolver()
+    cfg = _as_config(cfg)
+    problems: list[str] = []
+    policy = _resolved(cfg, "policy", problems)
+    if not isinstance(policy, Mapping):
+        if not problems:
+            problems.append("cfg has no 'policy' section")
+        raise ValueError("not a usable DiffusionPolicy checkpoint config: " + "; ".join(problems))
+    target = str(policy.get("_target_", ""))
+    if target != LOWDIM_TARGET:
+        name = target.rsplit(".", 1)[-1] or "(none)"
+        kind = ""
+        if "image" in target.lower() or "hybrid" in target.lower():
+            kind = " (image/hybrid policies need image encoders, which para_policy does not implement)"
+        elif "transformer" in target.lower():
+            kind = " (transformer denoisers are not implemented)"
+        raise ValueError(
+            f"unsupported DiffusionPolicy policy _target_ {target!r} ({name}){kind}; para_policy reads only "
+            f"{LOWDIM_TARGET} checkpoints (low-dim observations, ConditionalUnet1D)"
+        )
+    missing = [k for k in REQUIRED_POLICY_KEYS if k not in policy]
+    if missing:
+        problems.append(f"cfg.policy is missing {missing}")
+    extra = sorted(set(policy) - {"_target_", *REQUIRED_POLICY_KEYS, *OPTIONAL_POLICY_KEYS})
+    if extra:
+        problems.append(f"cfg.policy has scheduler.step arguments {extra}, which para_policy does not support")
+    if policy.get("obs_as_local_cond", False):
+        problems.append("obs_as_local_cond=True (local conditioning) is not supported; expected global "
+                        "conditioning or inpainting")
+    model = dict(policy.get("model") or {})
+    model_target = str(model.pop("_target_", UNET_TARGET))
+    if model_target != UNET_TARGET:
+        problems.append(f"cfg.policy.model._target_ is {model_target!r}, expected {UNET_TARGET}")
+    unknown_args = sorted(set(model) - set(UNET_ARGS))
+    if unknown_args:
+        problems.append(f"cfg.policy.model has arguments ConditionalUnet1D does not take: {unknown_args}")
+    if "model" in policy and "input_dim" not in model:
+        problems.append("cfg.policy.model is missing input_dim")
+    if model.get("local_cond_dim") is not None:
+        problems.append("cfg.policy.model.local_cond_dim is set (local conditioning is not supported)")
+    model.pop("local_cond_dim", None)
+    scheduler = dict(policy.get("noise_scheduler") or {})
+    if "noise_scheduler" in policy:
+        try:
+            build_scheduler(scheduler)
+        except Exception as e:  # unknown _target_, bad kwargs
+            problems.append(f"cfg.policy.noise_scheduler: {e}")
+    if problems:
+        raise ValueError("cannot convert this DiffusionPolicy checkpoint: " + "; ".join(problems))
+    return {
+        "horizon": int(policy["horizon"]),
+        "n_obs_steps": int(policy["n_obs_steps"]),
+        "n_action_steps": int(policy["n_action_steps"]),
+        "obs_dim": int(policy["obs_dim"]),
+        "action_dim": int(policy["action_dim"]),
+        # DiffusionPolicy's defaults (they differ from LowdimPolicy's), set explicitly
+        "num_inference_steps": policy.get("num_inference_steps"),
+        "obs_as_global_cond": bool(policy.get("obs_as_global_cond", False)),
+        "pred_action_steps_only": bool(policy.get("pred_action_steps_only", False)),
+        "oa_step_convention": bool(policy.get("oa_step_convention", False)),
+        "model": model,
+        "noise_scheduler": scheduler,
+        "source": {"format": "diffusion_policy.ckpt", "policy_target": target},
+    }
+
+
+def read_diffusion_policy_checkpoint(
+    path: str | os.PathLike, use_ema: bool | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a DiffusionPolicy workspace ``.ckpt``: returns ``(state_dict, config)`` for LowdimPolicy.
+
+    Only load files you trust: this unpickles the file (``torch.load(weights_only=False)``),
+    which can run arbitrary code.
+
+    Args:
+        use_ema: take ``state_dicts['ema_model']`` (True) or ``['model']`` (False); None
+            follows ``cfg.training.use_ema`` as DiffusionPolicy's evaluation does (and, when the
+            cfg does not say, takes ``ema_model`` if present).
+    Returns:
+        ``state_dict`` with ``model.*`` and ``normalizer.params_dict.{obs,action}.*`` tensors
+        (DiffusionPolicy's names, which LowdimPolicy shares), and the config dict
+        (:func:`diffusion_policy_config`).
+    Raises:
+        FileNotFoundError, or ValueError listing what is wrong with the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"{path}: unpickling needs module {e.name!r}; install it (e.g. omegaconf, dill)") from e
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    problems = []
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"{path}: expected a DiffusionPolicy workspace payload dict, got {type(payload).__name__}")
+    for key in ("cfg", "state_dicts"):
+        if key not in payload:
+            problems.append(f"payload has no {key!r} (keys: {sorted(map(str, payload))})")
+    if problems:
+        raise ValueError(f"{path} is not a DiffusionPolicy workspace checkpoint: " + "; ".join(problems))
+    cfg = payload["cfg"]
+    try:
+        config = diffusion_policy_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    state_dicts = payload["state_dicts"]
+    if use_ema is None:
+        register_eval_resolver()
+        cfg_problems: list[str] = []
+        flag = _resolved(_as_config(cfg), "training.use_ema", cfg_problems)
+        use_ema = bool(flag) if flag is not None else "ema_model" in state_dicts
+    source = "ema_model" if use_ema else "model"
+    if source not in state_dicts or not isinstance(state_dicts[source], Mapping):
+        raise ValueError(
+            f"{path}: state_dicts has no {source!r} (use_ema={use_ema}); it has {sorted(state_dicts)}"
+        )
+    raw = state_dicts[source]
+    state_dict: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, value in raw.items():
+        if key in IGNORED_WEIGHTS:
+            continue
+        if not key.startswith(WEIGHT_PREFIXES) or not isinstance(value, torch.Tensor):
+            unexpected.append(key)
+            continue
+        state_dict[key] = value
+    if unexpected:
+        raise ValueError(
+            f"{path}: state_dicts[{source!r}] has entries a DiffusionUnetLowdimPolicy does not: {unexpected[:10]}"
+            + (f" (and {len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
+        )
+    config["source"]["weights"] = source
+    return state_dict, config
+
+
+# ---- patching live policy objects --------------------------------------------------------
+
+class SamplingPatch:
+    """What :func:`patch` installed on a policy object, and what it needs to undo it.
+
+    Attributes:
+        owner: the object given to ``patch`` (its ``para_stats`` is set after every call).
+        target: the object whose ``conditional_sample`` was replaced (the policy itself for
+            DiffusionPolicy, ``policy.diffusion`` for LeRobot).
+        spec: the :class:`~para_policy.policy.SamplerConfig` in use.
+        stats: the :class:`SampleStats` of the last call.
+    """
+
+    ATTRIBUTE = "_para_patch"
+
+    def __init__(self, owner: Any, target: Any, spec: Any, kind: str) -> None:
+        self.owner = owner
+        self.target = target
+        self.spec = spec
+        self.kind = kind
+        self.had_own = "conditional_sample" in vars(target)
+        self.original = vars(target).get("conditional_sample")
+        self.stats: SampleStats | None = None
+        self._schedules: dict[tuple, Schedule] = {}
+
+    def schedule(self, scheduler: Any, steps: int, eta: float = 0.0) -> Schedule:
+        """The schedule of the policy's scheduler (or its DDIM twin) at ``steps``; cached."""
+        from para_policy.policy import SAMPLERS
+
+        own = "ddim" if type(scheduler).__name__ == "DDIMScheduler" else "ddpm"
+        kind = self.spec.scheduler or SAMPLERS[self.spec.name][1] or own
+        steps = int(self.spec.num_inference_steps or steps)
+        key = (id(scheduler), kind, steps, float(eta))
+        if key not in self._schedules:
+            if kind == own:
+                sched = scheduler
+            elif kind == "ddim":
+                sched = ddim_from(scheduler)
+            else:
+                raise ValueError("a DDPM schedule cannot be derived from a DDIM scheduler; use sampler 'paraddim'")
+            self._schedules[key] = make_schedule(sched, steps, eta=float(eta) if kind == "ddim" else 0.0)
+        return self._schedules[key]
+
+    def run(self, denoiser: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+            condition: torch.Tensor | None, inpaint: tuple | None) -> torch.Tensor:
+        """Run the configured sampler; record its stats on the patch and as ``owner.para_stats``."""
+        from para_policy.policy import SAMPLERS
+
+        fn = SAMPLERS[self.spec.name][0]
+        kwargs = dict(self.spec.options) if fn is picard_sample else {}
+        sample, stats = fn(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint, **kwargs)
+        self.stats = stats
+        vars(self.owner)["para_stats"] = stats
+        # samplers run in inference mode; a clone made here is an ordinary tensor, so caller code
+        # that edits the result in place (as the original loop's output allowed) keeps working
+        return sample.clone() if not torch.is_inference_mode_enabled() else sample
+
+    def install(self, fn: Callable[..., torch.Tensor]) -> None:
+        vars(self.target)["conditional_sample"] = fn  # an instance attribute shadows the method
+        vars(self.owner)[self.ATTRIBUTE] = self
+        vars(self.owner)["para_stats"] = None
+
+    def remove(self) -> None:
+        if self.had_own:
+            vars(self.target)["conditional_sample"] = self.original
+        else:
+            vars(self.target).pop("conditional_sample", None)
+        vars(self.owner).pop(self.ATTRIBUTE, None)
+        vars(self.owner).pop("para_stats", None)
+
+
+def sampler_spec(sampler: str, options: Mapping[str, Any]) -> Any:
+    """A validated :class:`~para_policy.policy.SamplerConfig` from a name and options.
+
+    ``scheduler`` ('ddpm'/'ddim') and ``num_inference_steps`` may be given among the options.
+    """
+    from para_policy.policy import SamplerConfig
+
+    opts = dict(options)
+    return SamplerConfig(sampler, opts.pop("scheduler", None), opts.pop("num_inference_steps", None), opts)
+
+
+def _step_kwargs(kwargs: Mapping[str, Any]) -> float:
+    """DiffusionPolicy passes ``**kwargs`` on to ``scheduler.step``; only DDIM's ``eta`` is understood."""
+    unknown = sorted(set(kwargs) - {"eta"})
+    if unknown:
+        raise TypeError(f"patched conditional_sample does not support scheduler.step arguments {unknown}; "
+                        "it takes only eta (DDIM)")
+    return float(kwargs.get("eta", 0.0))
+
+
+def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: Any) -> Any:
+    """Replace ``policy.conditional_sample`` of a DiffusionPolicy policy object with para_policy sampling.
+
+    Duck-typed: any object with ``conditional_sample``, ``model``, ``noise_scheduler`` and
+    ``num_inference_steps`` (``DiffusionUnetLowdimPolicy``, and the image/hybrid policies,
+    whose ``conditional_sample`` has the same contract). The replacement keeps the
+    original's signature ``(condition_data (B,T,D), condition_mask (B,T,D) bool,
+    local_cond=None, global_cond=None, generator=None, **kwargs) -> (B,T,D)``: it draws
+    ``x_T`` and the step noise from ``generator`` (or torch's global RNG) in the original
+    loop's order, so a seed gives the same sample as before patching (up to ``tolerance``).
+    Stats of the last call are in ``policy.para_stats``. Undo with :func:`unpatch`.
+    """
+    spec = sampler_spec(sampler, options)
+    existing = vars(policy).get(SamplingPatch.ATTRIBUTE)
+    if existing is not None:  # re-patching changes the sampler, keeps the saved original
+        existing.spec = spec
+        existing._schedules.clear()
+        return policy
+    state = SamplingPatch(policy, policy, spec, "diffusion_policy")
+
+    def conditional_sample(condition_data: torch.Tensor, condition_mask: torch.Tensor,
+                           local_cond: torch.Tensor | None = None, global_cond: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        eta = _step_kwargs(kwargs)
+        model = policy.model
+        schedule = state.schedule(policy.noise_scheduler, policy.num_inference_steps, eta)
+        x_T, noise = draw_noise(schedule, tuple(condition_data.shape), generator,
+                                device=condition_data.device, dtype=condition_data.dtype)
+        if local_cond is None:
+            condition = global_cond
+
+            def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+                return model(x, t, local_cond=None, global_cond=c)
+        else:  # rows carry their batch index; both conditionings are gathered by it
+            condition = torch.arange(condition_data.shape[0], device=condition_data.device)
+
+            def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+                return model(x, t, local_cond=local_cond[c],
+                             global_cond=None if global_cond is None else global_cond[c])
+        inpaint = (condition_data, condition_mask.to(torch.bool))
+        return state.run(denoiser, schedule, x_T, noise, condition, inpaint)
+
+    state.install(conditional_sample)
+    return policy
+
+
+def unpatch(policy: Any) -> Any:
+    """Undo :func:`patch`: the object's ``conditional_sample`` is the one it had before, exactly."""
+    state = vars(policy).get(SamplingPatch.ATTRIBUTE)
+    if state is None:
+        raise ValueError(f"{type(policy).__name__} object is not patched by para_policy")
+    state.remove()
+    return policy

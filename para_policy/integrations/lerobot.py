@@ -1,0 +1,99 @@
+"""LeRobot integration: patch a live ``lerobot`` ``DiffusionPolicy`` to sample with Picard iterations.
+
+Why: LeRobot users keep their policy objects, ``select_action`` loop and checkpoints;
+only the denoising loop changes. LeRobot's loop lives in
+``DiffusionModel.conditional_sample(batch_size, global_cond=None, generator=None,
+noise=None)`` (``policy.diffusion``; ``noise`` is the initial sample, added in later
+releases; 0.3.x has no ``noise``): it draws ``x_T`` of shape ``(B, horizon, action_dim)``
+unless given, then runs ``noise_scheduler.step`` for ``num_inference_steps`` steps, calling
+``unet(x, t (B,) long, global_cond=global_cond)``. There is no inpainting.
+
+lerobot is not imported: objects are recognised by duck typing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from para_policy.integrations.diffusion_policy import SamplingPatch, sampler_spec
+from para_policy.samplers import draw_noise
+from para_policy.schedule import Schedule
+
+
+def find_diffusion_model(policy: Any) -> Any | None:
+    """The object holding LeRobot's sampling loop: ``policy.diffusion`` or ``policy`` itself; None if neither."""
+    for candidate in (getattr(policy, "diffusion", None), policy):
+        if candidate is not None and all(
+            hasattr(candidate, name) for name in ("conditional_sample", "unet", "noise_scheduler", "config")
+        ):
+            return candidate
+    return None
+
+
+def _action_dim(config: Any) -> int:
+    feature = getattr(config, "action_feature", None)  # lerobot >= 0.1 (features API)
+    if feature is not None:
+        return int(feature.shape[0])
+    shapes = getattr(config, "output_shapes", None)  # older releases
+    if shapes and "action" in shapes:
+        return int(shapes["action"][0])
+    raise ValueError("cannot find the action dimension: config has neither action_feature nor output_shapes['action']")
+
+
+def _step_noise(schedule: Schedule, shape: tuple[int, int, int], generator: torch.Generator | None,
+                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Per-step noise (B, S, T, D) drawn in the sequential loop's order, for a caller-given ``x_T``."""
+    noise = torch.zeros((shape[0], schedule.num_steps, *shape[1:]), device=device, dtype=dtype)
+    for k in torch.nonzero(schedule.draws_noise.cpu()).flatten().tolist():
+        noise[:, k] = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return noise
+
+
+def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> Any:
+    """Replace LeRobot's ``conditional_sample`` on ``policy.diffusion`` (or ``policy``) with para_policy sampling.
+
+    ``policy`` is a LeRobot ``DiffusionPolicy`` or its ``DiffusionModel``. The replacement
+    takes ``(batch_size, global_cond (B, G) | None = None, generator=None, noise (B, horizon,
+    action_dim) | None = None)`` and returns ``(B, horizon, action_dim)``; it draws ``x_T`` (unless
+    ``noise`` is given) and the step noise from ``generator`` or torch's global RNG in LeRobot's
+    order, so seeded runs reproduce (up to ``tolerance``). Stats of the last call are in
+    ``policy.para_stats``. Undo with :func:`para_policy.integrations.unpatch`.
+    """
+    spec = sampler_spec(sampler, options)
+    existing = vars(policy).get(SamplingPatch.ATTRIBUTE)
+    if existing is not None:
+        existing.spec = spec
+        existing._schedules.clear()
+        return policy
+    model = find_diffusion_model(policy)
+    if model is None:
+        raise TypeError(f"{type(policy).__name__} is not a LeRobot diffusion policy: expected an object with "
+                        "conditional_sample, unet, noise_scheduler and config (or a .diffusion that has them)")
+    state = SamplingPatch(policy, model, spec, "lerobot")
+
+    def conditional_sample(batch_size: int, global_cond: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None,
+                           noise: torch.Tensor | None = None) -> torch.Tensor:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        shape = (int(batch_size), int(model.config.horizon), _action_dim(model.config))
+        schedule = state.schedule(model.noise_scheduler, model.num_inference_steps)
+        if noise is None:
+            x_T, step_noise = draw_noise(schedule, shape, generator, device=device, dtype=dtype)
+        else:
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape (batch_size, horizon, action_dim) = {shape}, "
+                                 f"got {tuple(noise.shape)}")
+            x_T = noise.to(device=device, dtype=dtype)
+            step_noise = _step_noise(schedule, shape, generator, device, dtype)
+        unet = model.unet
+
+        def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            return unet(x, t, global_cond=c)
+
+        return state.run(denoiser, schedule, x_T, step_noise, global_cond, None)
+
+    state.install(conditional_sample)
+    return policy

@@ -1,0 +1,186 @@
+"""Reading and checking the evaluator's Hydra config before anything expensive runs.
+
+Every check here runs before the checkpoint is loaded or an env is stepped, so a typo
+(negative tolerance, an option the sampler does not take, a checkpoint for another task)
+stops the run in a second with a message naming the config key, not after 50 rollouts.
+
+Config shape (``configs/eval.yaml`` composes it)::
+
+    checkpoint   path of a para_policy .safetensors policy (default: the shipped PushT policy)
+    task         env_id, obs_type, obs_dim, action_dim, episodes, seed_start, max_steps, fps
+    sampler      name, scheduler, num_inference_steps and the Picard options
+                 (window, tolerance, max_iterations, per_sample_windows)
+    compare      also evaluate the sequential baseline on the same starts and noise
+    num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from para_policy.policy import PICARD_OPTIONS, SAMPLERS, SamplerConfig
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSET_RESOLVER = "para_policy.asset"
+
+
+class EvalConfigError(ValueError):
+    """A configuration the evaluator refuses, found before any rollout."""
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file shipped in ``para_policy/assets`` (the ``${para_policy.asset:...}`` resolver)."""
+    return str(ASSET_DIR / name)
+
+
+def register_resolvers() -> None:
+    """Register ``${para_policy.asset:NAME}``: configs point at shipped files wherever the package is installed."""
+    if not OmegaConf.has_resolver(ASSET_RESOLVER):
+        OmegaConf.register_new_resolver(ASSET_RESOLVER, asset_path)
+
+
+register_resolvers()
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What the evaluator needs from ``cfg.task``.
+
+    ``seeds`` are the env reset seeds, ``seed_start … seed_start + episodes - 1``
+    (DiffusionPolicy's PushT test seeds start at 100000).
+    """
+
+    name: str
+    env_id: str
+    obs_type: str
+    obs_dim: int
+    action_dim: int
+    episodes: int
+    seed_start: int
+    max_steps: int
+    fps: int
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed_start, self.seed_start + self.episodes))
+
+
+def _get(node: Any, key: str, default: Any = None) -> Any:
+    value = OmegaConf.select(node, key, default=default) if isinstance(node, DictConfig) else default
+    return default if value is None else value
+
+
+def _int(value: Any, key: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise EvalConfigError(f"{key} must be an integer, got {value!r}")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise EvalConfigError(f"{key} must be an integer, got {value!r}") from None
+    if out != value and not (isinstance(value, str) and str(out) == value.strip()):
+        raise EvalConfigError(f"{key} must be an integer, got {value!r}")
+    if minimum is not None and out < minimum:
+        raise EvalConfigError(f"{key} must be >= {minimum}, got {out}")
+    return out
+
+
+def task_settings(cfg: DictConfig) -> TaskSettings:
+    """Read and check the task group (``cfg.task``); raise :class:`EvalConfigError` naming the bad key."""
+    task = cfg.get("task")
+    if not isinstance(task, DictConfig):
+        raise EvalConfigError("no task config: choose one with task=pusht")
+    env_id = _get(task, "env_id")
+    if not env_id:
+        raise EvalConfigError("task.env_id is not set: the evaluator needs the gymnasium env id")
+    obs_type = str(_get(task, "obs_type", "keypoints"))
+    if obs_type not in ("keypoints", "state"):
+        raise EvalConfigError(f"task.obs_type must be 'keypoints' or 'state', got {obs_type!r}")
+    return TaskSettings(
+        name=str(_get(task, "name", "task")),
+        env_id=str(env_id),
+        obs_type=obs_type,
+        obs_dim=_int(_get(task, "obs_dim", 20 if obs_type == "keypoints" else 5), "task.obs_dim", 1),
+        action_dim=_int(_get(task, "action_dim", 2), "task.action_dim", 1),
+        episodes=_int(_get(task, "episodes", 50), "task.episodes", 1),
+        seed_start=_int(_get(task, "seed_start", 100000), "task.seed_start", 0),
+        max_steps=_int(_get(task, "max_steps", 300), "task.max_steps", 1),
+        fps=_int(_get(task, "fps", 10), "task.fps", 1),
+    )
+
+
+def sampler_config(node: DictConfig | dict) -> SamplerConfig:
+    """``cfg.sampler`` → :class:`SamplerConfig`, with errors that name the config key.
+
+    Picard options left at ``null`` take ``picard_sample``'s defaults.
+    """
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    name = node.get("name")
+    if name not in SAMPLERS:
+        raise EvalConfigError(f"sampler.name {name!r} is not a sampler; expected one of {sorted(SAMPLERS)}")
+    known = {"name", "scheduler", "num_inference_steps", *PICARD_OPTIONS}
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise EvalConfigError(f"sampler config has unknown keys {unknown}; known keys: {sorted(known)}")
+    options = {k: node[k] for k in PICARD_OPTIONS if node.get(k) is not None}
+    is_picard = SAMPLERS[name][0].__name__ == "picard_sample"
+    if options and not is_picard:
+        raise EvalConfigError(f"sampler {name!r} takes no Picard options, got {sorted(options)}")
+    if "tolerance" in options:
+        tol = options["tolerance"]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not float(tol) >= 0 \
+                or float(tol) == float("inf"):
+            raise EvalConfigError(f"sampler.tolerance must be a finite number >= 0, got {tol!r}")
+        options["tolerance"] = float(tol)
+    if "window" in options:
+        options["window"] = _int(options["window"], "sampler.window", 1)
+    if "max_iterations" in options:
+        options["max_iterations"] = _int(options["max_iterations"], "sampler.max_iterations", 1)
+    if "per_sample_windows" in options:
+        options["per_sample_windows"] = bool(options["per_sample_windows"])
+    steps = node.get("num_inference_steps")
+    if steps is not None:
+        steps = _int(steps, "sampler.num_inference_steps", 1)
+    try:
+        return SamplerConfig(name, node.get("scheduler"), steps, options)
+    except ValueError as e:
+        raise EvalConfigError(f"sampler: {e}") from None
+
+
+def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int) -> SamplerConfig:
+    """The sequential sampler on the candidate's schedule (same scheduler kind and step count).
+
+    Comparing ParaDDIM with 100-step DDPM would measure the schedule, not the sampler.
+    """
+    return SamplerConfig("sequential", schedule_kind, num_steps, {})
+
+
+def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """``path`` made absolute against ``base`` (the directory the user launched from), ``~`` expanded."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute():
+        p = Path(base or os.getcwd()) / p
+    return p
+
+
+def file_fingerprint(path: Path) -> str:
+    """Cheap identity of a checkpoint file: size and a hash of its first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > (1 << 20):
+            f.seek(max(size - (1 << 20), 0))
+            h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
+def spec_dict(spec: SamplerConfig) -> dict[str, Any]:
+    """JSON form of a sampler configuration."""
+    return {"name": spec.name, "scheduler": spec.scheduler, "num_inference_steps": spec.num_inference_steps,
+            "options": dict(spec.options)}

@@ -1,0 +1,304 @@
+"""Turning episode records and timings into results.json, summary.md, the printed table and plots.
+
+``results.json`` schema (``SCHEMA_VERSION``)::
+
+    schema_version, task, checkpoint, seeds, noise_seed, overrides, config (resolved),
+    machine {torch, torch_threads, cpu_count, platform, processor, load_avg}
+    samplers {role: {                        # role: 'candidate' (the chosen sampler), 'baseline'
+        name, spec {name, scheduler, num_inference_steps, options}, schedule {kind, num_steps},
+        n_episodes, n_failed, mean_score, success_rate, mean_length,
+        failures [{seed, error}], episodes [{seed, max_reward, success, length, n_chunks,
+        rounds_per_chunk, wall_time_s, error}],
+        rollout_rounds_per_chunk {n, mean, std, min, max, p50, p95, p99},
+        latency {ms_per_chunk, ms_per_action, rounds_per_chunk, model_evals_per_chunk} | null }}
+    comparison {candidate, baseline, faithfulness {mean_px, max_px, n_calls},
+                ratios {<metric>: candidate / baseline}} | null
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from para_policy.checkpoints import atomic_write
+from para_policy.evaluation.latency import distribution
+
+SCHEMA_VERSION = 1
+
+# (label, path in a role summary, format); the table's rows and the ratio fields
+ROWS: list[tuple[str, str, str]] = [
+    ("mean score", "mean_score", "{:.3f}"),
+    ("success rate", "success_rate", "{:.3f}"),
+    ("mean episode length", "mean_length", "{:.1f}"),
+    ("failed episodes", "n_failed", "{:d}"),
+    ("latency ms/chunk p50", "latency.ms_per_chunk.p50", "{:.2f}"),
+    ("latency ms/chunk p95", "latency.ms_per_chunk.p95", "{:.2f}"),
+    ("latency ms/chunk p99", "latency.ms_per_chunk.p99", "{:.2f}"),
+    ("latency ms/chunk max", "latency.ms_per_chunk.max", "{:.2f}"),
+    ("latency ms/action p50", "latency.ms_per_action.p50", "{:.2f}"),
+    ("latency ms/action p95", "latency.ms_per_action.p95", "{:.2f}"),
+    ("latency ms/action p99", "latency.ms_per_action.p99", "{:.2f}"),
+    ("latency ms/action max", "latency.ms_per_action.max", "{:.2f}"),
+    ("rounds/chunk (batch 1)", "latency.rounds_per_chunk.mean", "{:.2f}"),
+    ("model evals/chunk (batch 1)", "latency.model_evals_per_chunk.mean", "{:.1f}"),
+    ("rounds/chunk (rollouts)", "rollout_rounds_per_chunk.mean", "{:.2f}"),
+]
+RATIO_KEYS: dict[str, str] = {
+    "mean_score": "mean_score",
+    "success_rate": "success_rate",
+    "mean_length": "mean_length",
+    "latency_ms_per_chunk_p50": "latency.ms_per_chunk.p50",
+    "latency_ms_per_chunk_p95": "latency.ms_per_chunk.p95",
+    "latency_ms_per_chunk_p99": "latency.ms_per_chunk.p99",
+    "latency_ms_per_chunk_max": "latency.ms_per_chunk.max",
+    "latency_ms_per_action_p50": "latency.ms_per_action.p50",
+    "rounds_per_chunk": "latency.rounds_per_chunk.mean",
+    "model_evals_per_chunk": "latency.model_evals_per_chunk.mean",
+}
+
+
+def lookup(d: Mapping[str, Any] | None, path: str) -> Any:
+    """``d['a']['b']`` for ``path='a.b'``; None if any part is missing."""
+    for part in path.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    """``a / b``, or None when either is missing or ``b`` is 0 (JSON has no inf)."""
+    if a is None or b is None:
+        return None
+    a, b = float(a), float(b)
+    if b == 0 or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return a / b
+
+
+def summarize_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Task metrics over the episodes that ran to the end (failed ones are counted, not averaged)."""
+    ok = [e for e in episodes if e.get("error") is None]
+    failed = [e for e in episodes if e.get("error") is not None]
+    rounds = [r for e in ok for r in e.get("rounds_per_chunk", [])]
+    return {
+        "n_episodes": len(episodes),
+        "n_failed": len(failed),
+        "mean_score": float(np.mean([e["max_reward"] for e in ok])) if ok else None,
+        "success_rate": float(np.mean([bool(e["success"]) for e in ok])) if ok else None,
+        "mean_length": float(np.mean([e["length"] for e in ok])) if ok else None,
+        "failures": [{"seed": e["seed"], "error": e["error"]} for e in failed],
+        "rollout_rounds_per_chunk": distribution(rounds),
+    }
+
+
+def comparison(samplers: Mapping[str, Mapping[str, Any]], faith: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Ratios candidate / baseline for every metric in ``RATIO_KEYS``, plus faithfulness."""
+    if "candidate" not in samplers or "baseline" not in samplers:
+        return None
+    c, b = samplers["candidate"], samplers["baseline"]
+    ratios = {key: ratio(lookup(c, path), lookup(b, path)) for key, path in RATIO_KEYS.items()}
+    speedup = ratio(lookup(b, "latency.ms_per_chunk.p50"), lookup(c, "latency.ms_per_chunk.p50"))
+    return {"candidate": c["name"], "baseline": b["name"], "ratios": ratios, "speedup_p50": speedup,
+            "faithfulness": dict(faith) if faith else None}
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(int(value) if fmt == "{:d}" else value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table (one column per sampler, then the ratio)."""
+    samplers = results["samplers"]
+    roles = [r for r in ("candidate", "baseline") if r in samplers]
+    names = [samplers[r]["name"] + (" (baseline)" if r == "baseline" else "") for r in roles]
+    header = ["metric", *names] + (["ratio"] if len(roles) == 2 else [])
+    rows = []
+    for label, path, fmt in ROWS:
+        row = [label] + [_fmt(lookup(samplers[r], path), fmt) for r in roles]
+        if len(roles) == 2:
+            row.append(_fmt(ratio(lookup(samplers["candidate"], path), lookup(samplers["baseline"], path)),
+                            "{:.3f}"))
+        rows.append(row)
+    comp = results.get("comparison") or {}
+    faith = comp.get("faithfulness")
+    if faith:
+        rows.append(["action distance mean px", _fmt(faith.get("mean_px"), "{:.4f}"), "0", ""])
+        rows.append(["action distance max px", _fmt(faith.get("max_px"), "{:.4f}"), "0", ""])
+    return header, rows
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """The comparison as a fixed-width text table, for the terminal."""
+    header, rows = table_rows(results)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths,
+                                                                                          strict=True)))
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths,
+                                                                                               strict=True))))
+    return "\n".join(out)
+
+
+def format_markdown(results: Mapping[str, Any]) -> str:
+    """summary.md: what ran, the comparison table, failures, how latency was measured."""
+    header, rows = table_rows(results)
+    md = [f"# Evaluation: {results['task']}, sampler {results['samplers']['candidate']['name']}", ""]
+    md.append(f"- checkpoint: `{results['checkpoint']}`")
+    seeds = results["seeds"]
+    md.append(f"- episodes: {len(seeds)} (env seeds {seeds[0]}–{seeds[-1]})" if seeds else "- episodes: 0")
+    for role, s in results["samplers"].items():
+        spec = s["spec"]
+        opts = ", ".join(f"{k}={v}" for k, v in spec["options"].items()) or "no options"
+        md.append(f"- {role}: `{s['name']}` on {s['schedule']['kind']} × {s['schedule']['num_steps']} steps "
+                  f"({opts})")
+    if results.get("overrides"):
+        md.append(f"- overrides: `{' '.join(results['overrides'])}`")
+    md += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    lat = results.get("latency_method") or {}
+    machine = results.get("machine") or {}
+    md += ["", "## How latency was measured", "",
+           f"Wall-clock of one `predict_action` call at batch 1 on {lat.get('n_calls', 0)} chunk observations "
+           f"recorded during the rollouts, the same noise for both samplers, {lat.get('warmup', 0)} warm-up "
+           "calls excluded, samplers alternating which goes first. ms/action = ms/chunk / n_action_steps "
+           f"({lat.get('n_action_steps')}). Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
+           f"torch {machine.get('torch')} with {machine.get('torch_threads')} threads, load average "
+           f"{machine.get('load_avg')} at the time (latency taken on a busy machine is not a claim)."]
+    failures = [(role, f) for role, s in results["samplers"].items() for f in s.get("failures", [])]
+    if failures:
+        md += ["", "## Failed episodes", ""]
+        md += [f"- {role} seed {f['seed']}: {f['error']}" for role, f in failures]
+    return "\n".join(md) + "\n"
+
+
+def atomic_file(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """``write(tmp)`` then rename over ``path`` (``atomic_write``: never a torn file).
+
+    The temporary name keeps ``path``'s suffix, so writers that pick a format from the
+    file name (imageio's ffmpeg) see ``.mp4``.
+    """
+    path = Path(path)
+
+    def _write(tmp: str) -> None:
+        named = f"{tmp}{path.suffix}"
+        try:
+            write(named)
+            os.replace(named, tmp)
+        finally:
+            if os.path.exists(named):
+                os.remove(named)
+
+    return atomic_write(path, _write)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented JSON at ``path``, atomically (readers never see half a file)."""
+    text = json.dumps(data, indent=2, default=_json_default)
+    return atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` at ``path``, atomically."""
+    return atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def make_plots(results: Mapping[str, Any], timings: Mapping[str, Mapping[str, Any]], out_dir: Path
+               ) -> dict[str, Path]:
+    """latency.png (ms per chunk of each sampler), rewards.png (max reward per episode), rounds.png.
+
+    Returns name → path of the plots written (atomically).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samplers = results["samplers"]
+    labels = {r: s["name"] + (" (baseline)" if r == "baseline" else "") for r, s in samplers.items()}
+    paths: dict[str, Path] = {}
+
+    def save(fig: Any, name: str) -> None:
+        path = out_dir / f"{name}.png"
+        atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(fig)
+        paths[name] = path
+
+    if any(timings.get(r, {}).get("ms") for r in samplers):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        data = [timings[r]["ms"] for r in samplers if timings.get(r, {}).get("ms")]
+        names = [labels[r] for r in samplers if timings.get(r, {}).get("ms")]
+        bins = np.histogram_bin_edges(np.concatenate(data), bins=30)
+        for d, n in zip(data, names, strict=True):
+            ax.hist(d, bins=bins, alpha=0.6, label=f"{n}: p50 {np.median(d):.1f} ms")
+        ax.set_xlabel("ms per chunk (batch 1)")
+        ax.set_ylabel("calls")
+        ax.set_title("Policy call latency")
+        ax.legend()
+        save(fig, "latency")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / max(1, len(samplers))
+    for i, (role, s) in enumerate(samplers.items()):
+        eps = s["episodes"]
+        x = np.arange(len(eps)) + i * width
+        ax.bar(x, [e["max_reward"] for e in eps], width=width, label=labels[role])
+    seeds = results["seeds"]
+    step = max(1, len(seeds) // 10)
+    ax.set_xticks(np.arange(0, len(seeds), step))
+    ax.set_xticklabels([str(s) for s in seeds[::step]], rotation=45, fontsize=7)
+    ax.set_xlabel("env seed")
+    ax.set_ylabel("episode score (max reward)")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    save(fig, "rewards")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for role, s in samplers.items():
+        rounds = [r for e in s["episodes"] for r in e.get("rounds_per_chunk", [])]
+        if rounds:
+            ax.hist(rounds, bins=np.arange(0, max(rounds) + 2) - 0.5, alpha=0.6, label=labels[role])
+    ax.set_xlabel("sequential model rounds per chunk (rollouts)")
+    ax.set_ylabel("chunks")
+    ax.legend()
+    save(fig, "rounds")
+    return paths
+
+
+def write_video(frames: Sequence[np.ndarray], path: Path, fps: int) -> Path | None:
+    """Write frames (H, W, 3) uint8 as ``path`` (.mp4 via ffmpeg; a .gif next to it if that fails)."""
+    import imageio.v2 as imageio
+
+    if not frames:
+        return None
+    arr = [np.asarray(f, dtype=np.uint8) for f in frames]
+    try:
+        atomic_file(path, lambda tmp: imageio.mimsave(tmp, arr, fps=fps, macro_block_size=1))
+        return path
+    except Exception as e:  # no ffmpeg: a gif still shows the episode
+        gif = path.with_suffix(".gif")
+        print(f"warning: could not write {path.name} ({type(e).__name__}: {e}); writing {gif.name}")
+        atomic_file(gif, lambda tmp: imageio.mimsave(tmp, arr, duration=1000 / fps, loop=0))
+        return gif

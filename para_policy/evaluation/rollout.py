@@ -1,0 +1,281 @@
+"""Closed-loop rollouts of a policy in several envs at once, with reproducible noise per policy call.
+
+Why it is shaped this way:
+
+* **Throughput.** ``num_envs`` envs run side by side and their observations go through
+  one batched ``predict_action`` call. Picard sampling keeps one window per sample
+  (``per_sample_windows``), so an env whose chunk converges early does not wait for the
+  slowest one. When an episode ends its env takes the next seed from the queue.
+* **Same noise for every sampler.** The initial noise ``x_T`` and the per-step noise of
+  each call are drawn by :func:`call_noise` from a generator seeded by
+  ``(noise seed, episode seed, chunk index)`` only, one sample at a time, so the noise
+  an episode's k-th chunk gets does not depend on the sampler, on ``num_envs`` or on
+  which other envs share the batch. Two samplers that produce the same actions therefore
+  produce the same episode, bit for bit.
+* **Robustness.** An exception in one episode (env reset/step, or its policy call) is
+  recorded with the episode's seed and the other episodes go on; ``on_episode`` is called
+  after every finished episode so the caller can save progress.
+
+DiffusionPolicy's conventions: the observation history holds the last ``n_obs_steps``
+observations (the first one repeated after reset), each chunk executes
+``n_action_steps`` actions, the episode score is the max reward over the episode.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+
+from para_policy.evaluation.config import TaskSettings
+from para_policy.policy import LowdimPolicy, SamplerConfig
+from para_policy.samplers import draw_noise
+from para_policy.schedule import Schedule
+
+ROLLOUT_STREAM = 0
+LATENCY_STREAM = 1
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit generator seed from integer keys (numpy's SeedSequence: distinct keys, independent streams)."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def call_noise(
+    schedule: Schedule,
+    sample_shape: tuple[int, int],
+    keys: Sequence[tuple[int, ...]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_T`` (B, T, D) and step noise (B, S, T, D) for a batch, one seeded generator per row.
+
+    Args:
+        schedule: the schedule the call samples on (it decides which steps draw noise).
+        sample_shape: ``(T, D)`` of one trajectory.
+        keys: one key tuple per row, e.g. ``(stream, noise_seed, episode_seed, chunk_index)``.
+    """
+    xs, ns = [], []
+    for key in keys:
+        g = torch.Generator(device="cpu").manual_seed(seed_for(*key))
+        x_T, noise = draw_noise(schedule, (1, *sample_shape), g)
+        xs.append(x_T)
+        ns.append(noise)
+    return torch.cat(xs).to(device=device, dtype=dtype), torch.cat(ns).to(device=device, dtype=dtype)
+
+
+def make_task_env(task: TaskSettings, render: bool = False, video_size: int = 256) -> gymnasium.Env:
+    """The task's env with the policy's observation (PushT: 20-d keypoints) and a ``max_steps`` time limit.
+
+    ``render`` makes the env render ``rgb_array`` frames of ``video_size`` pixels when asked
+    (rendering costs nothing until ``env.render()`` is called).
+    """
+    kw: dict[str, Any] = {"max_episode_steps": task.max_steps}
+    if render:
+        kw.update(render_mode="rgb_array", visualization_width=video_size, visualization_height=video_size)
+    if task.env_id.startswith("gym_pusht/"):
+        import gym_pusht  # noqa: F401  (registers the env id)
+
+        from para_policy.tasks.pusht.env import PushTKeypointObs
+
+        env = gymnasium.make(task.env_id, obs_type="state", **kw)
+        return PushTKeypointObs(env) if task.obs_type == "keypoints" else env
+    return gymnasium.make(task.env_id, **kw)
+
+
+@dataclass
+class _Slot:
+    """One env of the batch and the episode it is running."""
+
+    env: gymnasium.Env
+    seed: int = -1
+    history: deque = field(default_factory=deque)
+    chunk: int = 0
+    steps: int = 0
+    rewards: list[float] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+    chunk_obs: list[np.ndarray] = field(default_factory=list)
+    frames: list[np.ndarray] | None = None
+    started: float = 0.0
+    active: bool = False
+
+
+def _error_record(exc: BaseException) -> tuple[str, str]:
+    return f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc))[-4000:]
+
+
+def _episode_record(slot: _Slot, error: BaseException | None = None, record_obs: bool = False) -> dict[str, Any]:
+    """The JSON record of a finished (or failed) episode."""
+    rec: dict[str, Any] = {
+        "seed": slot.seed,
+        "max_reward": float(max(slot.rewards)) if slot.rewards else 0.0,
+        "success": bool(slot.rewards and max(slot.rewards) >= 1.0),
+        "length": int(slot.steps),
+        "n_chunks": int(slot.chunk),
+        "rounds_per_chunk": [int(r) for r in slot.rounds],
+        "wall_time_s": round(time.perf_counter() - slot.started, 3),
+        "error": None,
+    }
+    if record_obs:
+        rec["chunk_obs"] = [o.tolist() for o in slot.chunk_obs]
+    if error is not None:
+        rec["error"], rec["traceback"] = _error_record(error)
+    return rec
+
+
+def run_rollouts(
+    policy: LowdimPolicy,
+    spec: SamplerConfig,
+    task: TaskSettings,
+    seeds: Sequence[int],
+    *,
+    noise_seed: int = 0,
+    num_envs: int = 8,
+    video_seed: int | None = None,
+    video_size: int = 256,
+    record_obs: bool = False,
+    on_episode: Callable[[dict[str, Any]], None] | None = None,
+    env_factory: Callable[..., gymnasium.Env] | None = None,
+    progress: bool = True,
+    desc: str = "rollouts",
+) -> tuple[list[dict[str, Any]], list[np.ndarray] | None]:
+    """Run one episode per seed with ``spec``, ``num_envs`` at a time.
+
+    Args:
+        policy: the policy (its ``obs_dim`` must match the env's observation).
+        spec: the sampler every call uses.
+        seeds: env reset seeds; each gives one episode.
+        noise_seed: the ``noise seed`` in the per-call noise keys.
+        video_seed: record ``rgb_array`` frames of this seed's episode.
+        record_obs: keep each chunk's observation (n_obs_steps, obs_dim) in the records
+            (``chunk_obs``), e.g. as the inputs of latency timing.
+        on_episode: called with each finished episode's record, as soon as it finishes.
+        env_factory: ``env_factory(task, render=..., video_size=...)``, default :func:`make_task_env`
+            (looked up at call time, so tests can swap in faulty envs).
+    Returns:
+        ``(records in seed order, frames of the video episode or None)``. A record has
+        seed, max_reward, success, length, n_chunks, rounds_per_chunk (each chunk's
+        Picard rounds for this sample), wall_time_s and error (None, or the exception
+        text, with ``traceback``).
+    """
+    from tqdm.auto import tqdm
+
+    env_factory = env_factory or make_task_env
+    schedule = policy.schedule_for(spec)
+    sample_shape = policy.trajectory_shape(1)[1:]
+    To, Na = policy.n_obs_steps, policy.n_action_steps
+    queue = list(seeds)
+    order = {s: i for i, s in enumerate(seeds)}
+    records: dict[int, dict[str, Any]] = {}
+    video: list[np.ndarray] | None = None
+    n_slots = max(1, min(int(num_envs), len(queue)))
+    slots = [_Slot(env_factory(task, render=(video_seed is not None and i == 0), video_size=video_size))
+             for i in range(n_slots)]
+    bar = tqdm(total=len(queue), desc=desc, unit="ep", disable=not progress, leave=False)
+
+    def finish(slot: _Slot, error: BaseException | None = None) -> None:
+        nonlocal video
+        rec = _episode_record(slot, error, record_obs)
+        records[slot.seed] = rec
+        if slot.frames is not None and error is None:
+            video = slot.frames
+        slot.active = False
+        bar.update(1)
+        bar.set_postfix(score=f"{np.mean([r['max_reward'] for r in records.values()]):.3f}")
+        if on_episode is not None:
+            on_episode(rec)
+
+    def start(slot: _Slot, seed: int) -> None:
+        slot.seed, slot.chunk, slot.steps = seed, 0, 0
+        slot.rewards, slot.rounds, slot.chunk_obs = [], [], []
+        slot.started = time.perf_counter()
+        slot.active = True
+        # the video episode runs in slot 0, the only env made with rendering
+        slot.frames = [] if (seed == video_seed and slot is slots[0]) else None
+        try:
+            obs, _ = slot.env.reset(seed=int(seed))
+            obs = np.asarray(obs, dtype=np.float32)
+            if obs.shape != (policy.obs_dim,):
+                raise ValueError(f"env observation has shape {obs.shape}, the policy expects ({policy.obs_dim},)")
+            slot.history = deque([obs] * To, maxlen=To)
+            _render(slot)
+        except Exception as e:  # recorded, the evaluation goes on
+            finish(slot, e)
+
+    def _render(slot: _Slot) -> None:
+        if slot.frames is None:
+            return
+        try:
+            slot.frames.append(np.asarray(slot.env.render()))
+        except Exception as e:  # a broken renderer loses the video, not the episode
+            print(f"warning: rendering seed {slot.seed} failed ({type(e).__name__}: {e}); no video")
+            slot.frames = None
+
+    def predict(batch: list[_Slot]) -> list[tuple[np.ndarray, int] | BaseException]:
+        """Actions (Na, Da) and rounds for each slot, or the exception its call raised."""
+        obs = torch.from_numpy(np.stack([np.stack(list(s.history)) for s in batch]))
+        keys = [(ROLLOUT_STREAM, noise_seed, s.seed, s.chunk) for s in batch]
+        x_T, noise = call_noise(schedule, sample_shape, keys, policy.device, policy.dtype)
+        try:
+            out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec)
+        except Exception as e:
+            if len(batch) == 1:
+                return [e]
+            # find the episode that broke the batch; the others keep their (identical) noise
+            return [r for s in batch for r in predict([s])]
+        actions = out["action"].detach().cpu().numpy()
+        rounds = policy.last_stats.rounds_per_sample.cpu().tolist()
+        return [(actions[i], int(rounds[i])) for i in range(len(batch))]
+
+    # the video episode goes first, into slot 0
+    if video_seed in queue:
+        queue.remove(video_seed)
+        queue.insert(0, video_seed)
+    try:
+        while True:
+            for slot in slots:
+                while not slot.active and queue:
+                    start(slot, queue.pop(0))
+            batch = [s for s in slots if s.active]
+            if not batch:
+                break
+            for slot, result in zip(batch, predict(batch), strict=True):
+                if isinstance(result, BaseException):
+                    finish(slot, result)
+                    continue
+                actions, rounds = result
+                slot.chunk_obs.append(np.stack(list(slot.history)))
+                slot.rounds.append(rounds)
+                slot.chunk += 1
+                try:
+                    done = False
+                    for a in actions[:Na]:
+                        obs, reward, terminated, truncated, _ = slot.env.step(a)
+                        slot.steps += 1
+                        slot.rewards.append(float(reward))
+                        slot.history.append(np.asarray(obs, dtype=np.float32))
+                        _render(slot)
+                        if terminated or truncated or slot.steps >= task.max_steps:
+                            done = True
+                            break
+                except Exception as e:
+                    finish(slot, e)
+                    continue
+                if done:
+                    finish(slot)
+    finally:
+        bar.close()
+        for slot in slots:
+            try:
+                slot.env.close()
+            except Exception:
+                pass
+    return [records[s] for s in sorted(records, key=order.__getitem__)], video

@@ -1,0 +1,342 @@
+"""The evaluation run: check config, roll out each sampler, time batch-1 calls, report.
+
+``evaluate(cfg, output_dir)`` is what ``python eval.py`` runs (``eval.py`` only hands it
+Hydra's config and run folder), and what tests call directly. In order:
+
+1. check every config value and the checkpoint against the task (``EvalConfigError``
+   before any env is stepped);
+2. roll out the chosen sampler (role ``candidate``) and, with ``compare=true``, the
+   sequential baseline on the same schedule (role ``baseline``): same env seeds, same
+   model, same noise per (episode, chunk); progress saved to ``progress.json`` after
+   every episode, so ``resume_dir=<earlier run dir>`` continues an interrupted run;
+3. time batch-1 calls of both samplers on chunk observations of the candidate's
+   rollouts, with the same noise: latency and faithfulness;
+4. write ``results.json``, ``summary.md``, plots and first-episode videos into the run
+   folder, log them to W&B, print the comparison table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from para_policy.evaluation.config import (
+    EvalConfigError,
+    TaskSettings,
+    _int,
+    baseline_config,
+    file_fingerprint,
+    resolve_path,
+    sampler_config,
+    spec_dict,
+    task_settings,
+)
+from para_policy.evaluation.latency import (
+    faithfulness,
+    latency_summary,
+    machine_info,
+    select_observations,
+    time_samplers,
+)
+from para_policy.evaluation.report import (
+    SCHEMA_VERSION,
+    comparison,
+    format_markdown,
+    format_table,
+    lookup,
+    make_plots,
+    summarize_episodes,
+    write_json,
+    write_text,
+    write_video,
+)
+from para_policy.evaluation.rollout import make_task_env, run_rollouts
+from para_policy.policy import LowdimPolicy, SamplerConfig
+
+PROGRESS_FILE = "progress.json"
+RESULTS_FILE = "results.json"
+SUMMARY_FILE = "summary.md"
+
+# baseline rollouts already run in this process (a Hydra multirun sweeps the candidate's
+# options; the sequential baseline is the same in every job), keyed by their fingerprint
+_BASELINE_CACHE: dict[str, tuple[list[dict[str, Any]], Path | None]] = {}
+
+
+def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The evaluator's own keys, checked."""
+    lat = cfg.get("latency") or {}
+    video = cfg.get("video") or {}
+    threads = cfg.get("threads")
+    return {
+        "compare": bool(cfg.get("compare", True)),
+        "num_envs": _int(cfg.get("num_envs", 8), "num_envs", 1),
+        "seed": _int(cfg.get("seed", 0), "seed", 0),
+        "device": str(cfg.get("device", "cpu")),
+        "threads": None if threads is None else _int(threads, "threads", 1),
+        "latency_calls": _int(lat.get("calls", 50), "latency.calls", 0),
+        "latency_warmup": _int(lat.get("warmup", 3), "latency.warmup", 0),
+        "video": bool(video.get("enabled", True)),
+        "video_size": _int(video.get("size", 256), "video.size", 16),
+        "video_format": str(video.get("format", "mp4")),
+        "progress": bool(cfg.get("progress", True)),
+    }
+
+
+def load_checked_policy(path: Path, task: TaskSettings, device: str) -> LowdimPolicy:
+    """Load the checkpoint and refuse one made for another observation or action size."""
+    from para_policy.policy import load_policy
+
+    if not path.is_file():
+        raise EvalConfigError(
+            f"checkpoint not found: {path}. Pass checkpoint=<path to a para_policy .safetensors policy> "
+            "(train one with `python train.py task=pusht`)")
+    try:
+        policy = load_policy(path, device=device)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise EvalConfigError(f"cannot load checkpoint {path}: {e}") from None
+    if policy.obs_dim != task.obs_dim or policy.action_dim != task.action_dim:
+        raise EvalConfigError(
+            f"checkpoint {path.name} has obs_dim={policy.obs_dim}, action_dim={policy.action_dim} but task "
+            f"{task.name!r} has obs_dim={task.obs_dim}, action_dim={task.action_dim}: a policy for another task "
+            "or observation type")
+    return policy
+
+
+def _check_env(task: TaskSettings) -> None:
+    """The env's observation must be what the task (and so the policy) says."""
+    env = make_task_env(task)
+    try:
+        shape = tuple(env.observation_space.shape or ())
+    finally:
+        env.close()
+    if shape != (task.obs_dim,):
+        raise EvalConfigError(f"env {task.env_id} (obs_type={task.obs_type}) gives observations of shape {shape}, "
+                              f"but task.obs_dim is {task.obs_dim}")
+
+
+def _load_progress(resume_dir: Path, fingerprint: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Finished episodes of an earlier run of the same evaluation (failed ones are run again)."""
+    path = resume_dir / PROGRESS_FILE
+    if not path.is_file():
+        raise EvalConfigError(f"resume_dir={resume_dir} has no {PROGRESS_FILE}: not an eval.py run folder")
+    saved = json.loads(path.read_text())
+    old = saved.get("fingerprint", {})
+    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if diff:
+        details = "; ".join(f"{k}: {old.get(k)!r} then, {fingerprint.get(k)!r} now" for k in diff)
+        raise EvalConfigError(f"cannot resume from {resume_dir}: the evaluation differs ({details})")
+    return {role: [e for e in eps if e.get("error") is None] for role, eps in saved.get("episodes", {}).items()}
+
+
+def evaluate(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    *,
+    original_cwd: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg`` and write its files into ``output_dir``.
+
+    Args:
+        cfg: the composed eval config (``configs/eval.yaml``).
+        output_dir: where results.json, summary.md, plots, videos and progress.json go.
+        original_cwd: the directory relative paths (checkpoint, resume_dir) are relative
+            to; the current directory by default.
+        overrides: the command line overrides, recorded in the results.
+    Returns:
+        The results dict written to ``results.json`` (schema in :mod:`.report`).
+    Raises:
+        EvalConfigError: a bad config, checkpoint or task, before any rollout.
+    """
+    out = Path(output_dir)
+    # ---- 1. checks, cheapest first ----------------------------------------------------
+    candidate = sampler_config(cfg.sampler)
+    task = task_settings(cfg)
+    opts = _eval_settings(cfg)
+    if not cfg.get("checkpoint"):
+        raise EvalConfigError("checkpoint is not set: pass checkpoint=<path to a .safetensors policy>")
+    ckpt = resolve_path(cfg.checkpoint, original_cwd)
+    resume_dir = resolve_path(cfg.resume_dir, original_cwd) if cfg.get("resume_dir") else None
+    if resume_dir is not None and not resume_dir.is_dir():
+        raise EvalConfigError(f"resume_dir={resume_dir} does not exist")
+    policy = load_checked_policy(ckpt, task, opts["device"])
+    _check_env(task)
+    try:
+        schedule = policy.schedule_for(candidate)
+    except ValueError as e:
+        raise EvalConfigError(f"sampler {candidate.name!r} cannot run on this checkpoint: {e}") from None
+    specs: dict[str, SamplerConfig] = {"candidate": candidate}
+    if opts["compare"]:
+        specs["baseline"] = baseline_config(candidate, schedule.kind, schedule.num_steps)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    fingerprint = {
+        # not the episode count: a resumed run may ask for more (or fewer) seeds from the same start
+        "checkpoint": file_fingerprint(ckpt), "task": {k: v for k, v in task.__dict__.items() if k != "episodes"},
+        "noise_seed": opts["seed"],
+        "samplers": {role: spec_dict(s) for role, s in specs.items()},
+    }
+
+    # ---- 2. rollouts ---------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[str, list[dict[str, Any]]] = {role: [] for role in specs}
+    if resume_dir is not None:
+        done.update(_load_progress(resume_dir, fingerprint))
+        print(f"resuming from {resume_dir}: " + ", ".join(f"{r} {len(e)} episodes done" for r, e in done.items()))
+
+    def save_progress() -> None:
+        write_json(out / PROGRESS_FILE, {"fingerprint": fingerprint, "episodes": done,
+                                         "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    from para_policy.evaluation.wandb_logger import make_logger
+
+    logger = make_logger(resolved.get("logger"), resolved, out)
+    exit_code = 1
+    old_threads = torch.get_num_threads()
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    try:
+        video_files: dict[str, Path] = {}
+        save_progress()
+        for role, spec in specs.items():
+            seeds_done = {e["seed"] for e in done[role]}
+            todo = [s for s in task.seeds if s not in seeds_done]
+            video_name = f"{role}_{spec.name}_seed{task.seeds[0]}.{opts['video_format']}"
+            previous_video = None
+            if resume_dir is not None and task.seeds[0] in seeds_done:
+                old = sorted((resume_dir / "videos").glob(f"{role}_{spec.name}_seed{task.seeds[0]}.*"))
+                previous_video = old[0] if old and opts["video"] else None
+            cache_key = json.dumps({"checkpoint": fingerprint["checkpoint"], "task": fingerprint["task"],
+                                    "noise_seed": opts["seed"], "spec": spec_dict(spec)}, sort_keys=True)
+            if todo and role == "baseline" and cache_key in _BASELINE_CACHE:
+                cached_eps, cached_video = _BASELINE_CACHE[cache_key]
+                cached = {e["seed"]: e for e in cached_eps}
+                if all(s in cached for s in todo):
+                    done[role] += [cached[s] for s in todo]
+                    todo = []
+                    if cached_video is not None and cached_video.is_file() and opts["video"]:
+                        previous_video = cached_video
+                    print("baseline: reusing this process's rollouts of the same checkpoint, task, seeds and noise")
+            frames = None
+            if todo:
+                record_video = opts["video"] and task.seeds[0] in todo
+
+                def on_episode(rec: dict[str, Any], role: str = role) -> None:
+                    done[role].append(rec)
+                    save_progress()
+
+                _, frames = run_rollouts(
+                    policy, spec, task, todo, noise_seed=opts["seed"], num_envs=opts["num_envs"],
+                    video_seed=task.seeds[0] if record_video else None, video_size=opts["video_size"],
+                    record_obs=(role == "candidate"), on_episode=on_episode, progress=opts["progress"],
+                    desc=f"{role} ({spec.name})")
+            order = {s: i for i, s in enumerate(task.seeds)}
+            done[role] = sorted((e for e in done[role] if e["seed"] in order), key=lambda e: order[e["seed"]])
+            save_progress()
+            if frames:
+                path = write_video(frames, out / "videos" / video_name, task.fps)
+                if path is not None:
+                    video_files[role] = path
+            elif previous_video is not None:
+                (out / "videos").mkdir(parents=True, exist_ok=True)
+                video_files[role] = Path(shutil.copy2(previous_video, out / "videos" / previous_video.name))
+            if role == "baseline":
+                _BASELINE_CACHE[cache_key] = (list(done[role]), video_files.get(role))
+
+        # ---- 3. batch-1 latency and faithfulness ----------------------------------------
+        pool = [np.asarray(o, dtype=np.float32) for e in done["candidate"] if e.get("error") is None
+                for o in e.get("chunk_obs", [])]
+        observations = select_observations(pool, opts["latency_calls"])
+        machine_before = machine_info()
+        timings = time_samplers(policy, specs, observations, noise_seed=opts["seed"],
+                                warmup=opts["latency_warmup"], progress=opts["progress"])
+        machine = machine_info()
+        machine["load_avg_before_timing"] = machine_before.get("load_avg")
+
+        # ---- 4. results ----------------------------------------------------------------------
+        samplers: dict[str, Any] = {}
+        for role, spec in specs.items():
+            episodes = [{k: v for k, v in e.items() if k != "chunk_obs"} for e in done[role]]
+            samplers[role] = {
+                "name": spec.name,
+                "spec": spec_dict(spec),
+                "schedule": {"kind": policy.schedule_for(spec).kind, "num_steps": policy.schedule_for(spec).num_steps},
+                **summarize_episodes(episodes),
+                "latency": latency_summary(timings[role], policy.n_action_steps) if timings[role]["ms"] else None,
+                "episodes": episodes,
+            }
+        faith = None
+        if "baseline" in specs and len(timings["candidate"]["ms"]):
+            faith = faithfulness(timings["candidate"]["actions"], timings["baseline"]["actions"])
+        results: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "task": task.name,
+            "checkpoint": str(ckpt),
+            "seeds": task.seeds,
+            "noise_seed": opts["seed"],
+            "overrides": list(overrides or []),
+            "samplers": samplers,
+            "comparison": comparison(samplers, faith),
+            "latency_method": {"n_calls": len(observations), "warmup": opts["latency_warmup"], "batch_size": 1,
+                               "n_action_steps": policy.n_action_steps},
+            "machine": machine,
+            "videos": {role: str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
+                       for role, p in video_files.items()},
+            "config": resolved,
+        }
+        plots = make_plots(results, timings, out)
+        results["plots"] = {name: str(p.relative_to(out)) for name, p in plots.items()}
+        write_json(out / RESULTS_FILE, results)
+        write_text(out / SUMMARY_FILE, format_markdown(results))
+        metrics = flat_metrics(results)
+        logger.log_results(results, metrics, plots, video_files)
+        print()
+        print(format_table(results))
+        load = machine.get("load_avg")
+        if load and machine.get("cpu_count") and load[0] > 0.75 * machine["cpu_count"]:
+            print(f"note: load average {load} on {machine['cpu_count']} CPUs while timing: latency figures are "
+                  "not reliable on a busy machine")
+        print(f"\nresults: {out / RESULTS_FILE}\nsummary: {out / SUMMARY_FILE}")
+        exit_code = 0
+        return results
+    finally:
+        torch.set_num_threads(old_threads)
+        logger.finish(exit_code)
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Scalar metrics with W&B names: ``candidate/mean_score``, ``ratio/latency_ms_per_chunk_p50``, …
+
+    The sweep (``configs/sweep/tolerance.yaml``) optimises one of these names.
+    """
+    metrics: dict[str, Any] = {}
+    paths = {
+        "mean_score": "mean_score", "success_rate": "success_rate", "mean_length": "mean_length",
+        "n_failed": "n_failed",
+        "latency_ms_per_chunk_p50": "latency.ms_per_chunk.p50", "latency_ms_per_chunk_p95": "latency.ms_per_chunk.p95",
+        "latency_ms_per_chunk_p99": "latency.ms_per_chunk.p99", "latency_ms_per_chunk_max": "latency.ms_per_chunk.max",
+        "latency_ms_per_action_p50": "latency.ms_per_action.p50",
+        "latency_ms_per_action_p95": "latency.ms_per_action.p95",
+        "latency_ms_per_action_p99": "latency.ms_per_action.p99",
+        "latency_ms_per_action_max": "latency.ms_per_action.max",
+        "rounds_per_chunk": "latency.rounds_per_chunk.mean",
+        "model_evals_per_chunk": "latency.model_evals_per_chunk.mean",
+        "rollout_rounds_per_chunk": "rollout_rounds_per_chunk.mean",
+    }
+    for role, s in results["samplers"].items():
+        for name, path in paths.items():
+            metrics[f"{role}/{name}"] = lookup(s, path)
+    comp = results.get("comparison")
+    if comp:
+        for name, value in comp["ratios"].items():
+            metrics[f"ratio/{name}"] = value
+        metrics["comparison/speedup_p50"] = comp.get("speedup_p50")
+        for name, value in (comp.get("faithfulness") or {}).items():
+            metrics[f"faithfulness/{name}"] = value
+    return {k: float(v) for k, v in metrics.items() if v is not None}

@@ -56,15 +56,22 @@ def generate_dataset(
     target_coverage: float = 0.97,
     expert_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    seeds: list[int] | None = None,
 ) -> tuple[ReplayBuffer, dict[str, Any]]:
-    """Run the expert on ``episodes`` start states; return the buffer of successes and run stats."""
+    """Run the expert on ``episodes`` start states; return the buffer of successes and run stats.
+
+    ``seeds`` replaces the derived training seeds by explicit env seeds (e.g. the test
+    seeds 100000-100049, to measure the expert where the policy is evaluated).
+    """
     kw = {
         "max_steps": max_steps,
         "target_coverage": target_coverage,
         "img": img,
         "expert_kwargs": expert_kwargs,
     }
-    jobs = [(episode_seed(seed, i), kw) for i in range(episodes)]
+    if seeds is not None:
+        episodes = len(seeds)
+    jobs = [(s, kw) for s in seeds] if seeds is not None else [(episode_seed(seed, i), kw) for i in range(episodes)]
     t0 = time.time()
     results: list[dict[str, Any]] = []
     bar = tqdm(total=episodes, desc="expert episodes", disable=not progress)
@@ -119,11 +126,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=300, help="step limit per episode (env limit is 300)")
     p.add_argument("--target-coverage", type=float, default=0.97, help="stop recording at this coverage")
     p.add_argument("--candidates", type=int, default=None, help="expert candidate pushes per decision")
+    p.add_argument("--env-seeds", metavar="FIRST:END",
+                   help="run on env seeds FIRST..END-1 instead of the training seeds (e.g. 100000:100050, the "
+                        "test start states); implies --no-save")
+    p.add_argument("--no-save", action="store_true", help="only report success rate and lengths")
     args = p.parse_args(argv)
+    seeds = None
+    if args.env_seeds:
+        try:
+            first, end = (int(v) for v in args.env_seeds.split(":"))
+        except ValueError:
+            p.error(f"--env-seeds expects FIRST:END (two integers), got {args.env_seeds!r}")
+        if end <= first:
+            p.error(f"--env-seeds: END must be greater than FIRST, got {args.env_seeds!r}")
+        seeds = list(range(first, end))
+        args.no_save = True
 
     ekw = {"n_candidates": args.candidates} if args.candidates else None
     buf, st = generate_dataset(
-        args.episodes, args.seed, args.workers, args.img, args.max_steps, args.target_coverage, ekw
+        args.episodes, args.seed, args.workers, args.img, args.max_steps, args.target_coverage, ekw, seeds=seeds
     )
     for s, cov in st["failed"]:
         print(f"failed: seed {s} (max coverage {cov:.3f})")
@@ -134,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{st['cpu_time_per_episode']:.2f} s CPU/episode, "
         f"{st['wall_time'] / max(st['episodes'], 1):.2f} s wall/episode"
     )
+    if args.no_save:
+        return
     if buf.n_episodes == 0:
         raise SystemExit("no successful episodes; nothing written")
     path = buf.save(args.out)

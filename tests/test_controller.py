@@ -14,14 +14,6 @@ from para_policy.devices import ReplicatedDenoiser, use_devices
 STEPS = 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_policy(global_cond: bool = True) -> LowdimPolicy:
     policy = tiny_policy(global_cond)
     policy.num_inference_steps = STEPS

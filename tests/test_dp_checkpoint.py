@@ -25,15 +25,6 @@ OBS_DIM, ACT_DIM, TO, HORIZON, NA = 5, 2, 2, 8, 4
 STEPS = 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny UNets run fastest on one thread, and far slower on two when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class DPStandIn(nn.Module):
     """DiffusionPolicy's ``DiffusionUnetLowdimPolicy`` inference path, written out (global cond or inpainting)."""
 

@@ -16,14 +16,6 @@ from para_policy.integrations import is_patched, patch, unpatch
 from para_policy.models import ConditionalUnet1D, diffusion_policy_to_lerobot_keys, lerobot_to_diffusion_policy_keys
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dp_actions(policy, obs, seed):
     torch.manual_seed(seed)  # DiffusionPolicy samples from torch's global RNG
     return policy.predict_action({"obs": obs})["action"]

@@ -299,9 +299,11 @@ def evaluate(
         print()
         print(format_table(results))
         load = machine.get("load_avg")
-        if load and machine.get("cpu_count") and load[0] > 0.75 * machine["cpu_count"]:
-            print(f"note: load average {load} on {machine['cpu_count']} CPUs while timing: latency figures are "
-                  "not reliable on a busy machine")
+        # the load average counts this process's own threads too: only load beyond them means other work
+        others = load[0] - (machine.get("torch_threads") or 1) if load else 0.0
+        if load and machine.get("cpu_count") and others > 0.5:
+            print(f"note: load average {load} on {machine['cpu_count']} CPUs while timing (this run uses "
+                  f"{machine.get('torch_threads')} threads): latency figures are not reliable on a busy machine")
         print(f"\nresults: {out / RESULTS_FILE}\nsummary: {out / SUMMARY_FILE}")
         exit_code = 0
         return results

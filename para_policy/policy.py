@@ -18,7 +18,7 @@ from torch import nn
 
 from para_policy.models import ConditionalUnet1D
 from para_policy.normalizer import LinearNormalizer
-from para_policy.samplers import SampleStats, draw_noise, picard_sample, sequential_sample, warm_start_init
+from para_policy.samplers import SampleStats, draw_noise, picard_sample, sequential_sample, taa_sample, warm_start_init
 from para_policy.schedule import Schedule, build_scheduler, ddim_from, make_schedule
 
 # sampler name → (sampling function, scheduler kind; None = the checkpoint's own)
@@ -27,8 +27,10 @@ SAMPLERS: dict[str, tuple[Any, str | None]] = {
     "paradigms": (picard_sample, None),
     "paraddpm": (picard_sample, "ddpm"),
     "paraddim": (picard_sample, "ddim"),
+    "parataa": (taa_sample, None),
 }
 PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows")
+TAA_OPTIONS = PICARD_OPTIONS + ("memory", "ridge")
 CONFIG_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim", "model", "noise_scheduler")
 
 
@@ -52,7 +54,7 @@ class SamplerConfig:
         if self.scheduler not in (None, "ddpm", "ddim"):
             raise ValueError(f"unknown scheduler {self.scheduler!r}; expected 'ddpm' or 'ddim'")
         fn = SAMPLERS[self.name][0]
-        allowed = PICARD_OPTIONS if fn is picard_sample else ()
+        allowed = {picard_sample: PICARD_OPTIONS, taa_sample: TAA_OPTIONS}.get(fn, ())
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise ValueError(f"sampler {self.name!r} does not take options {unknown}; it takes {list(allowed)}")

@@ -3,6 +3,7 @@
 from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, draw_noise
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.sequential import sequential_sample
+from para_policy.samplers.taa import taa_sample
 from para_policy.samplers.warm_start import warm_start_init
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "draw_noise",
     "picard_sample",
     "sequential_sample",
+    "taa_sample",
     "warm_start_init",
 ]

@@ -1,0 +1,301 @@
+"""Triangular Anderson acceleration of the Picard iteration (ParaTAA; Tang et al., ICML 2024).
+
+Picard iteration (:mod:`para_policy.samplers.picard`) solves the triangular system
+
+    x_{k+1} = x_b + Σ_{j=b}^{k} (f_j(x_j) + s_j − x_j),      k = b … b+W−1,
+
+over a window by plain fixed-point iteration ``x ← F(x)``: the model is evaluated at the
+current iterate and the window is recomputed with prefix sums. Information travels one
+step per round, so a window of W steps needs up to W rounds, and far slots wait for the
+near ones. Anderson acceleration extrapolates the fixed point from the last few
+iterates instead: with residuals ``r = F(x) − x`` and the differences ``ΔX, ΔR`` of the
+last ``memory`` iterates and residuals,
+
+    γ = argmin_γ ‖r − ΔR γ‖² + ridge ‖γ‖²,      x ← x + r − (ΔX + ΔR) γ.
+
+Triangular: the system is lower-triangular (slot k depends only on slots before it),
+so slot k's coefficients are fitted on the residuals of slots ``0 … k`` of the window
+only (cumulative Gram sums), never on slots after it: a slot is not pulled around by
+errors that cannot have caused its own. Each slot term is weighted by ``1/(D·σ_k²)``
+(D the number of entries of one trajectory, T·D; σ_k² the step's posterior variance)
+so that the fit is measured in the same units as the convergence test, and a slot with
+large noise does not dominate one with small noise.
+
+Exactness and progress are kept from Picard: slot 0 of the window (and every slot up to
+the first one that has not converged) takes the plain Picard value, which is exact once
+the slots before it are, so the window advances at least one step per round, rounds
+never exceed S, and tolerance 0 reproduces the sequential sample. The convergence test
+(``mean(r²) ≤ tolerance²·σ_k²``, the change the Picard map would make) and the window
+sliding are Picard's.
+
+Faithfulness at a given tolerance: the test bounds the change F would still make, not
+the error. Plain Picard stops far inside that bound (its errors shrink by a factor per
+round, so the last change dwarfs what is left); the extrapolated iterates stop about at
+it. Measured on PushT (DDPM-100, window 100, tolerance 0.1): final per-step errors up
+to ~0.1 of tolerance·σ_k for Picard, up to ~1.0 of it for TAA, so TAA's actions deviate
+from the sequential ones by ~10× more at the same tolerance (still ≤ a few pixels);
+compare the two at equal deviation (``eval/bench_rounds.py``), not equal tolerance.
+
+Every step keeps its own history, counted from the round it entered the window (a step
+stays in the window until it is final), so a slot has at least as much history as any
+slot after it and the triangular sums only mix slots with enough history.
+
+Layout: :class:`TriangularAnderson` is the whole acceleration (history, Gram sums, the
+update); :func:`taa_sample`'s loop is ``picard_sample``'s with the store of the window's
+new values routed through it. (Picard's loop could take such an object as an optional
+hook and ``taa_sample`` shrink to a call of it; that change belongs to ``picard.py``.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from para_policy.samplers.common import (
+    Denoiser,
+    Inpaint,
+    SampleStats,
+    check_inputs,
+    check_options,
+)
+from para_policy.schedule import Schedule
+
+
+def check_taa_options(memory: int, ridge: float) -> None:
+    """Validate the Anderson options; raise ``ValueError`` naming the bad one."""
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"memory must be an integer >= 1 (2-5 are sensible), got {memory!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+
+
+def slot_weights(schedule: Schedule, numel: int) -> torch.Tensor:
+    """``(S,)`` weights ``1 / (numel · σ_k²)`` of the Anderson fit, in the convergence test's units.
+
+    A final step into ``alpha = 1`` has σ² = 0 (the test there demands an exact match);
+    its weight uses the smallest positive σ² instead, so it stays finite.
+    """
+    variance = schedule.variance.to(torch.float64)
+    positive = variance[variance > 0]
+    floor = float(positive.min()) if positive.numel() else 1.0
+    return 1.0 / (numel * variance.clamp(min=floor))
+
+
+class TriangularAnderson:
+    """The Anderson half of ParaTAA: per-step history and the accelerated update of a window.
+
+    Everything Picard-specific (model call, prefix sums, convergence test, sliding) stays
+    in the sampling loop; each round hands this object the window's Picard values and
+    gets back the values to store. Per-step history is a ring buffer over rounds:
+    ``x[b, k, i]`` / ``r[b, k, i]`` (each (T, D)) hold an iterate ``x_{k+1}`` at which the
+    Picard map was evaluated and its residual; ``seen[b, k]`` counts the rounds step k has
+    been in sample b's window (its valid history length).
+    """
+
+    def __init__(self, schedule: Schedule, shape: tuple[int, int, int], memory: int, ridge: float,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        B, T, D = shape
+        S = schedule.num_steps
+        self.memory = memory
+        self.ridge = float(ridge)
+        self.weights = slot_weights(schedule, T * D).to(device)  # (S,)
+        self.x = torch.zeros((B, S, memory + 1, T, D), device=device, dtype=dtype)
+        self.r = torch.zeros_like(self.x)
+        self.seen = torch.zeros((B, S), device=device, dtype=torch.long)
+
+    def step(self, rnd: int, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
+             plain_upto: torch.Tensor) -> torch.Tensor:
+        """Record round ``rnd`` and return the next iterate of every slot, ``(B, W, T, D)``.
+
+        Args:
+            k: ``(B, W)`` step index of each slot (clamped to S−1 where not ``valid``).
+            valid: ``(B, W)`` slots inside the trajectory.
+            new, old: ``(B, W, T, D)`` the Picard map's value ``F(x)`` and the iterate ``x``.
+            plain_upto: ``(B,)`` slots ``0 … plain_upto`` take the plain Picard value ``new``
+                (the converged prefix and the first unconverged slot, whose value is then
+                exact up to the tolerance); later slots are extrapolated.
+        """
+        b, w = valid.nonzero(as_tuple=True)
+        residual = torch.where(valid[..., None, None], new - old, 0.0)
+        slot = rnd % (self.memory + 1)
+        self.x[b, k[b, w], slot] = old[b, w]
+        self.r[b, k[b, w], slot] = residual[b, w]
+        self.seen[b, k[b, w]] += 1
+        dX, dR, m = self.differences(rnd, k)
+        weight = torch.where(valid, self.weights[k], 0.0)
+        correction = anderson_correction(dX, dR, m, residual, weight, self.ridge)
+        mix = torch.arange(k.shape[1], device=k.device)[None, :] > plain_upto[:, None]
+        return torch.where(mix[..., None, None], new - correction, new)
+
+    def differences(self, rnd: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ΔX, ΔR, m)`` for the window ``k`` (B, W) after round ``rnd`` was recorded.
+
+        ΔX, ΔR: ``(B, W, memory, T, D)``, newest difference first
+        (``ΔX[..., i, :, :] = x^{n−i} − x^{n−i−1}``); m: ``(B, W)`` how many are valid.
+        """
+        M = self.memory
+        order = torch.tensor([(rnd - i) % (M + 1) for i in range(M + 1)], device=k.device)
+        b = torch.arange(k.shape[0], device=k.device)[:, None]
+        x = self.x[b, k][:, :, order]  # (B, W, M+1, T, D), newest first
+        r = self.r[b, k][:, :, order]
+        m = (self.seen[b, k] - 1).clamp(min=0, max=M)
+        return x[:, :, :-1] - x[:, :, 1:], r[:, :, :-1] - r[:, :, 1:], m
+
+
+def anderson_correction(
+    dX: torch.Tensor, dR: torch.Tensor, m: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, ridge: float,
+) -> torch.Tensor:
+    """The triangular Anderson correction ``(ΔX + ΔR) γ_k`` for every slot of every window.
+
+    Args:
+        dX, dR: ``(B, W, M, T, D)`` iterate and residual differences, newest first.
+        m: ``(B, W)`` valid differences per slot (non-increasing along W); columns ≥ m are unused.
+        residual: ``(B, W, T, D)`` this round's residuals ``F(x) − x``.
+        weight: ``(B, W)`` per-slot weight ``1/(D·σ_k²)``, 0 for slots outside the window.
+        ridge: added to the diagonal of every Gram matrix (weighted units).
+    Returns:
+        ``(B, W, T, D)``: subtract from ``F(x)`` to get the accelerated iterate. Zero where
+        a slot has no history or its system could not be solved.
+    """
+    M = dX.shape[2]
+    dR64 = dR.to(torch.float64)
+    w = weight.to(torch.float64)
+    # Gram sums over slots 0..k (the triangular restriction): cumsum along the window
+    gram = (torch.einsum("bwitd,bwjtd->bwij", dR64, dR64) * w[..., None, None]).cumsum(dim=1)
+    rhs = (torch.einsum("bwitd,bwtd->bwi", dR64, residual.to(torch.float64)) * w[..., None]).cumsum(dim=1)
+    cols = torch.arange(M, device=m.device) < m[..., None]  # (B, W, M)
+    pairs = cols[..., :, None] & cols[..., None, :]
+    eye = torch.eye(M, device=m.device, dtype=torch.float64)
+    diag = torch.where(cols, torch.full_like(rhs, float(ridge)), torch.ones_like(rhs))
+    gram = torch.where(pairs, gram, 0.0) + eye * diag[..., None, :]
+    rhs = torch.where(cols, rhs, 0.0)
+    gamma, info = torch.linalg.solve_ex(gram, rhs)
+    usable = (info == 0) & torch.isfinite(gamma).all(dim=-1) & (m > 0)
+    gamma = torch.where(usable[..., None], gamma, 0.0).to(dX.dtype)
+    return torch.einsum("bwi,bwitd->bwtd", gamma, dX + dR)
+
+
+@torch.inference_mode()
+def taa_sample(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    *,
+    window: int = 16,
+    tolerance: float = 0.1,
+    max_iterations: int | None = None,
+    condition: torch.Tensor | None = None,
+    inpaint: Inpaint | None = None,
+    init: torch.Tensor | None = None,
+    per_sample_windows: bool = True,
+    deadline: float | None = None,
+    memory: int = 3,
+    ridge: float = 1e-3,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Picard sampling with triangular Anderson acceleration; tolerance 0 reproduces the sequential sample.
+
+    Arguments and stats are :func:`para_policy.samplers.picard_sample`'s (same window,
+    tolerance, convergence test, per-sample windows, ``init`` warm start and
+    ``deadline``), plus:
+
+    Args:
+        memory: how many past iterate differences each slot mixes (2–5 are sensible;
+            1 is a secant step). A slot that entered the window ``h`` rounds ago uses
+            ``min(memory, h − 1)`` of them, so newly entered slots take plain Picard steps.
+        ridge: Tikhonov term on the weighted Gram matrices. It keeps the fit stable
+            when the differences are nearly dependent, and makes γ → 0 (plain Picard)
+            once they are much smaller than the tolerance. 0 disables it (a singular
+            system then falls back to a plain Picard step for that slot).
+    Returns:
+        ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S;
+        ``stats.extra`` has ``deadline_hit``.
+    """
+    noise = check_inputs(schedule, x_T, noise, condition, inpaint)
+    max_iterations = check_options(schedule, window, tolerance, max_iterations)
+    check_taa_options(memory, ridge)
+    B, T, D = x_T.shape
+    S = schedule.num_steps
+    W = min(window, S)
+    device = x_T.device
+    if init is not None and tuple(init.shape) != (B, S, T, D):
+        raise ValueError(f"init must have shape (B, S, T, D) = {(B, S, T, D)}, got {tuple(init.shape)}")
+    sched = schedule.to(device)
+
+    # as in picard_sample: traj[:, j] is x_j; filled[b] the last index holding a computed value
+    traj = torch.empty((B, S + 1, T, D), device=device, dtype=x_T.dtype)
+    traj[:, 0] = x_T
+    if init is None:
+        filled = torch.zeros(B, dtype=torch.long)
+    else:
+        traj[:, 1:] = init
+        filled = torch.full((B,), S, dtype=torch.long)
+    scaled_noise = noise * sched.noise_std.view(1, S, 1, 1).to(noise.dtype)
+    threshold = float(tolerance) ** 2 * sched.variance.to(torch.float32)  # (S,)
+    anderson = TriangularAnderson(sched, (B, T, D), memory, ridge, device, x_T.dtype)
+
+    begin = torch.zeros(B, dtype=torch.long)  # x[b, begin[b]] is final
+    done_round = torch.zeros(B, dtype=torch.long)
+    offsets = torch.arange(W)
+    batch_index = torch.arange(B)[:, None].expand(B, W)
+    rounds = 0
+    model_evals = 0
+    deadline_hit = False
+    while rounds < max_iterations and bool((begin < S).any()):
+        if deadline is not None and time.perf_counter() >= deadline:
+            deadline_hit = True
+            break
+        rounds += 1
+        k = begin[:, None] + offsets  # (B, W) step indices
+        valid = k < S
+        k = k.clamp(max=S - 1)
+        read = torch.minimum(k, filled[:, None])
+        read_next = torch.minimum(k + 1, filled[:, None])
+        rows_b, rows_w = valid.nonzero(as_tuple=True)
+        rows_k = k[rows_b, rows_w]
+        dev_b, dev_w, dev_k = rows_b.to(device), rows_w.to(device), rows_k.to(device)
+        k_dev, valid_dev = k.to(device), valid.to(device)
+
+        # ---- one Picard evaluation of the window: new = F(old) -------------------------
+        x_rows = traj[dev_b, read[rows_b, rows_w].to(device)]  # (R, T, D)
+        x_in = x_rows
+        if inpaint is not None:
+            x_in = torch.where(inpaint[1][dev_b], inpaint[0][dev_b], x_rows)
+        cond_rows = None if condition is None else condition[dev_b]
+        model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
+        model_evals += int(rows_b.shape[0])
+
+        drift = torch.zeros((B, W, T, D), device=device, dtype=x_T.dtype)
+        drift[dev_b, dev_w] = sched.step_mean(x_in, dev_k, model_output) + scaled_noise[dev_b, dev_k] - x_rows
+        base = traj[torch.arange(B, device=device), begin.to(device)]  # (B, T, D)
+        new = base[:, None] + drift.cumsum(dim=1)  # (B, W, T, D): F(x) for x_{k+1} of each slot
+        old = traj[batch_index.to(device), read_next.to(device)]
+        error = (new - old).pow(2).mean(dim=(-1, -2))  # (B, W)
+        converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
+
+        converged |= ~valid
+        converged[:, 0] = True  # x_{b+1} from the final x_b is exact
+        own_lead = converged.to(torch.long).cumprod(dim=1).sum(dim=1)  # leading converged points
+        active = begin < S
+        lead = own_lead if per_sample_windows else torch.full_like(own_lead, int(own_lead[active].min()))
+
+        # ---- the one change to Picard: slots after the first unconverged one are extrapolated
+        value = anderson.step(rounds, k_dev, valid_dev, new, old, own_lead.to(device))
+        traj[dev_b, dev_k + 1] = value[dev_b, dev_w]
+
+        filled = torch.where(active, torch.maximum(filled, (begin + W).clamp(max=S)), filled)
+        new_begin = torch.where(active, (begin + lead).clamp(max=S), begin)
+        done_round = torch.where(active & (new_begin == S), rounds, done_round)
+        begin = new_begin
+
+    finished = begin == S
+    final = traj[torch.arange(B, device=device), filled.to(device)]
+    if inpaint is not None:
+        final = torch.where(inpaint[1], inpaint[0], final)
+    done_round = torch.where(finished, done_round, rounds)
+    return final, SampleStats(
+        rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,
+        extra={"deadline_hit": deadline_hit},
+    )

@@ -19,6 +19,7 @@ finishes and drops out of the batched call instead of waiting for the hardest.
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,18 @@ from para_policy.samplers.common import (
     check_options,
 )
 from para_policy.schedule import Schedule
+
+
+class Accelerator(Protocol):
+    """A per-round hook of :func:`picard_sample` (e.g. Anderson acceleration).
+
+    ``step(round, k (B,W), valid (B,W), new (B,W,T,D), old (B,W,T,D), own_lead (B,))``
+    returns the values to store for the window; slots up to ``own_lead`` must keep
+    ``new`` (exact given the converged prefix), so the window still advances every round.
+    """
+
+    def step(self, rnd: int, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
+             plain_upto: torch.Tensor) -> torch.Tensor: ...
 
 
 @torch.inference_mode()
@@ -47,6 +60,7 @@ def picard_sample(
     init: torch.Tensor | None = None,
     per_sample_windows: bool = True,
     deadline: float | None = None,
+    accelerator: Accelerator | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Sample with Picard iterations; tolerance 0 reproduces :func:`sequential_sample`.
 
@@ -136,14 +150,15 @@ def picard_sample(
         old = traj[batch_index.to(device), read_next.to(device)]
         error = (new - old).pow(2).mean(dim=(-1, -2))  # (B, W)
         converged = (error <= threshold[k.to(device)]).cpu()  # the round's one host sync
-        traj[dev_b, dev_k + 1] = new[dev_b, rows_w.to(device)]
 
         converged |= ~valid
         converged[:, 0] = True  # x_{b+1} from the final x_b is exact
-        lead = converged.to(torch.long).cumprod(dim=1).sum(dim=1)  # leading converged points
+        own_lead = converged.to(torch.long).cumprod(dim=1).sum(dim=1)  # leading converged points
+        if accelerator is not None:
+            new = accelerator.step(rounds, k.to(device), valid.to(device), new, old, own_lead.to(device))
+        traj[dev_b, dev_k + 1] = new[dev_b, rows_w.to(device)]
         active = begin < S
-        if not per_sample_windows:
-            lead = torch.full_like(lead, int(lead[active].min()))
+        lead = own_lead if per_sample_windows else torch.full_like(own_lead, int(own_lead[active].min()))
         filled = torch.where(active, torch.maximum(filled, (begin + W).clamp(max=S)), filled)
         new_begin = torch.where(active, (begin + lead).clamp(max=S), begin)
         done_round = torch.where(active & (new_begin == S), rounds, done_round)

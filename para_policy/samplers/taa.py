@@ -41,15 +41,12 @@ stays in the window until it is final), so a slot has at least as much history a
 slot after it and the triangular sums only mix slots with enough history.
 
 Layout: :class:`TriangularAnderson` is the whole acceleration (history, Gram sums, the
-update); :func:`taa_sample`'s loop is ``picard_sample``'s with the store of the window's
-new values routed through it. (Picard's loop could take such an object as an optional
-hook and ``taa_sample`` shrink to a call of it; that change belongs to ``picard.py``.)
+update); :func:`taa_sample` is ``picard_sample`` with it as the per-round ``accelerator``.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -57,9 +54,8 @@ from para_policy.samplers.common import (
     Denoiser,
     Inpaint,
     SampleStats,
-    check_inputs,
-    check_options,
 )
+from para_policy.samplers.picard import picard_sample
 from para_policy.schedule import Schedule
 
 
@@ -213,89 +209,10 @@ def taa_sample(
         ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S;
         ``stats.extra`` has ``deadline_hit``.
     """
-    noise = check_inputs(schedule, x_T, noise, condition, inpaint)
-    max_iterations = check_options(schedule, window, tolerance, max_iterations)
     check_taa_options(memory, ridge)
-    B, T, D = x_T.shape
-    S = schedule.num_steps
-    W = min(window, S)
-    device = x_T.device
-    if init is not None and tuple(init.shape) != (B, S, T, D):
-        raise ValueError(f"init must have shape (B, S, T, D) = {(B, S, T, D)}, got {tuple(init.shape)}")
-    sched = schedule.to(device)
-
-    # as in picard_sample: traj[:, j] is x_j; filled[b] the last index holding a computed value
-    traj = torch.empty((B, S + 1, T, D), device=device, dtype=x_T.dtype)
-    traj[:, 0] = x_T
-    if init is None:
-        filled = torch.zeros(B, dtype=torch.long)
-    else:
-        traj[:, 1:] = init
-        filled = torch.full((B,), S, dtype=torch.long)
-    scaled_noise = noise * sched.noise_std.view(1, S, 1, 1).to(noise.dtype)
-    threshold = float(tolerance) ** 2 * sched.variance.to(torch.float32)  # (S,)
-    anderson = TriangularAnderson(sched, (B, T, D), memory, ridge, device, x_T.dtype)
-
-    begin = torch.zeros(B, dtype=torch.long)  # x[b, begin[b]] is final
-    done_round = torch.zeros(B, dtype=torch.long)
-    offsets = torch.arange(W)
-    batch_index = torch.arange(B)[:, None].expand(B, W)
-    rounds = 0
-    model_evals = 0
-    deadline_hit = False
-    while rounds < max_iterations and bool((begin < S).any()):
-        if deadline is not None and time.perf_counter() >= deadline:
-            deadline_hit = True
-            break
-        rounds += 1
-        k = begin[:, None] + offsets  # (B, W) step indices
-        valid = k < S
-        k = k.clamp(max=S - 1)
-        read = torch.minimum(k, filled[:, None])
-        read_next = torch.minimum(k + 1, filled[:, None])
-        rows_b, rows_w = valid.nonzero(as_tuple=True)
-        rows_k = k[rows_b, rows_w]
-        dev_b, dev_w, dev_k = rows_b.to(device), rows_w.to(device), rows_k.to(device)
-        k_dev, valid_dev = k.to(device), valid.to(device)
-
-        # ---- one Picard evaluation of the window: new = F(old) -------------------------
-        x_rows = traj[dev_b, read[rows_b, rows_w].to(device)]  # (R, T, D)
-        x_in = x_rows
-        if inpaint is not None:
-            x_in = torch.where(inpaint[1][dev_b], inpaint[0][dev_b], x_rows)
-        cond_rows = None if condition is None else condition[dev_b]
-        model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
-        model_evals += int(rows_b.shape[0])
-
-        drift = torch.zeros((B, W, T, D), device=device, dtype=x_T.dtype)
-        drift[dev_b, dev_w] = sched.step_mean(x_in, dev_k, model_output) + scaled_noise[dev_b, dev_k] - x_rows
-        base = traj[torch.arange(B, device=device), begin.to(device)]  # (B, T, D)
-        new = base[:, None] + drift.cumsum(dim=1)  # (B, W, T, D): F(x) for x_{k+1} of each slot
-        old = traj[batch_index.to(device), read_next.to(device)]
-        error = (new - old).pow(2).mean(dim=(-1, -2))  # (B, W)
-        converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
-
-        converged |= ~valid
-        converged[:, 0] = True  # x_{b+1} from the final x_b is exact
-        own_lead = converged.to(torch.long).cumprod(dim=1).sum(dim=1)  # leading converged points
-        active = begin < S
-        lead = own_lead if per_sample_windows else torch.full_like(own_lead, int(own_lead[active].min()))
-
-        # ---- the one change to Picard: slots after the first unconverged one are extrapolated
-        value = anderson.step(rounds, k_dev, valid_dev, new, old, own_lead.to(device))
-        traj[dev_b, dev_k + 1] = value[dev_b, dev_w]
-
-        filled = torch.where(active, torch.maximum(filled, (begin + W).clamp(max=S)), filled)
-        new_begin = torch.where(active, (begin + lead).clamp(max=S), begin)
-        done_round = torch.where(active & (new_begin == S), rounds, done_round)
-        begin = new_begin
-
-    finished = begin == S
-    final = traj[torch.arange(B, device=device), filled.to(device)]
-    if inpaint is not None:
-        final = torch.where(inpaint[1], inpaint[0], final)
-    done_round = torch.where(finished, done_round, rounds)
-    return final, SampleStats(
-        rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,
-        extra={"deadline_hit": deadline_hit},
-    )
+    if x_T.dim() != 3:
+        raise ValueError(f"x_T must have shape (B, T, D), got {tuple(x_T.shape)}")
+    anderson = TriangularAnderson(schedule.to(x_T.device), tuple(x_T.shape), memory, ridge, x_T.device, x_T.dtype)
+    return picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=tolerance,
+                         max_iterations=max_iterations, condition=condition, inpaint=inpaint, init=init,
+                         per_sample_windows=per_sample_windows, deadline=deadline, accelerator=anderson)

@@ -49,8 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from para_policy.policy import SAMPLERS, LowdimPolicy, SamplerConfig
-from para_policy.samplers import picard_sample
+from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS, LowdimPolicy, SamplerConfig
 
 
 @dataclass
@@ -125,7 +124,7 @@ class Controller:
             opts = {**(policy.sampler.options if name == policy.sampler.name else {}), **options}
             self.spec = SamplerConfig(name, opts.pop("scheduler", None), opts.pop("num_inference_steps", None), opts)
         policy.schedule_for(self.spec)  # fail now, not in the loop
-        picard = SAMPLERS[self.spec.name][0] is picard_sample
+        picard = SAMPLERS[self.spec.name][0] in SAMPLER_OPTIONS
         if deadline_ms is not None:
             if not picard:
                 raise ValueError(f"deadline_ms needs a Picard sampler, not {self.spec.name!r}")

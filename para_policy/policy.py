@@ -31,6 +31,8 @@ SAMPLERS: dict[str, tuple[Any, str | None]] = {
 }
 PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows")
 TAA_OPTIONS = PICARD_OPTIONS + ("memory", "ridge")
+# the iterative samplers and their options; only these take init / warm_start / deadline
+SAMPLER_OPTIONS: dict[Any, tuple[str, ...]] = {picard_sample: PICARD_OPTIONS, taa_sample: TAA_OPTIONS}
 CONFIG_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim", "model", "noise_scheduler")
 
 
@@ -54,7 +56,7 @@ class SamplerConfig:
         if self.scheduler not in (None, "ddpm", "ddim"):
             raise ValueError(f"unknown scheduler {self.scheduler!r}; expected 'ddpm' or 'ddim'")
         fn = SAMPLERS[self.name][0]
-        allowed = {picard_sample: PICARD_OPTIONS, taa_sample: TAA_OPTIONS}.get(fn, ())
+        allowed = SAMPLER_OPTIONS.get(fn, ())
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise ValueError(f"sampler {self.name!r} does not take options {unknown}; it takes {list(allowed)}")
@@ -243,7 +245,7 @@ class LowdimPolicy(nn.Module):
             x_T, noise = draw_noise(schedule, shape, generator, device=self.device, dtype=self.dtype)
         fn = SAMPLERS[spec.name][0]
         kwargs = dict(spec.options)
-        if fn is picard_sample:
+        if fn in SAMPLER_OPTIONS:
             if warm_start is not None:
                 if init is not None:
                     raise ValueError("pass init or warm_start, not both")

@@ -64,3 +64,12 @@ def test_evaluator_runs_the_shipped_policy(sampler, tmp_path):
     assert results["checkpoint"].endswith("pusht_lowdim.safetensors")
     assert 0.0 <= cand["mean_score"] <= 1.0 and 0.0 <= base["mean_score"] <= 1.0
     assert results["comparison"]["faithfulness"]["max_px"] < 5.0
+
+
+def test_evaluator_accepts_parataa_options_and_refuses_them_elsewhere(tmp_path):
+    from para_policy.evaluation import EvalConfigError, sampler_config
+
+    spec = sampler_config(compose_eval(["sampler=parataa", "sampler.memory=2"]).sampler)
+    assert spec.name == "parataa" and spec.options["memory"] == 2 and spec.options["ridge"] == 0.001
+    with pytest.raises(EvalConfigError, match="memory"):
+        sampler_config(compose_eval(["sampler=paradigms", "+sampler.memory=2"]).sampler)

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from para_policy.policy import PICARD_OPTIONS, SAMPLERS, SamplerConfig
+from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS, SamplerConfig
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_RESOLVER = "para_policy.asset"
@@ -123,14 +123,16 @@ def sampler_config(node: DictConfig | dict) -> SamplerConfig:
     name = node.get("name")
     if name not in SAMPLERS:
         raise EvalConfigError(f"sampler.name {name!r} is not a sampler; expected one of {sorted(SAMPLERS)}")
-    known = {"name", "scheduler", "num_inference_steps", *PICARD_OPTIONS}
+    known = {"name", "scheduler", "num_inference_steps", *(o for opts in SAMPLER_OPTIONS.values() for o in opts)}
     unknown = sorted(set(node) - known)
     if unknown:
         raise EvalConfigError(f"sampler config has unknown keys {unknown}; known keys: {sorted(known)}")
-    options = {k: node[k] for k in PICARD_OPTIONS if node.get(k) is not None}
-    is_picard = SAMPLERS[name][0].__name__ == "picard_sample"
-    if options and not is_picard:
-        raise EvalConfigError(f"sampler {name!r} takes no Picard options, got {sorted(options)}")
+    allowed = SAMPLER_OPTIONS.get(SAMPLERS[name][0], ())
+    given = {k for k in known - {"name", "scheduler", "num_inference_steps"} if node.get(k) is not None}
+    if given - set(allowed):
+        what = "no Picard options" if not allowed else f"only {list(allowed)}"
+        raise EvalConfigError(f"sampler {name!r} takes {what}, got {sorted(given - set(allowed))}")
+    options = {k: node[k] for k in allowed if node.get(k) is not None}
     if "tolerance" in options:
         tol = options["tolerance"]
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not float(tol) >= 0 \

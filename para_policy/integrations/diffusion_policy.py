@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from para_policy.samplers import SampleStats, draw_noise, picard_sample
+from para_policy.samplers import SampleStats, draw_noise
 from para_policy.schedule import Schedule, ddim_from, make_schedule
 
 LOWDIM_TARGET = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"
@@ -360,10 +360,10 @@ class SamplingPatch:
     def run(self, denoiser: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
             condition: torch.Tensor | None, inpaint: tuple | None) -> torch.Tensor:
         """Run the configured sampler; record its stats on the patch and as ``owner.para_stats``."""
-        from para_policy.policy import SAMPLERS
+        from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS
 
         fn = SAMPLERS[self.spec.name][0]
-        kwargs = dict(self.spec.options) if fn is picard_sample else {}
+        kwargs = dict(self.spec.options) if fn in SAMPLER_OPTIONS else {}
         sample, stats = fn(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint, **kwargs)
         self.stats = stats
         vars(self.owner)["para_stats"] = stats

@@ -115,7 +115,7 @@ def picard_sample(
     begin = torch.zeros(B, dtype=torch.long)  # x[b, begin[b]] is final
     done_round = torch.zeros(B, dtype=torch.long)
     offsets = torch.arange(W)
-    batch_index = torch.arange(B)[:, None].expand(B, W)
+    batch_index = torch.arange(B, device=device)[:, None].expand(B, W)
     rounds = 0
     model_evals = 0
     deadline_hit = False
@@ -131,7 +131,7 @@ def picard_sample(
         read_next = torch.minimum(k + 1, filled[:, None])
         rows_b, rows_w = valid.nonzero(as_tuple=True)
         rows_k = k[rows_b, rows_w]
-        dev_b, dev_k = rows_b.to(device), rows_k.to(device)
+        dev_b, dev_w, dev_k, k_dev = rows_b.to(device), rows_w.to(device), rows_k.to(device), k.to(device)
 
         x_rows = traj[dev_b, read[rows_b, rows_w].to(device)]  # (R, T, D)
         x_in = x_rows
@@ -142,21 +142,21 @@ def picard_sample(
         model_evals += int(rows_b.shape[0])
 
         drift = torch.zeros((B, W, T, D), device=device, dtype=x_T.dtype)
-        drift[dev_b, rows_w.to(device)] = (
+        drift[dev_b, dev_w] = (
             sched.step_mean(x_in, dev_k, model_output) + scaled_noise[dev_b, dev_k] - x_rows
         )
         base = traj[torch.arange(B, device=device), begin.to(device)]  # (B, T, D)
         new = base[:, None] + drift.cumsum(dim=1)  # (B, W, T, D): x_{k+1} for each slot
-        old = traj[batch_index.to(device), read_next.to(device)]
+        old = traj[batch_index, read_next.to(device)]
         error = (new - old).pow(2).mean(dim=(-1, -2))  # (B, W)
-        converged = (error <= threshold[k.to(device)]).cpu()  # the round's one host sync
+        converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
 
         converged |= ~valid
         converged[:, 0] = True  # x_{b+1} from the final x_b is exact
         own_lead = converged.to(torch.long).cumprod(dim=1).sum(dim=1)  # leading converged points
         if accelerator is not None:
-            new = accelerator.step(rounds, k.to(device), valid.to(device), new, old, own_lead.to(device))
-        traj[dev_b, dev_k + 1] = new[dev_b, rows_w.to(device)]
+            new = accelerator.step(rounds, k_dev, valid.to(device), new, old, own_lead.to(device))
+        traj[dev_b, dev_k + 1] = new[dev_b, dev_w]
         active = begin < S
         lead = own_lead if per_sample_windows else torch.full_like(own_lead, int(own_lead[active].min()))
         filled = torch.where(active, torch.maximum(filled, (begin + W).clamp(max=S)), filled)

@@ -42,7 +42,14 @@ import torch
 from para_policy.checkpoints import atomic_write
 from para_policy.evaluation.rollout import seed_for
 from para_policy.policy import LowdimPolicy, SamplerConfig, load_policy
-from para_policy.samplers import draw_noise, picard_sample, sequential_sample, taa_sample, warm_start_init
+from para_policy.samplers import (
+    draw_noise,
+    picard_sample,
+    sequential_sample,
+    shift_trajectory,
+    taa_sample,
+    warm_start_init,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "eval" / "results"
@@ -89,12 +96,6 @@ def record_stream(policy: LowdimPolicy, episodes: int, max_chunks: int, seed_sta
     return chunks
 
 
-def shifted_guess(trajectory: torch.Tensor, shift: int) -> torch.Tensor:
-    """``(B, T, D)`` trajectory advanced by ``shift`` steps, its end padded with the last point."""
-    pad = trajectory[:, -1:].expand(-1, shift, -1)
-    return torch.cat([trajectory[:, shift:], pad], dim=1)
-
-
 def replay(policy: LowdimPolicy, chunks: list[dict[str, Any]], windows: list[int], tolerances: list[float],
            memory: int, ridge: float, noise_seed: int) -> tuple[list[dict[str, Any]], int]:
     """Sample every chunk with every setting on shared noise; one record per (setting, chunk).
@@ -131,7 +132,7 @@ def replay(policy: LowdimPolicy, chunks: list[dict[str, Any]], windows: list[int
             key = (setting, ch["episode"])
             init = None
             if init_kind == "warm" and ch["chunk"] > 0:
-                init = warm_start_init(schedule, shifted_guess(previous[key], Na), x_T, noise)
+                init = warm_start_init(schedule, shift_trajectory(previous[key], Na), x_T, noise)
             out, stats = SAMPLER_FNS[name](
                 policy.denoise, schedule, x_T, noise, window=w, tolerance=tol, condition=cond, inpaint=inpaint,
                 init=init, **({"memory": memory, "ridge": ridge} if name == "taa" else {}))

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS, LowdimPolicy, SamplerConfig
+from para_policy.samplers import shift_trajectory
 
 
 @dataclass
@@ -79,16 +80,6 @@ def _distribution(values: Sequence[float]) -> dict[str, float | None]:
         return {"mean": None, "p50": None, "p95": None, "max": None}
     return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
             "max": float(v.max())}
-
-
-def shift_trajectory(trajectory: torch.Tensor, steps: int) -> torch.Tensor:
-    """``trajectory`` (B, T, D) advanced by ``steps``: drop the first steps, repeat the last to keep T."""
-    T = trajectory.shape[1]
-    steps = min(int(steps), T)
-    if steps <= 0:
-        return trajectory.clone()
-    tail = trajectory[:, -1:].expand(-1, steps, -1)
-    return torch.cat([trajectory[:, steps:], tail], dim=1)
 
 
 class Controller:

@@ -42,13 +42,17 @@ class SamplerConfig:
 
     name: one of ``SAMPLERS``; scheduler: ``'ddpm'`` / ``'ddim'`` or None for the name's
     default; num_inference_steps: None for the checkpoint's; options: Picard options
-    (window, tolerance, max_iterations, per_sample_windows).
+    (window, tolerance, max_iterations, per_sample_windows; ParaTAA also memory, ridge);
+    warm_start: callers that run a control loop (the controller, the evaluator) start
+    each chunk from the previous chunk's trajectory shifted by the executed actions
+    (``predict_action(warm_start=...)``); Picard samplers only.
     """
 
     name: str = "sequential"
     scheduler: str | None = None
     num_inference_steps: int | None = None
     options: dict = field(default_factory=dict)
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
@@ -66,6 +70,9 @@ class SamplerConfig:
         window = self.options.get("window")
         if window is not None and int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
+        if self.warm_start and fn not in SAMPLER_OPTIONS:
+            iterative = sorted(n for n, (f, _) in SAMPLERS.items() if f in SAMPLER_OPTIONS)
+            raise ValueError(f"warm_start needs a Picard sampler {iterative}, not {self.name!r}")
 
 
 class LowdimPolicy(nn.Module):
@@ -202,6 +209,7 @@ class LowdimPolicy(nn.Module):
         noise: torch.Tensor | None = None,
         init: torch.Tensor | None = None,
         warm_start: torch.Tensor | None = None,
+        warm_rows: torch.Tensor | None = None,
         deadline: float | None = None,
         sampler: str | SamplerConfig | None = None,
         **options: Any,
@@ -216,6 +224,8 @@ class LowdimPolicy(nn.Module):
                 previous chunk's ``last_trajectory`` shifted by the executed actions;
                 Picard samplers start from it rebuilt with this call's noise
                 (:func:`para_policy.samplers.warm_start_init`).
+            warm_rows: ``(B,)`` bool, the rows of ``warm_start`` that hold a guess; the
+                others start cold (default: all rows).
             deadline: a ``time.perf_counter()`` instant after which Picard samplers stop
                 and return their current iterate (``last_stats.converged`` False).
             sampler: override the policy's sampler for this call (a name plus
@@ -250,8 +260,12 @@ class LowdimPolicy(nn.Module):
                 if init is not None:
                     raise ValueError("pass init or warm_start, not both")
                 init = warm_start_init(schedule, warm_start.to(x_T), x_T, noise)
+            elif warm_rows is not None:
+                raise ValueError("warm_rows needs warm_start")
             kwargs.update(init=init, deadline=deadline)
-        elif init is not None or warm_start is not None or deadline is not None:
+            if warm_rows is not None:
+                kwargs.update(init_rows=warm_rows.to(torch.bool))
+        elif init is not None or warm_start is not None or deadline is not None or warm_rows is not None:
             raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
         sample, stats = fn(self.denoise, schedule, x_T, noise, condition=global_cond, inpaint=inpaint, **kwargs)
         self.last_stats = stats

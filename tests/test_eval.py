@@ -421,3 +421,31 @@ def test_joblib_launcher_composes_when_installed():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=["hydra/launcher=joblib_local"], return_hydra_config=True)
     assert cfg.hydra.launcher.n_jobs == 2 and "joblib" in cfg.hydra.launcher._target_.lower()
+
+
+def test_warm_started_rollouts_stay_exact_and_record_their_guesses(ckpt):
+    """Warm start changes where Picard starts, not where it ends: at tolerance 0 the episodes are
+    the sequential ones; each chunk after the first is warm and its guess is recorded."""
+    from para_policy.policy import load_policy
+
+    policy = load_policy(ckpt)
+    task = task_settings(compose_eval(FAST))
+    seeds = [100000, 100001]
+    seq, _ = run_rollouts(policy, sampler_config({"name": "sequential"}), task, seeds, num_envs=2,
+                          progress=False)
+    warm_spec = sampler_config({"name": "paradigms", "tolerance": 0.0, "window": 4, "warm_start": True})
+    assert warm_spec.warm_start
+    warm, _ = run_rollouts(policy, warm_spec, task, seeds, num_envs=2, progress=False, record_obs=True)
+    for a, b in zip(seq, warm, strict=True):
+        assert (a["length"], a["n_chunks"]) == (b["length"], b["n_chunks"])
+        assert a["max_reward"] == pytest.approx(b["max_reward"], abs=1e-4)
+        guesses = b["chunk_guess"]
+        assert len(guesses) == b["n_chunks"] and guesses[0] is None
+        assert all(np.asarray(g).shape == policy.trajectory_shape(1)[1:] for g in guesses[1:])
+
+
+def test_warm_start_config_is_checked():
+    with pytest.raises(EvalConfigError, match="warm_start must be true or false"):
+        sampler_config({"name": "paradigms", "warm_start": "yes"})
+    with pytest.raises(EvalConfigError, match="warm_start needs a Picard sampler"):
+        sampler_config({"name": "sequential", "warm_start": True})

@@ -200,3 +200,30 @@ def test_deadline_returns_flagged_iterate(denoiser):
     assert torch.isfinite(out).all()
     out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter() + 60)
     assert stats.all_converged and not stats.extra["deadline_hit"]
+
+
+def test_init_rows_warm_starts_some_samples_and_leaves_the_others_cold(denoiser):
+    """A batch mixing warm and cold rows: each row is exactly its solo run (warm or cold)."""
+    from para_policy.samplers import taa_sample, warm_start_init
+
+    schedule = make_schedule(dp_ddpm(), 100)
+    shape = (3, SHAPE_T, SHAPE_D)
+    cond = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(3))
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond)
+    init = warm_start_init(schedule, ref + 0.01 * torch.randn(shape, generator=torch.Generator()), x_T, noise)
+    rows = torch.tensor([True, False, True])
+    for fn in (picard_sample, taa_sample):
+        batch, stats = fn(denoiser, schedule, x_T, noise, window=16, tolerance=0.1, condition=cond, init=init,
+                          init_rows=rows)
+        for b in range(3):
+            solo_init = init[b:b + 1] if rows[b] else None
+            alone, s = fn(denoiser, schedule, x_T[b:b + 1], noise[b:b + 1], window=16, tolerance=0.1,
+                          condition=cond[b:b + 1], init=solo_init)
+            assert torch.allclose(batch[b:b + 1], alone, atol=1e-5)
+            assert int(stats.rounds_per_sample[b]) == s.rounds
+        assert stats.rounds_per_sample[1] > max(stats.rounds_per_sample[0], stats.rounds_per_sample[2])
+    with pytest.raises(ValueError, match="init_rows must be a bool tensor"):
+        picard_sample(denoiser, schedule, x_T, noise, init=init, init_rows=torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="init_rows needs init"):
+        picard_sample(denoiser, schedule, x_T, noise, init_rows=rows)

@@ -6,7 +6,8 @@ stops the run in a second with a message naming the config key, not after 50 rol
 
 Config shape (``configs/eval.yaml`` composes it)::
 
-    checkpoint   path of a para_policy .safetensors policy (default: the shipped PushT policy)
+    checkpoint   path of a para_policy .safetensors policy (default: the task's shipped policy,
+                 ``para_policy/assets/<task.checkpoint_asset>``)
     task         env_id, obs_type, obs_dim, action_dim, episodes, seed_start, max_steps, fps
     sampler      name, scheduler, num_inference_steps and the Picard options
                  (window, tolerance, max_iterations, per_sample_windows)
@@ -28,6 +29,8 @@ from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS, SamplerConfig
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_RESOLVER = "para_policy.asset"
+#: ``task.env_id`` prefix of robosuite tasks (``robosuite/Lift``), made by ``para_policy.tasks.lift.env``
+ROBOSUITE_PREFIX = "robosuite/"
 
 
 class EvalConfigError(ValueError):
@@ -94,13 +97,15 @@ def task_settings(cfg: DictConfig) -> TaskSettings:
     """Read and check the task group (``cfg.task``); raise :class:`EvalConfigError` naming the bad key."""
     task = cfg.get("task")
     if not isinstance(task, DictConfig):
-        raise EvalConfigError("no task config: choose one with task=pusht")
+        raise EvalConfigError("no task config: choose one with task=pusht or task=lift")
     env_id = _get(task, "env_id")
     if not env_id:
         raise EvalConfigError("task.env_id is not set: the evaluator needs the gymnasium env id")
-    obs_type = str(_get(task, "obs_type", "keypoints"))
-    if obs_type not in ("keypoints", "state"):
-        raise EvalConfigError(f"task.obs_type must be 'keypoints' or 'state', got {obs_type!r}")
+    robosuite = str(env_id).startswith(ROBOSUITE_PREFIX)
+    obs_type = str(_get(task, "obs_type", "lowdim" if robosuite else "keypoints"))
+    allowed = ("lowdim",) if robosuite else ("keypoints", "state")
+    if obs_type not in allowed:
+        raise EvalConfigError(f"task.obs_type must be {' or '.join(map(repr, allowed))} for {env_id}, got {obs_type!r}")
     return TaskSettings(
         name=str(_get(task, "name", "task")),
         env_id=str(env_id),
@@ -123,12 +128,13 @@ def sampler_config(node: DictConfig | dict) -> SamplerConfig:
     name = node.get("name")
     if name not in SAMPLERS:
         raise EvalConfigError(f"sampler.name {name!r} is not a sampler; expected one of {sorted(SAMPLERS)}")
-    known = {"name", "scheduler", "num_inference_steps", *(o for opts in SAMPLER_OPTIONS.values() for o in opts)}
+    known = {"name", "scheduler", "num_inference_steps", "warm_start",
+             *(o for opts in SAMPLER_OPTIONS.values() for o in opts)}
     unknown = sorted(set(node) - known)
     if unknown:
         raise EvalConfigError(f"sampler config has unknown keys {unknown}; known keys: {sorted(known)}")
     allowed = SAMPLER_OPTIONS.get(SAMPLERS[name][0], ())
-    given = {k for k in known - {"name", "scheduler", "num_inference_steps"} if node.get(k) is not None}
+    given = {k for k in known - {"name", "scheduler", "num_inference_steps", "warm_start"} if node.get(k) is not None}
     if given - set(allowed):
         what = "no Picard options" if not allowed else f"only {list(allowed)}"
         raise EvalConfigError(f"sampler {name!r} takes {what}, got {sorted(given - set(allowed))}")
@@ -148,8 +154,11 @@ def sampler_config(node: DictConfig | dict) -> SamplerConfig:
     steps = node.get("num_inference_steps")
     if steps is not None:
         steps = _int(steps, "sampler.num_inference_steps", 1)
+    warm_start = node.get("warm_start")
+    if warm_start is not None and not isinstance(warm_start, bool):
+        raise EvalConfigError(f"sampler.warm_start must be true or false, got {warm_start!r}")
     try:
-        return SamplerConfig(name, node.get("scheduler"), steps, options)
+        return SamplerConfig(name, node.get("scheduler"), steps, options, warm_start=bool(warm_start))
     except ValueError as e:
         raise EvalConfigError(f"sampler: {e}") from None
 
@@ -185,4 +194,4 @@ def file_fingerprint(path: Path) -> str:
 def spec_dict(spec: SamplerConfig) -> dict[str, Any]:
     """JSON form of a sampler configuration."""
     return {"name": spec.name, "scheduler": spec.scheduler, "num_inference_steps": spec.num_inference_steps,
-            "options": dict(spec.options)}
+            "options": dict(spec.options), "warm_start": spec.warm_start}

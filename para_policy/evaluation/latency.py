@@ -57,6 +57,7 @@ def time_samplers(
     specs: Mapping[str, SamplerConfig],
     observations: Sequence[np.ndarray],
     *,
+    guesses: Sequence[np.ndarray | None] | None = None,
     noise_seed: int = 0,
     warmup: int = 3,
     threads: int | None = None,
@@ -68,6 +69,9 @@ def time_samplers(
         specs: role → sampler, e.g. ``{'candidate': paradigms, 'baseline': sequential}``;
             all must share one schedule (same noise shapes), as the baseline is built.
         observations: each (n_obs_steps, obs_dim).
+        guesses: per observation, the warm-start guess (T, D) a control loop would have
+            (the previous chunk's normalized trajectory shifted by the executed actions),
+            or None (an episode's first chunk: cold). Used by the specs with ``warm_start``.
         warmup: untimed calls per sampler first (allocator, thread pool, caches).
         threads: ``torch.set_num_threads`` during timing (restored after); None keeps it.
     Returns:
@@ -103,12 +107,14 @@ def time_samplers(
             o = torch.from_numpy(np.asarray(obs, dtype=np.float32))[None].to(policy.device)
             x_T, noise = call_noise(first, sample_shape, [(LATENCY_STREAM, noise_seed, i, 0)],
                                     policy.device, policy.dtype)
+            guess = None if guesses is None or guesses[i] is None else torch.as_tensor(guesses[i])[None]
             order = roles if i % 2 == 0 else roles[::-1]
             for role in order:
+                warm = {"warm_start": guess.to(x_T)} if guess is not None and specs[role].warm_start else {}
                 if policy.device.type == "cuda":
                     torch.cuda.synchronize(policy.device)
                 t0 = time.perf_counter()
-                result = policy.predict_action({"obs": o}, x_T=x_T, noise=noise, sampler=specs[role])
+                result = policy.predict_action({"obs": o}, x_T=x_T, noise=noise, sampler=specs[role], **warm)
                 action = result["action"].cpu()  # a control loop needs the actions on the host
                 elapsed = time.perf_counter() - t0
                 stats = policy.last_stats

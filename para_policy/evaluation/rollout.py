@@ -34,11 +34,12 @@ import gymnasium
 import numpy as np
 import torch
 
-from para_policy.evaluation.config import TaskSettings
+from para_policy.evaluation.config import ROBOSUITE_PREFIX, TaskSettings
 from para_policy.policy import LowdimPolicy, SamplerConfig
-from para_policy.samplers import draw_noise
+from para_policy.samplers import draw_noise, shift_trajectory
 from para_policy.schedule import Schedule
 
+ENV_PREFIX_HINT = f"{ROBOSUITE_PREFIX}Lift"
 ROLLOUT_STREAM = 0
 LATENCY_STREAM = 1
 
@@ -73,11 +74,22 @@ def call_noise(
 
 
 def make_task_env(task: TaskSettings, render: bool = False, video_size: int = 256) -> gymnasium.Env:
-    """The task's env with the policy's observation (PushT: 20-d keypoints) and a ``max_steps`` time limit.
+    """The task's env with the policy's observation and a ``max_steps`` time limit.
 
+    PushT: gym-pusht with the 20-d keypoint observation. Lift (``env_id`` ``robosuite/Lift``):
+    :class:`para_policy.tasks.lift.env.LiftEnv`, 19-d, ending at the first success; raises
+    ``MissingExtraError`` with the install hint without the ``[robomimic]`` extra.
     ``render`` makes the env render ``rgb_array`` frames of ``video_size`` pixels when asked
     (rendering costs nothing until ``env.render()`` is called).
     """
+    if task.env_id.startswith(ROBOSUITE_PREFIX):
+        from para_policy.tasks.lift.env import ENV_NAME, make_env
+
+        name = task.env_id[len(ROBOSUITE_PREFIX):]
+        if name != ENV_NAME:
+            raise ValueError(f"robosuite task {name!r} is not supported; only {ENV_PREFIX_HINT}")
+        return make_env(max_episode_steps=task.max_steps, render_mode="rgb_array" if render else None,
+                        render_size=video_size)
     kw: dict[str, Any] = {"max_episode_steps": task.max_steps}
     if render:
         kw.update(render_mode="rgb_array", visualization_width=video_size, visualization_height=video_size)
@@ -103,6 +115,8 @@ class _Slot:
     rewards: list[float] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
     chunk_obs: list[np.ndarray] = field(default_factory=list)
+    guess: torch.Tensor | None = None  # warm start of the next chunk, normalized (1, T, D)
+    chunk_guess: list[np.ndarray | None] = field(default_factory=list)
     frames: list[np.ndarray] | None = None
     started: float = 0.0
     active: bool = False
@@ -126,6 +140,8 @@ def _episode_record(slot: _Slot, error: BaseException | None = None, record_obs:
     }
     if record_obs:
         rec["chunk_obs"] = [o.tolist() for o in slot.chunk_obs]
+        if any(g is not None for g in slot.chunk_guess):
+            rec["chunk_guess"] = [None if g is None else g.tolist() for g in slot.chunk_guess]
     if error is not None:
         rec["error"], rec["traceback"] = _error_record(error)
     return rec
@@ -195,7 +211,8 @@ def run_rollouts(
 
     def start(slot: _Slot, seed: int) -> None:
         slot.seed, slot.chunk, slot.steps = seed, 0, 0
-        slot.rewards, slot.rounds, slot.chunk_obs = [], [], []
+        slot.rewards, slot.rounds, slot.chunk_obs, slot.chunk_guess = [], [], [], []
+        slot.guess = None
         slot.started = time.perf_counter()
         slot.active = True
         # the video episode runs in slot 0, the only env made with rendering
@@ -220,12 +237,21 @@ def run_rollouts(
             slot.frames = None
 
     def predict(batch: list[_Slot]) -> list[tuple[np.ndarray, int] | BaseException]:
-        """Actions (Na, Da) and rounds for each slot, or the exception its call raised."""
+        """Actions (Na, Da) and rounds for each slot, or the exception its call raised.
+
+        With ``spec.warm_start`` each slot's chunk starts from its previous chunk's
+        trajectory shifted by the ``Na`` executed actions (the first chunk starts cold).
+        """
         obs = torch.from_numpy(np.stack([np.stack(list(s.history)) for s in batch]))
         keys = [(ROLLOUT_STREAM, noise_seed, s.seed, s.chunk) for s in batch]
         x_T, noise = call_noise(schedule, sample_shape, keys, policy.device, policy.dtype)
+        warm: dict[str, torch.Tensor] = {}
+        if spec.warm_start and any(s.guess is not None for s in batch):
+            rows = torch.tensor([s.guess is not None for s in batch])
+            guess = torch.stack([x_T[i] if s.guess is None else s.guess[0] for i, s in enumerate(batch)])
+            warm = {"warm_start": guess, "warm_rows": rows}
         try:
-            out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec)
+            out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, **warm)
         except Exception as e:
             if len(batch) == 1:
                 return [e]
@@ -233,6 +259,11 @@ def run_rollouts(
             return [r for s in batch for r in predict([s])]
         actions = out["action"].detach().cpu().numpy()
         rounds = policy.last_stats.rounds_per_sample.cpu().tolist()
+        if spec.warm_start:
+            trajectory = policy.last_trajectory
+            for i, s in enumerate(batch):
+                s.chunk_guess.append(None if s.guess is None else s.guess[0].cpu().numpy())
+                s.guess = shift_trajectory(trajectory[i: i + 1], Na)
         return [(actions[i], int(rounds[i])) for i in range(len(batch))]
 
     # the video episode goes first, into slot 0

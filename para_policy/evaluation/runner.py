@@ -96,7 +96,7 @@ def load_checked_policy(path: Path, task: TaskSettings, device: str) -> LowdimPo
     if not path.is_file():
         raise EvalConfigError(
             f"checkpoint not found: {path}. Pass checkpoint=<path to a para_policy .safetensors policy> "
-            "(train one with `python train.py task=pusht`)")
+            f"(train one with `python train.py task={task.name}`)")
     try:
         policy = load_policy(path, device=device)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -110,8 +110,17 @@ def load_checked_policy(path: Path, task: TaskSettings, device: str) -> LowdimPo
 
 
 def _check_env(task: TaskSettings) -> None:
-    """The env's observation must be what the task (and so the policy) says."""
-    env = make_task_env(task)
+    """The env's observation must be what the task (and so the policy) says.
+
+    A task whose optional dependencies are missing (Lift without the ``[robomimic]`` extra) stops
+    here with the install hint.
+    """
+    from para_policy.tasks.lift import MissingExtraError
+
+    try:
+        env = make_task_env(task)
+    except MissingExtraError as e:
+        raise EvalConfigError(str(e)) from e
     try:
         shape = tuple(env.observation_space.shape or ())
     finally:
@@ -250,12 +259,15 @@ def evaluate(
                 _BASELINE_CACHE[cache_key] = (list(done[role]), video_files.get(role))
 
         # ---- 3. batch-1 latency and faithfulness ----------------------------------------
-        pool = [np.asarray(o, dtype=np.float32) for e in done["candidate"] if e.get("error") is None
-                for o in e.get("chunk_obs", [])]
-        observations = select_observations(pool, opts["latency_calls"])
+        # each recorded chunk observation with the warm-start guess the candidate used for it
+        pool = [(np.asarray(o, dtype=np.float32), None if g is None else np.asarray(g, dtype=np.float32))
+                for e in done["candidate"] if e.get("error") is None
+                for o, g in zip(e.get("chunk_obs", []), e.get("chunk_guess") or [None] * len(e.get("chunk_obs", [])),
+                                strict=True)]
+        picked = select_observations(pool, opts["latency_calls"])
         machine_before = machine_info()
-        timings = time_samplers(policy, specs, observations, noise_seed=opts["seed"],
-                                warmup=opts["latency_warmup"], progress=opts["progress"])
+        timings = time_samplers(policy, specs, [o for o, _ in picked], guesses=[g for _, g in picked],
+                                noise_seed=opts["seed"], warmup=opts["latency_warmup"], progress=opts["progress"])
         machine = machine_info()
         machine["load_avg_before_timing"] = machine_before.get("load_avg")
 
@@ -283,7 +295,7 @@ def evaluate(
             "overrides": list(overrides or []),
             "samplers": samplers,
             "comparison": comparison(samplers, faith),
-            "latency_method": {"n_calls": len(observations), "warmup": opts["latency_warmup"], "batch_size": 1,
+            "latency_method": {"n_calls": len(picked), "warmup": opts["latency_warmup"], "batch_size": 1,
                                "n_action_steps": policy.n_action_steps},
             "machine": machine,
             "videos": {role: str(p.relative_to(out)) if p.is_relative_to(out) else str(p)

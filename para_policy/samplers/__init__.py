@@ -4,7 +4,7 @@ from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, dr
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.samplers.taa import taa_sample
-from para_policy.samplers.warm_start import warm_start_init
+from para_policy.samplers.warm_start import shift_trajectory, warm_start_init
 
 __all__ = [
     "Denoiser",
@@ -13,6 +13,7 @@ __all__ = [
     "draw_noise",
     "picard_sample",
     "sequential_sample",
+    "shift_trajectory",
     "taa_sample",
     "warm_start_init",
 ]

@@ -58,6 +58,7 @@ def picard_sample(
     condition: torch.Tensor | None = None,
     inpaint: Inpaint | None = None,
     init: torch.Tensor | None = None,
+    init_rows: torch.Tensor | None = None,
     per_sample_windows: bool = True,
     deadline: float | None = None,
     accelerator: Accelerator | None = None,
@@ -85,6 +86,9 @@ def picard_sample(
         init: ``(B, S, T, D)`` initial guess of ``x_1 … x_S`` (a warm start). Without it,
             the trajectory starts as ``x_T`` and every step entering the window starts
             from the last point computed before it (ParaDiGMS's cold start).
+        init_rows: ``(B,)`` bool, which samples start from ``init``; the others start
+            cold (e.g. the first chunk of an episode in a batch of warm-started envs).
+            Default: all of them.
         per_sample_windows: each sample's window slides on its own errors; ``False``
             makes the batch wait for its slowest sample (ParaDiGMS as published).
     Returns:
@@ -104,11 +108,18 @@ def picard_sample(
     # (cold start: later slots read as that value, so new window slots start from it).
     traj = torch.empty((B, S + 1, T, D), device=device, dtype=x_T.dtype)
     traj[:, 0] = x_T
-    if init is None:
-        filled = torch.zeros(B, dtype=torch.long)
-    else:
-        traj[:, 1:] = init
-        filled = torch.full((B,), S, dtype=torch.long)
+    filled = torch.zeros(B, dtype=torch.long)
+    if init is not None:
+        traj[:, 1:] = init  # cold rows never read past their own computed points
+        if init_rows is None:
+            filled[:] = S
+        else:
+            if tuple(init_rows.shape) != (B,) or init_rows.dtype != torch.bool:
+                raise ValueError(f"init_rows must be a bool tensor of shape ({B},), got "
+                                 f"{init_rows.dtype} {tuple(init_rows.shape)}")
+            filled[init_rows.cpu()] = S
+    elif init_rows is not None:
+        raise ValueError("init_rows needs init")
     scaled_noise = noise * sched.noise_std.view(1, S, 1, 1).to(noise.dtype)
     threshold = float(tolerance) ** 2 * sched.variance.to(torch.float32)  # (S,)
 

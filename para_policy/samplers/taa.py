@@ -186,6 +186,7 @@ def taa_sample(
     condition: torch.Tensor | None = None,
     inpaint: Inpaint | None = None,
     init: torch.Tensor | None = None,
+    init_rows: torch.Tensor | None = None,
     per_sample_windows: bool = True,
     deadline: float | None = None,
     memory: int = 3,
@@ -194,7 +195,7 @@ def taa_sample(
     """Picard sampling with triangular Anderson acceleration; tolerance 0 reproduces the sequential sample.
 
     Arguments and stats are :func:`para_policy.samplers.picard_sample`'s (same window,
-    tolerance, convergence test, per-sample windows, ``init`` warm start and
+    tolerance, convergence test, per-sample windows, ``init`` / ``init_rows`` warm start and
     ``deadline``), plus:
 
     Args:
@@ -215,4 +216,5 @@ def taa_sample(
     anderson = TriangularAnderson(schedule.to(x_T.device), tuple(x_T.shape), memory, ridge, x_T.device, x_T.dtype)
     return picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=tolerance,
                          max_iterations=max_iterations, condition=condition, inpaint=inpaint, init=init,
+                         init_rows=init_rows,
                          per_sample_windows=per_sample_windows, deadline=deadline, accelerator=anderson)

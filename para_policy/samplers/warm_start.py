@@ -42,3 +42,16 @@ def warm_start_init(schedule: Schedule, x0_guess: torch.Tensor, x_T: torch.Tenso
             x = x + sched.noise_std[k] * noise[:, k]
         out[:, k] = x
     return out
+
+
+def shift_trajectory(trajectory: torch.Tensor, steps: int) -> torch.Tensor:
+    """``trajectory`` (B, T, D) advanced by ``steps``: drop the first steps, repeat the last to keep T.
+
+    The warm-start guess of the next chunk after ``steps`` of this chunk's actions ran.
+    """
+    T = trajectory.shape[1]
+    steps = min(int(steps), T)
+    if steps <= 0:
+        return trajectory.clone()
+    tail = trajectory[:, -1:].expand(-1, steps, -1)
+    return torch.cat([trajectory[:, steps:], tail], dim=1)

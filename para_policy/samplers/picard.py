@@ -92,7 +92,9 @@ def picard_sample(
         per_sample_windows: each sample's window slides on its own errors; ``False``
             makes the batch wait for its slowest sample (ParaDiGMS as published).
     Returns:
-        ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S.
+        ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S; ``stats.extra``
+        has ``deadline_hit`` and ``rows_per_round`` (the denoiser's batch size in each
+        round, what a round costs: see :func:`para_policy.window.predict_latency`).
     """
     noise = check_inputs(schedule, x_T, noise, condition, inpaint)
     max_iterations = check_options(schedule, window, tolerance, max_iterations)
@@ -129,6 +131,7 @@ def picard_sample(
     batch_index = torch.arange(B, device=device)[:, None].expand(B, W)
     rounds = 0
     model_evals = 0
+    rows_per_round: list[int] = []
     deadline_hit = False
     while rounds < max_iterations and bool((begin < S).any()):
         if deadline is not None and time.perf_counter() >= deadline:
@@ -151,6 +154,7 @@ def picard_sample(
         cond_rows = None if condition is None else condition[dev_b]
         model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
         model_evals += int(rows_b.shape[0])
+        rows_per_round.append(int(rows_b.shape[0]))
 
         drift = torch.zeros((B, W, T, D), device=device, dtype=x_T.dtype)
         drift[dev_b, dev_w] = (
@@ -182,5 +186,5 @@ def picard_sample(
     done_round = torch.where(finished, done_round, rounds)
     return final, SampleStats(
         rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,
-        extra={"deadline_hit": deadline_hit},
+        extra={"deadline_hit": deadline_hit, "rows_per_round": rows_per_round},
     )

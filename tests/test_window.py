@@ -1,0 +1,60 @@
+"""Choosing the Picard window from a measured cost curve (para_policy.window)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MLPDenoiser, dp_ddpm
+
+from para_policy.samplers import draw_noise, picard_sample
+from para_policy.schedule import make_schedule
+from para_policy.window import batch_cost_curve, choose_window, predict_latency, round_cost
+
+
+def test_round_cost_interpolates_and_extrapolates_linearly():
+    cost = {1: 6.0, 16: 12.0, 32: 20.0}
+    assert round_cost(cost, 1) == 6.0 and round_cost(cost, 32) == 20.0
+    assert round_cost(cost, 24) == pytest.approx(16.0)  # halfway between 16 and 32
+    assert round_cost(cost, 8.5) == pytest.approx(9.0)
+    assert round_cost(cost, 48) == pytest.approx(28.0)  # slope 0.5 per row past the end
+    assert round_cost({10: 5.0}, 20) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="empty"):
+        round_cost({}, 3)
+
+
+def test_choose_window_minimises_the_sum_of_round_costs():
+    # a CPU-like curve: a fixed cost per call plus a cost per row
+    cost = {n: 5.0 + 0.5 * n for n in (1, 8, 16, 32, 64, 100)}
+    traces = {
+        8: [[8] * 30],                  # 30 rounds of 8 rows: 30 * 9 = 270 ms
+        16: [[16] * 18, [16] * 20],     # 19 rounds of 16: 19 * 13 = 247 ms
+        100: [[100] * 9],               # 9 rounds of 100: 9 * 55 = 495 ms
+    }
+    best, predicted = choose_window(cost, traces)
+    assert predicted == pytest.approx({8: 270.0, 16: 247.0, 100: 495.0})
+    assert best == 16
+    # on a GPU-like curve (flat) the widest window wins
+    flat = {n: 10.0 for n in (1, 100)}
+    assert choose_window(flat, traces)[0] == 100
+    with pytest.raises(ValueError, match="no calibration runs"):
+        choose_window(cost, {8: []})
+
+
+def test_rows_per_round_account_for_every_model_evaluation():
+    denoiser = MLPDenoiser(seed=5)
+    schedule = make_schedule(dp_ddpm(), 100)
+    x_T, noise = draw_noise(schedule, (2, 8, 3), torch.Generator().manual_seed(5))
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
+    _, stats = picard_sample(denoiser, schedule, x_T, noise, window=16, tolerance=0.1, condition=cond)
+    rows = stats.extra["rows_per_round"]
+    assert len(rows) == stats.rounds and sum(rows) == stats.model_evals
+    assert max(rows) <= 2 * 16
+    assert predict_latency({1: 1.0, 32: 32.0}, rows) == pytest.approx(stats.model_evals)
+
+
+def test_batch_cost_curve_times_each_batch_size():
+    denoiser = MLPDenoiser(seed=1)
+    cost = batch_cost_curve(denoiser, (8, 3), torch.randn(1, 4), (4, 1, 2), reps=2, warmup=1)
+    assert list(cost) == [1, 2, 4] and all(ms > 0 for ms in cost.values())
+    with pytest.raises(ValueError, match="batch_sizes"):
+        batch_cost_curve(denoiser, (8, 3), None, (0, 4))

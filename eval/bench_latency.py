@@ -9,14 +9,15 @@ from the observation the last chunk led to. So:
 2. **Cost curve**: the median time of one denoiser call on ``n`` rows for n = 1 … 100
    (:func:`para_policy.window.batch_cost_curve`). From it and the rows per round of each
    window on the calibration episode, :func:`para_policy.window.choose_window` picks the
-   window (for cold Picard and for ParaTAA + warm start separately).
+   window (for cold Picard and for all improvements combined, separately).
 3. **Replay** every chunk, in order, through every sampler, alternating the order of
    the samplers per chunk, all on the same ``x_T`` and step noise: sequential DDPM-100
    (the reference), sequential DDIM-16 and DDIM-10 (what a user would pick instead),
    ParaDDIM-16, ParaDiGMS as published (window 16, whole batch waits for its worst
    sample, cold start, no acceleration), each improvement alone (warm start across
-   control steps, triangular Anderson acceleration, window from the cost curve) and
-   combined, and a tolerance sweep. Warm-started samplers start each chunk from their
+   control steps, triangular Anderson acceleration, the linear solve of
+   ``picard_sample(linear_solve=True)``, window from the cost curve), all combined (also
+   with a bf16 denoiser), and a tolerance sweep. Warm-started samplers start each chunk from their
    *own* previous chunk's trajectory shifted by the executed actions (the first chunk of
    an episode is cold, as in a real control loop, and is counted).
 4. **Report** per sampler: median / p95 / max ms per chunk and per action, rounds and
@@ -50,6 +51,7 @@ from para_policy.checkpoints import atomic_write
 from para_policy.evaluation.config import TaskSettings
 from para_policy.evaluation.latency import distribution, machine_info
 from para_policy.evaluation.rollout import call_noise, run_rollouts
+from para_policy.inference import configure_inference
 from para_policy.policy import LowdimPolicy, SamplerConfig, load_policy
 from para_policy.samplers import shift_trajectory
 from para_policy.window import DEFAULT_BATCHES, batch_cost_curve, choose_window
@@ -69,20 +71,29 @@ class Variant:
     spec: SamplerConfig
     reference: str  # the variant whose actions on the same noise are "exact" for this one
     group: str = "main"  # main | sweep
+    precision: str = "fp32"  # the denoiser's (para_policy.inference)
     records: list[dict[str, Any]] = field(default_factory=list)
     previous: dict[int, torch.Tensor] = field(default_factory=dict)  # episode → last trajectory
 
 
-def picard(name: str, window: int, tolerance: float, *, taa: bool = False, warm: bool = False,
-           wait_for_worst: bool = False, group: str = "main") -> Variant:
+def picard(name: str, window: int, tolerance: float, *, taa: bool = False, warm: bool = False, linear: bool = False,
+           wait_for_worst: bool = False, group: str = "main", precision: str = "fp32") -> Variant:
     opts: dict[str, Any] = {"window": window, "tolerance": tolerance}
     if wait_for_worst:
         opts["per_sample_windows"] = False
+    if linear:
+        opts["linear_solve"] = True
     spec = SamplerConfig("parataa" if taa else "paradigms", None, None, opts, warm_start=warm)
-    return Variant(name, spec, "sequential DDPM-100", group)
+    return Variant(name, spec, "sequential DDPM-100", group, precision)
 
 
-def build_variants(tolerance: float, tolerances: Sequence[float], w_picard: int, w_taa_warm: int) -> list[Variant]:
+def combined(window: int, tolerance: float, group: str = "main", precision: str = "fp32", name: str = "") -> Variant:
+    return picard(name or f"all combined (w{window}, tol {tolerance})", window, tolerance, taa=True, warm=True,
+                  linear=True, group=group, precision=precision)
+
+
+def build_variants(tolerance: float, best_tolerance: float, tolerances: Sequence[float], w_picard: int,
+                   w_best: int) -> list[Variant]:
     v = [
         Variant("sequential DDPM-100", SamplerConfig("sequential"), "sequential DDPM-100"),
         Variant("sequential DDIM-16", SamplerConfig("sequential", "ddim", 16), "sequential DDIM-16"),
@@ -92,16 +103,18 @@ def build_variants(tolerance: float, tolerances: Sequence[float], w_picard: int,
         picard("ParaDiGMS as published (w16)", 16, tolerance, wait_for_worst=True),
         picard("+ warm start (w16)", 16, tolerance, warm=True),
         picard("+ ParaTAA (w16)", 16, tolerance, taa=True),
+        picard("+ linear solve (w16)", 16, tolerance, linear=True),
+        picard("+ linear solve (w100)", 100, tolerance, linear=True),
         picard(f"+ cost-curve window (w{w_picard})", w_picard, tolerance),
-        picard("+ ParaTAA + warm start (w16)", 16, tolerance, taa=True, warm=True),
-        picard(f"all combined: ParaTAA + warm + window (w{w_taa_warm})", w_taa_warm, tolerance, taa=True, warm=True),
+        combined(w_best, best_tolerance),
+        combined(w_best, best_tolerance, precision="bf16",
+                 name=f"all combined, bf16 (w{w_best}, tol {best_tolerance})"),
     ]
     for tol in tolerances:
-        if tol == tolerance:
-            continue
-        v.append(picard(f"published w16, tol {tol}", 16, tol, wait_for_worst=True, group="sweep"))
-        v.append(picard(f"warm w16, tol {tol}", 16, tol, warm=True, group="sweep"))
-        v.append(picard(f"combined w{w_taa_warm}, tol {tol}", w_taa_warm, tol, taa=True, warm=True, group="sweep"))
+        if tol != tolerance:
+            v.append(picard(f"published w16, tol {tol}", 16, tol, wait_for_worst=True, group="sweep"))
+        if tol != best_tolerance:
+            v.append(combined(w_best, tol, group="sweep", name=f"combined w{w_best}, tol {tol}"))
     return v
 
 
@@ -121,8 +134,10 @@ def record_stream(policy: LowdimPolicy, episodes: int, max_chunks: int, seed_sta
     return chunks
 
 
-def run_call(policy: LowdimPolicy, v: Variant, ch: dict[str, Any], key: tuple[int, ...]) -> dict[str, Any]:
+def run_call(policies: dict[str, LowdimPolicy], v: Variant, ch: dict[str, Any], key: tuple[int, ...]
+             ) -> dict[str, Any]:
     """One timed batch-1 call of ``v`` on chunk ``ch``; updates the variant's warm-start state."""
+    policy = policies[v.precision]
     schedule = policy.schedule_for(v.spec)
     x_T, noise = call_noise(schedule, policy.trajectory_shape(1)[1:], [key], policy.device, policy.dtype)
     obs = torch.from_numpy(ch["obs"])[None]
@@ -140,17 +155,17 @@ def run_call(policy: LowdimPolicy, v: Variant, ch: dict[str, Any], key: tuple[in
             "model_evals": int(stats.model_evals), "warm": bool(warm), "action": action[0].numpy()}
 
 
-def calibrate(policy: LowdimPolicy, chunks: list[dict[str, Any]], cost: dict[int, float], tolerance: float,
-              noise_seed: int) -> dict[str, Any]:
+def calibrate(policies: dict[str, LowdimPolicy], chunks: list[dict[str, Any]], cost: dict[int, float],
+              tolerance: float, best_tolerance: float, noise_seed: int) -> dict[str, Any]:
     """Rows per round of each candidate window on the calibration chunks, and the chosen windows."""
     out: dict[str, Any] = {}
-    for label, taa, warm in (("picard_cold", False, False), ("taa_warm", True, True)):
+    for label in ("picard_cold", "combined"):
         traces: dict[int, list[list[int]]] = {}
         for w in CANDIDATE_WINDOWS:
-            v = picard(label, w, tolerance, taa=taa, warm=warm)
+            v = picard(label, w, tolerance) if label == "picard_cold" else combined(w, best_tolerance)
             for ch in chunks:
-                run_call(policy, v, ch, (REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
-                traces.setdefault(w, []).append(list(policy.last_stats.extra["rows_per_round"]))
+                run_call(policies, v, ch, (REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
+                traces.setdefault(w, []).append(list(policies["fp32"].last_stats.extra["rows_per_round"]))
         best, predicted = choose_window(cost, traces)
         out[label] = {"window": best, "predicted_ms": predicted,
                       "rounds": {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}}
@@ -208,6 +223,7 @@ def summarize(policy: LowdimPolicy, variants: list[Variant]) -> list[dict[str, A
             "model_evals_mean": statistics.mean(r["model_evals"] for r in v.records),
             "dev_max_px": max(dev), "dev_mean_px": statistics.mean(dev),
             "speedup_p50": base / d["p50"], "above_sequential": sum(m > base for m in ms),
+            "precision": v.precision,
             "chunks": len(ms),
         })
     return rows
@@ -223,7 +239,8 @@ def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dic
         f"{meta['load_before']} / {meta['machine']['load_avg']}). Checkpoint: `{meta['checkpoint']}`.", "",
         f"Stream: {meta['n_chunks']} chunks from {meta['episodes']} PushT episodes (env seeds {meta['seeds']}) "
         f"rolled out with sequential DDPM-100; every sampler replays every chunk in order on the same noise, "
-        f"the order of the samplers alternating per chunk. Default tolerance {meta['tolerance']}. Speedup: "
+        f"the order of the samplers alternating per chunk. Tolerance {meta['tolerance']} unless the name says "
+        f"otherwise. Speedup: "
         f"sequential DDPM-100's median ms per chunk over the sampler's. Deviation: max distance of an executed "
         f"action from the sequential sampler of the same schedule on the same noise (pixels of the 512-px arena). "
         f"\"> seq\": chunks slower than sequential DDPM-100's median.", "",
@@ -254,7 +271,7 @@ def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dic
               f"{meta['calibration_seed']}): predicted ms per chunk = Σ over rounds of the cost of that round's rows.",
               "", "| window | " + " | ".join(str(w) for w in CANDIDATE_WINDOWS) + " | chosen |",
               "|---|" + "---|" * (len(CANDIDATE_WINDOWS) + 1)]
-    for label, text in (("picard_cold", "Picard, cold"), ("taa_warm", "ParaTAA + warm")):
+    for label, text in (("picard_cold", "Picard, cold"), ("combined", "all combined")):
         c = cal[label]
         lines.append(f"| {text}: rounds | " + " | ".join(f"{c['rounds'][w]:.1f}" for w in CANDIDATE_WINDOWS)
                      + f" | {c['window']} |")
@@ -277,8 +294,7 @@ def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dic
 
 SERIES = {  # plot line → name prefixes of its main-table row and its sweep rows
     "ParaDiGMS as published (w16, cold)": ("ParaDiGMS as published", "published w16"),
-    "Picard + warm start (w16)": ("+ warm start (w16)", "warm w16"),
-    "all combined (ParaTAA + warm + window)": ("all combined", "combined w"),
+    "all combined (linear solve + ParaTAA + warm + window)": ("all combined (", "combined w"),
 }
 
 
@@ -315,9 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=4, help="episodes of the observation stream")
     parser.add_argument("--max-chunks", type=int, default=12, help="chunks per episode at most")
     parser.add_argument("--seed-start", type=int, default=100000)
-    parser.add_argument("--tolerance", type=float, default=0.1, help="tolerance of the main table")
-    parser.add_argument("--tolerances", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2],
-                        help="tolerance sweep (published, warm, combined)")
+    parser.add_argument("--tolerance", type=float, default=0.1, help="tolerance of the main table (published)")
+    parser.add_argument("--best-tolerance", type=float, default=0.02,
+                        help="tolerance of the combined sampler in the main table (linear solve stops later "
+                             "relative to the change: compare at equal deviation)")
+    parser.add_argument("--tolerances", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1, 0.2],
+                        help="tolerance sweep (published, combined)")
     parser.add_argument("--cost-reps", type=int, default=15, help="timed calls per batch size of the cost curve")
     parser.add_argument("--psw-batches", nargs="*", type=int, default=[8, 50],
                         help="batch sizes of the per-sample-window comparison (none to skip)")
@@ -334,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = machine_info()["load_avg"]
 
     policy = load_policy(args.checkpoint)
+    policies = {"fp32": policy, "bf16": configure_inference(load_policy(args.checkpoint), precision="bf16")}
     stream = record_stream(policy, args.episodes + 1, args.max_chunks, args.seed_start)
     calib_seed = args.seed_start + args.episodes
     chunks = [c for c in stream if c["episode"] != calib_seed]
@@ -345,20 +365,20 @@ def main(argv: list[str] | None = None) -> None:
                             reps=args.cost_reps)
     print("  " + ", ".join(f"{n}: {ms:.1f} ms" for n, ms in cost.items()), flush=True)
     print("calibrating the window ...", flush=True)
-    calibration = calibrate(policy, calib, cost, args.tolerance, args.noise_seed)
-    w_picard, w_taa = calibration["picard_cold"]["window"], calibration["taa_warm"]["window"]
-    print(f"  chosen windows: Picard cold {w_picard}, ParaTAA + warm {w_taa}", flush=True)
+    calibration = calibrate(policies, calib, cost, args.tolerance, args.best_tolerance, args.noise_seed)
+    w_picard, w_best = calibration["picard_cold"]["window"], calibration["combined"]["window"]
+    print(f"  chosen windows: Picard cold {w_picard}, all combined {w_best}", flush=True)
 
-    variants = build_variants(args.tolerance, args.tolerances, w_picard, w_taa)
+    variants = build_variants(args.tolerance, args.best_tolerance, args.tolerances, w_picard, w_best)
     from tqdm import tqdm
 
     for v in variants:  # warm-up: allocator, thread pool
-        run_call(policy, v, chunks[0], (REPLAY_STREAM, args.noise_seed, -1, 0))
+        run_call(policies, v, chunks[0], (REPLAY_STREAM, args.noise_seed, -1, 0))
         v.previous.clear()
     for i, ch in enumerate(tqdm(chunks, desc="replay", unit="chunk")):
         key = (REPLAY_STREAM, args.noise_seed, ch["episode"], ch["chunk"])
         for v in (variants if i % 2 == 0 else variants[::-1]):
-            v.records.append(run_call(policy, v, ch, key))
+            v.records.append(run_call(policies, v, ch, key))
     rows = summarize(policy, variants)
     print("per-sample windows ...", flush=True)
     psw = per_sample_windows(policy, chunks, args.psw_batches, args.tolerance, args.noise_seed, args.psw_reps)

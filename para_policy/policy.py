@@ -29,7 +29,7 @@ SAMPLERS: dict[str, tuple[Any, str | None]] = {
     "paraddim": (picard_sample, "ddim"),
     "parataa": (taa_sample, None),
 }
-PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows")
+PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows", "linear_solve")
 TAA_OPTIONS = PICARD_OPTIONS + ("memory", "ridge")
 # the iterative samplers and their options; only these take init / warm_start / deadline
 SAMPLER_OPTIONS: dict[Any, tuple[str, ...]] = {picard_sample: PICARD_OPTIONS, taa_sample: TAA_OPTIONS}

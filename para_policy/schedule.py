@@ -102,6 +102,32 @@ class Schedule:
         std = self.noise_std[k].view(-1, 1, 1)
         return a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
 
+    def test_variance(self) -> torch.Tensor:
+        """``(S,)`` the variance convergence tests measure a step's change in.
+
+        The posterior variance, except that a final step into ``alpha = 1`` (variance 0)
+        uses the smallest positive one: a test against 0 would demand a bit-exact repeat
+        and cost one more round for nothing.
+        """
+        positive = self.variance[self.variance > 0]
+        floor = positive.min() if positive.numel() else torch.ones((), dtype=self.variance.dtype)
+        return self.variance.clamp(min=float(floor))
+
+    def linear_coeff(self) -> torch.Tensor:
+        """``(S,)`` the coefficient of ``x`` in :meth:`step_mean` when the predicted ``x0`` is held fixed.
+
+        Every step is ``x_{k+1} = a_k · x_k + c_k · x0(x_k) + σ_k z_k`` with ``a_k`` this
+        coefficient (DDPM: the posterior mean's ``x`` coefficient; DDIM: the direction
+        term's, through ``eps = (x − √ᾱ_t x0) / √(1 − ᾱ_t)``). The samplers solve this
+        linear part exactly and iterate only on ``x0(x)``, which varies slowly with ``x``.
+        """
+        a_t, a_prev = self.alpha_t.to(torch.float64), self.alpha_prev.to(torch.float64)
+        if self.kind == "ddpm":
+            coeff = (a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)
+        else:
+            coeff = (1 - a_prev - self.noise_std.to(torch.float64) ** 2).clamp(min=0) ** 0.5 / (1 - a_t) ** 0.5
+        return coeff.to(self.alpha_t.dtype)
+
     def predict_x0(self, x: torch.Tensor, k: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """The clean sample the scheduler predicts from ``(x, k, model_output)``, clipped as it clips."""
         a_t = self.alpha_t[k].view(-1, 1, 1)

@@ -64,7 +64,8 @@ def test_sequential_reproduces_diffusion_policy(denoiser, name, make, steps, bat
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("window", [1, 4, 100])
-def test_picard_tolerance_zero_equals_sequential(denoiser, name, make, steps, batch, masked, window):
+@pytest.mark.parametrize("linear_solve", [False, True])
+def test_picard_tolerance_zero_equals_sequential(denoiser, name, make, steps, batch, masked, window, linear_solve):
     shape = (batch, SHAPE_T, SHAPE_D)
     cond = torch.randn(batch, 4, generator=torch.Generator().manual_seed(3))
     inpaint = make_inpaint(batch) if masked else None
@@ -72,7 +73,7 @@ def test_picard_tolerance_zero_equals_sequential(denoiser, name, make, steps, ba
     x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(5))
     ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
     ours, stats = picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=0.0,
-                                condition=cond, inpaint=inpaint)
+                                condition=cond, inpaint=inpaint, linear_solve=linear_solve)
     assert (ours - ref).abs().max() < 1e-5
     assert stats.all_converged
     assert stats.rounds <= steps
@@ -227,3 +228,50 @@ def test_init_rows_warm_starts_some_samples_and_leaves_the_others_cold(denoiser)
         picard_sample(denoiser, schedule, x_T, noise, init=init, init_rows=torch.tensor([1, 0, 1]))
     with pytest.raises(ValueError, match="init_rows needs init"):
         picard_sample(denoiser, schedule, x_T, noise, init_rows=rows)
+
+
+@pytest.mark.parametrize("make,steps,eta", [(dp_ddpm, 100, 0.0), (dp_ddpm, 10, 0.0), (dp_ddim, 16, 0.0),
+                                            (dp_ddim, 10, 0.7)])
+def test_linear_coeff_is_the_x_coefficient_of_a_step_with_x0_fixed(make, steps, eta):
+    schedule = make_schedule(make(), steps, eta=eta)
+    g = torch.Generator().manual_seed(0)
+    S = schedule.num_steps
+    x, delta = torch.randn(S, SHAPE_T, SHAPE_D, generator=g), torch.randn(S, SHAPE_T, SHAPE_D, generator=g)
+    x0 = torch.rand(S, SHAPE_T, SHAPE_D, generator=g) - 0.5  # inside the clip range
+    k = torch.arange(S)
+    step = lambda y: schedule.step_mean(y, k, schedule.output_for_x0(y, k, x0))  # noqa: E731
+    expected = schedule.linear_coeff().view(S, 1, 1) * delta
+    assert torch.allclose(step(x + delta) - step(x), expected, atol=1e-4)
+
+
+def test_linear_recurrence_matches_a_loop():
+    from para_policy.samplers.picard import linear_recurrence
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 6, generator=g)
+    a[1, 3] = 0.0  # a step that forgets its input (DDIM into alpha = 1)
+    x0, drive = torch.randn(2, 3, 2, generator=g), torch.randn(2, 6, 3, 2, generator=g)
+    x, expected = x0, []
+    for w in range(6):
+        x = a[:, w].view(2, 1, 1) * x + drive[:, w]
+        expected.append(x)
+    assert torch.allclose(linear_recurrence(a, x0, drive), torch.stack(expected, dim=1), atol=1e-6)
+
+
+def test_linear_solve_is_exact_in_one_round_when_x0_does_not_depend_on_x():
+    """A denoiser whose clean-sample prediction ignores x: the whole window is exact after one
+    round (the next only confirms it), while plain Picard needs many rounds."""
+    schedule = make_schedule(dp_ddpm(), 100)
+    target = torch.rand(1, SHAPE_T, SHAPE_D, generator=torch.Generator().manual_seed(2)) - 0.5
+    step_of = {int(t): k for k, t in enumerate(schedule.timesteps)}
+
+    def oracle(x, t, condition=None):
+        k = torch.tensor([step_of[int(v)] for v in t])
+        return schedule.output_for_x0(x, k, target.expand_as(x))
+
+    x_T, noise = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(2))
+    ref, _ = sequential_sample(oracle, schedule, x_T, noise)
+    ours, lin = picard_sample(oracle, schedule, x_T, noise, window=100, tolerance=1e-3, linear_solve=True)
+    assert lin.rounds == 2 and (ours - ref).abs().max() < 1e-5
+    _, plain = picard_sample(oracle, schedule, x_T, noise, window=100, tolerance=1e-3)
+    assert plain.rounds > 5

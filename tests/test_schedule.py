@@ -94,3 +94,11 @@ def test_build_scheduler_from_diffusion_policy_config():
     scheduler = build_scheduler(cfg)
     assert isinstance(scheduler, DDPMScheduler)
     assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_test_variance_floors_only_a_final_zero_variance_step():
+    for schedule in (make_schedule(dp_ddpm(), 100), make_schedule(dp_ddim(), 10)):
+        v, tv = schedule.variance, schedule.test_variance()
+        assert float(v[-1]) == 0.0  # the last step lands on alpha = 1
+        assert float(tv[-1]) == float(v[v > 0].min())
+        assert torch.equal(tv[:-1], v[:-1])

@@ -149,8 +149,10 @@ def sampler_config(node: DictConfig | dict) -> SamplerConfig:
         options["window"] = _int(options["window"], "sampler.window", 1)
     if "max_iterations" in options:
         options["max_iterations"] = _int(options["max_iterations"], "sampler.max_iterations", 1)
-    if "per_sample_windows" in options:
-        options["per_sample_windows"] = bool(options["per_sample_windows"])
+    for flag in ("per_sample_windows", "linear_solve"):
+        if flag in options:
+            if not isinstance(options[flag], bool):
+                raise EvalConfigError(f"sampler.{flag} must be true or false, got {options[flag]!r}")
     steps = node.get("num_inference_steps")
     if steps is not None:
         steps = _int(steps, "sampler.num_inference_steps", 1)

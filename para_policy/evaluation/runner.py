@@ -58,6 +58,7 @@ from para_policy.evaluation.report import (
     write_video,
 )
 from para_policy.evaluation.rollout import make_task_env, run_rollouts
+from para_policy.inference import check_inference_options, configure_inference
 from para_policy.policy import LowdimPolicy, SamplerConfig
 
 PROGRESS_FILE = "progress.json"
@@ -74,6 +75,16 @@ def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
     lat = cfg.get("latency") or {}
     video = cfg.get("video") or {}
     threads = cfg.get("threads")
+    inference = dict(cfg.get("inference") or {})
+    unknown = sorted(set(inference) - {"compile", "precision", "cuda_graphs"})
+    if unknown:
+        raise EvalConfigError(f"inference has unknown keys {unknown}; known: ['compile', 'cuda_graphs', 'precision']")
+    inference = {"compile": inference.get("compile") or False, "precision": inference.get("precision") or "fp32",
+                 "cuda_graphs": bool(inference.get("cuda_graphs") or False)}
+    try:
+        check_inference_options(**inference)
+    except ValueError as e:
+        raise EvalConfigError(f"inference: {e}") from None
     return {
         "compare": bool(cfg.get("compare", True)),
         "num_envs": _int(cfg.get("num_envs", 8), "num_envs", 1),
@@ -86,6 +97,7 @@ def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
         "video_size": _int(video.get("size", 256), "video.size", 16),
         "video_format": str(video.get("format", "mp4")),
         "progress": bool(cfg.get("progress", True)),
+        "inference": inference,
     }
 
 
@@ -176,6 +188,7 @@ def evaluate(
     if resume_dir is not None and not resume_dir.is_dir():
         raise EvalConfigError(f"resume_dir={resume_dir} does not exist")
     policy = load_checked_policy(ckpt, task, opts["device"])
+    configure_inference(policy, **opts["inference"])  # both samplers run the same denoiser
     _check_env(task)
     try:
         schedule = policy.schedule_for(candidate)
@@ -188,7 +201,7 @@ def evaluate(
     fingerprint = {
         # not the episode count: a resumed run may ask for more (or fewer) seeds from the same start
         "checkpoint": file_fingerprint(ckpt), "task": {k: v for k, v in task.__dict__.items() if k != "episodes"},
-        "noise_seed": opts["seed"],
+        "noise_seed": opts["seed"], "inference": opts["inference"],
         "samplers": {role: spec_dict(s) for role, s in specs.items()},
     }
 

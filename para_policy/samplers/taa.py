@@ -68,15 +68,8 @@ def check_taa_options(memory: int, ridge: float) -> None:
 
 
 def slot_weights(schedule: Schedule, numel: int) -> torch.Tensor:
-    """``(S,)`` weights ``1 / (numel · σ_k²)`` of the Anderson fit, in the convergence test's units.
-
-    A final step into ``alpha = 1`` has σ² = 0 (the test there demands an exact match);
-    its weight uses the smallest positive σ² instead, so it stays finite.
-    """
-    variance = schedule.variance.to(torch.float64)
-    positive = variance[variance > 0]
-    floor = float(positive.min()) if positive.numel() else 1.0
-    return 1.0 / (numel * variance.clamp(min=floor))
+    """``(S,)`` weights ``1 / (numel · σ_k²)`` of the Anderson fit, in the convergence test's units."""
+    return 1.0 / (numel * schedule.test_variance().to(torch.float64))
 
 
 class TriangularAnderson:
@@ -189,14 +182,15 @@ def taa_sample(
     init_rows: torch.Tensor | None = None,
     per_sample_windows: bool = True,
     deadline: float | None = None,
+    linear_solve: bool = False,
     memory: int = 3,
     ridge: float = 1e-3,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard sampling with triangular Anderson acceleration; tolerance 0 reproduces the sequential sample.
 
     Arguments and stats are :func:`para_policy.samplers.picard_sample`'s (same window,
-    tolerance, convergence test, per-sample windows, ``init`` / ``init_rows`` warm start and
-    ``deadline``), plus:
+    tolerance, convergence test, per-sample windows, ``init`` / ``init_rows`` warm start,
+    ``linear_solve`` and ``deadline``), plus:
 
     Args:
         memory: how many past iterate differences each slot mixes (2–5 are sensible;
@@ -217,4 +211,5 @@ def taa_sample(
     return picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=tolerance,
                          max_iterations=max_iterations, condition=condition, inpaint=inpaint, init=init,
                          init_rows=init_rows,
-                         per_sample_windows=per_sample_windows, deadline=deadline, accelerator=anderson)
+                         per_sample_windows=per_sample_windows, deadline=deadline, accelerator=anderson,
+                         linear_solve=linear_solve)

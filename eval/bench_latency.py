@@ -54,13 +54,12 @@ from para_policy.evaluation.rollout import call_noise, run_rollouts
 from para_policy.inference import configure_inference
 from para_policy.policy import LowdimPolicy, SamplerConfig, load_policy
 from para_policy.samplers import shift_trajectory
-from para_policy.window import DEFAULT_BATCHES, batch_cost_curve, choose_window
+from para_policy.window import CANDIDATE_WINDOWS, DEFAULT_BATCHES, batch_cost_curve, choose_window
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "eval" / "results" / "bench_latency"
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 REPLAY_STREAM = 11  # noise-key stream of the replays
-CANDIDATE_WINDOWS = (8, 16, 24, 32, 48, 64, 100)
 
 
 @dataclass
@@ -107,6 +106,8 @@ def build_variants(tolerance: float, best_tolerance: float, tolerances: Sequence
         picard("+ linear solve (w100)", 100, tolerance, linear=True),
         picard(f"+ cost-curve window (w{w_picard})", w_picard, tolerance),
         combined(w_best, best_tolerance),
+        picard(f"all combined but ParaTAA (w{w_best}, tol {best_tolerance})", w_best, best_tolerance, warm=True,
+               linear=True),
         combined(w_best, best_tolerance, precision="bf16",
                  name=f"all combined, bf16 (w{w_best}, tol {best_tolerance})"),
     ]

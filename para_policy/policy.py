@@ -43,6 +43,8 @@ class SamplerConfig:
     name: one of ``SAMPLERS``; scheduler: ``'ddpm'`` / ``'ddim'`` or None for the name's
     default; num_inference_steps: None for the checkpoint's; options: Picard options
     (window, tolerance, max_iterations, per_sample_windows; ParaTAA also memory, ridge);
+    ``window='auto'`` is resolved by :func:`para_policy.window.tune_window` (the evaluator
+    does it before its rollouts).
     warm_start: callers that run a control loop (the controller, the evaluator) start
     each chunk from the previous chunk's trajectory shifted by the executed actions
     (``predict_action(warm_start=...)``); Picard samplers only.
@@ -68,8 +70,9 @@ class SamplerConfig:
         if tolerance is not None and not float(tolerance) >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
         window = self.options.get("window")
-        if window is not None and int(window) < 1:
-            raise ValueError(f"window must be >= 1, got {window!r}")
+        if window is not None and window != "auto" and (isinstance(window, bool) or not isinstance(window, int)
+                                                        or window < 1):
+            raise ValueError(f"window must be an integer >= 1 or 'auto', got {window!r}")
         if self.warm_start and fn not in SAMPLER_OPTIONS:
             iterative = sorted(n for n, (f, _) in SAMPLERS.items() if f in SAMPLER_OPTIONS)
             raise ValueError(f"warm_start needs a Picard sampler {iterative}, not {self.name!r}")

@@ -12,6 +12,8 @@ measured once; each candidate window is run on a few calibration chunks, which g
 its rows per round (``stats.extra['rows_per_round']``, independent of the machine);
 the predicted latency of a chunk is ``Σ_rounds c(rows)``, with ``c`` interpolated
 linearly between measured batch sizes. The window with the lowest mean prediction wins.
+:func:`tune_window` does all of it for a policy; ``sampler.window=auto`` in ``eval.py``
+calls it before the rollouts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,3 +121,64 @@ def choose_window(cost: Mapping[int, float], traces: Mapping[int, Sequence[Seque
         predicted[int(w)] = statistics.mean(predict_latency(cost, r) for r in runs)
     best = min(sorted(predicted), key=lambda w: predicted[w])
     return best, predicted
+
+
+CANDIDATE_WINDOWS = (8, 16, 24, 32, 48, 64, 100)
+
+
+def tune_window(
+    policy: Any,
+    spec: Any,
+    observations: Sequence[Any],
+    candidates: Sequence[int] = CANDIDATE_WINDOWS,
+    *,
+    cost: Mapping[int, float] | None = None,
+    reps: int = 10,
+    seed: int = 0,
+) -> tuple[int, dict[str, Any]]:
+    """The window for ``spec`` on this machine: cost curve × rows per round on ``observations``.
+
+    Args:
+        policy: a :class:`~para_policy.policy.LowdimPolicy`.
+        spec: the Picard :class:`~para_policy.policy.SamplerConfig` to tune (its ``window``
+            is replaced by each candidate; everything else kept). Calibration calls are
+            cold (no warm start): an episode's first chunk is what they see.
+        observations: a few ``(n_obs_steps, obs_dim)`` observations to calibrate on.
+        candidates: windows to try (clipped to the number of steps).
+        cost: a cost curve measured before (``{rows: ms}``); measured now when None.
+        reps: timed calls per batch size of the cost curve.
+    Returns:
+        ``(window, info)``; info has ``cost``, ``predicted_ms`` and ``rounds`` per window.
+    """
+    from dataclasses import replace
+
+    if not observations:
+        raise ValueError("tune_window needs at least one observation to calibrate on")
+    schedule = policy.schedule_for(spec)
+    S = schedule.num_steps
+    windows = sorted({min(int(w), S) for w in candidates})
+    obs = [torch.as_tensor(np.asarray(o, dtype=np.float32))[None] for o in observations]
+    if cost is None:
+        cond, _ = policy.conditioning(obs[0].to(policy.device))
+        sizes = sorted({n for n in DEFAULT_BATCHES if n <= windows[-1]} | {windows[-1]})
+        cost = batch_cost_curve(policy.denoise, policy.trajectory_shape(1)[1:], cond, sizes,
+                                num_train_timesteps=int(schedule.timesteps.max()) + 1, reps=reps,
+                                device=policy.device)
+    g = torch.Generator().manual_seed(seed)
+    noises = [policy_noise(policy, schedule, g) for _ in obs]
+    traces: dict[int, list[list[int]]] = {}
+    for w in windows:
+        trial = replace(spec, options={**spec.options, "window": w}, warm_start=False)
+        for o, (x_T, noise) in zip(obs, noises, strict=True):
+            policy.predict_action({"obs": o}, x_T=x_T, noise=noise, sampler=trial)
+            traces.setdefault(w, []).append(list(policy.last_stats.extra["rows_per_round"]))
+    best, predicted = choose_window(cost, traces)
+    rounds = {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}
+    return best, {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds}
+
+
+def policy_noise(policy: Any, schedule: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_T`` and step noise for one batch-1 call of ``policy`` on ``schedule``."""
+    from para_policy.samplers import draw_noise
+
+    return draw_noise(schedule, policy.trajectory_shape(1), generator, device=policy.device, dtype=policy.dtype)

@@ -449,3 +449,13 @@ def test_warm_start_config_is_checked():
         sampler_config({"name": "paradigms", "warm_start": "yes"})
     with pytest.raises(EvalConfigError, match="warm_start needs a Picard sampler"):
         sampler_config({"name": "sequential", "warm_start": True})
+
+
+def test_window_auto_is_resolved_before_the_rollouts_and_recorded(ckpt, tmp_path):
+    results = run_eval(ckpt, tmp_path, "sampler.window=auto", "sampler.linear_solve=true", "video.enabled=false")
+    tuning = results["window_tuning"]
+    window = results["samplers"]["candidate"]["spec"]["options"]["window"]
+    assert isinstance(window, int) and tuning["predicted_ms"][window] == min(tuning["predicted_ms"].values())
+    assert set(tuning["rounds"]) <= {8, 10}  # candidates clipped to the checkpoint's 10 steps
+    with pytest.raises(EvalConfigError, match="sampler.window"):
+        run_eval(ckpt, tmp_path / "bad", "sampler.window=wide")

@@ -58,3 +58,23 @@ def test_batch_cost_curve_times_each_batch_size():
     assert list(cost) == [1, 2, 4] and all(ms > 0 for ms in cost.values())
     with pytest.raises(ValueError, match="batch_sizes"):
         batch_cost_curve(denoiser, (8, 3), None, (0, 4))
+
+
+def test_tune_window_picks_the_cheapest_window_for_a_given_cost_curve():
+    from test_policy import OBS_DIM, TO, tiny_policy
+
+    from para_policy.policy import SamplerConfig
+    from para_policy.window import tune_window
+
+    policy = tiny_policy()
+    spec = SamplerConfig("paradigms", None, None, {"window": "auto", "tolerance": 0.1})
+    obs = [torch.rand(TO, OBS_DIM, generator=torch.Generator().manual_seed(i)).numpy() * 500 for i in range(2)]
+    flat = {1: 10.0, 100: 10.0}  # a GPU: the round costs the same at any size → the widest window
+    window, info = tune_window(policy, spec, obs, (4, 16, 100), cost=flat)
+    assert window == 100 and set(info["rounds"]) == {4, 16, 100}
+    assert info["rounds"][4] >= info["rounds"][16] >= info["rounds"][100]
+    steep = {1: 1.0, 100: 100.0}  # cost ∝ rows: fewer model evaluations win
+    window, info = tune_window(policy, spec, obs, (4, 16, 100), cost=steep)
+    assert info["predicted_ms"][window] == min(info["predicted_ms"].values())
+    with pytest.raises(ValueError, match="at least one observation"):
+        tune_window(policy, spec, [])

@@ -145,7 +145,7 @@ def sampler_config(node: DictConfig | dict) -> SamplerConfig:
                 or float(tol) == float("inf"):
             raise EvalConfigError(f"sampler.tolerance must be a finite number >= 0, got {tol!r}")
         options["tolerance"] = float(tol)
-    if "window" in options:
+    if "window" in options and options["window"] != "auto":
         options["window"] = _int(options["window"], "sampler.window", 1)
     if "max_iterations" in options:
         options["max_iterations"] = _int(options["max_iterations"], "sampler.max_iterations", 1)

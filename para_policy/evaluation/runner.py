@@ -156,6 +156,26 @@ def _load_progress(resume_dir: Path, fingerprint: dict[str, Any]) -> dict[str, l
     return {role: [e for e in eps if e.get("error") is None] for role, eps in saved.get("episodes", {}).items()}
 
 
+def _tune_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings) -> tuple[SamplerConfig, dict]:
+    """Resolve ``window: auto`` from this machine's cost curve, calibrated on the first start states."""
+    from dataclasses import replace
+
+    from para_policy.window import tune_window
+
+    env = make_task_env(task)
+    try:
+        observations = [np.stack([np.asarray(env.reset(seed=s)[0], dtype=np.float32)] * policy.n_obs_steps)
+                        for s in task.seeds[:3]]
+    finally:
+        env.close()
+    t0 = time.perf_counter()
+    window, info = tune_window(policy, spec, observations)
+    print(f"window auto -> {window} (cost curve and {len(observations)} calibration calls per window, "
+          f"{time.perf_counter() - t0:.0f} s): predicted ms " +
+          ", ".join(f"w{w}: {ms:.0f}" for w, ms in info["predicted_ms"].items()))
+    return replace(spec, options={**spec.options, "window": window}), info
+
+
 def evaluate(
     cfg: DictConfig,
     output_dir: str | Path,
@@ -204,6 +224,11 @@ def evaluate(
         "noise_seed": opts["seed"], "inference": opts["inference"],
         "samplers": {role: spec_dict(s) for role, s in specs.items()},
     }
+
+    window_tuning = None
+    if candidate.options.get("window") == "auto":
+        candidate, window_tuning = _tune_window(policy, candidate, task)
+        specs["candidate"] = candidate
 
     # ---- 2. rollouts ---------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +340,8 @@ def evaluate(
                        for role, p in video_files.items()},
             "config": resolved,
         }
+        if window_tuning is not None:
+            results["window_tuning"] = window_tuning
         plots = make_plots(results, timings, out)
         results["plots"] = {name: str(p.relative_to(out)) for name, p in plots.items()}
         write_json(out / RESULTS_FILE, results)

@@ -32,9 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="policy checkpoint: para_policy .safetensors or a trusted DiffusionPolicy .ckpt")
-    p.add_argument("--sampler", default="paradigms", choices=["paradigms", "paraddim", "paraddpm", "sequential"])
-    p.add_argument("--window", type=int, default=16, help="Picard window (steps refined per round)")
-    p.add_argument("--tolerance", type=float, default=0.1, help="Picard tolerance (0 = exact)")
+    p.add_argument("--sampler", default="recommended",
+                   choices=["recommended", "paradigms", "parataa", "paraddim", "paraddpm", "sequential"],
+                   help="recommended: ParaTAA + linear solve, window 48, tolerance 0.02 (the fastest measured)")
+    p.add_argument("--window", type=int, default=None, help="Picard window (steps refined per round)")
+    p.add_argument("--tolerance", type=float, default=None, help="Picard tolerance (0 = exact)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="override the checkpoint's steps")
     p.add_argument("--no-warm-start", action="store_true", help="start every chunk cold")
     p.add_argument("--compare-warm-start", action="store_true",
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     policy = load_policy(args.checkpoint)
     options = {}
     if args.sampler != "sequential":
-        options.update(window=args.window, tolerance=args.tolerance)
+        options.update({k: v for k, v in (("window", args.window), ("tolerance", args.tolerance)) if v is not None})
     if args.num_inference_steps:
         options["num_inference_steps"] = args.num_inference_steps
     runs = [("cold", False), ("warm", True)] if args.compare_warm_start else [

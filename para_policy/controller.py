@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS, LowdimPolicy, SamplerConfig
+from para_policy.policy import RECOMMENDED_SAMPLER, SAMPLER_OPTIONS, SAMPLERS, LowdimPolicy, SamplerConfig
 from para_policy.samplers import shift_trajectory
 
 
@@ -87,8 +87,10 @@ class Controller:
 
     Args:
         policy: the policy (its normalizer and UNet; its own sampler setting is not changed).
-        sampler: ``'paradigms'`` (default), ``'paraddim'``, ``'paraddpm'``, ``'sequential'``,
-            or None for the policy's configured sampler.
+        sampler: ``'recommended'`` (default: :data:`para_policy.policy.RECOMMENDED_SAMPLER`,
+            ParaTAA with the linear solve, window 48, tolerance 0.02; ``options`` override
+            its values), or a sampler name (``'paradigms'``, ``'parataa'``, ``'paraddim'``,
+            ``'paraddpm'``, ``'sequential'``), or None for the policy's configured sampler.
         warm_start: start each chunk from the previous one shifted by the executed actions
             (Picard samplers only; ignored by ``'sequential'``).
         deadline_ms: time budget per chunk in ms, or None (Picard samplers only).
@@ -104,10 +106,13 @@ class Controller:
     Actions come back as numpy arrays when observations are numpy, as tensors otherwise.
     """
 
-    def __init__(self, policy: LowdimPolicy, sampler: str | None = "paradigms", warm_start: bool = True,
+    def __init__(self, policy: LowdimPolicy, sampler: str | None = "recommended", warm_start: bool = True,
                  deadline_ms: float | None = None, seed: int | None = None,
                  devices: Sequence[str | torch.device] | None = None, **options: Any) -> None:
         self.policy = policy
+        if sampler == "recommended":
+            sampler, options = RECOMMENDED_SAMPLER["name"], {
+                **{k: v for k, v in RECOMMENDED_SAMPLER.items() if k != "name"}, **options}
         if sampler is None and not options:
             self.spec = policy.sampler
         else:

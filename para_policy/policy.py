@@ -33,6 +33,10 @@ PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows",
 TAA_OPTIONS = PICARD_OPTIONS + ("memory", "ridge")
 # the iterative samplers and their options; only these take init / warm_start / deadline
 SAMPLER_OPTIONS: dict[Any, tuple[str, ...]] = {picard_sample: PICARD_OPTIONS, taa_sample: TAA_OPTIONS}
+# The fastest setting measured for the shipped PushT policy on a 2-core CPU
+# (eval/results/bench_latency/): what `sampler=paradigms` and `Controller(policy)` run.
+# The window is this machine's choice from its cost curve; on a GPU use window=100.
+RECOMMENDED_SAMPLER = {"name": "parataa", "window": 48, "tolerance": 0.02, "linear_solve": True}
 CONFIG_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim", "model", "noise_scheduler")
 
 

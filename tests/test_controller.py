@@ -145,3 +145,13 @@ def test_controller_needs_valid_sampler():
         Controller(policy, sampler="fastest")
     with pytest.raises(ValueError, match="does not take options"):
         Controller(policy, sampler="sequential", window=4)
+
+
+def test_default_controller_runs_the_recommended_sampler():
+    from para_policy.policy import RECOMMENDED_SAMPLER
+
+    policy = tiny_policy()
+    ctl = Controller(policy, seed=0)
+    assert ctl.spec.name == RECOMMENDED_SAMPLER["name"] and ctl.warm_start
+    assert ctl.spec.options == {k: v for k, v in RECOMMENDED_SAMPLER.items() if k != "name"}
+    assert Controller(policy, tolerance=0.0).spec.options["tolerance"] == 0.0  # options override it

@@ -59,7 +59,7 @@ def test_evaluator_runs_the_shipped_policy(sampler, tmp_path):
         overrides.append("sampler.num_inference_steps=20")  # short: a CI-sized run of the real network
     results = evaluate(compose_eval(overrides), tmp_path, overrides=overrides)
     cand, base = results["samplers"]["candidate"], results["samplers"]["baseline"]
-    assert cand["name"] == sampler and base["name"] == "sequential"
+    assert cand["name"] == {"paradigms": "parataa"}.get(sampler, sampler) and base["name"] == "sequential"
     assert [e["seed"] for e in cand["episodes"]] == [e["seed"] for e in base["episodes"]] == [100000, 100001]
     assert results["checkpoint"].endswith("pusht_lowdim.safetensors")
     assert 0.0 <= cand["mean_score"] <= 1.0 and 0.0 <= base["mean_score"] <= 1.0
@@ -72,4 +72,4 @@ def test_evaluator_accepts_parataa_options_and_refuses_them_elsewhere(tmp_path):
     spec = sampler_config(compose_eval(["sampler=parataa", "sampler.memory=2"]).sampler)
     assert spec.name == "parataa" and spec.options["memory"] == 2 and spec.options["ridge"] == 0.001
     with pytest.raises(EvalConfigError, match="memory"):
-        sampler_config(compose_eval(["sampler=paradigms", "+sampler.memory=2"]).sampler)
+        sampler_config(compose_eval(["sampler=paradigms_published", "+sampler.memory=2"]).sampler)

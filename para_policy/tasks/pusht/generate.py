@@ -23,20 +23,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..seeds import (  # noqa: F401  (EVAL_SEEDS, SEED_BASE, SEED_STRIDE re-exported)
+    EVAL_SEEDS,
+    SEED_BASE,
+    SEED_STRIDE,
+    add_seed_arguments,
+    env_seeds_from_args,
+    episode_seed,
+)
 from .env import block_keypoints
 from .expert import run_expert_episode
 from .replay_buffer import ReplayBuffer
-
-SEED_BASE = 1_000_000
-SEED_STRIDE = 100_000
-EVAL_SEEDS = range(100_000, 100_050)
-
-
-def episode_seed(seed: int, i: int) -> int:
-    """Env/expert seed of start state ``i`` for run seed ``seed`` (disjoint from EVAL_SEEDS)."""
-    if not 0 <= i < SEED_STRIDE or seed < 0:
-        raise ValueError(f"need seed >= 0 and 0 <= i < {SEED_STRIDE}, got seed={seed}, i={i}")
-    return SEED_BASE + SEED_STRIDE * seed + i
 
 
 def _worker(args: tuple[int, dict[str, Any]]) -> dict[str, Any]:
@@ -118,29 +115,15 @@ def generate_dataset(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--episodes", type=int, default=200, help="number of start states to try")
-    p.add_argument("--seed", type=int, default=0, help="run seed (start state i uses 1e6 + 1e5*seed + i)")
+    add_seed_arguments(p)
     p.add_argument("--out", default="data/pusht/pusht_expert.zarr", help="output zarr (format 2) path")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--img", action="store_true", help="also store 96x96 RGB frames in data/img")
     p.add_argument("--max-steps", type=int, default=300, help="step limit per episode (env limit is 300)")
     p.add_argument("--target-coverage", type=float, default=0.97, help="stop recording at this coverage")
     p.add_argument("--candidates", type=int, default=None, help="expert candidate pushes per decision")
-    p.add_argument("--env-seeds", metavar="FIRST:END",
-                   help="run on env seeds FIRST..END-1 instead of the training seeds (e.g. 100000:100050, the "
-                        "test start states); implies --no-save")
-    p.add_argument("--no-save", action="store_true", help="only report success rate and lengths")
     args = p.parse_args(argv)
-    seeds = None
-    if args.env_seeds:
-        try:
-            first, end = (int(v) for v in args.env_seeds.split(":"))
-        except ValueError:
-            p.error(f"--env-seeds expects FIRST:END (two integers), got {args.env_seeds!r}")
-        if end <= first:
-            p.error(f"--env-seeds: END must be greater than FIRST, got {args.env_seeds!r}")
-        seeds = list(range(first, end))
-        args.no_save = True
+    seeds = env_seeds_from_args(p, args)
 
     ekw = {"n_candidates": args.candidates} if args.candidates else None
     buf, st = generate_dataset(

@@ -12,6 +12,10 @@ copies and pads each window in a Python loop.  Here each window is precomputed a
 buffer row indices (the padding is just a clamped index), so a batch of windows is one fancy-index
 ``obs[rows[batch]]``: no per-item Python work and identical results.
 
+Datasets: :class:`PushTLowdimDataset` (a zarr replay buffer) and :class:`RobomimicLowdimDataset`
+(a robomimic HDF5 file, e.g. Lift), both :class:`LowdimDataset` with DiffusionPolicy's
+train / validation episode split.
+
 PushT's low-dim observation (DiffusionPolicy's ``PushTLowdimDataset``) is the 9 block keypoints
 flattened ``x0, y0, x1, y1, ...`` (18 numbers) followed by the agent position ``state[:, :2]``.
 """
@@ -20,11 +24,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 GENERATE_HINT = "python -m para_policy.tasks.pusht.generate"
+LIFT_GENERATE_HINT = "python -m para_policy.tasks.lift.generate"
 
 
 def window_rows(
@@ -193,8 +199,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         return {"obs": self.obs.numpy(), "action": self.action.numpy()}
 
 
-class PushTLowdimDataset(SequenceDataset):
-    """DiffusionPolicy's ``PushTLowdimDataset``: keypoint observations, train / validation split.
+class LowdimDataset(SequenceDataset):
+    """Windows over a low-dim buffer with DiffusionPolicy's train / validation episode split.
 
     The instance itself holds the training episodes; :meth:`get_validation_dataset` the held-out
     ones (``val_ratio`` of the episodes, chosen by ``seed`` exactly as DiffusionPolicy does).
@@ -202,8 +208,7 @@ class PushTLowdimDataset(SequenceDataset):
 
     def __init__(
         self,
-        keypoint: np.ndarray,
-        state: np.ndarray,
+        obs: np.ndarray,
         action: np.ndarray,
         episode_ends: np.ndarray,
         horizon: int = 16,
@@ -214,19 +219,30 @@ class PushTLowdimDataset(SequenceDataset):
         max_train_episodes: int | None = None,
         path: str | None = None,
     ):
-        """keypoint (N, 9, 2), state (N, 5), action (N, 2), episode_ends (E,)."""
+        """obs (N, obs_dim), action (N, action_dim), episode_ends (E,)."""
         self.val_mask = get_val_mask(len(episode_ends), val_ratio, seed)
         train_mask = downsample_mask(~self.val_mask, max_train_episodes, seed)
-        super().__init__(
-            pusht_lowdim_obs(keypoint, state),
-            action,
-            episode_ends,
-            horizon,
-            pad_before,
-            pad_after,
-            episode_mask=train_mask,
-        )
+        super().__init__(obs, action, episode_ends, horizon, pad_before, pad_after, episode_mask=train_mask)
         self.path = path
+
+    def get_validation_dataset(self) -> LowdimDataset:
+        """The held-out episodes, windowed the same way (empty if ``val_ratio == 0``)."""
+        return self.with_mask(self.val_mask)
+
+
+class PushTLowdimDataset(LowdimDataset):
+    """DiffusionPolicy's ``PushTLowdimDataset``: keypoint observations, train / validation split."""
+
+    def __init__(
+        self,
+        keypoint: np.ndarray,
+        state: np.ndarray,
+        action: np.ndarray,
+        episode_ends: np.ndarray,
+        **kwargs: Any,
+    ):
+        """keypoint (N, 9, 2), state (N, 5), action (N, 2), episode_ends (E,); ``kwargs`` as :class:`LowdimDataset`."""
+        super().__init__(pusht_lowdim_obs(keypoint, state), action, episode_ends, **kwargs)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kwargs) -> PushTLowdimDataset:
@@ -252,9 +268,35 @@ class PushTLowdimDataset(SequenceDataset):
             **kwargs,
         )
 
-    def get_validation_dataset(self) -> PushTLowdimDataset:
-        """The held-out episodes, windowed the same way (empty if ``val_ratio == 0``)."""
-        return self.with_mask(self.val_mask)
+
+class RobomimicLowdimDataset(LowdimDataset):
+    """DiffusionPolicy's ``RobomimicReplayLowdimDataset`` (relative actions): a robomimic HDF5 file's
+    ``obs/<key>`` concatenated in ``obs_keys`` order, and ``actions``, windowed like PushT."""
+
+    @classmethod
+    def from_path(
+        cls, path: str | os.PathLike, obs_keys: tuple[str, ...] | list[str] | None = None, **kwargs
+    ) -> RobomimicLowdimDataset:
+        """Load every ``data/demo_<i>`` of a robomimic HDF5 file (generated here or robomimic's own).
+
+        Args:
+            obs_keys: observation keys to concatenate (default DiffusionPolicy's Lift keys, 19 dims).
+        Raises ``FileNotFoundError`` naming the path and the command that generates the dataset, and
+        ``MissingExtraError`` with the install hint when h5py is missing.
+        """
+        from para_policy.tasks.lift.env import OBS_KEYS
+        from para_policy.tasks.lift.robomimic_hdf5 import read_lowdim
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"robomimic dataset not found: {path.resolve()}\n"
+                f"Generate it with the scripted expert:  {LIFT_GENERATE_HINT} --help  "
+                f"(writes data/lift/lift_expert.hdf5 by default), or point task.dataset_path at a robomimic "
+                f"low_dim.hdf5 of the same task."
+            )
+        arrays = read_lowdim(path, tuple(obs_keys or OBS_KEYS))
+        return cls(arrays["obs"], arrays["action"], arrays["episode_ends"], path=str(path), **kwargs)
 
 
 def load_replay_arrays(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from para_policy.checkpoints import atomic_write, save_checkpoint
-from para_policy.dataset import PushTLowdimDataset, SequenceDataset
+from para_policy.dataset import LowdimDataset, PushTLowdimDataset, RobomimicLowdimDataset, SequenceDataset
 from para_policy.policy import LowdimPolicy
 
 RESUME_FORMAT = "para_policy.train_state"
@@ -98,22 +98,43 @@ def _abs_path(path: str) -> Path:
         return Path(path).resolve()
 
 
-def make_datasets(cfg: Mapping[str, Any] | DictConfig) -> tuple[PushTLowdimDataset, SequenceDataset]:
-    """Training and validation windows for ``cfg.task`` (pad_before = To-1, pad_after = Ta-1, as DP)."""
+def make_datasets(cfg: Mapping[str, Any] | DictConfig) -> tuple[LowdimDataset, SequenceDataset]:
+    """Training and validation windows for ``cfg.task`` (pad_before = To-1, pad_after = Ta-1, as DP).
+
+    PushT reads a zarr replay buffer, Lift a robomimic HDF5 file (``task.obs_keys`` concatenated).
+    """
     cfg = _plain(cfg)
     task = cfg["task"]
-    if task["name"] != "pusht":
-        raise ValueError(f"no dataset loader for task {task['name']!r}; known: ['pusht']")
-    ds = PushTLowdimDataset.from_path(
-        _abs_path(task["dataset_path"]),
-        horizon=int(cfg["horizon"]),
-        pad_before=int(cfg["n_obs_steps"]) - 1,
-        pad_after=int(cfg["n_action_steps"]) - 1,
-        val_ratio=float(task.get("val_ratio", 0.0)),
-        seed=int(task.get("split_seed", 42)),
-        max_train_episodes=task.get("max_train_episodes"),
-    )
+    kwargs: dict[str, Any] = {
+        "horizon": int(cfg["horizon"]),
+        "pad_before": int(cfg["n_obs_steps"]) - 1,
+        "pad_after": int(cfg["n_action_steps"]) - 1,
+        "val_ratio": float(task.get("val_ratio", 0.0)),
+        "seed": int(task.get("split_seed", 42)),
+        "max_train_episodes": task.get("max_train_episodes"),
+    }
+    path = _abs_path(task["dataset_path"])
+    if task["name"] == "pusht":
+        ds: LowdimDataset = PushTLowdimDataset.from_path(path, **kwargs)
+    elif task["name"] == "lift":
+        ds = RobomimicLowdimDataset.from_path(path, obs_keys=task.get("obs_keys"), **kwargs)
+    else:
+        raise ValueError(f"no dataset loader for task {task['name']!r}; known: ['lift', 'pusht']")
+    if ds.obs.shape[1] != int(task["obs_dim"]) or ds.action.shape[1] != int(task["action_dim"]):
+        raise ValueError(
+            f"dataset {path} has obs_dim={ds.obs.shape[1]}, action_dim={ds.action.shape[1]} but task "
+            f"{task['name']!r} says obs_dim={task['obs_dim']}, action_dim={task['action_dim']}"
+        )
     return ds, ds.get_validation_dataset()
+
+
+def task_env_factory(task_cfg: Mapping[str, Any]) -> Callable[[], Any]:
+    """A no-argument maker of the task's evaluation env (the one ``eval.py`` uses), for training rollouts."""
+    from para_policy.evaluation.config import task_settings
+    from para_policy.evaluation.rollout import make_task_env
+
+    settings = task_settings(OmegaConf.create({"task": dict(task_cfg)}))
+    return lambda: make_task_env(settings)
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -229,7 +250,7 @@ def rollout(
     predict_kwargs: Mapping[str, Any] | None = None,
     make_env: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``episodes`` PushT episodes in lock-step with one batched ``predict_action`` per chunk.
+    """Run ``episodes`` episodes of ``make_env()`` (default PushT) with one batched ``predict_action`` per chunk.
 
     DiffusionPolicy's multi-step protocol: the policy sees the last ``n_obs_steps`` observations
     (the first one repeated at the start), and each predicted chunk's ``n_action_steps`` actions are
@@ -237,7 +258,8 @@ def rollout(
 
     Returns:
         ``{'mean_max_reward': float, 'max_rewards': [float] * episodes, 'success_rate': float}``;
-        an episode's score is its maximum reward (PushT's coverage-based reward), as in DP.
+        an episode's score is its maximum reward (PushT's coverage-based reward, Lift's sparse
+        success reward), as in DP.
     """
     if make_env is None:
         from para_policy.tasks.pusht.env import make_env
@@ -551,6 +573,7 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
                 int(tcfg.get("rollout_seed_start", 0)),
                 int(run_cfg["task"].get("max_steps", 300)),
                 tcfg.get("rollout_predict") or {},
+                make_env=task_env_factory(run_cfg["task"]),
             )
             last["rollout"] = {"step": step, **result}
             record.update(rollout_mean_max_reward=result["mean_max_reward"], rollout_success=result["success_rate"])
@@ -659,6 +682,7 @@ __all__ = [
     "make_datasets",
     "make_lr_scheduler",
     "rollout",
+    "task_env_factory",
     "train",
     "validation_loss",
 ]

@@ -25,7 +25,7 @@ def test_help_lists_groups_and_examples():
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "eval.py" in out and "sampler: paraddim, paradigms, paradigms_published, parataa, sequential" in out
-    assert "task: pusht" in out and "logger: none, wandb" in out
+    assert "task: lift, pusht" in out and "logger: none, wandb" in out
     assert "python eval.py -m sampler.tolerance" in out
 
 

@@ -230,6 +230,11 @@ def summarize(policy: LowdimPolicy, variants: list[Variant]) -> list[dict[str, A
     return rows
 
 
+HEADER = ("| sampler | ms/chunk p50 | p95 | max | ms/action p50 | p95 | rounds (mean) | max | model evals | "
+          "speedup p50 | > seq | mean dev (px) | max dev (px) |")
+RULE = "|---" * 13 + "|"
+
+
 def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     cal = meta["calibration"]
     lines = [
@@ -243,26 +248,22 @@ def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dic
         f"the order of the samplers alternating per chunk. Tolerance {meta['tolerance']} unless the name says "
         f"otherwise. Speedup: "
         f"sequential DDPM-100's median ms per chunk over the sampler's. Deviation: max distance of an executed "
-        f"action from the sequential sampler of the same schedule on the same noise (pixels of the 512-px arena). "
+        f"action from the sequential sampler of the same schedule on the same noise (pixels of the 512-px arena), "
+        f"mean over chunks of the chunk's max, and max over chunks. "
         f"\"> seq\": chunks slower than sequential DDPM-100's median.", "",
-        "| sampler | ms/chunk p50 | p95 | max | ms/action p50 | p95 | rounds (mean) | max | model evals | "
-        "speedup p50 | > seq | max dev (px) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        HEADER, RULE,
     ]
 
     def line(r: dict[str, Any]) -> str:
         return (f"| {r['name']} | {r['ms_p50']:.0f} | {r['ms_p95']:.0f} | {r['ms_max']:.0f} | "
                 f"{r['ms_per_action_p50']:.1f} | {r['ms_per_action_p95']:.1f} | {r['rounds_mean']:.1f} | "
                 f"{r['rounds_max']} | {r['model_evals_mean']:.0f} | {r['speedup_p50']:.2f}× | "
-                f"{r['above_sequential']}/{r['chunks']} | {r['dev_max_px']:.3f} |")
+                f"{r['above_sequential']}/{r['chunks']} | {r['dev_mean_px']:.3f} | {r['dev_max_px']:.3f} |")
 
     lines += [line(r) for r in rows if r["group"] == "main"]
     sweep = [r for r in rows if r["group"] == "sweep"]
     if sweep:
-        lines += ["", "Tolerance sweep (same run):", "",
-                  "| sampler | ms/chunk p50 | p95 | max | ms/action p50 | p95 | rounds (mean) | max | model evals | "
-                  "speedup p50 | > seq | max dev (px) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Tolerance sweep (same run):", "", HEADER, RULE]
         lines += [line(r) for r in sweep]
     lines += ["", "Cost curve (median ms of one denoiser call on n rows):", "",
               "| n | " + " | ".join(str(n) for n in meta["cost"]) + " |",
@@ -345,8 +346,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--noise-seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--report-only", metavar="JSON", default=None,
+                        help="re-render the markdown table and plot of an earlier run's bench_latency.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.report_only:
+        data = json.loads(Path(args.report_only).read_text())
+        meta = data["meta"]
+        meta["cost"] = {int(n): ms for n, ms in meta["cost"].items()}
+        for c in meta["calibration"].values():
+            for key in ("predicted_ms", "rounds"):
+                c[key] = {int(w): v for w, v in c[key].items()}
+        out = Path(args.report_only).parent
+        md = to_markdown(data["rows"], data["per_sample_windows"], meta)
+        atomic_write(out / "bench_latency.md", lambda p: Path(p).write_text(md))
+        plot(data["rows"], out / "latency_vs_tolerance.png")
+        print(md)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -195,7 +195,7 @@ def test_run_writes_side_by_side_results(paradigms_run):
         for e in s["episodes"]:
             assert set(e) >= {"seed", "max_reward", "success", "length", "n_chunks", "rounds_per_chunk", "error"}
             assert 1 <= e["length"] <= 16 and e["n_chunks"] == len(e["rounds_per_chunk"]) >= 1
-            assert "chunk_obs" not in e
+            assert "chunk_obs" not in e and "chunk_guess" not in e
         lat = s["latency"]
         for key in ("ms_per_chunk", "ms_per_action"):
             assert lat[key]["n"] == 4
@@ -469,3 +469,13 @@ def test_window_auto_is_resolved_before_the_rollouts_and_recorded(ckpt, tmp_path
     assert set(tuning["rounds"]) <= {8, 10}  # candidates clipped to the checkpoint's 10 steps
     with pytest.raises(EvalConfigError, match="sampler.window"):
         run_eval(ckpt, tmp_path / "bad", "sampler.window=wide")
+
+
+def test_inference_options_are_checked_and_recorded(ckpt, tmp_path):
+    with pytest.raises(EvalConfigError, match="precision must be one of"):
+        run_eval(ckpt, tmp_path / "bad", "+inference.precision=fp8")
+    with pytest.raises(EvalConfigError, match="inference has unknown keys"):
+        run_eval(ckpt, tmp_path / "bad2", "+inference.fast=true")
+    results = run_eval(ckpt, tmp_path, "+inference.precision=bf16", "sampler.window=4", "video.enabled=false")
+    assert results["config"]["inference"] == {"precision": "bf16"}
+    assert results["samplers"]["candidate"]["n_failed"] == 0

@@ -312,7 +312,7 @@ def evaluate(
         # ---- 4. results ----------------------------------------------------------------------
         samplers: dict[str, Any] = {}
         for role, spec in specs.items():
-            episodes = [{k: v for k, v in e.items() if k != "chunk_obs"} for e in done[role]]
+            episodes = [{k: v for k, v in e.items() if k not in ("chunk_obs", "chunk_guess")} for e in done[role]]
             samplers[role] = {
                 "name": spec.name,
                 "spec": spec_dict(spec),

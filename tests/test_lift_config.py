@@ -167,3 +167,19 @@ def test_write_refuses_ragged_demos(tmp_path):
         write_demos(tmp_path / "bad.hdf5", [demo], ENV_ARGS)
     assert not (tmp_path / "bad.hdf5").exists()
     assert not list(tmp_path.iterdir())  # no temp file left behind
+
+
+def test_shipped_lift_policy_matches_the_task():
+    from para_policy.checkpoints import load_checkpoint
+    from para_policy.policy import load_policy
+
+    cfg = compose_cfg("eval", ["task=lift"])
+    path = Path(cfg.checkpoint)
+    assert path.is_file() and path.stat().st_size < 20e6
+    policy = load_policy(path)
+    assert (policy.obs_dim, policy.action_dim, policy.n_obs_steps, policy.n_action_steps) == (19, 7, 2, 8)
+    meta = load_checkpoint(path)[1]
+    assert meta["task"] == "lift" and meta["training"]["steps"] == 3000
+    assert meta["training"]["dataset"]["episodes"] == 200
+    out = policy.predict_action({"obs": torch.zeros(1, 2, 19)}, generator=torch.Generator().manual_seed(0))
+    assert out["action"].shape == (1, 8, 7) and torch.isfinite(out["action"]).all()

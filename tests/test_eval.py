@@ -227,6 +227,7 @@ def test_run_writes_its_files(paradigms_run):
         assert path.suffix in (".mp4", ".gif") and path.stat().st_size > 1000
     summary = (out / "summary.md").read_text()
     assert "| mean score |" in summary and "parataa" in summary and "sequential (baseline)" in summary
+    assert "| action distance max (px) |" in summary
     progress = json.loads((out / "progress.json").read_text())
     assert len(progress["episodes"]["candidate"]) == 2 and "chunk_obs" in progress["episodes"]["candidate"][0]
 

@@ -168,3 +168,6 @@ def test_eval_runs_on_lift(episodes, tmp_path):
         assert [e["seed"] for e in eps] == [100000, 100001]
         assert all(e["error"] is None and e["length"] == 16 for e in eps)
     assert (tmp_path / "out" / "summary.md").is_file() and (tmp_path / "out" / "results.json").is_file()
+    # the action distance is labelled in Lift's action unit, not PushT's pixels
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "action distance max (OSC delta)" in summary and " px" not in summary

@@ -74,7 +74,10 @@ def test_picard_tolerance_zero_equals_sequential(denoiser, name, make, steps, ba
     ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
     ours, stats = picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=0.0,
                                 condition=cond, inpaint=inpaint, linear_solve=linear_solve)
-    assert (ours - ref).abs().max() < 1e-5
+    # float32 roundoff only: a batched model call rounds differently from a single-row one
+    # (other kernels), and DDIM-10's deterministic steps amplify it (1.3e-5 measured on one
+    # machine, 2e-7 on another); a wrong step shows up as 1e-2 or more.
+    assert (ours - ref).abs().max() < 5e-5
     assert stats.all_converged
     assert stats.rounds <= steps
     if window == 1:

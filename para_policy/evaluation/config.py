@@ -68,6 +68,7 @@ class TaskSettings:
     seed_start: int
     max_steps: int
     fps: int
+    action_unit: str = "px"
 
     @property
     def seeds(self) -> list[int]:
@@ -116,6 +117,7 @@ def task_settings(cfg: DictConfig) -> TaskSettings:
         seed_start=_int(_get(task, "seed_start", 100000), "task.seed_start", 0),
         max_steps=_int(_get(task, "max_steps", 300), "task.max_steps", 1),
         fps=_int(_get(task, "fps", 10), "task.fps", 1),
+        action_unit=str(_get(task, "action_unit", "px")),
     )
 
 

@@ -143,12 +143,13 @@ def latency_summary(timing: Mapping[str, Any], n_action_steps: int) -> dict[str,
 
 
 def faithfulness(candidate: np.ndarray, baseline: np.ndarray) -> dict[str, float | int | None]:
-    """Distance between two samplers' action chunks on the same inputs, in env units (pixels).
+    """Distance between two samplers' action chunks on the same inputs, in action units.
 
     Args:
         candidate, baseline: (K, Na, Da) actions of the same K calls.
     Returns:
-        ``mean_px`` / ``max_px``: Euclidean distance per action, averaged / maximised over
+        ``mean_px`` / ``max_px`` (pixels for PushT; ``task.action_unit`` names the unit):
+        Euclidean distance per action, averaged / maximised over
         all K·Na actions; ``n_calls`` = K.
     """
     if candidate.size == 0:

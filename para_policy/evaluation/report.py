@@ -2,7 +2,7 @@
 
 ``results.json`` schema (``SCHEMA_VERSION``)::
 
-    schema_version, task, checkpoint, seeds, noise_seed, overrides, config (resolved),
+    schema_version, task, action_unit, checkpoint, seeds, noise_seed, overrides, config (resolved),
     machine {torch, torch_threads, cpu_count, platform, processor, load_avg}
     samplers {role: {                        # role: 'candidate' (the chosen sampler), 'baseline'
         name, spec {name, scheduler, num_inference_steps, options}, schedule {kind, num_steps},
@@ -11,7 +11,8 @@
         rounds_per_chunk, wall_time_s, error}],
         rollout_rounds_per_chunk {n, mean, std, min, max, p50, p95, p99},
         latency {ms_per_chunk, ms_per_action, rounds_per_chunk, model_evals_per_chunk} | null }}
-    comparison {candidate, baseline, faithfulness {mean_px, max_px, n_calls},
+    comparison {candidate, baseline, faithfulness {mean_px, max_px, n_calls},   # in action_unit
+                                                                              # (key names from PushT)
                 ratios {<metric>: candidate / baseline}} | null
 """
 
@@ -134,8 +135,9 @@ def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     comp = results.get("comparison") or {}
     faith = comp.get("faithfulness")
     if faith:
-        rows.append(["action distance mean px", _fmt(faith.get("mean_px"), "{:.4f}"), "0", ""])
-        rows.append(["action distance max px", _fmt(faith.get("max_px"), "{:.4f}"), "0", ""])
+        unit = results.get("action_unit", "px")
+        rows.append([f"action distance mean ({unit})", _fmt(faith.get("mean_px"), "{:.4f}"), "0", ""])
+        rows.append([f"action distance max ({unit})", _fmt(faith.get("max_px"), "{:.4f}"), "0", ""])
     return header, rows
 
 

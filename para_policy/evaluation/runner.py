@@ -327,6 +327,7 @@ def evaluate(
         results: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "task": task.name,
+            "action_unit": task.action_unit,
             "checkpoint": str(ckpt),
             "seeds": task.seeds,
             "noise_seed": opts["seed"],

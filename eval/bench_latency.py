@@ -16,8 +16,10 @@ from the observation the last chunk led to. So:
    ParaDDIM-16, ParaDiGMS as published (window 16, whole batch waits for its worst
    sample, cold start, no acceleration), each improvement alone (warm start across
    control steps, triangular Anderson acceleration, the linear solve of
-   ``picard_sample(linear_solve=True)``, window from the cost curve), all combined (also
-   with a bf16 denoiser), and a tolerance sweep. Warm-started samplers start each chunk from their
+   ``picard_sample(linear_solve=True)`` and its secant refinement (``secant=True``),
+   window from the cost curve), all combined (warm start + linear solve + secant + window;
+   also with ParaTAA on top, with a bf16 denoiser, and the previous default: ParaTAA
+   without the secant at window 48), and a tolerance sweep. Warm-started samplers start each chunk from their
    *own* previous chunk's trajectory shifted by the executed actions (the first chunk of
    an episode is cold, as in a real control loop, and is counted).
 4. **Report** per sampler: median / p95 / max ms per chunk and per action, rounds and
@@ -76,19 +78,24 @@ class Variant:
 
 
 def picard(name: str, window: int, tolerance: float, *, taa: bool = False, warm: bool = False, linear: bool = False,
-           wait_for_worst: bool = False, group: str = "main", precision: str = "fp32") -> Variant:
+           secant: bool = False, wait_for_worst: bool = False, group: str = "main", precision: str = "fp32"
+           ) -> Variant:
     opts: dict[str, Any] = {"window": window, "tolerance": tolerance}
     if wait_for_worst:
         opts["per_sample_windows"] = False
-    if linear:
+    if linear or secant:
         opts["linear_solve"] = True
+    if secant:
+        opts["secant"] = True
     spec = SamplerConfig("parataa" if taa else "paradigms", None, None, opts, warm_start=warm)
     return Variant(name, spec, "sequential DDPM-100", group, precision)
 
 
-def combined(window: int, tolerance: float, group: str = "main", precision: str = "fp32", name: str = "") -> Variant:
-    return picard(name or f"all combined (w{window}, tol {tolerance})", window, tolerance, taa=True, warm=True,
-                  linear=True, group=group, precision=precision)
+def combined(window: int, tolerance: float, group: str = "main", precision: str = "fp32", name: str = "",
+             taa: bool = False, secant: bool = True) -> Variant:
+    """Warm start + linear solve + secant, the window from the cost curve (ParaTAA measured on top)."""
+    return picard(name or f"all combined (w{window}, tol {tolerance})", window, tolerance, taa=taa, warm=True,
+                  linear=True, secant=secant, group=group, precision=precision)
 
 
 def build_variants(tolerance: float, best_tolerance: float, tolerances: Sequence[float], w_picard: int,
@@ -104,10 +111,12 @@ def build_variants(tolerance: float, best_tolerance: float, tolerances: Sequence
         picard("+ ParaTAA (w16)", 16, tolerance, taa=True),
         picard("+ linear solve (w16)", 16, tolerance, linear=True),
         picard("+ linear solve (w100)", 100, tolerance, linear=True),
+        picard("+ linear solve + secant (w100)", 100, tolerance, secant=True),
         picard(f"+ cost-curve window (w{w_picard})", w_picard, tolerance),
         combined(w_best, best_tolerance),
-        picard(f"all combined but ParaTAA (w{w_best}, tol {best_tolerance})", w_best, best_tolerance, warm=True,
-               linear=True),
+        combined(w_best, best_tolerance, taa=True, name=f"all combined + ParaTAA (w{w_best}, tol {best_tolerance})"),
+        combined(48, best_tolerance, taa=True, secant=False,
+                 name=f"previous default: ParaTAA, no secant (w48, tol {best_tolerance})"),
         combined(w_best, best_tolerance, precision="bf16",
                  name=f"all combined, bf16 (w{w_best}, tol {best_tolerance})"),
     ]
@@ -296,7 +305,7 @@ def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dic
 
 SERIES = {  # plot line → name prefixes of its main-table row and its sweep rows
     "ParaDiGMS as published (w16, cold)": ("ParaDiGMS as published", "published w16"),
-    "all combined (linear solve + ParaTAA + warm + window)": ("all combined (", "combined w"),
+    "all combined (warm + linear solve + secant + window)": ("all combined (", "combined w"),
 }
 
 

@@ -3,7 +3,7 @@
 Public API:
 - models: ``ConditionalUnet1D`` (DiffusionPolicy's network and state_dict names)
 - schedules: ``make_schedule``, ``Schedule``
-- samplers: ``sequential_sample``, ``picard_sample`` (``linear_solve``), ``taa_sample``, ``draw_noise``,
+- samplers: ``sequential_sample``, ``picard_sample`` (``linear_solve``, ``secant``), ``taa_sample``, ``draw_noise``,
   ``SampleStats``, warm starts ``warm_start_init`` / ``shift_trajectory``
 - policy: ``LowdimPolicy``, ``load_policy``, ``LinearNormalizer``, ``RECOMMENDED_SAMPLER``
 - speed: ``tune_window`` (window from the machine's cost curve), ``configure_inference``

@@ -88,7 +88,7 @@ class Controller:
     Args:
         policy: the policy (its normalizer and UNet; its own sampler setting is not changed).
         sampler: ``'recommended'`` (default: :data:`para_policy.policy.RECOMMENDED_SAMPLER`,
-            ParaTAA with the linear solve, window 48, tolerance 0.02; ``options`` override
+            Picard with the linear solve and its secant, window 100, tolerance 0.02; ``options`` override
             its values), or a sampler name (``'paradigms'``, ``'parataa'``, ``'paraddim'``,
             ``'paraddpm'``, ``'sequential'``), or None for the policy's configured sampler.
         warm_start: start each chunk from the previous one shifted by the executed actions

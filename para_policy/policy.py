@@ -29,14 +29,14 @@ SAMPLERS: dict[str, tuple[Any, str | None]] = {
     "paraddim": (picard_sample, "ddim"),
     "parataa": (taa_sample, None),
 }
-PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows", "linear_solve")
+PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows", "linear_solve", "secant")
 TAA_OPTIONS = PICARD_OPTIONS + ("memory", "ridge")
 # the iterative samplers and their options; only these take init / warm_start / deadline
 SAMPLER_OPTIONS: dict[Any, tuple[str, ...]] = {picard_sample: PICARD_OPTIONS, taa_sample: TAA_OPTIONS}
 # The fastest setting measured for the shipped PushT policy on a 2-core CPU
 # (eval/results/bench_latency/): what `sampler=paradigms` and `Controller(policy)` run.
 # The window is this machine's choice from its cost curve; on a GPU use window=100.
-RECOMMENDED_SAMPLER = {"name": "parataa", "window": 48, "tolerance": 0.02, "linear_solve": True}
+RECOMMENDED_SAMPLER = {"name": "paradigms", "window": 100, "tolerance": 0.02, "linear_solve": True, "secant": True}
 CONFIG_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim", "model", "noise_scheduler")
 
 
@@ -46,7 +46,8 @@ class SamplerConfig:
 
     name: one of ``SAMPLERS``; scheduler: ``'ddpm'`` / ``'ddim'`` or None for the name's
     default; num_inference_steps: None for the checkpoint's; options: Picard options
-    (window, tolerance, max_iterations, per_sample_windows; ParaTAA also memory, ridge);
+    (window, tolerance, max_iterations, per_sample_windows, linear_solve, secant; ParaTAA
+    also memory, ridge);
     ``window='auto'`` is resolved by :func:`para_policy.window.tune_window` (the evaluator
     does it before its rollouts).
     warm_start: callers that run a control loop (the controller, the evaluator) start

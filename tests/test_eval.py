@@ -100,7 +100,7 @@ def paradigms_run(ckpt, tmp_path_factory):
 def test_default_config_composes_with_the_issue_defaults():
     cfg = compose_eval()
     assert cfg.task.name == "pusht"
-    assert cfg.sampler.name == "parataa"  # sampler=paradigms: the fastest measured setting
+    assert cfg.sampler.name == "paradigms"  # sampler=paradigms: the fastest measured setting
     assert cfg.logger.backend == "wandb"
     assert cfg.compare is True
     assert cfg.checkpoint.endswith("para_policy/assets/pusht_lowdim.safetensors")
@@ -111,15 +111,15 @@ def test_default_config_composes_with_the_issue_defaults():
     assert task.env_id == "gym_pusht/PushT-v0" and task.obs_type == "keypoints" and task.obs_dim == 20
     spec = sampler_config(cfg.sampler)
     assert spec.options["tolerance"] == pytest.approx(0.02) and spec.options["window"] == "auto"
-    assert spec.options["linear_solve"] and spec.warm_start
+    assert spec.options["linear_solve"] and spec.options["secant"] and spec.warm_start
     from para_policy.policy import RECOMMENDED_SAMPLER  # the controller's default: the same setting
 
     assert spec.name == RECOMMENDED_SAMPLER["name"]
-    assert {k: spec.options[k] for k in ("tolerance", "linear_solve")} == {
-        k: RECOMMENDED_SAMPLER[k] for k in ("tolerance", "linear_solve")}
+    assert {k: spec.options[k] for k in ("tolerance", "linear_solve", "secant")} == {
+        k: RECOMMENDED_SAMPLER[k] for k in ("tolerance", "linear_solve", "secant")}
     published = sampler_config(compose_eval(["sampler=paradigms_published"]).sampler)
     assert published.name == "paradigms" and published.options == {
-        "window": 16, "tolerance": 0.1, "per_sample_windows": False, "linear_solve": False}
+        "window": 16, "tolerance": 0.1, "per_sample_windows": False, "linear_solve": False, "secant": False}
     assert not published.warm_start
 
 
@@ -174,6 +174,10 @@ def test_picard_option_on_sequential_is_refused():
         sampler_config({"name": "sequential", "tolerance": 0.1})
     with pytest.raises(EvalConfigError, match="sampler.window must be >= 1"):
         sampler_config({"name": "paradigms", "window": 0})
+    with pytest.raises(EvalConfigError, match="sampler.secant=true needs sampler.linear_solve=true"):
+        sampler_config({"name": "paradigms", "secant": True, "linear_solve": False})
+    with pytest.raises(EvalConfigError, match="sampler.secant must be true or false"):
+        sampler_config({"name": "paradigms", "secant": "yes", "linear_solve": True})
 
 
 # ---- a full run: schema and files ------------------------------------------------------
@@ -183,7 +187,7 @@ def test_run_writes_side_by_side_results(paradigms_run):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["samplers"].keys() == results["samplers"].keys() == {"candidate", "baseline"}
     cand, base = results["samplers"]["candidate"], results["samplers"]["baseline"]
-    assert cand["name"] == "parataa" and base["name"] == "sequential"  # sampler=paradigms, the default
+    assert cand["name"] == "paradigms" and base["name"] == "sequential"  # sampler=paradigms, the default
     # the baseline runs on the candidate's schedule
     assert base["schedule"] == cand["schedule"] == {"kind": "ddpm", "num_steps": 10}
     assert results["seeds"] == [100000, 100001]
@@ -205,7 +209,7 @@ def test_run_writes_side_by_side_results(paradigms_run):
     assert base["latency"]["model_evals_per_chunk"]["mean"] == 10
     assert 1 <= cand["latency"]["rounds_per_chunk"]["max"] <= 10
     comp = results["comparison"]
-    assert comp["candidate"] == "parataa" and comp["baseline"] == "sequential"
+    assert comp["candidate"] == "paradigms" and comp["baseline"] == "sequential"
     ratios = comp["ratios"]
     assert set(ratios) >= {"mean_score", "success_rate", "mean_length", "latency_ms_per_chunk_p50",
                            "latency_ms_per_chunk_p99", "rounds_per_chunk", "model_evals_per_chunk"}
@@ -226,7 +230,7 @@ def test_run_writes_its_files(paradigms_run):
     for path in videos.values():
         assert path.suffix in (".mp4", ".gif") and path.stat().st_size > 1000
     summary = (out / "summary.md").read_text()
-    assert "| mean score |" in summary and "parataa" in summary and "sequential (baseline)" in summary
+    assert "| mean score |" in summary and "paradigms" in summary and "sequential (baseline)" in summary
     assert "| action distance max (px) |" in summary
     progress = json.loads((out / "progress.json").read_text())
     assert len(progress["episodes"]["candidate"]) == 2 and "chunk_obs" in progress["episodes"]["candidate"][0]
@@ -345,7 +349,7 @@ def test_resume_runs_only_the_missing_episodes_and_gives_the_same_results(ckpt, 
 
     monkeypatch.setattr(runner, "run_rollouts", spy)
     resumed = run_eval(ckpt, tmp_path / "new", f"resume_dir={old}")
-    assert ran == [("parataa", [100001]), ("sequential", [100000, 100001])]
+    assert ran == [("paradigms", [100001]), ("sequential", [100000, 100001])]
     for role in ("candidate", "baseline"):
         a, b = resumed["samplers"][role]["episodes"], full["samplers"][role]["episodes"]
         assert [e["seed"] for e in a] == [e["seed"] for e in b] == [100000, 100001]

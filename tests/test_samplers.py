@@ -64,7 +64,7 @@ def test_sequential_reproduces_diffusion_policy(denoiser, name, make, steps, bat
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("window", [1, 4, 100])
-@pytest.mark.parametrize("linear_solve", [False, True])
+@pytest.mark.parametrize("linear_solve", [False, True, "secant"])
 def test_picard_tolerance_zero_equals_sequential(denoiser, name, make, steps, batch, masked, window, linear_solve):
     shape = (batch, SHAPE_T, SHAPE_D)
     cond = torch.randn(batch, 4, generator=torch.Generator().manual_seed(3))
@@ -73,7 +73,8 @@ def test_picard_tolerance_zero_equals_sequential(denoiser, name, make, steps, ba
     x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(5))
     ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
     ours, stats = picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=0.0,
-                                condition=cond, inpaint=inpaint, linear_solve=linear_solve)
+                                condition=cond, inpaint=inpaint, linear_solve=bool(linear_solve),
+                                secant=linear_solve == "secant")
     # float32 roundoff only: a batched model call rounds differently from a single-row one
     # (other kernels), and DDIM-10's deterministic steps amplify it (1.3e-5 measured on one
     # machine, 2e-7 on another); a wrong step shows up as 1e-2 or more.
@@ -278,3 +279,27 @@ def test_linear_solve_is_exact_in_one_round_when_x0_does_not_depend_on_x():
     assert lin.rounds == 2 and (ours - ref).abs().max() < 1e-5
     _, plain = picard_sample(oracle, schedule, x_T, noise, window=100, tolerance=1e-3)
     assert plain.rounds > 5
+
+
+def test_secant_solves_a_linear_denoiser_in_three_rounds():
+    """A clean-sample prediction linear in x (x0 = λ_k x + target, the closed form for Gaussian
+    data): the secant slope is exact from the second round on, so that round solves the whole
+    window and the third confirms it; the linear solve alone leaves λ_k x to iterate on."""
+    schedule = make_schedule(dp_ddpm(clip_sample=False), 100)  # no clipping: x0 really linear
+    target = 0.4 * torch.rand(1, SHAPE_T, SHAPE_D, generator=torch.Generator().manual_seed(2)) - 0.2
+    step_of = {int(t): k for k, t in enumerate(schedule.timesteps)}
+    slope = torch.linspace(0.05, 0.9, 100)  # x0 follows x more closely as the noise falls
+
+    def linear(x, t, condition=None):
+        k = torch.tensor([step_of[int(v)] for v in t])
+        return schedule.output_for_x0(x, k, slope[k].view(-1, 1, 1) * x + target)
+
+    x_T, noise = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(4))
+    ref, _ = sequential_sample(linear, schedule, x_T, noise)
+    ours, sec = picard_sample(linear, schedule, x_T, noise, window=100, tolerance=1e-3, linear_solve=True,
+                              secant=True)
+    assert sec.rounds == 3 and (ours - ref).abs().max() < 1e-4
+    _, lin = picard_sample(linear, schedule, x_T, noise, window=100, tolerance=1e-3, linear_solve=True)
+    assert lin.rounds > 6
+    with pytest.raises(ValueError, match="secant=True needs linear_solve=True"):
+        picard_sample(linear, schedule, x_T, noise, secant=True)

@@ -151,10 +151,12 @@ def sampler_config(node: DictConfig | dict) -> SamplerConfig:
         options["window"] = _int(options["window"], "sampler.window", 1)
     if "max_iterations" in options:
         options["max_iterations"] = _int(options["max_iterations"], "sampler.max_iterations", 1)
-    for flag in ("per_sample_windows", "linear_solve"):
+    for flag in ("per_sample_windows", "linear_solve", "secant"):
         if flag in options:
             if not isinstance(options[flag], bool):
                 raise EvalConfigError(f"sampler.{flag} must be true or false, got {options[flag]!r}")
+    if options.get("secant") and not options.get("linear_solve"):
+        raise EvalConfigError("sampler.secant=true needs sampler.linear_solve=true (it refines the linear solve)")
     steps = node.get("num_inference_steps")
     if steps is not None:
         steps = _int(steps, "sampler.num_inference_steps", 1)

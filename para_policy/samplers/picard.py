@@ -82,6 +82,7 @@ def picard_sample(
     deadline: float | None = None,
     accelerator: Accelerator | None = None,
     linear_solve: bool = False,
+    secant: bool = False,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Sample with Picard iterations; tolerance 0 reproduces :func:`sequential_sample`.
 
@@ -122,11 +123,25 @@ def picard_sample(
             (tolerance 0 still gives the sequential sample), far fewer rounds; errors stop
             later relative to the change, so use a smaller tolerance for the same deviation
             (``eval/bench_latency.py``).
+        secant: with ``linear_solve``, also move the part of ``c_k x0(x)`` that changes
+            with ``x`` into the linear solve: per step, the slope ``μ_k`` of the
+            nonlinear part along its last change (``<Δg, Δx> / <Δx, Δx>`` between the
+            step's last two model inputs, a one-number secant (Barzilai–Borwein) estimate of
+            its Jacobian) makes the solved coefficient ``a_k + μ_k``, kept within
+            ``[a_k, 1]``: between the linear solve's (μ = 0) and the published sums'
+            (coefficient 1), so the solved recurrence never amplifies.
+            Near the end of sampling ``x0(x)`` follows ``x`` almost one to one, so without
+            it a change of ``x_k`` reaches ``x_{k+1}`` only a round later and the window
+            crawls one step per round; with it the change goes through in the same round.
+            Same fixed point for any ``μ`` (tolerance 0 is still exact); steps entering
+            the window with no history use ``μ = 0``.
         accelerator: a per-round hook (:class:`Accelerator`), e.g. ParaTAA's.
     Returns:
         ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S; ``stats.extra``
-        has ``deadline_hit`` and ``rows_per_round`` (the denoiser's batch size in each
-        round, what a round costs: see :func:`para_policy.window.predict_latency`).
+        has ``deadline_hit``, ``rows_per_round`` (the denoiser's batch size in each
+        round, what a round costs: see :func:`para_policy.window.predict_latency`) and
+        ``window_start_per_round`` (the first non-final step after each round, the
+        slowest sample's: how the window slid).
     """
     noise = check_inputs(schedule, x_T, noise, condition, inpaint)
     max_iterations = check_options(schedule, window, tolerance, max_iterations)
@@ -157,7 +172,13 @@ def picard_sample(
     scaled_noise = noise * sched.noise_std.view(1, S, 1, 1).to(noise.dtype)
     lin = sched.linear_coeff().to(x_T.dtype) if linear_solve else None  # (S,)
     threshold = float(tolerance) ** 2 * sched.test_variance().to(torch.float32)  # (S,)
-
+    if secant:
+        if lin is None:
+            raise ValueError("secant=True needs linear_solve=True (it refines the linear solve's coefficient)")
+        # each step's last model input and nonlinear part, for the secant slope
+        seen_x = torch.zeros((B, S, T, D), device=device, dtype=x_T.dtype)
+        seen_g = torch.zeros((B, S, T, D), device=device, dtype=x_T.dtype)
+        seen = torch.zeros((B, S), dtype=torch.bool, device=device)
     begin = torch.zeros(B, dtype=torch.long)  # x[b, begin[b]] is final
     done_round = torch.zeros(B, dtype=torch.long)
     offsets = torch.arange(W)
@@ -165,6 +186,7 @@ def picard_sample(
     rounds = 0
     model_evals = 0
     rows_per_round: list[int] = []
+    window_start_per_round: list[int] = []
     deadline_hit = False
     while rounds < max_iterations and bool((begin < S).any()):
         if deadline is not None and time.perf_counter() >= deadline:
@@ -195,10 +217,25 @@ def picard_sample(
             drift[dev_b, dev_w] = sched.step_mean(x_in, dev_k, model_output) + scaled_noise[dev_b, dev_k] - x_rows
             new = base[:, None] + drift.cumsum(dim=1)  # (B, W, T, D): x_{k+1} for each slot
         else:
-            a = lin[dev_k]
-            drift[dev_b, dev_w] = (sched.step_mean(x_in, dev_k, model_output) + scaled_noise[dev_b, dev_k]
-                                   - a.view(-1, 1, 1) * x_rows)
-            new = linear_recurrence(torch.where(valid.to(device), lin[k_dev], 1.0), base, drift)
+            # x_{k+1} = a_k x_k + g_k(x_k) + σ_k z_k, g_k = c_k · x0(x_k) the nonlinear part
+            g = sched.step_mean(x_in, dev_k, model_output) - lin[dev_k].view(-1, 1, 1) * x_rows
+            coeff = torch.where(valid.to(device), lin[k_dev], 1.0)  # (B, W)
+            if secant:
+                # g_k(x) ≈ g_k(x') + μ_k (x − x') along the step's last change: move μ_k x into
+                # the linear solve (same fixed point for any μ_k)
+                dx = x_rows - seen_x[dev_b, dev_k]
+                dg = g - seen_g[dev_b, dev_k]
+                if inpaint is not None:  # known entries do not reach the model: slope of the others
+                    dx = dx.masked_fill(inpaint[1][dev_b], 0.0)
+                dx2 = dx.pow(2).sum(dim=(-1, -2))
+                has_slope = seen[dev_b, dev_k] & (dx2 > 0)
+                mu = torch.where(has_slope, (dg * dx).sum(dim=(-1, -2)) / dx2.clamp(min=1e-30), 0.0)
+                mu = torch.minimum(mu.clamp(min=0.0), 1.0 - lin[dev_k])  # solved coefficient within [a_k, 1]
+                seen_x[dev_b, dev_k], seen_g[dev_b, dev_k], seen[dev_b, dev_k] = x_rows, g, True
+                g = g - mu.view(-1, 1, 1) * x_rows
+                coeff = coeff.index_put((dev_b, dev_w), coeff[dev_b, dev_w] + mu)
+            drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
+            new = linear_recurrence(coeff, base, drift)
         old = traj[batch_index, read_next.to(device)]
         error = (new - old).pow(2).mean(dim=(-1, -2))  # (B, W)
         converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
@@ -215,6 +252,7 @@ def picard_sample(
         new_begin = torch.where(active, (begin + lead).clamp(max=S), begin)
         done_round = torch.where(active & (new_begin == S), rounds, done_round)
         begin = new_begin
+        window_start_per_round.append(int(begin[active].min()) if bool(active.any()) else S)
 
     finished = begin == S
     final = traj[torch.arange(B, device=device), filled.to(device)]
@@ -223,5 +261,6 @@ def picard_sample(
     done_round = torch.where(finished, done_round, rounds)
     return final, SampleStats(
         rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,
-        extra={"deadline_hit": deadline_hit, "rows_per_round": rows_per_round},
+        extra={"deadline_hit": deadline_hit, "rows_per_round": rows_per_round,
+               "window_start_per_round": window_start_per_round},
     )

@@ -183,6 +183,7 @@ def taa_sample(
     per_sample_windows: bool = True,
     deadline: float | None = None,
     linear_solve: bool = False,
+    secant: bool = False,
     memory: int = 3,
     ridge: float = 1e-3,
 ) -> tuple[torch.Tensor, SampleStats]:
@@ -212,4 +213,4 @@ def taa_sample(
                          max_iterations=max_iterations, condition=condition, inpaint=inpaint, init=init,
                          init_rows=init_rows,
                          per_sample_windows=per_sample_windows, deadline=deadline, accelerator=anderson,
-                         linear_solve=linear_solve)
+                         linear_solve=linear_solve, secant=secant)

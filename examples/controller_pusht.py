@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="policy checkpoint: para_policy .safetensors or a trusted DiffusionPolicy .ckpt")
     p.add_argument("--sampler", default="recommended",
                    choices=["recommended", "paradigms", "parataa", "paraddim", "paraddpm", "sequential"],
-                   help="recommended: ParaTAA + linear solve, window 48, tolerance 0.02 (the fastest measured)")
+                   help="recommended: Picard + linear solve + secant, window 100, tolerance 0.02 (fastest measured)")
     p.add_argument("--window", type=int, default=None, help="Picard window (steps refined per round)")
     p.add_argument("--tolerance", type=float, default=None, help="Picard tolerance (0 = exact)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="override the checkpoint's steps")

@@ -35,13 +35,14 @@ def problem(batch: int = 2, seed: int = 0, steps: int = 100, make=dp_ddpm):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("window", [4, 100])
-def test_tolerance_zero_equals_sequential(denoiser, name, make, steps, batch, masked, window):
+@pytest.mark.parametrize("solve", ["picard", "linear", "secant"])
+def test_tolerance_zero_equals_sequential(denoiser, name, make, steps, batch, masked, window, solve):
     schedule, x_T, noise, cond = problem(batch, seed=5, steps=steps, make=make)
     inpaint = make_inpaint(batch) if masked else None
     ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
     ours, stats = taa_sample(denoiser, schedule, x_T, noise, window=window, tolerance=0.0, condition=cond,
-                             inpaint=inpaint)
-    assert (ours - ref).abs().max() < 1e-5
+                             inpaint=inpaint, linear_solve=solve != "picard", secant=solve == "secant")
+    assert (ours - ref).abs().max() < 5e-5  # float32 roundoff of batched calls (see test_samplers)
     assert stats.all_converged
     assert stats.rounds <= steps
     assert int(stats.rounds_per_sample.max()) == stats.rounds

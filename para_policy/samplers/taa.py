@@ -191,7 +191,7 @@ def taa_sample(
 
     Arguments and stats are :func:`para_policy.samplers.picard_sample`'s (same window,
     tolerance, convergence test, per-sample windows, ``init`` / ``init_rows`` warm start,
-    ``linear_solve`` and ``deadline``), plus:
+    ``linear_solve``, ``secant`` and ``deadline``), plus:
 
     Args:
         memory: how many past iterate differences each slot mixes (2–5 are sensible;

@@ -303,3 +303,23 @@ def test_secant_solves_a_linear_denoiser_in_three_rounds():
     assert lin.rounds > 6
     with pytest.raises(ValueError, match="secant=True needs linear_solve=True"):
         picard_sample(linear, schedule, x_T, noise, secant=True)
+
+
+@pytest.mark.parametrize("name,make,steps,eta", [(*c, 0.0) for c in CONFIGS] + [("ddim-16-eta", dp_ddim, 16, 0.7)],
+                         ids=[c[0] for c in CONFIGS] + ["ddim-16-eta0.7"])
+def test_warm_start_init_is_the_step_recurrence_with_x0_fixed(name, make, steps, eta):
+    """The batched construction against the recurrence written out step by step."""
+    from para_policy.samplers import warm_start_init
+
+    schedule = make_schedule(make(), steps, eta=eta)
+    shape = (2, SHAPE_T, SHAPE_D)
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(6))
+    guess = 1.5 * torch.rand(shape, generator=torch.Generator().manual_seed(7)) - 0.75
+    x, expected = x_T, []
+    for k in range(steps):
+        rows = torch.full((2,), k)
+        x = schedule.step_mean(x, rows, schedule.output_for_x0(x, rows, guess)) + schedule.noise_std[k] * noise[:, k]
+        expected.append(x)
+    ours = warm_start_init(schedule, guess, x_T, noise)
+    assert ours.shape == (2, steps, SHAPE_T, SHAPE_D)
+    assert torch.allclose(ours, torch.stack(expected, dim=1), atol=1e-5)

@@ -183,6 +183,7 @@ def picard_sample(
     done_round = torch.zeros(B, dtype=torch.long)
     offsets = torch.arange(W)
     batch_index = torch.arange(B, device=device)[:, None].expand(B, W)
+    drift = torch.empty((B, W, T, D), device=device, dtype=x_T.dtype)  # reused every round
     rounds = 0
     model_evals = 0
     rows_per_round: list[int] = []
@@ -200,7 +201,12 @@ def picard_sample(
         read_next = torch.minimum(k + 1, filled[:, None])
         rows_b, rows_w = valid.nonzero(as_tuple=True)
         rows_k = k[rows_b, rows_w]
+        # every host-to-device copy of the round before the model call: on a GPU a copy
+        # queued behind the model's kernels would stall the host until they finish
         dev_b, dev_w, dev_k, k_dev = rows_b.to(device), rows_w.to(device), rows_k.to(device), k.to(device)
+        valid_dev, read_next_dev = valid.to(device), read_next.to(device)
+        base = traj[torch.arange(B, device=device), begin.to(device)]  # (B, T, D)
+        old = traj[batch_index, read_next_dev]  # (B, W, T, D): the iterate before this round
 
         x_rows = traj[dev_b, read[rows_b, rows_w].to(device)]  # (R, T, D)
         x_in = x_rows
@@ -211,15 +217,14 @@ def picard_sample(
         model_evals += int(rows_b.shape[0])
         rows_per_round.append(int(rows_b.shape[0]))
 
-        base = traj[torch.arange(B, device=device), begin.to(device)]  # (B, T, D)
-        drift = torch.zeros((B, W, T, D), device=device, dtype=x_T.dtype)
+        drift.zero_()
         if lin is None:
             drift[dev_b, dev_w] = sched.step_mean(x_in, dev_k, model_output) + scaled_noise[dev_b, dev_k] - x_rows
             new = base[:, None] + drift.cumsum(dim=1)  # (B, W, T, D): x_{k+1} for each slot
         else:
             # x_{k+1} = a_k x_k + g_k(x_k) + σ_k z_k, g_k = c_k · x0(x_k) the nonlinear part
             g = sched.step_mean(x_in, dev_k, model_output) - lin[dev_k].view(-1, 1, 1) * x_rows
-            coeff = torch.where(valid.to(device), lin[k_dev], 1.0)  # (B, W)
+            coeff = torch.where(valid_dev, lin[k_dev], 1.0)  # (B, W)
             if secant:
                 # g_k(x) ≈ g_k(x') + μ_k (x − x') along the step's last change: move μ_k x into
                 # the linear solve (same fixed point for any μ_k)
@@ -236,7 +241,6 @@ def picard_sample(
                 coeff = coeff.index_put((dev_b, dev_w), coeff[dev_b, dev_w] + mu)
             drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
             new = linear_recurrence(coeff, base, drift)
-        old = traj[batch_index, read_next.to(device)]
         error = (new - old).pow(2).mean(dim=(-1, -2))  # (B, W)
         converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
 
@@ -244,7 +248,7 @@ def picard_sample(
         converged[:, 0] = True  # x_{b+1} from the final x_b is exact
         own_lead = converged.to(torch.long).cumprod(dim=1).sum(dim=1)  # leading converged points
         if accelerator is not None:
-            new = accelerator.step(rounds, k_dev, valid.to(device), new, old, own_lead.to(device))
+            new = accelerator.step(rounds, k_dev, valid_dev, new, old, own_lead.to(device))
         traj[dev_b, dev_k + 1] = new[dev_b, dev_w]
         active = begin < S
         lead = own_lead if per_sample_windows else torch.full_like(own_lead, int(own_lead[active].min()))

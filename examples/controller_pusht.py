@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", default="recommended",
                    choices=["recommended", "paradigms", "parataa", "paraddim", "paraddpm", "sequential"],
                    help="recommended: Picard + linear solve + secant, window 100, tolerance 0.02 (fastest measured)")
-    p.add_argument("--window", type=int, default=None, help="Picard window (steps refined per round)")
+    p.add_argument("--window", type=window_arg, default=None,
+                   help="Picard window (steps refined per round), or auto: measured on the first chunk")
     p.add_argument("--tolerance", type=float, default=None, help="Picard tolerance (0 = exact)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="override the checkpoint's steps")
     p.add_argument("--no-warm-start", action="store_true", help="start every chunk cold")
@@ -104,6 +105,16 @@ def print_summary(name: str, s: dict) -> None:
     print(f"  deadline misses={s['deadline_misses']} overruns={s['overruns']} unconverged={s['unconverged']}")
     print(f"  reward (max per episode)=[{', '.join(f'{r:.3f}' for r in s['episode_max_reward'])}] "
           f"mean={s['mean_max_reward']:.3f}")
+
+
+def window_arg(text: str) -> int | str:
+    """``--window``: an integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -99,7 +99,12 @@ class Controller:
         devices: evaluate the UNet on several devices (:func:`para_policy.devices.use_devices`;
             this sets ``policy.denoise``).
         options: sampler options (``window``, ``tolerance``, ``max_iterations``,
-            ``per_sample_windows``, ``scheduler``, ``num_inference_steps``).
+            ``per_sample_windows``, ``linear_solve``, ``secant``, ``scheduler``,
+            ``num_inference_steps``). ``window='auto'`` picks the window for this machine
+            and policy (:func:`para_policy.window.tune_window`): by :meth:`calibrate`
+            before the loop, or else on the first chunk's observations (that first call
+            then takes seconds: 4.4 s for the shipped PushT policy on a 2-core CPU;
+            ``window_tuning`` keeps what was measured).
 
     Shapes: ``act(observation (obs_dim,)) -> (action_dim,)``;
     ``predict_chunk(observations (n_obs_steps, obs_dim)) -> (n_action_steps, action_dim)``.
@@ -132,11 +137,38 @@ class Controller:
             from para_policy.devices import use_devices
 
             use_devices(policy, devices)
+        self.window_tuning: dict[str, Any] | None = None
         self.generator = torch.Generator(device=policy.device)
         self.seed(seed)
         self.records: list[ChunkRecord] = []
         self.act_latency_ms: list[float] = []
         self.reset()
+
+    def calibrate(self, observations: Sequence[np.ndarray | torch.Tensor], reps: int = 5) -> int:
+        """Choose the window on this machine from a few ``(n_obs_steps, obs_dim)`` observations.
+
+        Measures the denoiser's cost curve and each candidate window's rounds on the
+        observations (cold calls, their own noise: the controller's generator is not used),
+        sets the window that predicts the lowest latency and returns it. Works for any
+        Picard sampler, whatever its window was.
+        """
+        if SAMPLERS[self.spec.name][0] not in SAMPLER_OPTIONS:
+            raise ValueError(f"calibrate needs a Picard sampler, not {self.spec.name!r}")
+        if len(observations) == 0:
+            raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
+        expected = (self.policy.n_obs_steps, self.policy.obs_dim)
+        obs = [np.asarray(o.cpu() if isinstance(o, torch.Tensor) else o, dtype=np.float32) for o in observations]
+        for o in obs:
+            if o.shape != expected:
+                raise ValueError(f"calibration observations must have shape (n_obs_steps, obs_dim) = {expected}, "
+                                 f"got {o.shape}")
+        from para_policy.window import tune_window
+
+        window, info = tune_window(self.policy, self.spec, obs, reps=reps)
+        self.spec = SamplerConfig(self.spec.name, self.spec.scheduler, self.spec.num_inference_steps,
+                                  {**self.spec.options, "window": window}, warm_start=self.spec.warm_start)
+        self.window_tuning = {"window": window, **info}
+        return window
 
     def seed(self, seed: int | None = None) -> None:
         """Reseed the noise generator (None: a nondeterministic seed)."""
@@ -197,6 +229,8 @@ class Controller:
         if tuple(obs.shape) != expected:
             raise ValueError(f"observations must have shape (n_obs_steps, obs_dim) = {expected}, "
                              f"got {tuple(obs.shape)}")
+        if self.spec.options.get("window") == "auto":
+            self.calibrate([obs])
         warm = self.guess if self.warm_start else None
         start = time.perf_counter()
         deadline = None if self.deadline_ms is None else start + self.deadline_ms / 1000

@@ -155,3 +155,32 @@ def test_default_controller_runs_the_recommended_sampler():
     assert ctl.spec.name == RECOMMENDED_SAMPLER["name"] and ctl.warm_start
     assert ctl.spec.options == {k: v for k, v in RECOMMENDED_SAMPLER.items() if k != "name"}
     assert Controller(policy, tolerance=0.0).spec.options["tolerance"] == 0.0  # options override it
+
+
+def test_window_auto_calibrates_on_the_first_chunk_without_touching_the_noise():
+    """window='auto' is resolved to a candidate window on the first observations; the controller's
+    noise stream is untouched, so at tolerance 0 the actions are still the sequential ones."""
+    policy = small_policy()
+    obs = observations(2 * NA, seed=2)
+    auto = Controller(policy, window="auto", tolerance=0.0, seed=5)
+    seq = Controller(policy, sampler="sequential", seed=5)
+    a_auto = np.stack([auto.act(o) for o in obs])
+    a_seq = np.stack([seq.act(o) for o in obs])
+    np.testing.assert_allclose(a_auto, a_seq, rtol=1e-5, atol=1e-4)  # other noise would move them by pixels
+    window = auto.spec.options["window"]
+    assert window in (8, 16, STEPS) and auto.window_tuning["window"] == window
+    assert set(auto.window_tuning["rounds"]) == {8, 16, STEPS}
+    assert auto.records[0].rounds <= STEPS
+
+
+def test_calibrate_checks_its_inputs():
+    policy = small_policy()
+    ctl = Controller(policy, window=4, tolerance=0.1, seed=0)
+    window = ctl.calibrate(list(observations(2 * TO, seed=3).reshape(2, TO, OBS_DIM)), reps=1)
+    assert ctl.spec.options["window"] == window and ctl.spec.options["tolerance"] == 0.1
+    with pytest.raises(ValueError, match=r"shape \(n_obs_steps, obs_dim\)"):
+        ctl.calibrate([np.zeros(OBS_DIM)])
+    with pytest.raises(ValueError, match="at least one"):
+        ctl.calibrate([])
+    with pytest.raises(ValueError, match="Picard sampler"):
+        Controller(policy, sampler="sequential").calibrate([np.zeros((TO, OBS_DIM))])

@@ -43,7 +43,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -165,8 +165,7 @@ class Controller:
         from para_policy.window import tune_window
 
         window, info = tune_window(self.policy, self.spec, obs, reps=reps)
-        self.spec = SamplerConfig(self.spec.name, self.spec.scheduler, self.spec.num_inference_steps,
-                                  {**self.spec.options, "window": window}, warm_start=self.spec.warm_start)
+        self.spec = replace(self.spec, options={**self.spec.options, "window": window})
         self.window_tuning = {"window": window, **info}
         return window
 

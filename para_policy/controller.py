@@ -156,12 +156,7 @@ class Controller:
             raise ValueError(f"calibrate needs a Picard sampler, not {self.spec.name!r}")
         if len(observations) == 0:
             raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
-        expected = (self.policy.n_obs_steps, self.policy.obs_dim)
-        obs = [np.asarray(o.cpu() if isinstance(o, torch.Tensor) else o, dtype=np.float32) for o in observations]
-        for o in obs:
-            if o.shape != expected:
-                raise ValueError(f"calibration observations must have shape (n_obs_steps, obs_dim) = {expected}, "
-                                 f"got {o.shape}")
+        obs = [self._observation_window(o).cpu().numpy() for o in observations]
         from para_policy.window import tune_window
 
         window, info = tune_window(self.policy, self.spec, obs, reps=reps)
@@ -223,11 +218,7 @@ class Controller:
         executed before the next chunk. Call :meth:`reset` when that is not so.
         """
         as_numpy = not isinstance(observations, torch.Tensor)
-        obs = torch.as_tensor(np.asarray(observations) if as_numpy else observations, dtype=torch.float32)
-        expected = (self.policy.n_obs_steps, self.policy.obs_dim)
-        if tuple(obs.shape) != expected:
-            raise ValueError(f"observations must have shape (n_obs_steps, obs_dim) = {expected}, "
-                             f"got {tuple(obs.shape)}")
+        obs = self._observation_window(observations)
         if self.spec.options.get("window") == "auto":
             self.calibrate([obs])
         warm = self.guess if self.warm_start else None
@@ -251,6 +242,16 @@ class Controller:
             self.guess = shift_trajectory(self.policy.last_trajectory, self.policy.n_action_steps)
         actions = out["action"][0].detach().to("cpu")
         return actions.numpy() if as_numpy else actions
+
+    def _observation_window(self, observations: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``observations`` as a float32 tensor, checked to be ``(n_obs_steps, obs_dim)``."""
+        as_numpy = not isinstance(observations, torch.Tensor)
+        obs = torch.as_tensor(np.asarray(observations) if as_numpy else observations, dtype=torch.float32)
+        expected = (self.policy.n_obs_steps, self.policy.obs_dim)
+        if tuple(obs.shape) != expected:
+            raise ValueError(f"observations must have shape (n_obs_steps, obs_dim) = {expected}, "
+                             f"got {tuple(obs.shape)}")
+        return obs
 
     @property
     def last_record(self) -> ChunkRecord | None:

@@ -16,6 +16,15 @@ import os
 # in the environment overrides it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
+from para_policy.extras import MissingExtraError, require  # noqa: E402
+
+try:
+    require("hydra", "eval", "train.py")
+except MissingExtraError as e:
+    sys.exit(f"train.py: error: {e}")
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 

@@ -1,14 +1,16 @@
 """para_policy: parallel (Picard / ParaDiGMS) sampling for diffusion policies.
 
 Public API:
-- models: ``ConditionalUnet1D`` (DiffusionPolicy's network and state_dict names)
-- schedules: ``make_schedule``, ``Schedule``
-- samplers: ``sequential_sample``, ``picard_sample`` (``linear_solve``, ``secant``), ``taa_sample``, ``draw_noise``,
-  ``SampleStats``, warm starts ``warm_start_init`` / ``shift_trajectory``
-- policy: ``LowdimPolicy``, ``load_policy``, ``LinearNormalizer``, ``RECOMMENDED_SAMPLER``
+- policy: ``load_policy`` (para_policy ``.safetensors``, DiffusionPolicy ``.ckpt``), ``LowdimPolicy``,
+  ``PolicyOutput``, ``LinearNormalizer``
+- sampler choice: ``sampler_spec`` (the one constructor), ``SamplerConfig``, ``PRESETS``
+  (``paradigms``, ``paradigms_published``, ``parataa``, ``sequential``), ``PicardOptions``, ``TaaOptions``
+- samplers: ``sequential_sample``, ``picard_sample``, ``taa_sample``, ``draw_noise``, ``SampleStats``,
+  warm starts ``warm_start_init`` / ``shift_trajectory``
+- models and schedules: ``ConditionalUnet1D``, ``make_schedule``, ``Schedule``
 - speed: ``tune_window`` (window from the machine's cost curve), ``configure_inference``
   (bf16, ``torch.compile``, CUDA graphs)
-- checkpoints: ``save_checkpoint``, ``load_checkpoint`` (DiffusionPolicy ``.ckpt`` via ``load_policy``)
+- checkpoints: ``save_checkpoint``, ``load_checkpoint``
 - robot loop: ``Controller``
 - integrations: ``patch``, ``unpatch`` (live DiffusionPolicy / LeRobot policy objects)
 """
@@ -19,11 +21,16 @@ from para_policy.inference import configure_inference
 from para_policy.integrations import patch, unpatch
 from para_policy.models import ConditionalUnet1D
 from para_policy.normalizer import LinearNormalizer
-from para_policy.policy import RECOMMENDED_SAMPLER, LowdimPolicy, SamplerConfig, load_policy
+from para_policy.policy import LowdimPolicy, PolicyOutput, load_policy
 from para_policy.samplers import (
+    PRESETS,
+    PicardOptions,
+    SamplerConfig,
     SampleStats,
+    TaaOptions,
     draw_noise,
     picard_sample,
+    sampler_spec,
     sequential_sample,
     shift_trajectory,
     taa_sample,
@@ -32,25 +39,29 @@ from para_policy.samplers import (
 from para_policy.schedule import Schedule, make_schedule
 from para_policy.window import tune_window
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "RECOMMENDED_SAMPLER",
+    "PRESETS",
     "ConditionalUnet1D",
     "Controller",
     "LinearNormalizer",
     "LowdimPolicy",
+    "PicardOptions",
+    "PolicyOutput",
     "SampleStats",
     "SamplerConfig",
     "Schedule",
+    "TaaOptions",
+    "configure_inference",
     "draw_noise",
     "load_checkpoint",
     "load_policy",
     "make_schedule",
     "patch",
     "picard_sample",
+    "sampler_spec",
     "save_checkpoint",
-    "configure_inference",
     "sequential_sample",
     "shift_trajectory",
     "taa_sample",

@@ -20,7 +20,7 @@ Picard sampling makes possible:
 
 Running at a fixed control rate (e.g. 10 Hz) — sleep to the next tick, never drift::
 
-    controller = Controller(load_policy(path), sampler="paradigms", deadline_ms=80, seed=0)
+    controller = Controller(load_policy(path), deadline_ms=80, seed=0)   # the paradigms preset
     period = 0.1
     obs, _ = env.reset(seed=0)
     controller.reset()
@@ -43,14 +43,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from para_policy.policy import RECOMMENDED_SAMPLER, SAMPLER_OPTIONS, SAMPLERS, LowdimPolicy, SamplerConfig
-from para_policy.samplers import shift_trajectory
+from para_policy.policy import LowdimPolicy
+from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
 
 
 @dataclass
@@ -87,51 +87,42 @@ class Controller:
 
     Args:
         policy: the policy (its normalizer and UNet; its own sampler setting is not changed).
-        sampler: ``'recommended'`` (default: :data:`para_policy.policy.RECOMMENDED_SAMPLER`,
-            Picard with the linear solve and its secant, window 100, tolerance 0.02; ``options`` override
-            its values), or a sampler name (``'paradigms'``, ``'parataa'``, ``'paraddim'``,
-            ``'paraddpm'``, ``'sequential'``), or None for the policy's configured sampler.
-        warm_start: start each chunk from the previous one shifted by the executed actions
-            (Picard samplers only; ignored by ``'sequential'``).
+        sampler: a preset name (default ``'paradigms'``, the fastest measured setting;
+            ``'paradigms_published'``, ``'parataa'``, ``'sequential'``) or a
+            :class:`~para_policy.samplers.SamplerConfig`; None: the policy's own sampler.
+            ``options`` override the preset's values (:func:`~para_policy.samplers.sampler_spec`).
+        warm_start: start each chunk from the previous one shifted by the executed actions;
+            None: the spec's setting (the ``paradigms`` preset has it on).
         deadline_ms: time budget per chunk in ms, or None (Picard samplers only).
         seed: seeds the controller's own noise generator (fresh noise for every chunk;
             the same seed and observations give the same actions). None: a random seed.
-        devices: evaluate the UNet on several devices (:func:`para_policy.devices.use_devices`;
-            this sets ``policy.denoise``).
+        devices: evaluate the UNet on several devices (:func:`para_policy.devices.use_devices`).
         options: sampler options (``window``, ``tolerance``, ``max_iterations``,
             ``per_sample_windows``, ``linear_solve``, ``secant``, ``scheduler``,
-            ``num_inference_steps``). ``window='auto'`` picks the window for this machine
-            and policy (:func:`para_policy.window.tune_window`): by :meth:`calibrate`
-            before the loop, or else on the first chunk's observations (that first call
-            then takes seconds: 4.4 s for the shipped PushT policy on a 2-core CPU;
-            ``window_tuning`` keeps what was measured).
+            ``num_inference_steps``). ``window='auto'`` (the preset's) is resolved by
+            :meth:`LowdimPolicy.resolve` on the first chunk's observations, once per machine
+            and policy (cached; the first measurement takes seconds), or by
+            :meth:`calibrate` before the loop; ``window_tuning`` keeps what was measured.
 
     Shapes: ``act(observation (obs_dim,)) -> (action_dim,)``;
     ``predict_chunk(observations (n_obs_steps, obs_dim)) -> (n_action_steps, action_dim)``.
     Actions come back as numpy arrays when observations are numpy, as tensors otherwise.
     """
 
-    def __init__(self, policy: LowdimPolicy, sampler: str | None = "recommended", warm_start: bool = True,
-                 deadline_ms: float | None = None, seed: int | None = None,
+    def __init__(self, policy: LowdimPolicy, sampler: str | SamplerConfig | None = "paradigms",
+                 warm_start: bool | None = None, deadline_ms: float | None = None, seed: int | None = None,
                  devices: Sequence[str | torch.device] | None = None, **options: Any) -> None:
         self.policy = policy
-        if sampler == "recommended":
-            sampler, options = RECOMMENDED_SAMPLER["name"], {
-                **{k: v for k, v in RECOMMENDED_SAMPLER.items() if k != "name"}, **options}
-        if sampler is None and not options:
-            self.spec = policy.sampler
-        else:
-            name = sampler or policy.sampler.name
-            opts = {**(policy.sampler.options if name == policy.sampler.name else {}), **options}
-            self.spec = SamplerConfig(name, opts.pop("scheduler", None), opts.pop("num_inference_steps", None), opts)
+        if warm_start is not None:
+            options["warm_start"] = warm_start
+        self.spec = sampler_spec(policy.sampler if sampler is None else sampler, **options)
         policy.schedule_for(self.spec)  # fail now, not in the loop
-        picard = SAMPLERS[self.spec.name][0] in SAMPLER_OPTIONS
         if deadline_ms is not None:
-            if not picard:
+            if not self.spec.iterative:
                 raise ValueError(f"deadline_ms needs a Picard sampler, not {self.spec.name!r}")
-            if not deadline_ms >= 0:
-                raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
-        self.warm_start = bool(warm_start) and picard
+            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms >= 0:
+                raise ValueError(f"deadline_ms must be a number >= 0, got {deadline_ms!r}")
+        self.warm_start = self.spec.warm_start
         self.deadline_ms = None if deadline_ms is None else float(deadline_ms)
         if devices is not None:
             from para_policy.devices import use_devices
@@ -149,19 +140,18 @@ class Controller:
 
         Measures the denoiser's cost curve and each candidate window's rounds on the
         observations (cold calls, their own noise: the controller's generator is not used),
-        sets the window that predicts the lowest latency and returns it. Works for any
-        Picard sampler, whatever its window was.
+        sets the window that predicts the lowest latency, caches it for the policy
+        (:meth:`LowdimPolicy.calibrate`) and returns it. Works for any Picard sampler,
+        whatever its window was.
         """
-        if SAMPLERS[self.spec.name][0] not in SAMPLER_OPTIONS:
+        if not self.spec.iterative:
             raise ValueError(f"calibrate needs a Picard sampler, not {self.spec.name!r}")
         if len(observations) == 0:
             raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
-        obs = [self._observation_window(o).cpu().numpy() for o in observations]
-        from para_policy.window import tune_window
-
-        window, info = tune_window(self.policy, self.spec, obs, reps=reps)
-        self.spec = replace(self.spec, options={**self.spec.options, "window": window})
-        self.window_tuning = {"window": window, **info}
+        obs = [self._observation_window(o) for o in observations]
+        window, info = self.policy.calibrate(obs, self.spec, reps=reps)
+        self.spec = self.spec.with_options(window=window)
+        self.window_tuning = info
         return window
 
     def seed(self, seed: int | None = None) -> None:
@@ -219,27 +209,28 @@ class Controller:
         """
         as_numpy = not isinstance(observations, torch.Tensor)
         obs = self._observation_window(observations)
-        if self.spec.options.get("window") == "auto":
-            self.calibrate([obs])
-        warm = self.guess if self.warm_start else None
+        if self.spec.window_is_auto:
+            auto = self.spec
+            self.spec = self.policy.resolve(auto, obs[None])
+            self.window_tuning = self.policy.window_tuning(auto)
+        warm = self.guess if (self.warm_start and self.guess is not None) else False
         start = time.perf_counter()
         deadline = None if self.deadline_ms is None else start + self.deadline_ms / 1000
         out = self.policy.predict_action({"obs": obs[None]}, generator=self.generator, warm_start=warm,
                                          deadline=deadline, sampler=self.spec)
         latency_ms = (time.perf_counter() - start) * 1000
-        stats = self.policy.last_stats
-        deadline_hit = bool(stats.extra.get("deadline_hit", False)) if stats is not None else False
+        stats = out.stats
         self.records.append(ChunkRecord(
             latency_ms=latency_ms,
-            rounds=int(stats.rounds) if stats is not None else 0,
-            model_evals=int(stats.model_evals) if stats is not None else 0,
-            converged=bool(stats.all_converged) if stats is not None else True,
-            deadline_hit=deadline_hit,
+            rounds=int(stats.rounds),
+            model_evals=int(stats.model_evals),
+            converged=bool(stats.all_converged),
+            deadline_hit=bool(stats.extra.get("deadline_hit", False)),
             overrun=self.deadline_ms is not None and latency_ms > self.deadline_ms,
-            warm=warm is not None,
+            warm=out.warm,
         ))
-        if self.warm_start and self.policy.last_trajectory is not None:
-            self.guess = shift_trajectory(self.policy.last_trajectory, self.policy.n_action_steps)
+        if self.warm_start:
+            self.guess = shift_trajectory(out.trajectory, self.policy.n_action_steps)
         actions = out["action"][0].detach().to("cpu")
         return actions.numpy() if as_numpy else actions
 

@@ -18,7 +18,7 @@ Measured here only on CPU (``['cpu', 'cpu']``, for correctness); not measured on
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,20 +37,25 @@ class ReplicatedDenoiser:
             After changing the model's weights call :meth:`refresh`.
         min_rows_per_device: do not split calls smaller than this per device (a tiny call
             is faster on one device than split).
+        wrap: turns a replica into its ``(x, t, condition) -> out`` call (precision,
+            compile: :func:`para_policy.inference.make_denoiser`); default a plain call.
 
     The result is returned on the device of ``x``. Plain object, not an ``nn.Module``, so
     assigning it as ``policy.denoise`` adds nothing to the policy's ``state_dict``.
     """
 
     def __init__(self, model: nn.Module, devices: Sequence[str | torch.device], condition_kw: str = "global_cond",
-                 min_rows_per_device: int = 1) -> None:
+                 min_rows_per_device: int = 1,
+                 wrap: Callable[[nn.Module], Callable[..., torch.Tensor]] | None = None) -> None:
         if not devices:
             raise ValueError("devices must name at least one device")
         self.model = model
         self.devices = [torch.device(d) for d in devices]
         self.condition_kw = condition_kw
         self.min_rows_per_device = max(1, int(min_rows_per_device))
+        self.wrap = wrap
         self.replicas: list[nn.Module] = []
+        self.calls: list[Callable[..., torch.Tensor]] = []
         self.refresh()
         self._streams = [torch.cuda.Stream(device=d) if d.type == "cuda" else None for d in self.devices]
         self._pool: ThreadPoolExecutor | None = None
@@ -64,6 +69,12 @@ class ReplicatedDenoiser:
                 self.replicas.append(self.model)
             else:
                 self.replicas.append(copy.deepcopy(self.model).to(device).eval())
+        kw = self.condition_kw
+
+        def plain(net: nn.Module) -> Callable[..., torch.Tensor]:
+            return lambda x, t, c: net(x, t, **({} if c is None else {kw: c}))
+
+        self.calls = [(self.wrap or plain)(r) for r in self.replicas]
 
     def close(self) -> None:
         """Stop the worker threads (they are started again on the next call)."""
@@ -81,13 +92,13 @@ class ReplicatedDenoiser:
         device, stream = self.devices[i], self._streams[i]
         with torch.inference_mode(inference):
             if stream is None:
-                kwargs = {} if condition is None else {self.condition_kw: condition.to(device)}
-                return self.replicas[i](x.to(device), t.to(device), **kwargs).to(out_device)
+                c = None if condition is None else condition.to(device)
+                return self.calls[i](x.to(device), t.to(device), c).to(out_device)
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 if ready is not None:
                     stream.wait_event(ready)
-                kwargs = {} if condition is None else {self.condition_kw: condition.to(device, non_blocking=True)}
-                out = self.replicas[i](x.to(device, non_blocking=True), t.to(device, non_blocking=True), **kwargs)
+                c = None if condition is None else condition.to(device, non_blocking=True)
+                out = self.calls[i](x.to(device, non_blocking=True), t.to(device, non_blocking=True), c)
                 out = out.to(out_device, non_blocking=True)
                 stream.synchronize()
                 return out
@@ -117,15 +128,12 @@ class ReplicatedDenoiser:
         return torch.cat(outputs, dim=0)
 
 
-def use_devices(policy: Any, devices: Sequence[str | torch.device] | None, **kwargs: Any) -> Any:
+def use_devices(policy: Any, devices: Sequence[str | torch.device] | None) -> Any:
     """Make a :class:`~para_policy.policy.LowdimPolicy` evaluate its UNet on ``devices``; returns the policy.
 
-    Sets ``policy.denoise`` (an instance attribute shadowing the method) to a
-    :class:`ReplicatedDenoiser` over ``policy.model``. ``devices=None`` restores the
-    single-device method. The policy's own device (inputs, normalizer, sampler state) stays
-    where it is; rows are moved to the replicas and back every round.
+    The same as ``policy.set_inference(devices=devices)``: composed with the policy's
+    precision / compile / CUDA-graph settings; ``devices=None`` restores one device. The
+    policy's own device (inputs, normalizer, sampler state) stays where it is; rows are
+    moved to the replicas and back every round.
     """
-    vars(policy).pop("denoise", None)
-    if devices is not None:
-        vars(policy)["denoise"] = ReplicatedDenoiser(policy.model, devices, **kwargs)
-    return policy
+    return policy.set_inference(devices=None if devices is None else list(devices))

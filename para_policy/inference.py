@@ -14,8 +14,8 @@ makes one call cheap lives here, behind options that default to plain eager fp32
   the per-kernel launch cost that dominates small Picard rounds on a GPU. On any other
   device it warns once and runs eagerly (nothing to capture).
 
-:func:`configure_inference` installs the result on a policy as ``policy.denoise`` (the
-attribute samplers are handed), the way :func:`para_policy.devices.use_devices` does.
+:func:`make_denoiser` composes them with several devices (:mod:`para_policy.devices`);
+:func:`configure_inference` sets them on a policy (:meth:`LowdimPolicy.set_inference`).
 """
 
 from __future__ import annotations
@@ -104,43 +104,53 @@ class CudaGraphDenoiser:
 
 
 def make_denoiser(model: nn.Module, *, compile: bool | str = False, precision: str = "fp32",
-                  cuda_graphs: bool = False, condition_kw: str = "global_cond",
-                  device: torch.device | str | None = None) -> DenoiseFn:
-    """The denoiser callable over ``model`` with the chosen inference options (see module docstring)."""
+                  cuda_graphs: bool = False, devices: Sequence[str | torch.device] | None = None,
+                  condition_kw: str = "global_cond") -> DenoiseFn:
+    """The denoiser callable over ``model``: the one place where the inference wrappers are composed.
+
+    From the inside out: the model (``torch.compile``'d when asked), called under bf16
+    autocast when asked, on each of ``devices`` (:class:`~para_policy.devices.ReplicatedDenoiser`,
+    each replica compiled and autocast in its own thread), and replayed from CUDA graphs
+    outermost. ``(x (N,T,D), t (N,), condition (N,...) | None) -> (N,T,D)``.
+    """
     check_inference_options(compile, precision, cuda_graphs)
-    net: Any = model
-    if compile:
-        net = torch.compile(model, dynamic=True, **({"mode": compile} if isinstance(compile, str) else {}))
     dtype = PRECISIONS[precision]
 
-    def denoise(x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        kw = {} if condition is None else {condition_kw: condition}
-        if dtype is None:
-            return net(x, t, **kw)
-        with torch.autocast(device_type=x.device.type, dtype=dtype):
-            out = net(x, t, **kw)
-        return out.to(x.dtype)
+    def single(net: nn.Module) -> DenoiseFn:
+        if compile:
+            net = torch.compile(net, dynamic=True, **({"mode": compile} if isinstance(compile, str) else {}))
 
+        def denoise(x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+            kw = {} if condition is None else {condition_kw: condition}
+            if dtype is None:
+                return net(x, t, **kw)
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
+                out = net(x, t, **kw)
+            return out.to(x.dtype)
+
+        return denoise
+
+    if devices is not None:
+        from para_policy.devices import ReplicatedDenoiser
+
+        fn: DenoiseFn = ReplicatedDenoiser(model, devices, wrap=single)
+    else:
+        fn = single(model)
     if cuda_graphs:
-        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        dev = next(model.parameters()).device
         if dev.type != "cuda":
             warnings.warn(f"cuda_graphs needs a CUDA device; the model is on {dev}, so it runs eagerly",
                           stacklevel=2)
         else:
-            return CudaGraphDenoiser(denoise)
-    return denoise
+            return CudaGraphDenoiser(fn)
+    return fn
 
 
 def configure_inference(policy: Any, *, compile: bool | str = False, precision: str = "fp32",
                         cuda_graphs: bool = False) -> Any:
-    """Install :func:`make_denoiser` of ``policy.model`` as ``policy.denoise``; all defaults restore the method.
+    """Set how ``policy``'s UNet runs (:meth:`LowdimPolicy.set_inference`); all defaults restore the plain model.
 
-    Returns the policy. Combine with several devices by calling
-    :func:`para_policy.devices.use_devices` instead (one or the other owns ``denoise``).
+    Keeps the policy's ``devices`` setting (:func:`para_policy.devices.use_devices`). Returns the policy.
     """
     check_inference_options(compile, precision, cuda_graphs)
-    vars(policy).pop("denoise", None)
-    if compile or precision != "fp32" or cuda_graphs:
-        vars(policy)["denoise"] = make_denoiser(policy.model, compile=compile, precision=precision,
-                                                cuda_graphs=cuda_graphs)
-    return policy
+    return policy.set_inference(compile=compile, precision=precision, cuda_graphs=cuda_graphs)

@@ -7,80 +7,40 @@ actions. Data flow: obs (B, To, Do) → normalize → conditioning → sampler �
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from para_policy.models import ConditionalUnet1D
 from para_policy.normalizer import LinearNormalizer
-from para_policy.samplers import SampleStats, draw_noise, picard_sample, sequential_sample, taa_sample, warm_start_init
-from para_policy.schedule import Schedule, build_scheduler, ddim_from, make_schedule
+from para_policy.samplers import SampleStats, draw_noise, shift_trajectory, warm_start_init
+from para_policy.samplers.registry import SamplerConfig, build_schedule, sampler_spec, schedule_key
+from para_policy.schedule import Schedule, build_scheduler
 
-# sampler name → (sampling function, scheduler kind; None = the checkpoint's own)
-SAMPLERS: dict[str, tuple[Any, str | None]] = {
-    "sequential": (sequential_sample, None),
-    "paradigms": (picard_sample, None),
-    "paraddpm": (picard_sample, "ddpm"),
-    "paraddim": (picard_sample, "ddim"),
-    "parataa": (taa_sample, None),
-}
-PICARD_OPTIONS = ("window", "tolerance", "max_iterations", "per_sample_windows", "linear_solve", "secant")
-TAA_OPTIONS = PICARD_OPTIONS + ("memory", "ridge")
-# the iterative samplers and their options; only these take init / warm_start / deadline
-SAMPLER_OPTIONS: dict[Any, tuple[str, ...]] = {picard_sample: PICARD_OPTIONS, taa_sample: TAA_OPTIONS}
-# The fastest setting measured for the shipped PushT policy on a 2-core CPU
-# (eval/results/bench_latency/): what `sampler=paradigms` and `Controller(policy)` run.
-# The window is this machine's choice from its cost curve; on a GPU use window=100.
-RECOMMENDED_SAMPLER = {"name": "paradigms", "window": 100, "tolerance": 0.02, "linear_solve": True, "secant": True}
 CONFIG_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim", "model", "noise_scheduler")
+log = logging.getLogger("para_policy.policy")
 
 
-@dataclass
-class SamplerConfig:
-    """Which sampler a policy uses and with what options.
+class PolicyOutput(dict):
+    """``predict_action``'s result: DiffusionPolicy's dict of tensors, plus the call's sampling record.
 
-    name: one of ``SAMPLERS``; scheduler: ``'ddpm'`` / ``'ddim'`` or None for the name's
-    default; num_inference_steps: None for the checkpoint's; options: Picard options
-    (window, tolerance, max_iterations, per_sample_windows, linear_solve, secant; ParaTAA
-    also memory, ridge);
-    ``window='auto'`` is resolved by :func:`para_policy.window.tune_window` (the evaluator
-    does it before its rollouts).
-    warm_start: callers that run a control loop (the controller, the evaluator) start
-    each chunk from the previous chunk's trajectory shifted by the executed actions
-    (``predict_action(warm_start=...)``); Picard samplers only.
+    Items: ``'action'`` (B, n_action_steps, Da), ``'action_pred'`` (B, T, Da). Attributes:
+    ``stats`` (:class:`~para_policy.samplers.SampleStats`), ``trajectory`` (the normalized
+    clean sample, (B, T, D)), ``spec`` (the :class:`SamplerConfig` it ran, window resolved),
+    ``warm`` (whether it started from a warm-start guess).
     """
 
-    name: str = "sequential"
-    scheduler: str | None = None
-    num_inference_steps: int | None = None
-    options: dict = field(default_factory=dict)
-    warm_start: bool = False
-
-    def __post_init__(self) -> None:
-        if self.name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.name!r}; expected one of {sorted(SAMPLERS)}")
-        if self.scheduler not in (None, "ddpm", "ddim"):
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; expected 'ddpm' or 'ddim'")
-        fn = SAMPLERS[self.name][0]
-        allowed = SAMPLER_OPTIONS.get(fn, ())
-        unknown = sorted(set(self.options) - set(allowed))
-        if unknown:
-            raise ValueError(f"sampler {self.name!r} does not take options {unknown}; it takes {list(allowed)}")
-        tolerance = self.options.get("tolerance")
-        if tolerance is not None and not float(tolerance) >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-        window = self.options.get("window")
-        if window is not None and window != "auto" and (isinstance(window, bool) or not isinstance(window, int)
-                                                        or window < 1):
-            raise ValueError(f"window must be an integer >= 1 or 'auto', got {window!r}")
-        if self.warm_start and fn not in SAMPLER_OPTIONS:
-            iterative = sorted(n for n, (f, _) in SAMPLERS.items() if f in SAMPLER_OPTIONS)
-            raise ValueError(f"warm_start needs a Picard sampler {iterative}, not {self.name!r}")
+    stats: SampleStats
+    trajectory: torch.Tensor
+    spec: SamplerConfig
+    warm: bool
 
 
 class LowdimPolicy(nn.Module):
@@ -126,37 +86,138 @@ class LowdimPolicy(nn.Module):
         self.model = ConditionalUnet1D(**model_cfg)
         self.normalizer = LinearNormalizer({"obs": self.obs_dim, "action": self.action_dim})
         self.noise_scheduler = build_scheduler(c["noise_scheduler"])
-        self.sampler = SamplerConfig()
-        self.last_stats: SampleStats | None = None
+        self.sampler = sampler_spec("sequential")
+        self.last_stats: SampleStats | None = None  # of the last call (also on its PolicyOutput)
         self.last_trajectory: torch.Tensor | None = None  # normalized (B, T, D) of the last call
+        self.inference: dict[str, Any] = {}  # how the denoiser runs (set_inference)
+        self._denoiser: Any = None  # the wrapped denoiser, None = the plain model
         self._schedules: dict[tuple[str, int], Schedule] = {}
+        self._warm: tuple[tuple, torch.Tensor] | None = None  # (call key, next guess (B, T, D))
+        self._fingerprint: str | None = None
 
     # ---- sampler choice -------------------------------------------------------------
-    def set_sampler(self, name: str = "sequential", scheduler: str | None = None,
-                    num_inference_steps: int | None = None, **options: Any) -> LowdimPolicy:
-        """Choose the sampler used by :meth:`predict_action` (validated now, not at call time)."""
-        self.sampler = SamplerConfig(name, scheduler, num_inference_steps, dict(options))
-        self.schedule_for(self.sampler)
+    def set_sampler(self, sampler: str | SamplerConfig = "paradigms", **options: Any) -> LowdimPolicy:
+        """Choose the sampler :meth:`predict_action` uses: a preset name plus options (:func:`sampler_spec`).
+
+        Everything is validated now, the schedule included; the warm-start memory is cleared.
+        """
+        spec = sampler_spec(sampler, **options)
+        self.schedule_for(spec)
+        self.sampler = spec
+        self.reset()
         return self
 
-    def schedule_for(self, sampler: SamplerConfig) -> Schedule:
-        """The (cached) schedule a sampler configuration runs on."""
-        own = "ddim" if type(self.noise_scheduler).__name__ == "DDIMScheduler" else "ddpm"
-        kind = sampler.scheduler or SAMPLERS[sampler.name][1] or own
-        steps = int(sampler.num_inference_steps or self.num_inference_steps)
-        key = (kind, steps)
+    def schedule_for(self, spec: SamplerConfig) -> Schedule:
+        """The (cached) schedule a sampler spec runs on."""
+        key = schedule_key(spec, self.noise_scheduler, self.num_inference_steps)
         if key not in self._schedules:
-            if kind == own:
-                scheduler = build_scheduler(self.config["noise_scheduler"])
-            elif kind == "ddim":
-                scheduler = ddim_from(self.noise_scheduler)
-            else:
-                raise ValueError("a DDPM schedule cannot be derived from a DDIM-trained checkpoint's scheduler")
-            self._schedules[key] = make_schedule(scheduler, steps)
+            self._schedules[key] = build_schedule(spec, self.noise_scheduler, self.num_inference_steps,
+                                                  own=lambda: build_scheduler(self.config["noise_scheduler"]))
         return self._schedules[key]
 
+    def reset(self) -> None:
+        """Forget the previous call's trajectory (DiffusionPolicy's ``reset()``): the next call starts cold."""
+        self._warm = None
+
+    # ---- window='auto' ------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Digest of the weights and config (the key the window cache uses); recomputed after ``load_state_dict``."""
+        if self._fingerprint is None:
+            from para_policy.window import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self, self.config)
+        return self._fingerprint
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._fingerprint = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _window_key(self, spec: SamplerConfig, batch_size: int) -> str:
+        from para_policy.window import window_key
+
+        return window_key(self.fingerprint(), spec, self.schedule_for(spec), batch_size, self.device,
+                          json.dumps(self.inference, sort_keys=True, default=str))
+
+    def resolve(self, spec: SamplerConfig | None = None, obs: Any = None, batch_size: int = 1) -> SamplerConfig:
+        """``spec`` (default: the policy's) with ``window='auto'`` replaced by this machine's window.
+
+        Resolved once per (policy, sampler options, schedule, batch size, device) and cached
+        (:func:`para_policy.window.resolve_window`); the first time it is measured on
+        ``obs``: a (B, To, Do) batch or a list of observations (each (To, Do) or (B, To, Do)),
+        or zero observations when None. Specs with an integer window come back unchanged.
+        """
+        spec = self.sampler if spec is None else spec
+        if not spec.window_is_auto:
+            return spec
+        from para_policy.window import resolve_window
+
+        observations = None if obs is None else [obs] if torch.is_tensor(obs) else list(obs)
+        if observations:
+            first = torch.as_tensor(np.asarray(observations[0], dtype=np.float32)) \
+                if not torch.is_tensor(observations[0]) else observations[0]
+            batch_size = first.shape[0] if first.dim() == 3 else 1
+        window, _ = resolve_window(self._window_key(spec, batch_size),
+                                   lambda: self._tune(spec, observations, batch_size))
+        return spec.with_options(window=window)
+
+    def window_tuning(self, spec: SamplerConfig | None = None, batch_size: int = 1) -> dict[str, Any] | None:
+        """What resolving ``spec``'s ``window='auto'`` measured (window, cost curve, rounds), or None if not yet."""
+        from para_policy.window import cached_window
+
+        spec = self.sampler if spec is None else spec
+        return cached_window(self._window_key(spec.with_options(window="auto"), batch_size))
+
+    def calibrate(self, observations: Sequence[Any], spec: SamplerConfig | None = None, reps: int = 10
+                  ) -> tuple[int, dict[str, Any]]:
+        """Measure the window for ``spec`` (default: the policy's) now, on ``observations``, and cache it.
+
+        ``observations``: a few arrays of ``(n_obs_steps, obs_dim)`` (batch 1) or
+        ``(B, n_obs_steps, obs_dim)``. Replaces any cached window for the same key.
+        Returns ``(window, info)`` (cost curve, predicted ms and rounds per window).
+        """
+        from para_policy.window import resolve_window
+
+        spec = self.sampler if spec is None else spec
+        if not spec.iterative:
+            raise ValueError(f"calibrate needs a Picard sampler, not {spec.name!r}")
+        if len(observations) == 0:
+            raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
+        obs = [o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float32)) for o in observations]
+        obs = [self.check_obs(o[None] if o.dim() == 2 else o) for o in obs]
+        auto = spec.with_options(window="auto")
+        return resolve_window(self._window_key(auto, obs[0].shape[0]), lambda: self._tune(auto, obs, None, reps),
+                              recalibrate=True)
+
+    def _tune(self, spec: SamplerConfig, obs: list[Any] | None, batch_size: int | None,
+              reps: int = 10) -> tuple[int, dict[str, Any]]:
+        from para_policy.window import tune_window
+
+        if obs is None:
+            obs = [torch.zeros((batch_size or 1, self.n_obs_steps, self.obs_dim))]
+        log.info("window='auto': measuring this machine's cost curve and each window's rounds "
+                 "(once per policy, sampler options, batch size and device; cached)")
+        return tune_window(self, spec.with_options(warm_start=False), obs, reps=reps)
+
+    # ---- how the denoiser runs ------------------------------------------------------------
+    def set_inference(self, **settings: Any) -> LowdimPolicy:
+        """Change how the UNet runs: ``precision``, ``compile``, ``cuda_graphs``, ``devices``.
+
+        Settings not given keep their value; all defaults (fp32, eager, one device) restore
+        the plain model. The wrappers are composed in one place,
+        :func:`para_policy.inference.make_denoiser`.
+        """
+        from para_policy.inference import make_denoiser
+
+        merged = {**self.inference, **settings}
+        self._denoiser = make_denoiser(self.model, **merged)
+        self.inference = {k: v for k, v in merged.items() if v not in (None, False, "fp32")}
+        if not self.inference:
+            self._denoiser = None
+        return self
+
     # ---- observations → conditioning ------------------------------------------------
-    def _check_obs(self, obs: torch.Tensor) -> torch.Tensor:
+    def check_obs(self, obs: Any) -> torch.Tensor:
+        """``obs`` as a (B, To, Do) tensor on the policy's device; ``ValueError`` naming what is wrong."""
         if not isinstance(obs, torch.Tensor):
             obs = torch.as_tensor(obs, dtype=torch.float32)
         if obs.dim() != 3 or obs.shape[1] < self.n_obs_steps or obs.shape[2] != self.obs_dim:
@@ -203,7 +264,9 @@ class LowdimPolicy(nn.Module):
         return None, (data, mask)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, global_cond: torch.Tensor | None) -> torch.Tensor:
-        """The denoiser callable handed to samplers."""
+        """The denoiser callable handed to samplers (through the wrappers of :meth:`set_inference`)."""
+        if self._denoiser is not None:
+            return self._denoiser(x, t, global_cond)
         return self.model(x, t, global_cond=global_cond)
 
     # ---- inference ----------------------------------------------------------------
@@ -216,71 +279,83 @@ class LowdimPolicy(nn.Module):
         x_T: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         init: torch.Tensor | None = None,
-        warm_start: torch.Tensor | None = None,
+        warm_start: torch.Tensor | bool | None = None,
         warm_rows: torch.Tensor | None = None,
         deadline: float | None = None,
         sampler: str | SamplerConfig | None = None,
         **options: Any,
-    ) -> dict[str, torch.Tensor]:
+    ) -> PolicyOutput:
         """DiffusionPolicy's ``predict_action``: ``{'obs': (B, To, Do)}`` → actions.
 
         Args:
             generator: draws ``x_T`` and the step noise in DiffusionPolicy's order.
             x_T, noise: explicit initial and per-step noise instead (both or neither).
             init: initial Picard iterate of the whole trajectory, (B, S, T, D).
-            warm_start: a guess of the clean normalized trajectory (B, T, D), e.g. the
-                previous chunk's ``last_trajectory`` shifted by the executed actions;
-                Picard samplers start from it rebuilt with this call's noise
-                (:func:`para_policy.samplers.warm_start_init`).
-            warm_rows: ``(B,)`` bool, the rows of ``warm_start`` that hold a guess; the
-                others start cold (default: all rows).
+            warm_start: ``None`` (default): when the spec has ``warm_start`` and the previous
+                call had the same batch size and schedule, start from that call's clean
+                trajectory shifted by ``n_action_steps`` (a caller in a loop executes the
+                actions in between; :meth:`reset` forgets it). ``False``: start cold. A
+                tensor (B, T, D): this guess of the clean normalized trajectory. Either
+                guess is rebuilt with this call's noise (:func:`~para_policy.samplers.warm_start_init`);
+                the converged result does not depend on it (at tolerance 0 it is the cold one).
+            warm_rows: ``(B,)`` bool, the rows of a ``warm_start`` tensor that hold a guess;
+                the others start cold (default: all rows).
             deadline: a ``time.perf_counter()`` instant after which Picard samplers stop
-                and return their current iterate (``last_stats.converged`` False).
-            sampler: override the policy's sampler for this call (a name plus
-                ``options``, or a :class:`SamplerConfig`).
+                and return their current iterate (``stats.converged`` False).
+            sampler: this call's sampler instead of the policy's: a preset name (with
+                ``options``, :func:`sampler_spec`) or a :class:`SamplerConfig`; options
+                alone change the policy's sampler for this call.
         Returns:
-            ``{'action': (B, n_action_steps, Da), 'action_pred': (B, T, Da)}``; the
-            sampling stats of the call are in ``self.last_stats``.
+            :class:`PolicyOutput`: ``{'action': (B, n_action_steps, Da), 'action_pred': (B, T, Da)}``
+            with ``.stats``, ``.trajectory``, ``.spec``, ``.warm``.
         """
-        if "obs" not in obs_dict:
-            raise ValueError(f"obs_dict must contain 'obs', got keys {list(obs_dict)}")
-        obs = self._check_obs(obs_dict["obs"])
-        spec = self.sampler
-        if isinstance(sampler, SamplerConfig):
-            spec = sampler
-        elif sampler is not None or options:
-            name = sampler or self.sampler.name
-            opts = {**(self.sampler.options if name == self.sampler.name else {}), **options}
-            sched_kind = opts.pop("scheduler", None)
-            steps = opts.pop("num_inference_steps", None)
-            spec = SamplerConfig(name, sched_kind, steps, opts)
+        if not isinstance(obs_dict, Mapping) or "obs" not in obs_dict:
+            got = list(obs_dict) if isinstance(obs_dict, Mapping) else type(obs_dict).__name__
+            raise ValueError(f"obs_dict must be a mapping with key 'obs' of shape (B, To, Do), got {got}")
+        obs = self.check_obs(obs_dict["obs"])
+        spec = self.sampler if sampler is None else sampler_spec(sampler)
+        if options:
+            spec = sampler_spec(spec, **options)
         schedule = self.schedule_for(spec)
+        spec = self.resolve(spec, obs)
         global_cond, inpaint = self.conditioning(obs)
         shape = self.trajectory_shape(obs.shape[0])
         if x_T is None:
             if noise is not None:
                 raise ValueError("pass x_T together with noise")
             x_T, noise = draw_noise(schedule, shape, generator, device=self.device, dtype=self.dtype)
-        fn = SAMPLERS[spec.name][0]
+        call_key = (shape, schedule.kind, schedule.num_steps, str(self.device))
         kwargs = dict(spec.options)
-        if fn in SAMPLER_OPTIONS:
-            if warm_start is not None:
+        warm = False
+        if spec.iterative:
+            if isinstance(warm_start, torch.Tensor):
                 if init is not None:
                     raise ValueError("pass init or warm_start, not both")
                 init = warm_start_init(schedule, warm_start.to(x_T), x_T, noise)
+                warm = True
             elif warm_rows is not None:
-                raise ValueError("warm_rows needs warm_start")
+                raise ValueError("warm_rows needs a warm_start tensor")
+            elif (warm_start is None and init is None and spec.warm_start and self._warm is not None
+                  and self._warm[0] == call_key):
+                init = warm_start_init(schedule, self._warm[1], x_T, noise)
+                warm = True
             kwargs.update(init=init, deadline=deadline)
             if warm_rows is not None:
-                kwargs.update(init_rows=warm_rows.to(torch.bool))
-        elif init is not None or warm_start is not None or deadline is not None or warm_rows is not None:
+                kwargs.update(init_rows=warm_rows.to(device=x_T.device, dtype=torch.bool))
+        elif init is not None or isinstance(warm_start, torch.Tensor) or deadline is not None \
+                or warm_rows is not None:
             raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
-        sample, stats = fn(self.denoise, schedule, x_T, noise, condition=global_cond, inpaint=inpaint, **kwargs)
+        sample, stats = spec.family.sample(self.denoise, schedule, x_T, noise, condition=global_cond,
+                                           inpaint=inpaint, **kwargs)
+        if spec.warm_start:
+            self._warm = (call_key, shift_trajectory(sample, self.n_action_steps))
         self.last_stats = stats
         self.last_trajectory = sample
         action_pred = self.normalizer.unnormalize("action", sample[..., : self.action_dim])
         start = self.action_start
-        return {"action": action_pred[:, start: start + self.n_action_steps], "action_pred": action_pred}
+        out = PolicyOutput(action=action_pred[:, start: start + self.n_action_steps], action_pred=action_pred)
+        out.stats, out.trajectory, out.spec, out.warm = stats, sample, spec, warm
+        return out
 
     # ---- training -----------------------------------------------------------------
     def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
@@ -323,15 +398,16 @@ class LowdimPolicy(nn.Module):
         return loss.mean()
 
 
-def load_policy(path: str | os.PathLike, sampler: str = "sequential", device: str | torch.device = "cpu",
-                **options: Any) -> LowdimPolicy:
+def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradigms",
+                device: str | torch.device = "cpu", **options: Any) -> LowdimPolicy:
     """Load a policy checkpoint and choose its sampler.
 
     Reads para_policy's own ``.safetensors`` checkpoints (no pickled code) and
     DiffusionPolicy workspace ``.ckpt`` files (low-dim UNet policies; EMA weights when the
     run used EMA). A ``.ckpt`` is a pickle: loading one runs code chosen by whoever wrote
-    it, so load only files you trust.
-    ``options`` go to :meth:`LowdimPolicy.set_sampler` (``window``, ``tolerance``, …).
+    it, so load only files you trust; reading them needs the ``[diffusion-policy]`` extra.
+    ``sampler`` and ``options`` go to :meth:`LowdimPolicy.set_sampler` (default: the
+    ``paradigms`` preset, the fastest measured setting).
     """
     from para_policy.checkpoints import load_checkpoint
 

@@ -34,7 +34,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from tqdm import tqdm
 from para_policy.checkpoints import atomic_write, save_checkpoint
 from para_policy.dataset import LowdimDataset, PushTLowdimDataset, RobomimicLowdimDataset, SequenceDataset
 from para_policy.policy import LowdimPolicy
+from para_policy.samplers import sampler_spec
 
 RESUME_FORMAT = "para_policy.train_state"
 RESUME_VERSION = 1
@@ -126,15 +127,6 @@ def make_datasets(cfg: Mapping[str, Any] | DictConfig) -> tuple[LowdimDataset, S
             f"{task['name']!r} says obs_dim={task['obs_dim']}, action_dim={task['action_dim']}"
         )
     return ds, ds.get_validation_dataset()
-
-
-def task_env_factory(task_cfg: Mapping[str, Any]) -> Callable[[], Any]:
-    """A no-argument maker of the task's evaluation env (the one ``eval.py`` uses), for training rollouts."""
-    from para_policy.evaluation.config import task_settings
-    from para_policy.evaluation.rollout import make_task_env
-
-    settings = task_settings(OmegaConf.create({"task": dict(task_cfg)}))
-    return lambda: make_task_env(settings)
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -248,61 +240,42 @@ def rollout(
     seed_start: int = 0,
     max_steps: int = 300,
     predict_kwargs: Mapping[str, Any] | None = None,
-    make_env: Callable[[], Any] | None = None,
+    task: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``episodes`` episodes of ``make_env()`` (default PushT) with one batched ``predict_action`` per chunk.
+    """Run ``episodes`` episodes of the task with the evaluator's rollout loop (:func:`run_rollouts`).
 
-    DiffusionPolicy's multi-step protocol: the policy sees the last ``n_obs_steps`` observations
-    (the first one repeated at the start), and each predicted chunk's ``n_action_steps`` actions are
-    executed open-loop.  Episode ``i`` is reset with seed ``seed_start + i``.
+    DiffusionPolicy's multi-step protocol, one batched ``predict_action`` per chunk for all
+    episodes; episode ``i`` is reset with seed ``seed_start + i``; ``predict_kwargs`` choose
+    the sampler (``{'sampler': 'sequential', 'scheduler': 'ddim', 'num_inference_steps': 16}``,
+    :func:`~para_policy.samplers.sampler_spec`); ``task`` is the task config (default PushT).
 
     Returns:
         ``{'mean_max_reward': float, 'max_rewards': [float] * episodes, 'success_rate': float}``;
-        an episode's score is its maximum reward (PushT's coverage-based reward, Lift's sparse
-        success reward), as in DP.
+        an episode's score is its maximum reward and its success the env's ``info['is_success']``,
+        as in the evaluator.
     """
-    if make_env is None:
-        from para_policy.tasks.pusht.env import make_env
-    predict_kwargs = dict(predict_kwargs or {})
-    envs = [make_env() for _ in range(episodes)]
-    To = policy.n_obs_steps
-    hist, done = [], np.zeros(episodes, dtype=bool)
-    best = np.zeros(episodes)
-    success = np.zeros(episodes, dtype=bool)
-    for i, env in enumerate(envs):
-        obs, _ = env.reset(seed=seed_start + i)
-        hist.append([np.asarray(obs, dtype=np.float32)] * To)
-    steps = 0
-    gen = torch.Generator().manual_seed(seed_start)
+    from para_policy.evaluation.config import task_settings
+    from para_policy.evaluation.rollout import run_rollouts
+
+    kwargs = dict(predict_kwargs or {})
+    spec = sampler_spec(kwargs.pop("sampler", "sequential"), **kwargs)
+    settings = task_settings(OmegaConf.create({"task": {**dict(task or {"name": "pusht",
+                                                                        "env_id": "gym_pusht/PushT-v0"}),
+                                                        "episodes": episodes, "seed_start": seed_start,
+                                                        "max_steps": max_steps}}))
     was_training = policy.training
     policy.eval()
     try:
-        while steps < max_steps and not done.all():
-            obs = torch.from_numpy(np.stack([np.stack(h[-To:]) for h in hist]))
-            actions = policy.predict_action({"obs": obs}, generator=gen, **predict_kwargs)["action"]
-            actions = actions.detach().cpu().numpy()
-            for k in range(actions.shape[1]):
-                if steps >= max_steps:
-                    break
-                for i, env in enumerate(envs):
-                    if done[i]:
-                        continue
-                    obs_i, reward, terminated, truncated, info = env.step(actions[i, k])
-                    hist[i].append(np.asarray(obs_i, dtype=np.float32))
-                    del hist[i][:-To]
-                    best[i] = max(best[i], float(reward))
-                    success[i] |= bool(info.get("is_success", False))
-                    done[i] = terminated or truncated
-                steps += 1
+        records, _ = run_rollouts(policy, spec, settings, settings.seeds, noise_seed=seed_start,
+                                  num_envs=episodes, progress=False, desc="rollout")
     finally:
         policy.train(was_training)
-        for env in envs:
-            env.close()
-    return {
-        "mean_max_reward": float(best.mean()),
-        "max_rewards": best.tolist(),
-        "success_rate": float(success.mean()),
-    }
+    failed = [r for r in records if r["error"] is not None]
+    if failed:
+        raise RuntimeError(f"training rollout of seed {failed[0]['seed']} failed: {failed[0]['error']}")
+    best = np.array([r["max_reward"] for r in records])
+    return {"mean_max_reward": float(best.mean()), "max_rewards": best.tolist(),
+            "success_rate": float(np.mean([r["success"] for r in records]))}
 
 
 class _Logger:
@@ -573,7 +546,7 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
                 int(tcfg.get("rollout_seed_start", 0)),
                 int(run_cfg["task"].get("max_steps", 300)),
                 tcfg.get("rollout_predict") or {},
-                make_env=task_env_factory(run_cfg["task"]),
+                task=run_cfg["task"],
             )
             last["rollout"] = {"step": step, **result}
             record.update(rollout_mean_max_reward=result["mean_max_reward"], rollout_success=result["success_rate"])
@@ -682,7 +655,6 @@ __all__ = [
     "make_datasets",
     "make_lr_scheduler",
     "rollout",
-    "task_env_factory",
     "train",
     "validation_loss",
 ]

@@ -18,9 +18,16 @@ calls it before the rollouts.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,6 +131,79 @@ def choose_window(cost: Mapping[int, float], traces: Mapping[int, Sequence[Seque
 
 
 CANDIDATE_WINDOWS = (8, 16, 24, 32, 48, 64, 100)
+#: environment variable naming the folder of the window cache ("off" disables the file)
+CACHE_ENV = "PARA_POLICY_CACHE_DIR"
+CACHE_FILE = "windows.json"
+_MEMORY: dict[str, dict[str, Any]] = {}
+log = logging.getLogger("para_policy.window")
+
+
+@dataclass
+class Problem:
+    """One calibration call: its conditioning, inpainting and trajectory shape ``(B, T, D)``."""
+
+    shape: tuple[int, int, int]
+    condition: torch.Tensor | None = None
+    inpaint: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@torch.inference_mode()
+def calibrate_window(
+    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    schedule: Any,
+    spec: Any,
+    problems: Sequence[Problem],
+    candidates: Sequence[int] = CANDIDATE_WINDOWS,
+    *,
+    cost: Mapping[int, float] | None = None,
+    reps: int = 10,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[int, dict[str, Any]]:
+    """The window for ``spec`` on this machine: cost curve × rows per round on ``problems``.
+
+    Args:
+        denoiser: the callable the sampler will be handed.
+        schedule: the :class:`~para_policy.schedule.Schedule` it samples on.
+        spec: the iterative :class:`~para_policy.samplers.SamplerConfig` to tune (its
+            window is replaced by each candidate, everything else kept). Calibration calls
+            are cold and draw their own noise from ``seed``.
+        problems: the calls to calibrate on (their batch size is the one tuned for).
+        candidates: windows to try (clipped to the number of steps).
+        cost: a cost curve measured before (``{rows: ms}``); measured now when None.
+        device: where the calibration tensors live (the denoiser's device).
+    Returns:
+        ``(window, info)``; info has ``cost``, ``predicted_ms`` and ``rounds`` per window.
+    """
+    from para_policy.samplers import draw_noise
+
+    if not problems:
+        raise ValueError("calibrating the window needs at least one observation")
+    if not spec.iterative:
+        raise ValueError(f"only Picard samplers have a window, not {spec.name!r}")
+    S = schedule.num_steps
+    windows = sorted({min(int(w), S) for w in candidates})
+    first = problems[0]
+    B, T, D = first.shape
+    if cost is None:
+        cond = None if first.condition is None else first.condition[:1]
+        top = windows[-1] * B
+        sizes = sorted({n for n in DEFAULT_BATCHES if n <= top} | {top})
+        cost = batch_cost_curve(denoiser, (T, D), cond, sizes, num_train_timesteps=int(schedule.timesteps.max()) + 1,
+                                reps=reps, device=device)
+    g = torch.Generator().manual_seed(seed)
+    noises = [draw_noise(schedule, p.shape, g) for p in problems]
+    traces: dict[int, list[list[int]]] = {}
+    fn = spec.family.sample
+    for w in windows:
+        options = {**spec.options, "window": w}
+        for p, (x_T, noise) in zip(problems, noises, strict=True):
+            _, stats = fn(denoiser, schedule, x_T.to(device), noise.to(device), condition=p.condition,
+                          inpaint=p.inpaint, **options)
+            traces.setdefault(w, []).append(list(stats.extra["rows_per_round"]))
+    best, predicted = choose_window(cost, traces)
+    rounds = {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}
+    return best, {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds}
 
 
 def tune_window(
@@ -136,49 +216,112 @@ def tune_window(
     reps: int = 10,
     seed: int = 0,
 ) -> tuple[int, dict[str, Any]]:
-    """The window for ``spec`` on this machine: cost curve × rows per round on ``observations``.
+    """:func:`calibrate_window` for a :class:`~para_policy.policy.LowdimPolicy` on a few observations.
 
-    Args:
-        policy: a :class:`~para_policy.policy.LowdimPolicy`.
-        spec: the Picard :class:`~para_policy.policy.SamplerConfig` to tune (its ``window``
-            is replaced by each candidate; everything else kept). Calibration calls are
-            cold (no warm start): an episode's first chunk is what they see.
-        observations: a few ``(n_obs_steps, obs_dim)`` observations to calibrate on.
-        candidates: windows to try (clipped to the number of steps).
-        cost: a cost curve measured before (``{rows: ms}``); measured now when None.
-        reps: timed calls per batch size of the cost curve.
-    Returns:
-        ``(window, info)``; info has ``cost``, ``predicted_ms`` and ``rounds`` per window.
+    ``observations``: arrays of ``(n_obs_steps, obs_dim)`` (tuned for batch 1) or
+    ``(B, n_obs_steps, obs_dim)`` (tuned for batch B). Measures now; nothing is cached
+    (:meth:`LowdimPolicy.calibrate` caches).
     """
-    from dataclasses import replace
-
     if not observations:
         raise ValueError("tune_window needs at least one observation to calibrate on")
-    schedule = policy.schedule_for(spec)
-    S = schedule.num_steps
-    windows = sorted({min(int(w), S) for w in candidates})
-    obs = [torch.as_tensor(np.asarray(o, dtype=np.float32))[None] for o in observations]
-    if cost is None:
-        cond, _ = policy.conditioning(obs[0].to(policy.device))
-        sizes = sorted({n for n in DEFAULT_BATCHES if n <= windows[-1]} | {windows[-1]})
-        cost = batch_cost_curve(policy.denoise, policy.trajectory_shape(1)[1:], cond, sizes,
-                                num_train_timesteps=int(schedule.timesteps.max()) + 1, reps=reps,
-                                device=policy.device)
-    g = torch.Generator().manual_seed(seed)
-    noises = [policy_noise(policy, schedule, g) for _ in obs]
-    traces: dict[int, list[list[int]]] = {}
-    for w in windows:
-        trial = replace(spec, options={**spec.options, "window": w}, warm_start=False)
-        for o, (x_T, noise) in zip(obs, noises, strict=True):
-            policy.predict_action({"obs": o}, x_T=x_T, noise=noise, sampler=trial)
-            traces.setdefault(w, []).append(list(policy.last_stats.extra["rows_per_round"]))
-    best, predicted = choose_window(cost, traces)
-    rounds = {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}
-    return best, {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds}
+    problems = []
+    for o in observations:
+        obs = o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float32))
+        obs = obs[None] if obs.dim() == 2 else obs
+        obs = policy.check_obs(obs)
+        cond, inpaint = policy.conditioning(obs)
+        problems.append(Problem(policy.trajectory_shape(obs.shape[0]), cond, inpaint))
+    return calibrate_window(policy.denoise, policy.schedule_for(spec), spec, problems, candidates, cost=cost,
+                            reps=reps, seed=seed, device=policy.device)
 
 
-def policy_noise(policy: Any, schedule: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x_T`` and step noise for one batch-1 call of ``policy`` on ``schedule``."""
-    from para_policy.samplers import draw_noise
+def model_fingerprint(model: torch.nn.Module, extra: Any = None) -> str:
+    """A digest of a model's weights (and ``extra``, e.g. its config): the identity a window is cached under."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
 
-    return draw_noise(schedule, policy.trajectory_shape(1), generator, device=policy.device, dtype=policy.dtype)
+
+def window_key(model_id: str, spec: Any, schedule: Any, batch_size: int, device: Any, denoiser_id: str = "") -> str:
+    """The cache key of a resolved window: policy, sampler options, schedule, batch size, device, machine."""
+    options = {k: v for k, v in spec.options.items() if k != "window"}
+    machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return json.dumps({"model": model_id, "denoiser": denoiser_id, "family": spec.family.sample.__name__,
+                       "options": options, "schedule": [schedule.kind, schedule.num_steps],
+                       "batch": int(batch_size), "device": str(device), "machine": machine}, sort_keys=True)
+
+
+def cache_path() -> Path | None:
+    """The window cache file, ``$PARA_POLICY_CACHE_DIR/windows.json`` (default folder ``~/.cache/para_policy``).
+
+    None when the variable is ``off`` (or empty): windows are then cached in this process only.
+    """
+    folder = os.environ.get(CACHE_ENV)
+    if folder is not None and folder.strip().lower() in ("", "off", "0", "none"):
+        return None
+    base = Path(folder) if folder else Path(os.path.expanduser("~")) / ".cache" / "para_policy"
+    return base / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_window(key: str) -> dict[str, Any] | None:
+    """The entry this process resolved or read under ``key`` (None if none)."""
+    entry = _MEMORY.get(key)
+    return None if entry is None else dict(entry)
+
+
+def _int_keys(entry: dict[str, Any]) -> dict[str, Any]:
+    """JSON's string keys of the per-size / per-window tables back to ints."""
+    return {k: ({int(n): v for n, v in val.items()} if k in ("cost", "predicted_ms", "rounds") and
+                isinstance(val, dict) else val) for k, val in entry.items()}
+
+
+def resolve_window(key: str, tune: Callable[[], tuple[int, dict[str, Any]]], *,
+                   recalibrate: bool = False) -> tuple[int, dict[str, Any]]:
+    """The window cached under ``key`` (this process, then the cache file), or ``tune()``'s, then cached.
+
+    Why a file: the tuner times calls, so two runs on one machine can pick different
+    windows within its noise; reusing the first choice makes later runs reproducible.
+    ``recalibrate`` measures again and replaces the entry. Returns ``(window, info)``;
+    ``info['source']`` says where it came from (``'measured'`` in this process, or the file).
+    """
+    path = cache_path()
+    if not recalibrate:
+        if key in _MEMORY:
+            entry = _MEMORY[key]
+            return int(entry["window"]), dict(entry)
+        if path is not None:
+            entry = _read_cache(path).get(key)
+            if isinstance(entry, dict) and isinstance(entry.get("window"), int):
+                entry = {**_int_keys(entry), "source": str(path)}
+                _MEMORY[key] = entry
+                log.info("window auto -> %d (cached in %s)", entry["window"], path)
+                return int(entry["window"]), dict(entry)
+    t0 = time.perf_counter()
+    window, info = tune()
+    entry = _int_keys(json.loads(json.dumps(
+        {"window": int(window), **info, "tuning_s": round(time.perf_counter() - t0, 2)}, default=float)))
+    _MEMORY[key] = {**entry, "source": "measured"}
+    log.info("window auto -> %d (measured in %.1f s; predicted ms %s)", window, entry["tuning_s"],
+             ", ".join(f"w{w}: {ms:.0f}" for w, ms in info["predicted_ms"].items()))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = _read_cache(path)
+            data[key] = {k: v for k, v in entry.items() if k != "source"}
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only home keeps the in-process cache
+            log.warning("cannot write the window cache %s: %s", path, e)
+    return int(window), {**entry, "source": "measured"}

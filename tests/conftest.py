@@ -47,3 +47,14 @@ class MLPDenoiser(torch.nn.Module):
 @pytest.fixture
 def denoiser() -> MLPDenoiser:
     return MLPDenoiser()
+
+
+@pytest.fixture(autouse=True)
+def isolated_window_cache(tmp_path, monkeypatch):
+    """Every test resolves window='auto' afresh, into its own cache file (never the user's ~/.cache)."""
+    from para_policy import window
+
+    monkeypatch.setenv(window.CACHE_ENV, str(tmp_path / "para_policy_cache"))
+    window._MEMORY.clear()
+    yield
+    window._MEMORY.clear()

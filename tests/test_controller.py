@@ -119,7 +119,7 @@ def test_two_cpu_devices_give_the_same_sample_as_one():
     one = policy.predict_action({"obs": obs}, generator=torch.Generator().manual_seed(1), **kw)["action"]
     keys = set(policy.state_dict())
     use_devices(policy, ["cpu", "cpu"])
-    rd = policy.denoise
+    rd = policy._denoiser
     assert isinstance(rd, ReplicatedDenoiser) and rd.replicas[1] is not policy.model
     calls = []
     handle = rd.replicas[1].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -133,7 +133,7 @@ def test_two_cpu_devices_give_the_same_sample_as_one():
         assert torch.allclose(rd(x, t, c), policy.model(x, t, global_cond=c), atol=1e-5)
     rd.close()
     use_devices(policy, None)
-    assert "denoise" not in vars(policy)
+    assert policy._denoiser is None and policy.inference == {}
     ctl = Controller(policy, window=8, tolerance=0.0, seed=0, devices=["cpu", "cpu"])
     assert ctl.predict_chunk(observations(TO)).shape == (NA, ACT_DIM)
     use_devices(policy, None)
@@ -143,18 +143,20 @@ def test_controller_needs_valid_sampler():
     policy = LowdimPolicy(tiny_config())
     with pytest.raises(ValueError, match="unknown sampler"):
         Controller(policy, sampler="fastest")
-    with pytest.raises(ValueError, match="does not take options"):
+    with pytest.raises(ValueError, match="does not take"):
         Controller(policy, sampler="sequential", window=4)
 
 
-def test_default_controller_runs_the_recommended_sampler():
-    from para_policy.policy import RECOMMENDED_SAMPLER
+def test_default_controller_runs_the_paradigms_preset():
+    from para_policy.samplers import PRESETS, sampler_spec
 
     policy = tiny_policy()
     ctl = Controller(policy, seed=0)
-    assert ctl.spec.name == RECOMMENDED_SAMPLER["name"] and ctl.warm_start
-    assert ctl.spec.options == {k: v for k, v in RECOMMENDED_SAMPLER.items() if k != "name"}
+    assert ctl.spec == sampler_spec("paradigms") and ctl.warm_start
+    preset = PRESETS["paradigms"]["options"]
+    assert {k: ctl.spec.options[k] for k in preset} == preset
     assert Controller(policy, tolerance=0.0).spec.options["tolerance"] == 0.0  # options override it
+    assert not Controller(policy, warm_start=False).warm_start
 
 
 def test_window_auto_calibrates_on_the_first_chunk_without_touching_the_noise():

@@ -677,7 +677,7 @@ MUTATIONS = [
      "older than 3.10"),
     ("cuda", 'RUN pip install "torch==${TORCH_VERSION}"',
      f'RUN pip install "torch==${{TORCH_VERSION}}" --index-url {CPU_INDEX}', "CPU index"),
-    ("cuda", "ARG EXTRAS=launchers", "ARG EXTRAS=launcher", "optional-dependencies"),
+    ("cuda", "ARG EXTRAS=eval,launchers", "ARG EXTRAS=eval,launcher", "optional-dependencies"),
     ("cuda", "USER app", "USER root", "non-root"),
     ("cpu", "FROM python:3.11-slim-bookworm", "FROM nvidia/cuda:13.0.2-base-ubuntu24.04", "is a CUDA image"),
     ("cpu", 'pip install "/tmp/para_policy_src[${EXTRAS}]"', 'pip install -e "/tmp/para_policy_src[${EXTRAS}]"',

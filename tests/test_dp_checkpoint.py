@@ -44,6 +44,7 @@ class DPStandIn(nn.Module):
         self.noise_scheduler = DDPMScheduler(**DP_BETAS, variance_type="fixed_small", clip_sample=True,
                                              prediction_type="epsilon")
         self.num_inference_steps = STEPS
+        self.n_action_steps = NA
         self.kwargs: dict = {}
         # DP's LinearNormalizer 'limits' parameters for raw values in [0, 500]
         self.norm = {k: {"scale": torch.rand(d, generator=g) * 0.004 + 0.002,
@@ -62,6 +63,9 @@ class DPStandIn(nn.Module):
         sd["_dummy_variable"] = torch.zeros(0)
         sd["mask_generator._dummy_variable"] = torch.zeros(0)
         return sd
+
+    def reset(self):  # BaseLowdimPolicy.reset: stateless in DP's low-dim policies
+        pass
 
     def conditional_sample(self, condition_data, condition_mask, local_cond=None, global_cond=None,
                            generator=None, **kwargs):
@@ -171,7 +175,7 @@ def test_ckpt_loads_and_matches_diffusion_policy(tmp_path, global_cond):
     ema, raw = ema_and_raw(global_cond)
     path = tmp_path / "latest.ckpt"
     write_dp_checkpoint(path, dp_cfg(global_cond), raw.dp_state_dict(), ema.dp_state_dict())
-    policy = load_policy(path)
+    policy = load_policy(path, sampler="sequential")
     assert policy.obs_as_global_cond is global_cond and policy.n_action_steps == NA
     assert policy.num_inference_steps == STEPS and policy.config["source"]["weights"] == "ema_model"
     obs = torch.rand(2, TO, OBS_DIM) * 500
@@ -185,7 +189,8 @@ def test_ckpt_loads_and_matches_diffusion_policy(tmp_path, global_cond):
     assert torch.allclose(fast, ref, atol=1e-3)
     # converting once to the pickle-free format keeps the outputs
     st = save_checkpoint(tmp_path / "converted.safetensors", policy.state_dict(), policy.config)
-    again = load_policy(st).predict_action({"obs": obs}, generator=torch.Generator().manual_seed(7))["action"]
+    again = load_policy(st, sampler="sequential").predict_action(
+        {"obs": obs}, generator=torch.Generator().manual_seed(7))["action"]
     assert torch.equal(again, out)
 
 
@@ -193,7 +198,7 @@ def test_use_ema_false_picks_model_weights(tmp_path):
     ema, raw = ema_and_raw(True)
     path = tmp_path / "noema.ckpt"
     write_dp_checkpoint(path, dp_cfg(use_ema=False), raw.dp_state_dict())  # DP saves no ema_model then
-    policy = load_policy(path)
+    policy = load_policy(path, sampler="sequential")
     assert policy.config["source"]["weights"] == "model"
     obs = torch.rand(1, TO, OBS_DIM) * 500
     out = policy.predict_action({"obs": obs}, generator=torch.Generator().manual_seed(3))["action"]

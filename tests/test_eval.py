@@ -112,22 +112,21 @@ def test_default_config_composes_with_the_issue_defaults():
     spec = sampler_config(cfg.sampler)
     assert spec.options["tolerance"] == pytest.approx(0.02) and spec.options["window"] == "auto"
     assert spec.options["linear_solve"] and spec.options["secant"] and spec.warm_start
-    from para_policy.policy import RECOMMENDED_SAMPLER  # the controller's default: the same setting
+    from para_policy.samplers import sampler_spec  # the library's preset: the same spec
 
-    assert spec.name == RECOMMENDED_SAMPLER["name"]
-    assert {k: spec.options[k] for k in ("tolerance", "linear_solve", "secant")} == {
-        k: RECOMMENDED_SAMPLER[k] for k in ("tolerance", "linear_solve", "secant")}
+    assert spec == sampler_spec("paradigms")
     published = sampler_config(compose_eval(["sampler=paradigms_published"]).sampler)
-    assert published.name == "paradigms" and published.options == {
-        "window": 16, "tolerance": 0.1, "per_sample_windows": False, "linear_solve": False, "secant": False}
-    assert not published.warm_start
+    assert published.name == "paradigms_published" and published.options == {
+        "window": 16, "tolerance": 0.1, "max_iterations": None, "per_sample_windows": False, "linear_solve": False,
+        "secant": False}
+    assert not published.warm_start and published == sampler_spec("paradigms_published")
 
 
 def test_overrides_and_sampler_groups():
-    cfg = compose_eval(["sampler=paraddim", "sampler.tolerance=0.05", "sampler.window=4", "task.episodes=3",
-                        "logger=none", "num_envs=3"])
+    cfg = compose_eval(["sampler=paradigms_published", "sampler.scheduler=ddim", "sampler.num_inference_steps=16",
+                        "sampler.tolerance=0.05", "sampler.window=4", "task.episodes=3", "logger=none", "num_envs=3"])
     spec = sampler_config(cfg.sampler)
-    assert (spec.name, spec.scheduler, spec.num_inference_steps) == ("paraddim", "ddim", 16)
+    assert (spec.name, spec.scheduler, spec.num_inference_steps) == ("paradigms_published", "ddim", 16)
     assert spec.options["tolerance"] == 0.05 and spec.options["window"] == 4
     assert task_settings(cfg).seeds == [100000, 100001, 100002]
     assert cfg.logger.backend == "none" and cfg.num_envs == 3
@@ -170,11 +169,11 @@ def test_checkpoint_for_another_obs_size_is_refused(tmp_path, monkeypatch):
 
 
 def test_picard_option_on_sequential_is_refused():
-    with pytest.raises(EvalConfigError, match="takes no Picard options"):
+    with pytest.raises(EvalConfigError, match="does not take.*tolerance.*takes no options"):
         sampler_config({"name": "sequential", "tolerance": 0.1})
-    with pytest.raises(EvalConfigError, match="sampler.window must be >= 1"):
+    with pytest.raises(EvalConfigError, match="sampler.window must be an integer >= 1"):
         sampler_config({"name": "paradigms", "window": 0})
-    with pytest.raises(EvalConfigError, match="sampler.secant=true needs sampler.linear_solve=true"):
+    with pytest.raises(EvalConfigError, match="sampler.secant=True needs linear_solve=True"):
         sampler_config({"name": "paradigms", "secant": True, "linear_solve": False})
     with pytest.raises(EvalConfigError, match="sampler.secant must be true or false"):
         sampler_config({"name": "paradigms", "secant": "yes", "linear_solve": True})
@@ -218,7 +217,7 @@ def test_run_writes_side_by_side_results(paradigms_run):
         cand["latency"]["ms_per_chunk"]["p50"] / base["latency"]["ms_per_chunk"]["p50"])
     faith = comp["faithfulness"]
     assert faith["n_calls"] == 4 and 0 <= faith["mean_px"] <= faith["max_px"]
-    assert on_disk["config"]["sampler"]["tolerance"] == 0.02
+    assert on_disk["samplers"]["candidate"]["spec"]["options"]["tolerance"] == 0.02
 
 
 def test_run_writes_its_files(paradigms_run):
@@ -272,8 +271,8 @@ def test_exact_picard_matches_sequential_with_shared_noise(ckpt, tmp_path):
 
 
 def test_paraddim_runs_against_sequential_ddim(ckpt, tmp_path):
-    results = run_eval(ckpt, tmp_path, "sampler=paraddim", "sampler.num_inference_steps=8", "compare=true",
-                       "video.enabled=false")
+    results = run_eval(ckpt, tmp_path, "sampler=paradigms_published", "sampler.scheduler=ddim",
+                       "sampler.num_inference_steps=8", "compare=true", "video.enabled=false")
     base = results["samplers"]["baseline"]
     assert base["schedule"] == {"kind": "ddim", "num_steps": 8} and base["spec"]["scheduler"] == "ddim"
     assert results["samplers"]["candidate"]["schedule"] == base["schedule"]

@@ -24,17 +24,17 @@ def test_help_lists_groups_and_examples():
     res = run_cli("--help")
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "eval.py" in out and "sampler: paraddim, paradigms, paradigms_published, parataa, sequential" in out
+    assert "eval.py" in out and "sampler: paradigms, paradigms_published, parataa, sequential" in out
     assert "task: lift, pusht" in out and "logger: none, wandb" in out
     assert "python eval.py -m sampler.tolerance" in out
 
 
 def test_cfg_job_shows_the_composed_config(tmp_path):
-    res = run_cli("--cfg", "job", "--resolve", "sampler=paraddim", "sampler.tolerance=0.02", "task.episodes=5",
+    res = run_cli("--cfg", "job", "--resolve", "sampler=parataa", "sampler.tolerance=0.02", "task.episodes=5",
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     cfg = yaml.safe_load(res.stdout)
-    assert cfg["sampler"]["name"] == "paraddim" and cfg["sampler"]["tolerance"] == 0.02
+    assert cfg["sampler"]["name"] == "parataa" and cfg["sampler"]["tolerance"] == 0.02
     assert cfg["task"]["episodes"] == 5 and cfg["task"]["seed_start"] == 100000
     assert cfg["checkpoint"].endswith("para_policy/assets/pusht_lowdim.safetensors")
     assert not list(tmp_path.iterdir()), "--cfg job must not create a run folder"

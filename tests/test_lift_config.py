@@ -65,7 +65,7 @@ def no_robosuite(monkeypatch):
 
 
 def test_missing_extra_raises_the_install_hint(no_robosuite):
-    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[robomimic\]'") as err:
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[lift\]'") as err:
         require("robosuite")
     assert isinstance(err.value, ImportError) and isinstance(err.value.__cause__, ImportError)
     from para_policy.tasks.lift.env import LiftEnv
@@ -91,7 +91,7 @@ def test_training_without_the_extra_stops_with_the_hint(no_robosuite, tmp_path):
     path = tmp_path / "lift.hdf5"
     path.write_bytes(b"")  # exists, so the loader gets as far as needing h5py
     cfg = compose_cfg("train", ["task=lift", f"task.dataset_path={path}"])
-    with pytest.raises(MissingExtraError, match=r"\[robomimic\]"):
+    with pytest.raises(MissingExtraError, match=r"\[lift\]"):
         make_datasets(cfg)
 
 
@@ -176,7 +176,7 @@ def test_shipped_lift_policy_matches_the_task():
     cfg = compose_cfg("eval", ["task=lift"])
     path = Path(cfg.checkpoint)
     assert path.is_file() and path.stat().st_size < 20e6
-    policy = load_policy(path)
+    policy = load_policy(path, sampler="sequential")
     assert (policy.obs_dim, policy.action_dim, policy.n_obs_steps, policy.n_action_steps) == (19, 7, 2, 8)
     meta = load_checkpoint(path)[1]
     assert meta["task"] == "lift" and meta["training"]["steps"] == 3000

@@ -1,4 +1,4 @@
-"""Lift with robosuite (skipped without the [robomimic] extra): env, expert, reset_to, generator, evaluator.
+"""Lift with robosuite (skipped without the [lift] extra): env, expert, reset_to, generator, evaluator.
 
 One env is made per module (about 4 s each); expert episodes take about a second.
 """

@@ -51,12 +51,14 @@ def test_picard_on_the_real_network_reproduces_sequential(policy):
     assert (fast["action"] - ref["action"]).abs().max() < 1e-3  # pixels
 
 
-@pytest.mark.parametrize("sampler", ["paradigms", "paraddim"])
+@pytest.mark.parametrize("sampler", ["paradigms", "paradigms_published"])
 def test_evaluator_runs_the_shipped_policy(sampler, tmp_path):
     runner._BASELINE_CACHE.clear()
     overrides = [f"sampler={sampler}", *FAST, "task.max_steps=8", "latency.calls=2", "video.enabled=false"]
     if sampler == "paradigms":
         overrides.append("sampler.num_inference_steps=20")  # short: a CI-sized run of the real network
+    else:
+        overrides += ["sampler.scheduler=ddim", "sampler.num_inference_steps=16"]  # ParaDDIM-16
     results = evaluate(compose_eval(overrides), tmp_path, overrides=overrides)
     cand, base = results["samplers"]["candidate"], results["samplers"]["baseline"]
     assert cand["name"] == sampler and base["name"] == "sequential"

@@ -216,5 +216,5 @@ def test_policy_runs_parataa():
     taa = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action_pred"]
     assert (taa - seq).abs().max() < 1e-4
     assert policy.last_stats.rounds <= 100
-    with pytest.raises(ValueError, match="does not take options"):
+    with pytest.raises(ValueError, match="does not take"):
         policy.set_sampler("paradigms", memory=3)

@@ -11,10 +11,20 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from omegaconf import DictConfig
+from para_policy.extras import require
 
-from para_policy.evaluation.config import EvalConfigError, register_resolvers, sampler_config, task_settings
-from para_policy.evaluation.runner import evaluate, flat_metrics
+for _module in ("omegaconf", "hydra", "gymnasium", "tqdm"):
+    require(_module, "eval")
+
+from omegaconf import DictConfig  # noqa: E402
+
+from para_policy.evaluation.config import (  # noqa: E402
+    EvalConfigError,
+    register_resolvers,
+    sampler_config,
+    task_settings,
+)
+from para_policy.evaluation.runner import evaluate, flat_metrics  # noqa: E402
 
 __all__ = ["EvalConfigError", "evaluate", "flat_metrics", "main", "register_resolvers", "sampler_config",
            "task_settings"]

@@ -9,8 +9,8 @@ Config shape (``configs/eval.yaml`` composes it)::
     checkpoint   path of a para_policy .safetensors policy (default: the task's shipped policy,
                  ``para_policy/assets/<task.checkpoint_asset>``)
     task         env_id, obs_type, obs_dim, action_dim, episodes, seed_start, max_steps, fps
-    sampler      name, scheduler, num_inference_steps and the Picard options
-                 (window, tolerance, max_iterations, per_sample_windows)
+    sampler      name (a preset), scheduler, num_inference_steps, warm_start and the
+                 preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
     num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS, SamplerConfig
+from para_policy.samplers import SamplerConfig, SamplerOptionError, sampler_spec
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_RESOLVER = "para_policy.asset"
@@ -122,50 +122,18 @@ def task_settings(cfg: DictConfig) -> TaskSettings:
 
 
 def sampler_config(node: DictConfig | dict) -> SamplerConfig:
-    """``cfg.sampler`` → :class:`SamplerConfig`, with errors that name the config key.
+    """``cfg.sampler`` → :class:`SamplerConfig` through the one constructor (:func:`sampler_spec`).
 
-    Picard options left at ``null`` take ``picard_sample``'s defaults.
+    Keys left at ``null`` take the preset's values; errors name the config key.
     """
     node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    name = node.get("name")
-    if name not in SAMPLERS:
-        raise EvalConfigError(f"sampler.name {name!r} is not a sampler; expected one of {sorted(SAMPLERS)}")
-    known = {"name", "scheduler", "num_inference_steps", "warm_start",
-             *(o for opts in SAMPLER_OPTIONS.values() for o in opts)}
-    unknown = sorted(set(node) - known)
-    if unknown:
-        raise EvalConfigError(f"sampler config has unknown keys {unknown}; known keys: {sorted(known)}")
-    allowed = SAMPLER_OPTIONS.get(SAMPLERS[name][0], ())
-    given = {k for k in known - {"name", "scheduler", "num_inference_steps", "warm_start"} if node.get(k) is not None}
-    if given - set(allowed):
-        what = "no Picard options" if not allowed else f"only {list(allowed)}"
-        raise EvalConfigError(f"sampler {name!r} takes {what}, got {sorted(given - set(allowed))}")
-    options = {k: node[k] for k in allowed if node.get(k) is not None}
-    if "tolerance" in options:
-        tol = options["tolerance"]
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not float(tol) >= 0 \
-                or float(tol) == float("inf"):
-            raise EvalConfigError(f"sampler.tolerance must be a finite number >= 0, got {tol!r}")
-        options["tolerance"] = float(tol)
-    if "window" in options and options["window"] != "auto":
-        options["window"] = _int(options["window"], "sampler.window", 1)
-    if "max_iterations" in options:
-        options["max_iterations"] = _int(options["max_iterations"], "sampler.max_iterations", 1)
-    for flag in ("per_sample_windows", "linear_solve", "secant"):
-        if flag in options:
-            if not isinstance(options[flag], bool):
-                raise EvalConfigError(f"sampler.{flag} must be true or false, got {options[flag]!r}")
-    if options.get("secant") and not options.get("linear_solve"):
-        raise EvalConfigError("sampler.secant=true needs sampler.linear_solve=true (it refines the linear solve)")
-    steps = node.get("num_inference_steps")
-    if steps is not None:
-        steps = _int(steps, "sampler.num_inference_steps", 1)
-    warm_start = node.get("warm_start")
-    if warm_start is not None and not isinstance(warm_start, bool):
-        raise EvalConfigError(f"sampler.warm_start must be true or false, got {warm_start!r}")
+    if not isinstance(node, dict):
+        raise EvalConfigError(f"sampler must be a mapping with a name, got {node!r}")
     try:
-        return SamplerConfig(name, node.get("scheduler"), steps, options, warm_start=bool(warm_start))
-    except ValueError as e:
+        return sampler_spec(node)
+    except SamplerOptionError as e:
+        if e.key is not None and e.detail.startswith(e.key):
+            raise EvalConfigError(f"sampler.{e.detail}") from None
         raise EvalConfigError(f"sampler: {e}") from None
 
 
@@ -174,7 +142,7 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
 
     Comparing ParaDDIM with 100-step DDPM would measure the schedule, not the sampler.
     """
-    return SamplerConfig("sequential", schedule_kind, num_steps, {})
+    return sampler_spec("sequential", scheduler=schedule_kind, num_inference_steps=num_steps)
 
 
 def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
@@ -199,5 +167,4 @@ def file_fingerprint(path: Path) -> str:
 
 def spec_dict(spec: SamplerConfig) -> dict[str, Any]:
     """JSON form of a sampler configuration."""
-    return {"name": spec.name, "scheduler": spec.scheduler, "num_inference_steps": spec.num_inference_steps,
-            "options": dict(spec.options), "warm_start": spec.warm_start}
+    return spec.as_dict()

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from para_policy.evaluation.rollout import LATENCY_STREAM, call_noise
-from para_policy.policy import LowdimPolicy, SamplerConfig
+from para_policy.policy import LowdimPolicy
+from para_policy.samplers import SamplerConfig
 
 PERCENTILES = (50, 95, 99)
 
@@ -101,7 +102,7 @@ def time_samplers(
                                     policy.device, policy.dtype)
             for _ in range(max(0, int(warmup))):
                 for role in roles:
-                    policy.predict_action({"obs": obs0}, x_T=x_T, noise=noise, sampler=specs[role])
+                    policy.predict_action({"obs": obs0}, x_T=x_T, noise=noise, sampler=specs[role], warm_start=False)
         bar = tqdm(observations, desc="latency (batch 1)", unit="obs", disable=not progress, leave=False)
         for i, obs in enumerate(bar):
             o = torch.from_numpy(np.asarray(obs, dtype=np.float32))[None].to(policy.device)
@@ -110,14 +111,15 @@ def time_samplers(
             guess = None if guesses is None or guesses[i] is None else torch.as_tensor(guesses[i])[None]
             order = roles if i % 2 == 0 else roles[::-1]
             for role in order:
-                warm = {"warm_start": guess.to(x_T)} if guess is not None and specs[role].warm_start else {}
+                warm = guess.to(x_T) if guess is not None and specs[role].warm_start else False
                 if policy.device.type == "cuda":
                     torch.cuda.synchronize(policy.device)
                 t0 = time.perf_counter()
-                result = policy.predict_action({"obs": o}, x_T=x_T, noise=noise, sampler=specs[role], **warm)
+                result = policy.predict_action({"obs": o}, x_T=x_T, noise=noise, sampler=specs[role],
+                                               warm_start=warm)
                 action = result["action"].cpu()  # a control loop needs the actions on the host
                 elapsed = time.perf_counter() - t0
-                stats = policy.last_stats
+                stats = result.stats
                 rec = out[role]
                 rec["ms"].append(elapsed * 1e3)
                 rec["rounds"].append(int(stats.rounds))

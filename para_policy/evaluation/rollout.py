@@ -18,7 +18,9 @@ Why it is shaped this way:
 
 DiffusionPolicy's conventions: the observation history holds the last ``n_obs_steps``
 observations (the first one repeated after reset), each chunk executes
-``n_action_steps`` actions, the episode score is the max reward over the episode.
+``n_action_steps`` actions, the episode score is the max reward over the episode, and
+its success is the env's own ``info['is_success']`` (PushT: coverage above gym-pusht's
+threshold; Lift: the cube lifted above the table), the one definition every caller uses.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import numpy as np
 import torch
 
 from para_policy.evaluation.config import ROBOSUITE_PREFIX, TaskSettings
-from para_policy.policy import LowdimPolicy, SamplerConfig
-from para_policy.samplers import draw_noise, shift_trajectory
+from para_policy.policy import LowdimPolicy
+from para_policy.samplers import SamplerConfig, draw_noise, shift_trajectory
 from para_policy.schedule import Schedule
 
 ENV_PREFIX_HINT = f"{ROBOSUITE_PREFIX}Lift"
@@ -78,7 +80,7 @@ def make_task_env(task: TaskSettings, render: bool = False, video_size: int = 25
 
     PushT: gym-pusht with the 20-d keypoint observation. Lift (``env_id`` ``robosuite/Lift``):
     :class:`para_policy.tasks.lift.env.LiftEnv`, 19-d, ending at the first success; raises
-    ``MissingExtraError`` with the install hint without the ``[robomimic]`` extra.
+    ``MissingExtraError`` with the install hint without the ``[lift]`` extra.
     ``render`` makes the env render ``rgb_array`` frames of ``video_size`` pixels when asked
     (rendering costs nothing until ``env.render()`` is called).
     """
@@ -114,6 +116,7 @@ class _Slot:
     steps: int = 0
     rewards: list[float] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
+    success: bool = False  # the env's info['is_success'] at any step: the task's one definition
     chunk_obs: list[np.ndarray] = field(default_factory=list)
     guess: torch.Tensor | None = None  # warm start of the next chunk, normalized (1, T, D)
     chunk_guess: list[np.ndarray | None] = field(default_factory=list)
@@ -131,7 +134,7 @@ def _episode_record(slot: _Slot, error: BaseException | None = None, record_obs:
     rec: dict[str, Any] = {
         "seed": slot.seed,
         "max_reward": float(max(slot.rewards)) if slot.rewards else 0.0,
-        "success": bool(slot.rewards and max(slot.rewards) >= 1.0),
+        "success": bool(slot.success),
         "length": int(slot.steps),
         "n_chunks": int(slot.chunk),
         "rounds_per_chunk": [int(r) for r in slot.rounds],
@@ -212,6 +215,7 @@ def run_rollouts(
     def start(slot: _Slot, seed: int) -> None:
         slot.seed, slot.chunk, slot.steps = seed, 0, 0
         slot.rewards, slot.rounds, slot.chunk_obs, slot.chunk_guess = [], [], [], []
+        slot.success = False
         slot.guess = None
         slot.started = time.perf_counter()
         slot.active = True
@@ -245,7 +249,7 @@ def run_rollouts(
         obs = torch.from_numpy(np.stack([np.stack(list(s.history)) for s in batch]))
         keys = [(ROLLOUT_STREAM, noise_seed, s.seed, s.chunk) for s in batch]
         x_T, noise = call_noise(schedule, sample_shape, keys, policy.device, policy.dtype)
-        warm: dict[str, torch.Tensor] = {}
+        warm: dict[str, Any] = {"warm_start": False}  # this loop keeps each env's guess itself
         if spec.warm_start and any(s.guess is not None for s in batch):
             rows = torch.tensor([s.guess is not None for s in batch])
             guess = torch.stack([x_T[i] if s.guess is None else s.guess[0] for i, s in enumerate(batch)])
@@ -258,9 +262,9 @@ def run_rollouts(
             # find the episode that broke the batch; the others keep their (identical) noise
             return [r for s in batch for r in predict([s])]
         actions = out["action"].detach().cpu().numpy()
-        rounds = policy.last_stats.rounds_per_sample.cpu().tolist()
+        rounds = out.stats.rounds_per_sample.cpu().tolist()
         if spec.warm_start:
-            trajectory = policy.last_trajectory
+            trajectory = out.trajectory
             for i, s in enumerate(batch):
                 s.chunk_guess.append(None if s.guess is None else s.guess[0].cpu().numpy())
                 s.guess = shift_trajectory(trajectory[i: i + 1], Na)
@@ -289,9 +293,10 @@ def run_rollouts(
                 try:
                     done = False
                     for a in actions[:Na]:
-                        obs, reward, terminated, truncated, _ = slot.env.step(a)
+                        obs, reward, terminated, truncated, info = slot.env.step(a)
                         slot.steps += 1
                         slot.rewards.append(float(reward))
+                        slot.success |= bool(info.get("is_success", False))
                         slot.history.append(np.asarray(obs, dtype=np.float32))
                         _render(slot)
                         if terminated or truncated or slot.steps >= task.max_steps:

@@ -59,7 +59,8 @@ from para_policy.evaluation.report import (
 )
 from para_policy.evaluation.rollout import make_task_env, run_rollouts
 from para_policy.inference import check_inference_options, configure_inference
-from para_policy.policy import LowdimPolicy, SamplerConfig
+from para_policy.policy import LowdimPolicy
+from para_policy.samplers import SamplerConfig
 
 PROGRESS_FILE = "progress.json"
 RESULTS_FILE = "results.json"
@@ -124,7 +125,7 @@ def load_checked_policy(path: Path, task: TaskSettings, device: str) -> LowdimPo
 def _check_env(task: TaskSettings) -> None:
     """The env's observation must be what the task (and so the policy) says.
 
-    A task whose optional dependencies are missing (Lift without the ``[robomimic]`` extra) stops
+    A task whose optional dependencies are missing (Lift without the ``[lift]`` extra) stops
     here with the install hint.
     """
     from para_policy.tasks.lift import MissingExtraError
@@ -156,24 +157,36 @@ def _load_progress(resume_dir: Path, fingerprint: dict[str, Any]) -> dict[str, l
     return {role: [e for e in eps if e.get("error") is None] for role, eps in saved.get("episodes", {}).items()}
 
 
-def _tune_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings) -> tuple[SamplerConfig, dict]:
-    """Resolve ``window: auto`` from this machine's cost curve, calibrated on the first start states."""
-    from dataclasses import replace
+def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings,
+                    resume_dir: Path | None) -> tuple[SamplerConfig, dict[str, Any]]:
+    """Resolve ``window: auto`` before anything is fingerprinted or rolled out.
 
-    from para_policy.window import tune_window
-
+    A resumed run takes the window its earlier episodes ran with (recorded in its
+    progress file), so it neither tunes again nor mixes windows. Otherwise the window
+    comes from the policy's window cache (:func:`para_policy.window.resolve_window`: the
+    same machine, policy and options give the same window) or is measured on the first
+    start states at batch 1, the batch the latency is timed at.
+    """
+    if resume_dir is not None and (resume_dir / PROGRESS_FILE).is_file():
+        saved = json.loads((resume_dir / PROGRESS_FILE).read_text())
+        window = saved.get("fingerprint", {}).get("samplers", {}).get("candidate", {}).get("options", {}).get("window")
+        if isinstance(window, int) and not isinstance(window, bool):
+            tuning = dict(saved.get("window_tuning") or {"window": window})
+            print(f"window auto -> {window} (the window the resumed run's episodes used)")
+            return spec.with_options(window=window), {**tuning, "source": f"resumed from {resume_dir}"}
     env = make_task_env(task)
     try:
         observations = [np.stack([np.asarray(env.reset(seed=s)[0], dtype=np.float32)] * policy.n_obs_steps)
                         for s in task.seeds[:3]]
     finally:
         env.close()
-    t0 = time.perf_counter()
-    window, info = tune_window(policy, spec, observations)
-    print(f"window auto -> {window} (cost curve and {len(observations)} calibration calls per window, "
-          f"{time.perf_counter() - t0:.0f} s): predicted ms " +
-          ", ".join(f"w{w}: {ms:.0f}" for w, ms in info["predicted_ms"].items()))
-    return replace(spec, options={**spec.options, "window": window}), info
+    resolved = policy.resolve(spec, observations)
+    info = policy.window_tuning(spec) or {}
+    source = info.get("source", "measured")
+    how = f"measured in {info.get('tuning_s', 0):.0f} s" if source == "measured" else f"cached in {source}"
+    print(f"window auto -> {resolved.options['window']} ({how}; predicted ms " +
+          ", ".join(f"w{w}: {ms:.0f}" for w, ms in (info.get("predicted_ms") or {}).items()) + ")")
+    return resolved, info
 
 
 def evaluate(
@@ -214,6 +227,9 @@ def evaluate(
         schedule = policy.schedule_for(candidate)
     except ValueError as e:
         raise EvalConfigError(f"sampler {candidate.name!r} cannot run on this checkpoint: {e}") from None
+    window_tuning = None
+    if candidate.window_is_auto:
+        candidate, window_tuning = _resolve_window(policy, candidate, task, resume_dir)
     specs: dict[str, SamplerConfig] = {"candidate": candidate}
     if opts["compare"]:
         specs["baseline"] = baseline_config(candidate, schedule.kind, schedule.num_steps)
@@ -225,11 +241,6 @@ def evaluate(
         "samplers": {role: spec_dict(s) for role, s in specs.items()},
     }
 
-    window_tuning = None
-    if candidate.options.get("window") == "auto":
-        candidate, window_tuning = _tune_window(policy, candidate, task)
-        specs["candidate"] = candidate
-
     # ---- 2. rollouts ---------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, list[dict[str, Any]]] = {role: [] for role in specs}
@@ -238,7 +249,7 @@ def evaluate(
         print(f"resuming from {resume_dir}: " + ", ".join(f"{r} {len(e)} episodes done" for r, e in done.items()))
 
     def save_progress() -> None:
-        write_json(out / PROGRESS_FILE, {"fingerprint": fingerprint, "episodes": done,
+        write_json(out / PROGRESS_FILE, {"fingerprint": fingerprint, "episodes": done, "window_tuning": window_tuning,
                                          "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     from para_policy.evaluation.wandb_logger import make_logger

@@ -1,7 +1,7 @@
 """Drop para_policy's samplers into existing DiffusionPolicy and LeRobot stacks.
 
-* ``patch(policy, sampler='paradigms', **options)`` swaps the sampling loop of a live
-  DiffusionPolicy policy (``DiffusionUnetLowdimPolicy`` & co.) or LeRobot
+* ``patch(policy)`` (the ``paradigms`` preset) or ``patch(policy, sampler, **options)``
+  swaps the sampling loop of a live DiffusionPolicy policy (``DiffusionUnetLowdimPolicy`` & co.) or LeRobot
   ``DiffusionPolicy``; ``unpatch(policy)`` restores it exactly. After each call the
   sampling stats (rounds, model_evals, converged) are in ``policy.para_stats``.
 * ``read_diffusion_policy_checkpoint(path)`` reads a DiffusionPolicy ``.ckpt`` (trusted
@@ -10,7 +10,7 @@
 Example::
 
     from para_policy.integrations import patch, unpatch
-    patch(policy, "paradigms", window=16, tolerance=0.1)
+    patch(policy)                                 # the paradigms preset: the fast method
     action = policy.predict_action(obs_dict)      # DiffusionPolicy, unchanged call
     print(policy.para_stats.rounds)               # sequential model rounds it took
     unpatch(policy)
@@ -59,10 +59,11 @@ def patch(policy: Any, sampler: str = "paradigms", **options: Any) -> Any:
         policy: a DiffusionPolicy policy (has ``conditional_sample``, ``model``,
             ``noise_scheduler``, ``num_inference_steps``) or a LeRobot ``DiffusionPolicy``
             (has ``diffusion.conditional_sample``, ``diffusion.unet``) or its ``DiffusionModel``.
-        sampler: ``'paradigms'`` (Picard on the policy's own scheduler), ``'paraddpm'``,
-            ``'paraddim'`` (Picard on the DDIM twin of a DDPM scheduler) or ``'sequential'``.
-        options: ``window``, ``tolerance``, ``max_iterations``, ``per_sample_windows``, and
-            ``scheduler`` / ``num_inference_steps`` overrides. Validated now.
+        sampler: a preset (``'paradigms'``, the fastest measured setting; ``'paradigms_published'``,
+            ``'parataa'``, ``'sequential'``) or a :class:`~para_policy.samplers.SamplerConfig`.
+        options: the preset's options to override (``window``, ``tolerance``, ...,
+            ``warm_start``) and ``scheduler`` ('ddpm' / 'ddim': the DDIM twin of a DDPM
+            scheduler) / ``num_inference_steps``. Validated now (:func:`~para_policy.samplers.sampler_spec`).
     Patching a patched policy changes its sampler and keeps the original loop for ``unpatch``.
     """
     if find_diffusion_model(policy) is not None and not hasattr(policy, "model"):

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from para_policy.samplers import SampleStats, draw_noise
-from para_policy.schedule import Schedule, ddim_from, make_schedule
+from para_policy.samplers import SampleStats, draw_noise, sampler_spec, shift_trajectory, warm_start_init
+from para_policy.schedule import Schedule
 
 LOWDIM_TARGET = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"
 UNET_TARGET = "diffusion_policy.model.diffusion.conditional_unet1d.ConditionalUnet1D"
@@ -262,13 +262,17 @@ def read_diffusion_policy_checkpoint(
     Raises:
         FileNotFoundError, or ValueError listing what is wrong with the file.
     """
+    from para_policy.extras import require
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    for module in ("dill", "omegaconf"):
+        require(module, "diffusion-policy", "reading a DiffusionPolicy .ckpt")
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
-        raise ValueError(f"{path}: unpickling needs module {e.name!r}; install it (e.g. omegaconf, dill)") from e
+        raise ValueError(f"{path}: unpickling needs module {e.name!r}, which is not installed") from e
     except Exception as e:
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     problems = []
@@ -323,77 +327,111 @@ class SamplingPatch:
         owner: the object given to ``patch`` (its ``para_stats`` is set after every call).
         target: the object whose ``conditional_sample`` was replaced (the policy itself for
             DiffusionPolicy, ``policy.diffusion`` for LeRobot).
-        spec: the :class:`~para_policy.policy.SamplerConfig` in use.
+        spec: the :class:`~para_policy.samplers.SamplerConfig` in use.
         stats: the :class:`SampleStats` of the last call.
+        n_action_steps: actions executed between calls (the warm start's shift).
+
+    Warm start (``spec.warm_start``, on in the ``paradigms`` preset): each call keeps its
+    clean trajectory shifted by ``n_action_steps``, and the next call with the same batch
+    shape and schedule starts from it. The owner's ``reset()`` (DiffusionPolicy's, and
+    LeRobot's, which clears its action queue) also forgets it; :meth:`reset` does it directly.
     """
 
     ATTRIBUTE = "_para_patch"
 
-    def __init__(self, owner: Any, target: Any, spec: Any, kind: str) -> None:
+    def __init__(self, owner: Any, target: Any, spec: Any, kind: str, n_action_steps: int) -> None:
         self.owner = owner
         self.target = target
         self.spec = spec
         self.kind = kind
-        self.had_own = "conditional_sample" in vars(target)
-        self.original = vars(target).get("conditional_sample")
+        self.n_action_steps = int(n_action_steps)
+        self.saved: dict[tuple[Any, str], tuple[bool, Any]] = {}
         self.stats: SampleStats | None = None
         self._schedules: dict[tuple, Schedule] = {}
+        self._warm: tuple[tuple, torch.Tensor] | None = None
+        self._model_id: str | None = None
+
+    def set_spec(self, spec: Any) -> None:
+        self.spec = spec
+        self._schedules.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous call's trajectory: the next call starts cold."""
+        self._warm = None
 
     def schedule(self, scheduler: Any, steps: int, eta: float = 0.0) -> Schedule:
         """The schedule of the policy's scheduler (or its DDIM twin) at ``steps``; cached."""
-        from para_policy.policy import SAMPLERS
+        from para_policy.samplers.registry import build_schedule, schedule_key
 
-        own = "ddim" if type(scheduler).__name__ == "DDIMScheduler" else "ddpm"
-        kind = self.spec.scheduler or SAMPLERS[self.spec.name][1] or own
-        steps = int(self.spec.num_inference_steps or steps)
-        key = (id(scheduler), kind, steps, float(eta))
+        key = (id(scheduler), *schedule_key(self.spec, scheduler, steps), float(eta))
         if key not in self._schedules:
-            if kind == own:
-                sched = scheduler
-            elif kind == "ddim":
-                sched = ddim_from(scheduler)
-            else:
-                raise ValueError("a DDPM schedule cannot be derived from a DDIM scheduler; use sampler 'paraddim'")
-            self._schedules[key] = make_schedule(sched, steps, eta=float(eta) if kind == "ddim" else 0.0)
+            self._schedules[key] = build_schedule(self.spec, scheduler, steps, eta)
         return self._schedules[key]
 
-    def run(self, denoiser: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
-            condition: torch.Tensor | None, inpaint: tuple | None) -> torch.Tensor:
-        """Run the configured sampler; record its stats on the patch and as ``owner.para_stats``."""
-        from para_policy.policy import SAMPLER_OPTIONS, SAMPLERS
+    def resolved_spec(self, denoiser: Any, model: torch.nn.Module, schedule: Schedule, shape: tuple[int, int, int],
+                      condition: torch.Tensor | None, inpaint: tuple | None) -> Any:
+        """The spec with ``window='auto'`` resolved for this model, schedule and batch (cached)."""
+        if not self.spec.window_is_auto:
+            return self.spec
+        from para_policy.window import Problem, calibrate_window, model_fingerprint, resolve_window, window_key
 
-        fn = SAMPLERS[self.spec.name][0]
-        kwargs = dict(self.spec.options) if fn in SAMPLER_OPTIONS else {}
-        sample, stats = fn(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint, **kwargs)
+        if self._model_id is None:
+            self._model_id = model_fingerprint(model, type(self.owner).__name__)
+        device = next(model.parameters()).device
+        key = window_key(self._model_id, self.spec, schedule, shape[0], device, self.kind)
+        problem = Problem(shape, condition, inpaint)
+        window, _ = resolve_window(key, lambda: calibrate_window(
+            denoiser, schedule, self.spec.with_options(warm_start=False), [problem], device=device))
+        return self.spec.with_options(window=window)
+
+    def run(self, denoiser: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+            condition: torch.Tensor | None, inpaint: tuple | None, model: torch.nn.Module) -> torch.Tensor:
+        """Run the configured sampler (warm-started when it can be); record its stats as ``owner.para_stats``."""
+        spec = self.spec
+        kwargs: dict[str, Any] = {}
+        call_key = (tuple(x_T.shape), schedule.kind, schedule.num_steps, str(x_T.device))
+        with torch.inference_mode():
+            if spec.iterative:
+                spec = self.resolved_spec(denoiser, model, schedule, tuple(x_T.shape), condition, inpaint)
+                kwargs = dict(spec.options)
+                if spec.warm_start and self._warm is not None and self._warm[0] == call_key:
+                    kwargs["init"] = warm_start_init(schedule, self._warm[1], x_T, noise)
+            sample, stats = spec.family.sample(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint,
+                                               **kwargs)
+            if spec.warm_start:
+                self._warm = (call_key, shift_trajectory(sample, self.n_action_steps))
+        stats.extra["warm"] = "init" in kwargs
         self.stats = stats
         vars(self.owner)["para_stats"] = stats
         # samplers run in inference mode; a clone made here is an ordinary tensor, so caller code
         # that edits the result in place (as the original loop's output allowed) keeps working
         return sample.clone() if not torch.is_inference_mode_enabled() else sample
 
+    def _replace(self, obj: Any, name: str, fn: Callable[..., Any]) -> None:
+        self.saved[(obj, name)] = (name in vars(obj), vars(obj).get(name))
+        vars(obj)[name] = fn  # an instance attribute shadows the method
+
     def install(self, fn: Callable[..., torch.Tensor]) -> None:
-        vars(self.target)["conditional_sample"] = fn  # an instance attribute shadows the method
+        self._replace(self.target, "conditional_sample", fn)
+        reset = getattr(self.owner, "reset", None)
+        if callable(reset):
+            def patched_reset(*args: Any, **kwargs: Any) -> Any:
+                self.reset()
+                return reset(*args, **kwargs)
+
+            self._replace(self.owner, "reset", patched_reset)
         vars(self.owner)[self.ATTRIBUTE] = self
         vars(self.owner)["para_stats"] = None
 
     def remove(self) -> None:
-        if self.had_own:
-            vars(self.target)["conditional_sample"] = self.original
-        else:
-            vars(self.target).pop("conditional_sample", None)
+        for (obj, name), (had_own, original) in self.saved.items():
+            if had_own:
+                vars(obj)[name] = original
+            else:
+                vars(obj).pop(name, None)
         vars(self.owner).pop(self.ATTRIBUTE, None)
         vars(self.owner).pop("para_stats", None)
-
-
-def sampler_spec(sampler: str, options: Mapping[str, Any]) -> Any:
-    """A validated :class:`~para_policy.policy.SamplerConfig` from a name and options.
-
-    ``scheduler`` ('ddpm'/'ddim') and ``num_inference_steps`` may be given among the options.
-    """
-    from para_policy.policy import SamplerConfig
-
-    opts = dict(options)
-    return SamplerConfig(sampler, opts.pop("scheduler", None), opts.pop("num_inference_steps", None), opts)
 
 
 def _step_kwargs(kwargs: Mapping[str, Any]) -> float:
@@ -415,15 +453,16 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
     local_cond=None, global_cond=None, generator=None, **kwargs) -> (B,T,D)``: it draws
     ``x_T`` and the step noise from ``generator`` (or torch's global RNG) in the original
     loop's order, so a seed gives the same sample as before patching (up to ``tolerance``).
-    Stats of the last call are in ``policy.para_stats``. Undo with :func:`unpatch`.
+    Stats of the last call are in ``policy.para_stats``. With the ``paradigms`` preset each
+    call warm-starts from the previous one (same batch shape), shifted by
+    ``policy.n_action_steps``; ``policy.reset()`` forgets it. Undo with :func:`unpatch`.
     """
-    spec = sampler_spec(sampler, options)
+    spec = sampler_spec(sampler, **options)
     existing = vars(policy).get(SamplingPatch.ATTRIBUTE)
     if existing is not None:  # re-patching changes the sampler, keeps the saved original
-        existing.spec = spec
-        existing._schedules.clear()
+        existing.set_spec(spec)
         return policy
-    state = SamplingPatch(policy, policy, spec, "diffusion_policy")
+    state = SamplingPatch(policy, policy, spec, "diffusion_policy", getattr(policy, "n_action_steps", 0))
 
     def conditional_sample(condition_data: torch.Tensor, condition_mask: torch.Tensor,
                            local_cond: torch.Tensor | None = None, global_cond: torch.Tensor | None = None,
@@ -445,7 +484,7 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
                 return model(x, t, local_cond=local_cond[c],
                              global_cond=None if global_cond is None else global_cond[c])
         inpaint = (condition_data, condition_mask.to(torch.bool))
-        return state.run(denoiser, schedule, x_T, noise, condition, inpaint)
+        return state.run(denoiser, schedule, x_T, noise, condition, inpaint, model)
 
     state.install(conditional_sample)
     return policy

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from para_policy.integrations.diffusion_policy import SamplingPatch, sampler_spec
-from para_policy.samplers import draw_noise
+from para_policy.integrations.diffusion_policy import SamplingPatch
+from para_policy.samplers import draw_noise, sampler_spec
 from para_policy.schedule import Schedule
 
 
@@ -59,19 +59,21 @@ def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> An
     action_dim) | None = None)`` and returns ``(B, horizon, action_dim)``; it draws ``x_T`` (unless
     ``noise`` is given) and the step noise from ``generator`` or torch's global RNG in LeRobot's
     order, so seeded runs reproduce (up to ``tolerance``). Stats of the last call are in
-    ``policy.para_stats``. Undo with :func:`para_policy.integrations.unpatch`.
+    ``policy.para_stats``. With the ``paradigms`` preset each call warm-starts from the
+    previous one shifted by ``config.n_action_steps`` (LeRobot's ``select_action`` executes
+    that many actions between calls); ``policy.reset()`` forgets it. Undo with
+    :func:`para_policy.integrations.unpatch`.
     """
-    spec = sampler_spec(sampler, options)
+    spec = sampler_spec(sampler, **options)
     existing = vars(policy).get(SamplingPatch.ATTRIBUTE)
     if existing is not None:
-        existing.spec = spec
-        existing._schedules.clear()
+        existing.set_spec(spec)
         return policy
     model = find_diffusion_model(policy)
     if model is None:
         raise TypeError(f"{type(policy).__name__} is not a LeRobot diffusion policy: expected an object with "
                         "conditional_sample, unet, noise_scheduler and config (or a .diffusion that has them)")
-    state = SamplingPatch(policy, model, spec, "lerobot")
+    state = SamplingPatch(policy, model, spec, "lerobot", int(getattr(model.config, "n_action_steps", 0) or 0))
 
     def conditional_sample(batch_size: int, global_cond: torch.Tensor | None = None,
                            generator: torch.Generator | None = None,
@@ -93,7 +95,7 @@ def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> An
         def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
             return unet(x, t, global_cond=c)
 
-        return state.run(denoiser, schedule, x_T, step_noise, global_cond, None)
+        return state.run(denoiser, schedule, x_T, step_noise, global_cond, None, unet)
 
     state.install(conditional_sample)
     return policy

@@ -1,17 +1,33 @@
-"""Samplers: plain functions ``(denoiser, schedule, x_T, noise, **options) -> (sample, stats)``."""
+"""Samplers: plain functions ``(denoiser, schedule, x_T, noise, **options) -> (sample, stats)``, and their registry."""
 
 from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, draw_noise
 from para_policy.samplers.picard import picard_sample
+from para_policy.samplers.registry import (
+    FAMILIES,
+    PRESETS,
+    PicardOptions,
+    SamplerConfig,
+    SamplerOptionError,
+    TaaOptions,
+    sampler_spec,
+)
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.samplers.taa import taa_sample
 from para_policy.samplers.warm_start import shift_trajectory, warm_start_init
 
 __all__ = [
+    "FAMILIES",
+    "PRESETS",
     "Denoiser",
+    "PicardOptions",
     "SampleStats",
+    "SamplerConfig",
+    "SamplerOptionError",
+    "TaaOptions",
     "apply_inpaint",
     "draw_noise",
     "picard_sample",
+    "sampler_spec",
     "sequential_sample",
     "shift_trajectory",
     "taa_sample",

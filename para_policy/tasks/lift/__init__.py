@@ -1,6 +1,6 @@
 """robosuite's Panda Lift through robomimic's formats, with DiffusionPolicy's 19-d low-dim observation.
 
-Modules (each imports what it needs; robosuite and h5py come with ``pip install -e '.[robomimic]'``):
+Modules (each imports what it needs; robosuite and h5py come with the ``[lift]`` extra):
 
 * :mod:`.env`: ``LiftEnv``, a gymnasium env around robosuite Lift (DiffusionPolicy's seeding,
   robomimic's env metadata and ``reset_to``).
@@ -14,25 +14,17 @@ the extra is the install hint of :func:`require`, raised where the dependency is
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-INSTALL_HINT = "pip install -e '.[robomimic]'"
+from para_policy import extras
+from para_policy.extras import MissingExtraError
 
-
-class MissingExtraError(ImportError):
-    """A dependency of the ``[robomimic]`` extra is not installed."""
+INSTALL_HINT = extras.install_hint("lift")
 
 
 def require(module: str) -> ModuleType:
     """Import ``module`` (e.g. ``"robosuite"``), or raise :class:`MissingExtraError` with the install hint."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingExtraError(
-            f"task=lift needs {module!r}, which is not importable ({type(e).__name__}: {e}). "
-            f"Install the robomimic extra (robosuite 1.4.1, mujoco 2.3.7, h5py): {INSTALL_HINT}"
-        ) from e
+    return extras.require(module, "lift", "task=lift (robosuite 1.4.1, mujoco 2.3.7, h5py)")
 
 
 __all__ = ["INSTALL_HINT", "MissingExtraError", "require"]

@@ -1,0 +1,289 @@
+"""The sampler registry: sampler families, their typed options, the named presets, one constructor.
+
+Why one module: a sampler name must mean the same thing on every path (``load_policy``,
+``set_sampler``, ``predict_action(sampler=...)``, ``Controller``, ``patch`` and
+``configs/sampler/*.yaml``), and an option must be checked once, completely, when the
+sampler is chosen rather than at the first call. Every path builds its spec with
+:func:`sampler_spec`.
+
+* **Families** are the sampling functions: ``sequential`` (:func:`sequential_sample`),
+  ``picard`` (:func:`picard_sample`) and ``taa`` (:func:`taa_sample`). Each iterative
+  family has a dataclass of options (:class:`PicardOptions`, :class:`TaaOptions`)
+  whose defaults are the function's own.
+* **Presets** are named settings of a family (:data:`PRESETS`): ``paradigms`` is the
+  fastest measured setting, ``paradigms_published`` ParaDiGMS as published, ``parataa``
+  ParaTAA, ``sequential`` the reference loop.
+* **The schedule** (``scheduler='ddpm'|'ddim'``, ``num_inference_steps``) is orthogonal:
+  any preset runs on any schedule; ``None`` means the checkpoint's own.
+
+A spec (:class:`SamplerConfig`) holds the preset name, the schedule choice, the
+complete validated options of its family and ``warm_start``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from para_policy.samplers.picard import picard_sample
+from para_policy.samplers.sequential import sequential_sample
+from para_policy.samplers.taa import taa_sample
+from para_policy.schedule import Schedule, ddim_from, make_schedule
+
+
+class SamplerOptionError(ValueError):
+    """A sampler name or option that is refused when the sampler is chosen.
+
+    ``key``: the option at fault (None for the name); ``detail``: the message without the
+    sampler's name, so a config reader can say ``sampler.<key> ...``.
+    """
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.detail = detail or message
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SamplerOptionError(f"{name} must be true or false, got {value!r}", name)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SamplerOptionError(f"{name} must be an integer >= {minimum}, got {value!r}", name)
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise SamplerOptionError(f"{name} must be a finite number >= 0, got {value!r}", name)
+
+
+@dataclass(frozen=True)
+class PicardOptions:
+    """Options of :func:`~para_policy.samplers.picard_sample` (see it for their meaning).
+
+    window: steps refined per round, an integer >= 1 or ``'auto'`` (chosen from this
+    machine's cost curve when the sampler first runs, :mod:`para_policy.window`);
+    tolerance: finite, >= 0 (0 = exact); max_iterations: None (= number of steps) or >= 1;
+    secant needs linear_solve.
+    """
+
+    window: int | str = 16
+    tolerance: float = 0.1
+    max_iterations: int | None = None
+    per_sample_windows: bool = True
+    linear_solve: bool = False
+    secant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window != "auto":
+            if isinstance(self.window, str):
+                raise SamplerOptionError(f"window must be an integer >= 1 or 'auto', got {self.window!r}", "window")
+            _check_int("window", self.window, 1)
+        _check_number("tolerance", self.tolerance)
+        object.__setattr__(self, "tolerance", float(self.tolerance))
+        if self.max_iterations is not None:
+            _check_int("max_iterations", self.max_iterations, 1)
+        for flag in ("per_sample_windows", "linear_solve", "secant"):
+            _check_bool(flag, getattr(self, flag))
+        if self.secant and not self.linear_solve:
+            raise SamplerOptionError("secant=True needs linear_solve=True (it refines the linear solve)", "secant")
+
+
+@dataclass(frozen=True)
+class TaaOptions(PicardOptions):
+    """:class:`PicardOptions` plus ParaTAA's memory (past iterates mixed, >= 1) and ridge (>= 0)."""
+
+    memory: int = 3
+    ridge: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("memory", self.memory, 1)
+        _check_number("ridge", self.ridge)
+        object.__setattr__(self, "ridge", float(self.ridge))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A sampling function and its options class (None: it takes no options)."""
+
+    sample: Callable[..., Any]
+    options: type[PicardOptions] | None
+
+    @property
+    def iterative(self) -> bool:
+        """Takes ``init`` / warm starts / ``deadline`` (the Picard families)."""
+        return self.options is not None
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return () if self.options is None else tuple(f.name for f in dataclasses.fields(self.options))
+
+
+FAMILIES: dict[str, Family] = {
+    "sequential": Family(sequential_sample, None),
+    "picard": Family(picard_sample, PicardOptions),
+    "taa": Family(taa_sample, TaaOptions),
+}
+
+#: name → family, warm_start and the options that differ from the family's defaults.
+#: ``paradigms`` is the fastest measured setting (eval/results/bench_latency/): Picard with
+#: the linear part of every step solved exactly and refined by a secant slope, a warm start
+#: from the previous chunk, the window from this machine's cost curve.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paradigms": {"family": "picard", "warm_start": True,
+                  "options": {"window": "auto", "tolerance": 0.02, "linear_solve": True, "secant": True}},
+    "paradigms_published": {"family": "picard", "warm_start": False,
+                            "options": {"window": 16, "tolerance": 0.1, "per_sample_windows": False}},
+    "parataa": {"family": "taa", "warm_start": False, "options": {"window": 16, "tolerance": 0.1}},
+    "sequential": {"family": "sequential", "warm_start": False, "options": {}},
+}
+DEFAULT_SAMPLER = "paradigms"
+SCHEDULERS = (None, "ddpm", "ddim")
+#: names earlier releases accepted, and what they are now
+RENAMED = {
+    "paraddpm": "sampler='paradigms_published', scheduler='ddpm'",
+    "paraddim": "sampler='paradigms_published', scheduler='ddim', num_inference_steps=16",
+    "recommended": "sampler='paradigms'",
+}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """A validated sampler spec: preset name, schedule choice, complete options, warm start.
+
+    Build one with :func:`sampler_spec` (or directly: missing options take the preset's
+    values, then the family's defaults). Every field is checked here, so a spec that
+    exists is one that runs.
+
+    name: a key of :data:`PRESETS`; scheduler: ``'ddpm'`` / ``'ddim'`` / None (the
+    checkpoint's); num_inference_steps: >= 1 or None (the checkpoint's); options: the
+    family's complete options as a dict (``{}`` for sequential); warm_start: start each
+    call from the previous call's trajectory (iterative families only; None: the preset's).
+    """
+
+    name: str = "sequential"
+    scheduler: str | None = None
+    num_inference_steps: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    warm_start: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.name in RENAMED:
+            raise SamplerOptionError(f"sampler {self.name!r} is now {RENAMED[self.name]}")
+        if self.name not in PRESETS:
+            raise SamplerOptionError(f"unknown sampler {self.name!r}; expected one of {sorted(PRESETS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise SamplerOptionError(f"unknown scheduler {self.scheduler!r}; expected 'ddpm', 'ddim' or None")
+        if self.num_inference_steps is not None:
+            _check_int("num_inference_steps", self.num_inference_steps, 1)
+        preset = PRESETS[self.name]
+        family = FAMILIES[preset["family"]]
+        given = dict(self.options)
+        unknown = sorted(set(given) - set(family.option_names))
+        if unknown:
+            takes = list(family.option_names) or "no options"
+            raise SamplerOptionError(f"sampler {self.name!r} does not take {unknown}; it takes {takes}", unknown[0],
+                                     f"{self.name!r} does not take {unknown}; it takes {takes}")
+        if family.options is None:
+            options: dict[str, Any] = {}
+        else:
+            try:
+                options = dataclasses.asdict(family.options(**{**preset["options"], **given}))
+            except SamplerOptionError as e:
+                raise SamplerOptionError(f"sampler {self.name!r}: {e}", e.key, str(e)) from None
+        object.__setattr__(self, "options", options)
+        warm = preset["warm_start"] if self.warm_start is None else self.warm_start
+        _check_bool("warm_start", warm)
+        if warm and not family.iterative:
+            raise SamplerOptionError(f"warm_start needs a Picard sampler, not {self.name!r}")
+        object.__setattr__(self, "warm_start", warm)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[PRESETS[self.name]["family"]]
+
+    @property
+    def iterative(self) -> bool:
+        """Whether it takes warm starts, ``init`` and a ``deadline`` (the Picard families)."""
+        return self.family.iterative
+
+    @property
+    def window_is_auto(self) -> bool:
+        return self.options.get("window") == "auto"
+
+    def with_options(self, **changes: Any) -> SamplerConfig:
+        """This spec with some options (or ``warm_start``, ``scheduler``, ``num_inference_steps``) changed."""
+        fields = {k: changes.pop(k) for k in ("scheduler", "num_inference_steps", "warm_start") if k in changes}
+        return dataclasses.replace(self, options={**self.options, **changes}, **fields)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (what results files and fingerprints record)."""
+        return {"name": self.name, "scheduler": self.scheduler, "num_inference_steps": self.num_inference_steps,
+                "options": dict(self.options), "warm_start": self.warm_start}
+
+
+def sampler_spec(sampler: str | SamplerConfig | Mapping[str, Any] | None = DEFAULT_SAMPLER,
+                 **options: Any) -> SamplerConfig:
+    """The one constructor of sampler specs: a preset name (or a spec, or a mapping) plus options.
+
+    ``options`` may hold the family's options, ``scheduler``, ``num_inference_steps`` and
+    ``warm_start``; they override the preset's values. A mapping is read as
+    ``{'name': ..., **options}`` (a Hydra ``sampler`` group; ``None`` values mean "the
+    preset's"). Given a spec, ``options`` change it. Raises :class:`SamplerOptionError`
+    (a ``ValueError``) naming what was wrong and what was expected.
+    """
+    if isinstance(sampler, SamplerConfig):
+        return sampler.with_options(**options) if options else sampler
+    if isinstance(sampler, Mapping):
+        node = {k: v for k, v in sampler.items() if v is not None}
+        if "name" not in node:
+            raise SamplerOptionError(f"a sampler mapping needs a 'name' (one of {sorted(PRESETS)}), "
+                                     f"got {dict(sampler)}")
+        name = node.pop("name")
+        options = {**node, **options}
+    elif sampler is None:
+        name = DEFAULT_SAMPLER
+    elif isinstance(sampler, str):
+        name = sampler
+    else:
+        raise SamplerOptionError(f"sampler must be a name, a SamplerConfig or a mapping, got {type(sampler).__name__}")
+    opts = dict(options)
+    fields = {k: opts.pop(k) for k in ("scheduler", "num_inference_steps", "warm_start") if k in opts}
+    return SamplerConfig(name, options=opts, **fields)
+
+
+def scheduler_kind(scheduler: Any) -> str:
+    """``'ddim'`` for a diffusers DDIMScheduler, ``'ddpm'`` otherwise."""
+    return "ddim" if type(scheduler).__name__ == "DDIMScheduler" else "ddpm"
+
+
+def build_schedule(spec: SamplerConfig, scheduler: Any, default_steps: int, eta: float = 0.0,
+                   own: Callable[[], Any] | None = None) -> Schedule:
+    """The :class:`Schedule` ``spec`` runs on, from the policy's diffusers ``scheduler``.
+
+    ``spec.scheduler`` None keeps the scheduler's own kind; ``'ddim'`` on a DDPM-trained
+    policy uses its DDIM twin (:func:`~para_policy.schedule.ddim_from`); DDPM cannot be
+    derived from DDIM. ``own`` makes a fresh copy of the policy's scheduler (default: the
+    scheduler itself, whose timesteps :func:`make_schedule` sets).
+    """
+    kind = spec.scheduler or scheduler_kind(scheduler)
+    steps = int(spec.num_inference_steps or default_steps)
+    if kind == scheduler_kind(scheduler):
+        sched = own() if own is not None else scheduler
+    elif kind == "ddim":
+        sched = ddim_from(scheduler)
+    else:
+        raise SamplerOptionError("a DDPM schedule cannot be derived from a DDIM-trained policy's scheduler; "
+                                 "use scheduler='ddim'")
+    return make_schedule(sched, steps, eta=float(eta) if kind == "ddim" else 0.0)
+
+
+def schedule_key(spec: SamplerConfig, scheduler: Any, default_steps: int) -> tuple[str, int]:
+    """``(kind, steps)`` of the schedule ``spec`` runs on (a cache key)."""
+    return spec.scheduler or scheduler_kind(scheduler), int(spec.num_inference_steps or default_steps)

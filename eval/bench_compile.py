@@ -1,6 +1,6 @@
 """Eager vs ``torch.compile`` (dynamic shapes) of the shipped PushT policy at batch 1.
 
-Times the default sampler (``RECOMMENDED_SAMPLER``) and the sequential loop, each eager
+Times the default sampler (the ``paradigms`` preset) and the sequential loop, each eager
 and compiled, interleaved on the first observation of 10 PushT episodes (2 calls each).
 Compiling happens on the first calls and is reported separately.
 
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from para_policy.inference import configure_inference
-from para_policy.policy import RECOMMENDED_SAMPLER, SamplerConfig, load_policy
+from para_policy.policy import load_policy
+from para_policy.samplers import sampler_spec
 from para_policy.tasks.pusht.env import make_env
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "para_policy" / "assets" / "pusht_lowdim.safetensors"
@@ -38,9 +39,8 @@ def main() -> None:
     obs = [torch.from_numpy(np.stack([env.reset(seed=s)[0]] * eager.n_obs_steps).astype(np.float32))[None]
            for s in range(100000, 100000 + args.episodes)]
     env.close()
-    fast = SamplerConfig(RECOMMENDED_SAMPLER["name"], None, None,
-                         {k: v for k, v in RECOMMENDED_SAMPLER.items() if k != "name"})
-    seq = SamplerConfig("sequential")
+    fast = eager.resolve(sampler_spec("paradigms", warm_start=False), obs[0])  # window auto, measured once
+    seq = sampler_spec("sequential")
     t0 = time.perf_counter()
     for o in obs[:3]:  # compiles for the row counts that occur
         for spec in (fast, seq):

@@ -54,8 +54,8 @@ from para_policy.evaluation.config import TaskSettings
 from para_policy.evaluation.latency import distribution, machine_info
 from para_policy.evaluation.rollout import call_noise, run_rollouts
 from para_policy.inference import configure_inference
-from para_policy.policy import LowdimPolicy, SamplerConfig, load_policy
-from para_policy.samplers import shift_trajectory
+from para_policy.policy import LowdimPolicy, load_policy
+from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
 from para_policy.window import CANDIDATE_WINDOWS, DEFAULT_BATCHES, batch_cost_curve, choose_window
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,14 +80,9 @@ class Variant:
 def picard(name: str, window: int, tolerance: float, *, taa: bool = False, warm: bool = False, linear: bool = False,
            secant: bool = False, wait_for_worst: bool = False, group: str = "main", precision: str = "fp32"
            ) -> Variant:
-    opts: dict[str, Any] = {"window": window, "tolerance": tolerance}
-    if wait_for_worst:
-        opts["per_sample_windows"] = False
-    if linear or secant:
-        opts["linear_solve"] = True
-    if secant:
-        opts["secant"] = True
-    spec = SamplerConfig("parataa" if taa else "paradigms", None, None, opts, warm_start=warm)
+    spec = sampler_spec("parataa" if taa else "paradigms_published", window=window, tolerance=tolerance,
+                        per_sample_windows=not wait_for_worst, linear_solve=linear or secant, secant=secant,
+                        warm_start=warm)
     return Variant(name, spec, "sequential DDPM-100", group, precision)
 
 
@@ -101,11 +96,13 @@ def combined(window: int, tolerance: float, group: str = "main", precision: str 
 def build_variants(tolerance: float, best_tolerance: float, tolerances: Sequence[float], w_picard: int,
                    w_best: int) -> list[Variant]:
     v = [
-        Variant("sequential DDPM-100", SamplerConfig("sequential"), "sequential DDPM-100"),
-        Variant("sequential DDIM-16", SamplerConfig("sequential", "ddim", 16), "sequential DDIM-16"),
-        Variant("sequential DDIM-10", SamplerConfig("sequential", "ddim", 10), "sequential DDIM-10"),
-        Variant("ParaDDIM-16 (w16)", SamplerConfig("paraddim", "ddim", 16, {"window": 16, "tolerance": tolerance}),
+        Variant("sequential DDPM-100", sampler_spec("sequential"), "sequential DDPM-100"),
+        Variant("sequential DDIM-16", sampler_spec("sequential", scheduler="ddim", num_inference_steps=16),
                 "sequential DDIM-16"),
+        Variant("sequential DDIM-10", sampler_spec("sequential", scheduler="ddim", num_inference_steps=10),
+                "sequential DDIM-10"),
+        Variant("ParaDDIM-16 (w16)", sampler_spec("paradigms_published", scheduler="ddim", num_inference_steps=16,
+                                                  tolerance=tolerance, per_sample_windows=True), "sequential DDIM-16"),
         picard("ParaDiGMS as published (w16)", 16, tolerance, wait_for_worst=True),
         picard("+ warm start (w16)", 16, tolerance, warm=True),
         picard("+ ParaTAA (w16)", 16, tolerance, taa=True),
@@ -133,7 +130,7 @@ def record_stream(policy: LowdimPolicy, episodes: int, max_chunks: int, seed_sta
     task = TaskSettings(name="pusht", env_id="gym_pusht/PushT-v0", obs_type="keypoints", obs_dim=policy.obs_dim,
                         action_dim=policy.action_dim, episodes=episodes, seed_start=seed_start,
                         max_steps=max_chunks * policy.n_action_steps, fps=10)
-    records, _ = run_rollouts(policy, SamplerConfig("sequential"), task, task.seeds, num_envs=min(episodes, 8),
+    records, _ = run_rollouts(policy, sampler_spec("sequential"), task, task.seeds, num_envs=min(episodes, 8),
                               record_obs=True, progress=True, desc="recording")
     chunks = []
     for rec in records:
@@ -151,18 +148,18 @@ def run_call(policies: dict[str, LowdimPolicy], v: Variant, ch: dict[str, Any], 
     schedule = policy.schedule_for(v.spec)
     x_T, noise = call_noise(schedule, policy.trajectory_shape(1)[1:], [key], policy.device, policy.dtype)
     obs = torch.from_numpy(ch["obs"])[None]
-    warm = {}
+    warm: torch.Tensor | bool = False  # the variants share one policy: each keeps its own guess here
     prev = v.previous.get(ch["episode"]) if ch["chunk"] > 0 else None
     if v.spec.warm_start and prev is not None:
-        warm = {"warm_start": shift_trajectory(prev, policy.n_action_steps)}
+        warm = shift_trajectory(prev, policy.n_action_steps)
     t0 = time.perf_counter()
-    out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=v.spec, **warm)
+    out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=v.spec, warm_start=warm)
     action = out["action"].cpu()
     ms = (time.perf_counter() - t0) * 1e3
-    stats = policy.last_stats
-    v.previous[ch["episode"]] = policy.last_trajectory.clone()
+    stats = out.stats
+    v.previous[ch["episode"]] = out.trajectory.clone()
     return {"episode": ch["episode"], "chunk": ch["chunk"], "ms": ms, "rounds": int(stats.rounds),
-            "model_evals": int(stats.model_evals), "warm": bool(warm), "action": action[0].numpy()}
+            "model_evals": int(stats.model_evals), "warm": out.warm, "action": action[0].numpy()}
 
 
 def calibrate(policies: dict[str, LowdimPolicy], chunks: list[dict[str, Any]], cost: dict[int, float],
@@ -193,8 +190,8 @@ def per_sample_windows(policy: LowdimPolicy, chunks: list[dict[str, Any]], sizes
         for taa in (False, True):
             results = {}
             for own in (False, True):
-                spec = SamplerConfig("parataa" if taa else "paradigms", None, None,
-                                     {"window": 16, "tolerance": tolerance, "per_sample_windows": own})
+                spec = sampler_spec("parataa" if taa else "paradigms_published", window=16, tolerance=tolerance,
+                                    per_sample_windows=own)
                 x_T, noise = call_noise(policy.schedule_for(spec), policy.trajectory_shape(1)[1:], keys,
                                         policy.device, policy.dtype)
                 times = []

@@ -41,10 +41,11 @@ import torch
 
 from para_policy.checkpoints import atomic_write
 from para_policy.evaluation.rollout import seed_for
-from para_policy.policy import LowdimPolicy, SamplerConfig, load_policy
+from para_policy.policy import LowdimPolicy, load_policy
 from para_policy.samplers import (
     draw_noise,
     picard_sample,
+    sampler_spec,
     sequential_sample,
     shift_trajectory,
     taa_sample,
@@ -69,7 +70,7 @@ def record_stream(policy: LowdimPolicy, episodes: int, max_chunks: int, seed_sta
     """
     from para_policy.tasks.pusht.env import make_env
 
-    spec = SamplerConfig("sequential", "ddim", ddim_steps)
+    spec = sampler_spec("sequential", scheduler="ddim", num_inference_steps=ddim_steps)
     env = make_env()
     chunks: list[dict[str, Any]] = []
     try:
@@ -107,7 +108,7 @@ def replay(policy: LowdimPolicy, chunks: list[dict[str, Any]], windows: list[int
     """
     from tqdm import tqdm
 
-    schedule = policy.schedule_for(SamplerConfig("sequential"))  # the checkpoint's own schedule
+    schedule = policy.schedule_for(sampler_spec("sequential"))  # the checkpoint's own schedule
     S = schedule.num_steps
     Na, start = policy.n_action_steps, policy.action_start
     shape = policy.trajectory_shape(1)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import para_policy
-from para_policy import load_policy
+from para_policy import PRESETS, load_policy
 from para_policy.controller import Controller
 from para_policy.tasks.pusht.env import make_env
 
@@ -32,9 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="policy checkpoint: para_policy .safetensors or a trusted DiffusionPolicy .ckpt")
-    p.add_argument("--sampler", default="recommended",
-                   choices=["recommended", "paradigms", "parataa", "paraddim", "paraddpm", "sequential"],
-                   help="recommended: Picard + linear solve + secant, window 100, tolerance 0.02 (fastest measured)")
+    p.add_argument("--sampler", default="paradigms", choices=sorted(PRESETS),
+                   help="a preset of para_policy.PRESETS; paradigms: Picard + linear solve + secant + warm start, "
+                        "window auto, tolerance 0.02 (the fastest measured)")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default=None, help="default: the checkpoint's")
     p.add_argument("--window", type=window_arg, default=None,
                    help="Picard window (steps refined per round), or auto: measured on the first chunk")
     p.add_argument("--tolerance", type=float, default=None, help="Picard tolerance (0 = exact)")
@@ -128,11 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         options.update({k: v for k, v in (("window", args.window), ("tolerance", args.tolerance)) if v is not None})
     if args.num_inference_steps:
         options["num_inference_steps"] = args.num_inference_steps
+    if args.scheduler:
+        options["scheduler"] = args.scheduler
     runs = [("cold", False), ("warm", True)] if args.compare_warm_start else [
         ("cold" if args.no_warm_start else "warm", not args.no_warm_start)]
     results = {}
     for name, warm in runs:
-        controller = Controller(policy, sampler=args.sampler, warm_start=warm, deadline_ms=args.deadline_ms,
+        controller = Controller(policy, sampler=args.sampler, warm_start=warm if PRESETS[args.sampler][
+                                    "family"] != "sequential" else None, deadline_ms=args.deadline_ms,
                                 seed=args.seed, **options)
         rewards, late_ticks = run_episodes(controller, args)
         results[name] = summary(controller, rewards, late_ticks)

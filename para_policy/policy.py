@@ -121,11 +121,14 @@ class LowdimPolicy(nn.Module):
 
     # ---- window='auto' ------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Digest of the weights and config (the key the window cache uses); recomputed after ``load_state_dict``."""
+        """Digest of the denoiser's weights (the key the window cache uses); recomputed after ``load_state_dict``.
+
+        The UNet alone, so a patched DiffusionPolicy object with the same network shares its window.
+        """
         if self._fingerprint is None:
             from para_policy.window import model_fingerprint
 
-            self._fingerprint = model_fingerprint(self, self.config)
+            self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

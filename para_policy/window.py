@@ -235,9 +235,9 @@ def tune_window(
                             reps=reps, seed=seed, device=policy.device)
 
 
-def model_fingerprint(model: torch.nn.Module, extra: Any = None) -> str:
-    """A digest of a model's weights (and ``extra``, e.g. its config): the identity a window is cached under."""
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of a network's parameter names and bytes: the identity a window is cached under."""
+    h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

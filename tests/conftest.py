@@ -49,9 +49,19 @@ def denoiser() -> MLPDenoiser:
     return MLPDenoiser()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _window_cache_outside_home(tmp_path_factory):
+    """No test (module-scoped fixtures and subprocesses included) writes the user's ~/.cache window file."""
+    from para_policy import window
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(window.CACHE_ENV, str(tmp_path_factory.mktemp("session_window_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_window_cache(tmp_path, monkeypatch):
-    """Every test resolves window='auto' afresh, into its own cache file (never the user's ~/.cache)."""
+    """Every test resolves window='auto' afresh, into its own cache file."""
     from para_policy import window
 
     monkeypatch.setenv(window.CACHE_ENV, str(tmp_path / "para_policy_cache"))

@@ -475,6 +475,31 @@ def test_window_auto_is_resolved_before_the_rollouts_and_recorded(ckpt, tmp_path
         run_eval(ckpt, tmp_path / "bad", "sampler.window=wide")
 
 
+def test_window_auto_is_fingerprinted_resolved_and_reused_on_resume(ckpt, tmp_path, monkeypatch):
+    """The fingerprint holds the window the episodes ran with; a resumed run reuses it without tuning,
+    and a second fresh run on the same machine takes the cached window (reproducible)."""
+    from para_policy import window as window_module
+
+    first = run_eval(ckpt, tmp_path / "a", "sampler.window=auto", "video.enabled=false", "compare=false")
+    window = first["samplers"]["candidate"]["spec"]["options"]["window"]
+    progress = json.loads((tmp_path / "a" / "progress.json").read_text())
+    assert progress["fingerprint"]["samplers"]["candidate"]["options"]["window"] == window
+    assert progress["window_tuning"]["window"] == window
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("tuned again")
+
+    monkeypatch.setattr(window_module, "calibrate_window", no_tuning)
+    resumed = run_eval(ckpt, tmp_path / "b", "sampler.window=auto", "video.enabled=false", "compare=false",
+                       f"resume_dir={tmp_path / 'a'}", "task.episodes=3")
+    assert resumed["samplers"]["candidate"]["spec"]["options"]["window"] == window
+    assert resumed["window_tuning"]["source"].startswith("resumed from")
+    window_module._MEMORY.clear()  # a new process: the window comes from the cache file
+    again = run_eval(ckpt, tmp_path / "c", "sampler.window=auto", "video.enabled=false", "compare=false")
+    assert again["samplers"]["candidate"]["spec"]["options"]["window"] == window
+    assert again["window_tuning"]["source"].endswith("windows.json")
+
+
 def test_inference_options_are_checked_and_recorded(ckpt, tmp_path):
     with pytest.raises(EvalConfigError, match="precision must be one of"):
         run_eval(ckpt, tmp_path / "bad", "+inference.precision=fp8")

@@ -158,7 +158,7 @@ def _load_progress(resume_dir: Path, fingerprint: dict[str, Any]) -> dict[str, l
 
 
 def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings,
-                    resume_dir: Path | None) -> tuple[SamplerConfig, dict[str, Any]]:
+                    resume_dir: Path | None, threads: int | None) -> tuple[SamplerConfig, dict[str, Any]]:
     """Resolve ``window: auto`` before anything is fingerprinted or rolled out.
 
     A resumed run takes the window its earlier episodes ran with (recorded in its
@@ -180,8 +180,14 @@ def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSetting
                         for s in task.seeds[:3]]
     finally:
         env.close()
-    resolved = policy.resolve(spec, observations)
-    info = policy.window_tuning(spec) or {}
+    old_threads = torch.get_num_threads()
+    if threads:  # tuned with the threads the run times with
+        torch.set_num_threads(threads)
+    try:
+        resolved = policy.resolve(spec, observations)
+        info = policy.window_tuning(spec) or {}
+    finally:
+        torch.set_num_threads(old_threads)
     source = info.get("source", "measured")
     how = f"measured in {info.get('tuning_s', 0):.0f} s" if source == "measured" else f"cached in {source}"
     print(f"window auto -> {resolved.options['window']} ({how}; predicted ms " +
@@ -229,7 +235,7 @@ def evaluate(
         raise EvalConfigError(f"sampler {candidate.name!r} cannot run on this checkpoint: {e}") from None
     window_tuning = None
     if candidate.window_is_auto:
-        candidate, window_tuning = _resolve_window(policy, candidate, task, resume_dir)
+        candidate, window_tuning = _resolve_window(policy, candidate, task, resume_dir, opts["threads"])
     specs: dict[str, SamplerConfig] = {"candidate": candidate}
     if opts["compare"]:
         specs["baseline"] = baseline_config(candidate, schedule.kind, schedule.num_steps)

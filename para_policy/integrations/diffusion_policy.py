@@ -328,7 +328,7 @@ class SamplingPatch:
         target: the object whose ``conditional_sample`` was replaced (the policy itself for
             DiffusionPolicy, ``policy.diffusion`` for LeRobot).
         spec: the :class:`~para_policy.samplers.SamplerConfig` in use.
-        stats: the :class:`SampleStats` of the last call.
+        stats: the :class:`SampleStats` of the last call; last_spec: the spec it ran (window resolved).
         n_action_steps: actions executed between calls (the warm start's shift).
 
     Warm start (``spec.warm_start``, on in the ``paradigms`` preset): each call keeps its
@@ -347,6 +347,7 @@ class SamplingPatch:
         self.n_action_steps = int(n_action_steps)
         self.saved: dict[tuple[Any, str], tuple[bool, Any]] = {}
         self.stats: SampleStats | None = None
+        self.last_spec: Any = None
         self._schedules: dict[tuple, Schedule] = {}
         self._warm: tuple[tuple, torch.Tensor] | None = None
         self._model_id: str | None = None
@@ -377,9 +378,9 @@ class SamplingPatch:
         from para_policy.window import Problem, calibrate_window, model_fingerprint, resolve_window, window_key
 
         if self._model_id is None:
-            self._model_id = model_fingerprint(model, type(self.owner).__name__)
+            self._model_id = model_fingerprint(model)
         device = next(model.parameters()).device
-        key = window_key(self._model_id, self.spec, schedule, shape[0], device, self.kind)
+        key = window_key(self._model_id, self.spec, schedule, shape[0], device, "{}")  # "{}": the plain model
         problem = Problem(shape, condition, inpaint)
         window, _ = resolve_window(key, lambda: calibrate_window(
             denoiser, schedule, self.spec.with_options(warm_start=False), [problem], device=device))
@@ -402,7 +403,7 @@ class SamplingPatch:
             if spec.warm_start:
                 self._warm = (call_key, shift_trajectory(sample, self.n_action_steps))
         stats.extra["warm"] = "init" in kwargs
-        self.stats = stats
+        self.stats, self.last_spec = stats, spec
         vars(self.owner)["para_stats"] = stats
         # samplers run in inference mode; a clone made here is an ordinary tensor, so caller code
         # that edits the result in place (as the original loop's output allowed) keeps working

@@ -118,6 +118,33 @@ class LeRobotPolicyStandIn(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.diffusion = LeRobotDiffusionModelStandIn()
+        self.queue: list = []
+
+    def reset(self) -> None:  # LeRobot's reset clears the observation and action queues
+        self.queue = []
+
+
+def test_patched_lerobot_policy_warm_starts_in_a_loop_and_reset_forgets():
+    policy = LeRobotPolicyStandIn()
+    conds = [torch.randn(2, OBS_DIM * TO) for _ in range(3)]
+    refs = [policy.diffusion.conditional_sample(2, global_cond=c, generator=torch.Generator().manual_seed(i))
+            for i, c in enumerate(conds)]
+    patch(policy, window=6, tolerance=0.0)  # the paradigms preset: warm start on
+    warm = []
+    for i, c in enumerate(conds):
+        out = policy.diffusion.conditional_sample(2, global_cond=c, generator=torch.Generator().manual_seed(i))
+        warm.append(policy.para_stats.extra["warm"])
+        assert torch.allclose(out, refs[i], atol=1e-4)  # tolerance 0: the warm start changes nothing
+    assert warm == [False, True, True]
+    policy.queue = [1]
+    policy.reset()  # the original reset still runs, and the warm start is forgotten
+    assert policy.queue == []
+    policy.diffusion.conditional_sample(2, global_cond=conds[0])
+    assert not policy.para_stats.extra["warm"]
+    policy.diffusion.conditional_sample(3, global_cond=torch.randn(3, OBS_DIM * TO))  # new batch shape: cold
+    assert not policy.para_stats.extra["warm"]
+    unpatch(policy)
+    assert "reset" not in vars(policy)
 
 
 def test_patch_lerobot_matches_and_unpatch_restores():

@@ -96,12 +96,11 @@ def make_task_env(task: TaskSettings, render: bool = False, video_size: int = 25
     if render:
         kw.update(render_mode="rgb_array", visualization_width=video_size, visualization_height=video_size)
     if task.env_id.startswith("gym_pusht/"):
-        import gym_pusht  # noqa: F401  (registers the env id)
+        from para_policy.tasks.pusht.env import ENV_ID, make_env
 
-        from para_policy.tasks.pusht.env import PushTKeypointObs
-
-        env = gymnasium.make(task.env_id, obs_type="state", **kw)
-        return PushTKeypointObs(env) if task.obs_type == "keypoints" else env
+        if task.env_id != ENV_ID:
+            raise ValueError(f"PushT task {task.env_id!r} is not supported; only {ENV_ID}")
+        return make_env(keypoints=task.obs_type == "keypoints", **kw)
     return gymnasium.make(task.env_id, **kw)
 
 

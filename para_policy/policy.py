@@ -402,13 +402,14 @@ class LowdimPolicy(nn.Module):
 
 
 def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradigms",
-                device: str | torch.device = "cpu", **options: Any) -> LowdimPolicy:
+                device: str | torch.device = "cpu", *, trust_pickle: bool = False, **options: Any) -> LowdimPolicy:
     """Load a policy checkpoint and choose its sampler.
 
     Reads para_policy's own ``.safetensors`` checkpoints (no pickled code) and
     DiffusionPolicy workspace ``.ckpt`` files (low-dim UNet policies; EMA weights when the
-    run used EMA). A ``.ckpt`` is a pickle: loading one runs code chosen by whoever wrote
-    it, so load only files you trust; reading them needs the ``[diffusion-policy]`` extra.
+    run used EMA; the ``[diffusion-policy]`` extra). A ``.ckpt`` is a pickle: it is read with
+    a restricted unpickler that refuses any global beyond tensors, the OmegaConf config and
+    plain data, before it runs; ``trust_pickle=True`` unpickles fully (files you trust only).
     ``sampler`` and ``options`` go to :meth:`LowdimPolicy.set_sampler` (default: the
     ``paradigms`` preset, the fastest measured setting).
     """
@@ -417,7 +418,7 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
     if str(path).endswith(".ckpt"):
         from para_policy.integrations.diffusion_policy import read_diffusion_policy_checkpoint
 
-        state_dict, config = read_diffusion_policy_checkpoint(path)
+        state_dict, config = read_diffusion_policy_checkpoint(path, trust_pickle=trust_pickle)
     else:
         state_dict, config = load_checkpoint(path)
     policy = LowdimPolicy(config)

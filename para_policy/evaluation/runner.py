@@ -102,7 +102,7 @@ def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def load_checked_policy(path: Path, task: TaskSettings, device: str) -> LowdimPolicy:
+def load_checked_policy(path: Path, task: TaskSettings, device: str, trust_pickle: bool = False) -> LowdimPolicy:
     """Load the checkpoint and refuse one made for another observation or action size."""
     from para_policy.policy import load_policy
 
@@ -111,7 +111,7 @@ def load_checked_policy(path: Path, task: TaskSettings, device: str) -> LowdimPo
             f"checkpoint not found: {path}. Pass checkpoint=<path to a para_policy .safetensors policy> "
             f"(train one with `python train.py task={task.name}`)")
     try:
-        policy = load_policy(path, device=device)
+        policy = load_policy(path, device=device, trust_pickle=trust_pickle)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise EvalConfigError(f"cannot load checkpoint {path}: {e}") from None
     if policy.obs_dim != task.obs_dim or policy.action_dim != task.action_dim:
@@ -226,7 +226,10 @@ def evaluate(
     resume_dir = resolve_path(cfg.resume_dir, original_cwd) if cfg.get("resume_dir") else None
     if resume_dir is not None and not resume_dir.is_dir():
         raise EvalConfigError(f"resume_dir={resume_dir} does not exist")
-    policy = load_checked_policy(ckpt, task, opts["device"])
+    trust = cfg.get("checkpoint_trust", False)
+    if not isinstance(trust, bool):
+        raise EvalConfigError(f"checkpoint_trust must be true or false, got {trust!r}")
+    policy = load_checked_policy(ckpt, task, opts["device"], trust)
     configure_inference(policy, **opts["inference"])  # both samplers run the same denoiser
     _check_env(task)
     try:

@@ -15,10 +15,12 @@ pickle_module=dill)`` of ``{'cfg': DictConfig (Hydra config, possibly unresolved
 {'global_step', 'epoch'} (dill bytes)}``. Policy weights are ``model.*`` (the
 ConditionalUnet1D) and ``normalizer.params_dict.{obs,action}.*``.
 
-Security: a ``.ckpt`` is a pickle, and unpickling runs code chosen by whoever wrote the
-file. Load only checkpoints you trust (your own training runs, or published files from a
-source you trust). para_policy's own ``.safetensors`` checkpoints run no code; convert
-once with ``save_checkpoint(path, policy.state_dict(), policy.config)``.
+Security: a ``.ckpt`` is a pickle, and plain unpickling runs code chosen by whoever wrote
+the file. It is read with a restricted unpickler (:mod:`.restricted_pickle`) that rebuilds
+only tensors, the OmegaConf config and plain data and refuses any other global before it
+runs; ``trust_pickle=True`` opts into full unpickling. para_policy's own ``.safetensors``
+checkpoints hold no pickle at all; convert once with
+``save_checkpoint(path, policy.state_dict(), policy.config)``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ast
 import operator
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -244,14 +247,17 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
 
 
 def read_diffusion_policy_checkpoint(
-    path: str | os.PathLike, use_ema: bool | None = None
+    path: str | os.PathLike, use_ema: bool | None = None, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a DiffusionPolicy workspace ``.ckpt``: returns ``(state_dict, config)`` for LowdimPolicy.
 
-    Only load files you trust: this unpickles the file (``torch.load(weights_only=False)``),
-    which can run arbitrary code.
+    The file is unpickled by :class:`~para_policy.integrations.restricted_pickle.RestrictedUnpickler`:
+    only tensors, the OmegaConf config and plain data are rebuilt; a file that names any other
+    global (``os.system``, ``eval``, ...) is refused before anything runs.
 
     Args:
+        trust_pickle: unpickle with torch's full unpickler instead (runs whatever the file
+            says: only for files you trust that hold something the restricted reader refuses).
         use_ema: take ``state_dicts['ema_model']`` (True) or ``['model']`` (False); None
             follows ``cfg.training.use_ema`` as DiffusionPolicy's evaluation does (and, when the
             cfg does not say, takes ``ema_model`` if present).
@@ -269,8 +275,16 @@ def read_diffusion_policy_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     for module in ("dill", "omegaconf"):
         require(module, "diffusion-policy", "reading a DiffusionPolicy .ckpt")
+    from para_policy.integrations import restricted_pickle
+
     try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=False)
+        if trust_pickle:
+            warnings.warn(f"{path}: unpickling with trust_pickle=True runs any code the file holds", stacklevel=2)
+            payload = torch.load(str(path), map_location="cpu", weights_only=False)
+        else:
+            payload = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+    except restricted_pickle.UnsafeCheckpointError as e:
+        raise ValueError(f"{path}: {e}") from None
     except ModuleNotFoundError as e:
         raise ValueError(f"{path}: unpickling needs module {e.name!r}, which is not installed") from e
     except Exception as e:

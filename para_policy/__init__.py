@@ -15,14 +15,22 @@ Public API:
 - integrations: ``patch``, ``unpatch`` (live DiffusionPolicy / LeRobot policy objects)
 """
 
-from para_policy.checkpoints import load_checkpoint, save_checkpoint
-from para_policy.controller import Controller
-from para_policy.inference import configure_inference
-from para_policy.integrations import patch, unpatch
-from para_policy.models import ConditionalUnet1D
-from para_policy.normalizer import LinearNormalizer
-from para_policy.policy import LowdimPolicy, PolicyOutput, load_policy
-from para_policy.samplers import (
+import os
+
+# Passive OpenMP waiting, chosen before torch starts OpenMP (it reads this once, when torch is first
+# imported): worker threads that spin while waiting make every model call on a busy machine several
+# times slower. Import para_policy before torch, or export OMP_WAIT_POLICY=PASSIVE yourself;
+# OMP_WAIT_POLICY=ACTIVE in the environment overrides this.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from para_policy.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from para_policy.controller import Controller  # noqa: E402
+from para_policy.inference import configure_inference  # noqa: E402
+from para_policy.integrations import patch, unpatch  # noqa: E402
+from para_policy.models import ConditionalUnet1D  # noqa: E402
+from para_policy.normalizer import LinearNormalizer  # noqa: E402
+from para_policy.policy import LowdimPolicy, PolicyOutput, load_policy  # noqa: E402
+from para_policy.samplers import (  # noqa: E402
     PRESETS,
     PicardOptions,
     SamplerConfig,
@@ -36,8 +44,8 @@ from para_policy.samplers import (
     taa_sample,
     warm_start_init,
 )
-from para_policy.schedule import Schedule, make_schedule
-from para_policy.window import tune_window
+from para_policy.schedule import Schedule, make_schedule  # noqa: E402
+from para_policy.window import tune_window  # noqa: E402
 
 __version__ = "0.2.0"
 

@@ -97,6 +97,8 @@ class Controller:
         seed: seeds the controller's own noise generator (fresh noise for every chunk;
             the same seed and observations give the same actions). None: a random seed.
         devices: evaluate the UNet on several devices (:func:`para_policy.devices.use_devices`).
+        max_records: how many chunk records and ``act`` latencies :meth:`stats` keeps (the
+            most recent; older ones are dropped so a long-running loop stays bounded).
         options: sampler options (``window``, ``tolerance``, ``max_iterations``,
             ``per_sample_windows``, ``linear_solve``, ``secant``, ``scheduler``,
             ``num_inference_steps``). ``window='auto'`` (the preset's) is resolved by
@@ -111,8 +113,11 @@ class Controller:
 
     def __init__(self, policy: LowdimPolicy, sampler: str | SamplerConfig | None = "paradigms",
                  warm_start: bool | None = None, deadline_ms: float | None = None, seed: int | None = None,
-                 devices: Sequence[str | torch.device] | None = None, **options: Any) -> None:
+                 devices: Sequence[str | torch.device] | None = None, max_records: int = 100_000,
+                 **options: Any) -> None:
         self.policy = policy
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
+            raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
         if warm_start is not None:
             options["warm_start"] = warm_start
         self.spec = sampler_spec(policy.sampler if sampler is None else sampler, **options)
@@ -131,8 +136,9 @@ class Controller:
         self.window_tuning: dict[str, Any] | None = None
         self.generator = torch.Generator(device=policy.device)
         self.seed(seed)
-        self.records: list[ChunkRecord] = []
-        self.act_latency_ms: list[float] = []
+        # the last max_records chunks and act() calls: a robot loop runs for days
+        self.records: deque[ChunkRecord] = deque(maxlen=int(max_records))
+        self.act_latency_ms: deque[float] = deque(maxlen=int(max_records))
         self.reset()
 
     def calibrate(self, observations: Sequence[np.ndarray | torch.Tensor], reps: int = 5) -> int:
@@ -189,6 +195,8 @@ class Controller:
         if obs.shape != (self.policy.obs_dim,):
             raise ValueError(f"observation must have shape (obs_dim,) = ({self.policy.obs_dim},), "
                              f"got {tuple(obs.shape)}")
+        if not bool(torch.isfinite(obs).all()):  # refused before it enters the history
+            raise ValueError(f"observation contains NaN or inf: {obs.tolist()}")
         if not self.observations:
             self.observations.extend([obs] * self.policy.n_obs_steps)
         else:
@@ -250,7 +258,7 @@ class Controller:
         return self.records[-1] if self.records else None
 
     def stats(self) -> dict[str, Any]:
-        """Latency, rounds and deadline statistics over all chunks since :meth:`reset_stats`.
+        """Latency, rounds and deadline statistics over the chunks since :meth:`reset_stats` (the last ``max_records``).
 
         Returns a dict: ``chunks``, ``actions``, ``chunk_latency_ms`` and ``action_latency_ms``
         (mean / p50 / p95 / max; an action's latency is the time of its ``act`` call, which

@@ -296,6 +296,7 @@ class RobomimicLowdimDataset(LowdimDataset):
                 f"low_dim.hdf5 of the same task."
             )
         arrays = read_lowdim(path, tuple(obs_keys or OBS_KEYS))
+        check_finite(path, arrays, ("obs", "action"))
         return cls(arrays["obs"], arrays["action"], arrays["episode_ends"], path=str(path), **kwargs)
 
 
@@ -305,5 +306,26 @@ def load_replay_arrays(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[s
 
     rb = ReplayBuffer.load(str(path))
     out = {key: np.asarray(rb[key][:]) for key in keys}
-    out["episode_ends"] = np.asarray(rb.episode_ends[:], dtype=np.int64)
+    out["episode_ends"] = ends = np.asarray(rb.episode_ends[:], dtype=np.int64)
+    if len(ends) == 0 or ends[-1] == 0:
+        raise ValueError(f"{path}: the replay buffer holds no episodes (meta/episode_ends is empty)")
+    check_finite(path, out, keys)
     return out
+
+
+def check_finite(path: str | os.PathLike, arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> None:
+    """Refuse NaN / inf in training data, naming the array, the episode and the step (a normalizer fit on
+    them would silently make that dimension meaningless)."""
+    ends = arrays["episode_ends"]
+    for key in keys:
+        values = np.asarray(arrays[key])
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(values.reshape(len(values), -1))
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            episode = int(np.searchsorted(ends, row, side="right"))
+            start = int(ends[episode - 1]) if episode > 0 else 0
+            raise ValueError(f"{path}: data/{key} holds {int(bad.sum())} non-finite values; the first is "
+                             f"{values.reshape(len(values), -1)[row, col]} at row {row} (episode {episode}, step "
+                             f"{row - start}), column {col}")

@@ -58,6 +58,13 @@ class LinearNormalizer(nn.Module):
                 raise ValueError(f"normalizer has no field {key!r}; fields: {list(self.params_dict)}")
             field = self.params_dict[key]
             x = torch.as_tensor(np.asarray(value), dtype=torch.float32).reshape(-1, field.scale.shape[0])
+            if x.shape[0] == 0:
+                raise ValueError(f"cannot fit the normalizer's {key!r}: no data")
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                row, dim = (int(i) for i in torch.nonzero(bad)[0])
+                raise ValueError(f"cannot fit the normalizer's {key!r}: {int(bad.sum())} non-finite values, the first "
+                                 f"at row {row}, dimension {dim} ({x[row, dim].item()})")
             lo, hi = x.min(dim=0).values, x.max(dim=0).values
             span = hi - lo
             flat = span < range_eps

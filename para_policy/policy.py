@@ -43,6 +43,16 @@ class PolicyOutput(dict):
     warm: bool
 
 
+def _positive_int(config: Mapping[str, Any], key: str) -> int:
+    """``config[key]`` as an int >= 1, or a ``ValueError`` naming the key."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"policy config {key} must be an integer >= 1, got {value!r}")
+    if int(value) < 1:
+        raise ValueError(f"policy config {key} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 class LowdimPolicy(nn.Module):
     """DiffusionPolicy's low-dim UNet policy (``DiffusionUnetLowdimPolicy``) with pluggable sampling.
 
@@ -59,16 +69,24 @@ class LowdimPolicy(nn.Module):
             raise ValueError(f"policy config is missing {missing}; expected keys {list(CONFIG_KEYS)}")
         self.config = dict(config)
         c = self.config
-        self.horizon = int(c["horizon"])
-        self.n_obs_steps = int(c["n_obs_steps"])
-        self.n_action_steps = int(c["n_action_steps"])
-        self.obs_dim = int(c["obs_dim"])
-        self.action_dim = int(c["action_dim"])
+        for key in ("model", "noise_scheduler"):
+            if not isinstance(c[key], Mapping):
+                raise ValueError(f"policy config {key} must be a mapping, got {type(c[key]).__name__}")
+        self.horizon = _positive_int(c, "horizon")
+        self.n_obs_steps = _positive_int(c, "n_obs_steps")
+        self.n_action_steps = _positive_int(c, "n_action_steps")
+        self.obs_dim = _positive_int(c, "obs_dim")
+        self.action_dim = _positive_int(c, "action_dim")
         self.obs_as_global_cond = bool(c.get("obs_as_global_cond", True))
         self.pred_action_steps_only = bool(c.get("pred_action_steps_only", False))
         self.oa_step_convention = bool(c.get("oa_step_convention", True))
-        self.num_inference_steps = int(c.get("num_inference_steps") or c["noise_scheduler"].get(
-            "num_train_timesteps", 100))
+        self.num_inference_steps = _positive_int(c, "num_inference_steps") if c.get("num_inference_steps") \
+            is not None else int(c["noise_scheduler"].get("num_train_timesteps", 100))
+        if not self.pred_action_steps_only and self.action_start + self.n_action_steps > self.horizon:
+            raise ValueError(
+                f"horizon={self.horizon} is too short for n_obs_steps={self.n_obs_steps} and n_action_steps="
+                f"{self.n_action_steps}: the executed actions start at index {self.action_start}, so horizon must "
+                f"be >= {self.action_start + self.n_action_steps}")
         if c.get("obs_as_local_cond", False):
             raise ValueError("obs_as_local_cond=True policies are not supported; expected global "
                              "conditioning or inpainting")
@@ -222,10 +240,13 @@ class LowdimPolicy(nn.Module):
     def check_obs(self, obs: Any) -> torch.Tensor:
         """``obs`` as a (B, To, Do) tensor on the policy's device; ``ValueError`` naming what is wrong."""
         if not isinstance(obs, torch.Tensor):
-            obs = torch.as_tensor(obs, dtype=torch.float32)
-        if obs.dim() != 3 or obs.shape[1] < self.n_obs_steps or obs.shape[2] != self.obs_dim:
+            obs = torch.as_tensor(np.asarray(obs))
+        if obs.dtype == torch.bool or obs.is_complex() or not (obs.is_floating_point() or obs.dtype in (
+                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise ValueError(f"obs must hold real numbers (a float or integer dtype), got {obs.dtype}")
+        if obs.dim() != 3 or obs.shape[0] < 1 or obs.shape[1] < self.n_obs_steps or obs.shape[2] != self.obs_dim:
             raise ValueError(
-                f"obs must have shape (B, n_obs_steps={self.n_obs_steps}, obs_dim={self.obs_dim}), "
+                f"obs must have shape (B >= 1, n_obs_steps={self.n_obs_steps}, obs_dim={self.obs_dim}), "
                 f"got {tuple(obs.shape)}"
             )
         if not bool(torch.isfinite(obs).all()):
@@ -350,6 +371,9 @@ class LowdimPolicy(nn.Module):
             raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
         sample, stats = spec.family.sample(self.denoise, schedule, x_T, noise, condition=global_cond,
                                            inpaint=inpaint, **kwargs)
+        if not bool(torch.isfinite(sample).all()):
+            raise ValueError("sampling produced non-finite actions (NaN or inf); check the observations' scale "
+                             f"against the normalizer (obs range {obs.min().item():.3g} to {obs.max().item():.3g})")
         if spec.warm_start:
             self._warm = (call_key, shift_trajectory(sample, self.n_action_steps))
         self.last_stats = stats
@@ -421,6 +445,19 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
         state_dict, config = read_diffusion_policy_checkpoint(path, trust_pickle=trust_pickle)
     else:
         state_dict, config = load_checkpoint(path)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{path}: the checkpoint's config must be a mapping, got {type(config).__name__}")
+    # the config's shapes are checked against the file's weights on the meta device first, so a config
+    # that asks for a huge network is refused without allocating it
+    with torch.device("meta"):
+        skeleton = LowdimPolicy(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    wrong = [(k, shape, tuple(state_dict[k].shape)) for k, shape in expected.items()
+             if k in state_dict and tuple(state_dict[k].shape) != shape]
+    if wrong:
+        k, want, have = wrong[0]
+        raise ValueError(f"{path}: checkpoint weights do not fit its config: the config makes {k} of shape {want}, "
+                         f"the file holds {have} ({len(wrong)} tensors differ)")
     policy = LowdimPolicy(config)
     try:
         result = policy.load_state_dict(state_dict, strict=False)

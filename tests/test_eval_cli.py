@@ -27,6 +27,7 @@ def test_help_lists_groups_and_examples():
     assert "eval.py" in out and "sampler: paradigms, paradigms_published, parataa, sequential" in out
     assert "task: lift, pusht" in out and "logger: none, wandb" in out
     assert "python eval.py -m sampler.tolerance" in out
+    assert "hydra/launcher=joblib_local" in out and "hydra/launcher=joblib " not in out  # the config that exists
 
 
 def test_cfg_job_shows_the_composed_config(tmp_path):

@@ -71,8 +71,21 @@ SUMMARY_FILE = "summary.md"
 _BASELINE_CACHE: dict[str, tuple[list[dict[str, Any]], Path | None]] = {}
 
 
+#: the top-level keys of the eval config (configs/eval.yaml; ``inference`` is added with +inference.*)
+KNOWN_KEYS = frozenset({"task", "sampler", "logger", "checkpoint", "checkpoint_trust", "device", "threads", "seed",
+                        "compare", "num_envs", "progress", "latency", "video", "resume_dir", "inference"})
+
+
 def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
     """The evaluator's own keys, checked."""
+    unknown = sorted(set(cfg) - KNOWN_KEYS)
+    if unknown:
+        raise EvalConfigError(f"unknown config keys {unknown} (a typo, or +key=value of a key eval.py does not "
+                              f"read); known: {sorted(KNOWN_KEYS)}")
+    for key in ("latency", "video", "inference", "logger"):
+        node = cfg.get(key)
+        if node is not None and not isinstance(node, (DictConfig, dict)):
+            raise EvalConfigError(f"{key} must be a mapping of options, got {node!r}")
     lat = cfg.get("latency") or {}
     video = cfg.get("video") or {}
     threads = cfg.get("threads")

@@ -99,8 +99,10 @@ def picard_sample(
             most ``tolerance² · σ_k²`` (σ_k² the DDPM posterior variance of the step that
             produced it; :meth:`Schedule.test_variance`). 0 means exact.
         max_iterations: cap on rounds; the default S always finishes, so the result is
-            the sequential one up to the tolerance. With a smaller cap the current
-            iterate is returned and ``stats.converged`` says which samples finished.
+            the sequential one up to the tolerance. With a smaller cap (or a deadline) a
+            sample that did not finish returns the clean sample predicted at its first
+            non-final step from that step's final input (what the sequential loop would
+            predict there), never a noisy iterate; ``stats.converged`` says which finished.
         condition: ``(B, ...)`` per-sample conditioning, gathered to rows for the denoiser.
         inpaint: ``(data, mask)`` both (B, T, D): known entries re-imposed before every
             model call and on the result.
@@ -112,6 +114,9 @@ def picard_sample(
             Default: all of them.
         per_sample_windows: each sample's window slides on its own errors; ``False``
             makes the batch wait for its slowest sample (ParaDiGMS as published).
+        deadline: a ``time.perf_counter()`` instant; no new round starts after it (the
+            first round always runs), and unfinished samples return their clean-sample
+            estimate (see ``max_iterations``); ``stats.extra['deadline_hit']`` says so.
         linear_solve: iterate on the predicted clean sample only. Each step is
             ``x_{k+1} = a_k x_k + c_k x0(x_k) + σ_k z_k`` (``a_k`` from
             :meth:`Schedule.linear_coeff`); ParaDiGMS's sums treat the whole step as
@@ -189,8 +194,11 @@ def picard_sample(
     rows_per_round: list[int] = []
     window_start_per_round: list[int] = []
     deadline_hit = False
+    # the clean sample predicted at each sample's first non-final step, from its final input:
+    # what a sample that stops early returns (the sequential loop's own x0 estimate at that step)
+    x0_estimate = torch.zeros((B, T, D), device=device, dtype=x_T.dtype)
     while rounds < max_iterations and bool((begin < S).any()):
-        if deadline is not None and time.perf_counter() >= deadline:
+        if deadline is not None and rounds > 0 and time.perf_counter() >= deadline:  # one round always runs
             deadline_hit = True
             break
         rounds += 1
@@ -216,6 +224,8 @@ def picard_sample(
         model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
         model_evals += int(rows_b.shape[0])
         rows_per_round.append(int(rows_b.shape[0]))
+        first = (dev_w == 0).nonzero(as_tuple=True)[0]  # each active sample's row at its window start
+        x0_estimate[dev_b[first]] = sched.predict_x0(x_in[first], dev_k[first], model_output[first])
 
         drift.zero_()
         if lin is None:
@@ -260,6 +270,7 @@ def picard_sample(
 
     finished = begin == S
     final = traj[torch.arange(B, device=device), filled.to(device)]
+    final = torch.where(finished.to(device).view(B, 1, 1), final, x0_estimate)  # never a noisy iterate
     if inpaint is not None:
         final = torch.where(inpaint[1], inpaint[0], final)
     done_round = torch.where(finished, done_round, rounds)

@@ -1,0 +1,120 @@
+"""What a deadline buys: deviation of the actions from the converged ones against the deadline in ms.
+
+On a PushT stream recorded with the shipped policy (sequential DDPM-100, the evaluator's rollout
+loop), each chunk is sampled with the ``paradigms`` preset with no deadline (the converged actions)
+and then with each deadline, on the same noise and the same warm-start guess (the converged
+previous chunk, shifted). A sample stopped by its deadline returns the clean-sample estimate at its
+first unfinished step, never a noisy iterate. Reports, per deadline, the mean and max distance of
+the actions to the converged ones (px), how many chunks hit the deadline, the rounds run and the
+wall time. Writes ``bench_deadline.{md,json,png}``.
+
+    python eval/bench_deadline.py                  # 3 episodes x 12 chunks, deadlines 0-200 ms
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench_latency import record_stream  # noqa: E402
+
+from para_policy import load_policy, shift_trajectory  # noqa: E402
+from para_policy.evaluation.report import write_json, write_text  # noqa: E402
+from para_policy.evaluation.rollout import call_noise  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
+DEADLINES = (0, 5, 10, 25, 50, 75, 100, 150, 200)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--episodes", type=int, default=3)
+    ap.add_argument("--chunks", type=int, default=12)
+    ap.add_argument("--deadlines", type=float, nargs="+", default=list(DEADLINES), help="ms")
+    ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "bench_deadline")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stream = record_stream(load_policy(ASSET, sampler="sequential"), args.episodes, args.chunks, 100000)
+    policy = load_policy(ASSET)  # the paradigms preset
+    obs0 = torch.from_numpy(stream[0]["obs"])[None]
+    spec = policy.resolve(obs=obs0)
+    schedule = policy.schedule_for(spec)
+    print(f"{len(stream)} chunks; window {spec.options['window']}")
+    rows: dict[float, dict[str, list[float]]] = {d: {"mean_px": [], "max_px": [], "hit": [], "rounds": [], "ms": []}
+                                                 for d in args.deadlines}
+    converged_ms: list[float] = []
+    guess = None
+    for i, ch in enumerate(stream):
+        if ch["chunk"] == 0:
+            guess = None
+        obs = torch.from_numpy(ch["obs"])[None]
+        x_T, noise = call_noise(schedule, policy.trajectory_shape(1)[1:], [(21, 0, ch["episode"], ch["chunk"])])
+        warm = False if guess is None else guess
+        t0 = time.perf_counter()
+        ref = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, warm_start=warm)
+        converged_ms.append((time.perf_counter() - t0) * 1e3)
+        order = args.deadlines if i % 2 == 0 else args.deadlines[::-1]
+        for d in order:
+            t0 = time.perf_counter()
+            out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, warm_start=warm,
+                                        deadline=t0 + d / 1e3)
+            ms = (time.perf_counter() - t0) * 1e3
+            dist = (out["action"] - ref["action"]).norm(dim=-1)[0]
+            r = rows[d]
+            r["mean_px"].append(float(dist.mean()))
+            r["max_px"].append(float(dist.max()))
+            r["hit"].append(float(out.stats.extra["deadline_hit"]))
+            r["rounds"].append(float(out.stats.rounds))
+            r["ms"].append(ms)
+        guess = shift_trajectory(ref.trajectory, policy.n_action_steps)
+    summary = {d: {"deviation_mean_px": float(np.mean(r["mean_px"])), "deviation_p95_px":
+                   float(np.percentile(r["max_px"], 95)), "deviation_max_px": float(np.max(r["max_px"])),
+                   "deadline_hit_fraction": float(np.mean(r["hit"])), "rounds_mean": float(np.mean(r["rounds"])),
+                   "ms_p50": float(np.median(r["ms"])), "ms_p95": float(np.percentile(r["ms"], 95))}
+               for d, r in rows.items()}
+    lines = ["# What a deadline buys: action deviation from the converged chunk", "",
+             f"Shipped PushT policy, `paradigms` preset (window {spec.options['window']}, tolerance "
+             f"{spec.options['tolerance']}, warm start), {len(stream)} recorded chunks, batch 1, same noise and guess. "
+             f"Converged: {np.median(converged_ms):.0f} ms p50, {np.percentile(converged_ms, 95):.0f} ms p95. "
+             f"`python eval/bench_deadline.py --episodes {args.episodes} --chunks {args.chunks}`", "",
+             "| deadline ms | chunks stopped | rounds | ms p50 | ms p95 | deviation mean px | p95 of max px | max px |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d, s in summary.items():
+        lines.append(f"| {d:g} | {s['deadline_hit_fraction']:.0%} | {s['rounds_mean']:.1f} | {s['ms_p50']:.0f} | "
+                     f"{s['ms_p95']:.0f} | {s['deviation_mean_px']:.2f} | {s['deviation_p95_px']:.1f} | "
+                     f"{s['deviation_max_px']:.1f} |")
+    write_json(args.out / "bench_deadline.json", {"summary": summary, "rows": rows, "converged_ms": converged_ms,
+                                                  "window": spec.options["window"], "chunks": len(stream)})
+    write_text(args.out / "bench_deadline.md", "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ds = list(summary)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(ds, [summary[d]["deviation_mean_px"] for d in ds], "o-", label="mean")
+        ax.plot(ds, [summary[d]["deviation_p95_px"] for d in ds], "s--", label="p95 of per-chunk max")
+        ax.axvline(np.median(converged_ms), color="gray", ls=":", label="converged p50 ms")
+        ax.set_xlabel("deadline (ms)")
+        ax.set_ylabel("action distance to converged (px)")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.legend()
+        ax.set_title("PushT, paradigms preset, batch 1")
+        fig.tight_layout()
+        fig.savefig(args.out / "bench_deadline.png", dpi=110)
+    except ImportError:
+        pass
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,9 +12,11 @@ Picard sampling makes possible:
   from it with this chunk's fresh noise; where the guess is right the window slides
   through at once, so fewer rounds are needed. The converged result does not depend on
   the guess (up to ``tolerance``; with tolerance 0 it is the cold result).
-* **Deadline.** With ``deadline_ms`` the sampler stops when the time is up and returns its
-  current iterate; the chunk is flagged (``ChunkRecord.deadline_hit``) and counted as a
-  miss. The returned actions are still usable, just not converged.
+* **Deadline.** With ``deadline_ms`` no new round starts when the time is up (the first
+  always runs) and an unfinished chunk returns the clean sample predicted at its first
+  unfinished step, never a noisy iterate; the chunk is flagged (``ChunkRecord.deadline_hit``)
+  and counted as a miss. How far those actions are from converged ones depends on the
+  deadline: ``eval/bench_deadline.py``.
 * **Latency statistics.** ms per chunk and per ``act`` call (p50 / p95 / max), rounds and
   model evaluations per chunk, deadline misses: :meth:`Controller.stats`.
 

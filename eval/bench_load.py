@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh process so OpenMP reads its wait policy at torch's import:
 ``spinning`` imports torch before para_policy (torch's default wait policy, what the library ran
-with before it set one), ``passive`` imports para_policy first (it sets ``OMP_WAIT_POLICY=PASSIVE``).
+with before it set one), ``passive`` imports para_policy first (it sets ``OMP_WAIT_POLICY=PASSIVE``),
+``brief spin`` keeps the default policy with ``GOMP_SPINCOUNT=10000`` (spin briefly, then sleep).
 Each is timed idle and with ``--busy`` competing processes that spin on the CPU, on the same
 PushT start states (cold chunks: ``controller.reset()`` before each). Writes ``bench_load.{md,json}``.
 
@@ -24,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, sys, time
+import os
 mode, chunks = sys.argv[1], int(sys.argv[2])
-if mode == "spinning":
+if mode == "brief spin":
+    os.environ["GOMP_SPINCOUNT"] = "10000"  # libgomp: spin 10k iterations, then sleep
+if mode in ("spinning", "brief spin"):
     import torch  # OpenMP starts with torch's default wait policy
 import numpy as np
 import para_policy
@@ -86,7 +90,7 @@ def main() -> None:
 
     results = {}
     for busy in (0, args.busy):
-        for mode in ("spinning", "passive"):
+        for mode in ("spinning", "passive", "brief spin"):
             r = measure(mode, args.chunks, busy)
             results[f"{mode}, {busy} busy"] = r
             print(mode, busy, {k: round(float(np.median(v))) for k, v in r["ms"].items()}, flush=True)

@@ -494,6 +494,9 @@ def test_window_auto_is_fingerprinted_resolved_and_reused_on_resume(ckpt, tmp_pa
                        f"resume_dir={tmp_path / 'a'}", "task.episodes=3")
     assert resumed["samplers"]["candidate"]["spec"]["options"]["window"] == window
     assert resumed["window_tuning"]["source"].startswith("resumed from")
+    with pytest.raises(EvalConfigError, match="the evaluation differs.*samplers"):  # refused at once, no tuning
+        run_eval(ckpt, tmp_path / "d", "sampler.window=auto", "sampler.tolerance=0.3", "video.enabled=false",
+                 "compare=false", f"resume_dir={tmp_path / 'a'}")
     window_module._MEMORY.clear()  # a new process: the window comes from the cache file
     again = run_eval(ckpt, tmp_path / "c", "sampler.window=auto", "video.enabled=false", "compare=false")
     assert again["samplers"]["candidate"]["spec"]["options"]["window"] == window

@@ -100,9 +100,12 @@ def picard_sample(
             produced it; :meth:`Schedule.test_variance`). 0 means exact.
         max_iterations: cap on rounds; the default S always finishes, so the result is
             the sequential one up to the tolerance. With a smaller cap (or a deadline) a
-            sample that did not finish returns the clean sample predicted at its first
+            sample that did not finish returns a clean estimate, never a noisy iterate: the
+            end of its iterate where that spans the whole trajectory (a warm start, or a
+            window that reached the last step), else the clean sample predicted at its first
             non-final step from that step's final input (what the sequential loop would
-            predict there), never a noisy iterate; ``stats.converged`` says which finished.
+            predict there); clipped as the scheduler clips. ``stats.converged`` says which
+            samples finished.
         condition: ``(B, ...)`` per-sample conditioning, gathered to rows for the denoiser.
         inpaint: ``(data, mask)`` both (B, T, D): known entries re-imposed before every
             model call and on the result.
@@ -270,7 +273,14 @@ def picard_sample(
 
     finished = begin == S
     final = traj[torch.arange(B, device=device), filled.to(device)]
-    final = torch.where(finished.to(device).view(B, 1, 1), final, x0_estimate)  # never a noisy iterate
+    # an unfinished sample returns a clean estimate, never a noisy iterate: the end of its iterate
+    # where that spans the whole trajectory (a warm start, or a window that reached the end), else
+    # the clean sample predicted at its first unfinished step; clipped as the scheduler clips
+    spans = (filled == S).to(device).view(B, 1, 1)
+    estimate = torch.where(spans, final, x0_estimate)
+    if sched.clip_sample:
+        estimate = estimate.clamp(-sched.clip_sample_range, sched.clip_sample_range)
+    final = torch.where(finished.to(device).view(B, 1, 1), final, estimate)
     if inpaint is not None:
         final = torch.where(inpaint[1], inpaint[0], final)
     done_round = torch.where(finished, done_round, rounds)

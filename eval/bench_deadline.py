@@ -14,6 +14,7 @@ wall time. Writes ``bench_deadline.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -33,14 +34,46 @@ ASSET = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 DEADLINES = (0, 25, 50, 100, 150, 200, 300, 400, 600)
 
 
+def plot(summary: dict, converged_ms: list[float], path: Path) -> None:
+    """Deviation against deadline, warm and cold chunks, with the converged latency marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ds = [float(d) for d in summary]
+    vals = list(summary.values())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(ds, [v["warm_deviation_mean_px"] for v in vals], "o-", label="mean, warm chunks")
+    ax.plot(ds, [v["cold_deviation_mean_px"] for v in vals], "^-", label="mean, cold (first) chunks")
+    ax.plot(ds, [v["deviation_p95_px"] for v in vals], "s--", label="p95 of per-chunk max")
+    ax.axvline(float(np.median(converged_ms)), color="gray", ls=":", label="converged p50 ms")
+    ax.set_xlabel("deadline (ms)")
+    ax.set_ylabel("action distance to converged (px)")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("PushT, paradigms preset, batch 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--deadlines", type=float, nargs="+", default=list(DEADLINES), help="ms")
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "bench_deadline")
+    ap.add_argument("--report-only", action="store_true", help="redraw the plot from bench_deadline.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        saved = json.loads((args.out / "bench_deadline.json").read_text())
+        plot(saved["summary"], saved["converged_ms"], args.out / "bench_deadline.png")
+        return
     stream = record_stream(load_policy(ASSET, sampler="sequential"), args.episodes, args.chunks, 100000)
     policy = load_policy(ASSET)  # the paradigms preset
     obs0 = torch.from_numpy(stream[0]["obs"])[None]
@@ -100,27 +133,7 @@ def main() -> None:
     write_json(args.out / "bench_deadline.json", {"summary": summary, "rows": rows, "converged_ms": converged_ms,
                                                   "window": spec.options["window"], "chunks": len(stream)})
     write_text(args.out / "bench_deadline.md", "\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        ds = list(summary)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(ds, [summary[d]["warm_deviation_mean_px"] for d in ds], "o-", label="mean, warm chunks")
-        ax.plot(ds, [summary[d]["cold_deviation_mean_px"] for d in ds], "^-", label="mean, cold (first) chunks")
-        ax.plot(ds, [summary[d]["deviation_p95_px"] for d in ds], "s--", label="p95 of per-chunk max")
-        ax.axvline(np.median(converged_ms), color="gray", ls=":", label="converged p50 ms")
-        ax.set_xlabel("deadline (ms)")
-        ax.set_ylabel("action distance to converged (px)")
-        ax.set_yscale("symlog", linthresh=0.1)
-        ax.legend()
-        ax.set_title("PushT, paradigms preset, batch 1")
-        fig.tight_layout()
-        fig.savefig(args.out / "bench_deadline.png", dpi=110)
-    except ImportError:
-        pass
+    plot(summary, converged_ms, args.out / "bench_deadline.png")
     print("\n".join(lines))
 
 

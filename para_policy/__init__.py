@@ -7,7 +7,8 @@ Public API:
   (``paradigms``, ``paradigms_published``, ``parataa``, ``sequential``), ``PicardOptions``, ``TaaOptions``
 - samplers: ``sequential_sample``, ``picard_sample``, ``taa_sample``, ``draw_noise``, ``SampleStats``,
   warm starts ``warm_start_init`` / ``shift_trajectory``
-- models and schedules: ``ConditionalUnet1D``, ``make_schedule``, ``Schedule``
+- models and schedules: ``ConditionalUnet1D``, ``TransformerForDiffusion`` (DiffusionPolicy's names),
+  ``make_schedule``, ``Schedule``
 - speed: ``tune_window`` (window from the machine's cost curve), ``configure_inference``
   (bf16, ``torch.compile``, CUDA graphs)
 - checkpoints: ``save_checkpoint``, ``load_checkpoint``
@@ -27,7 +28,7 @@ from para_policy.checkpoints import load_checkpoint, save_checkpoint  # noqa: E4
 from para_policy.controller import Controller  # noqa: E402
 from para_policy.inference import configure_inference  # noqa: E402
 from para_policy.integrations import patch, unpatch  # noqa: E402
-from para_policy.models import ConditionalUnet1D  # noqa: E402
+from para_policy.models import ConditionalUnet1D, TransformerForDiffusion  # noqa: E402
 from para_policy.normalizer import LinearNormalizer  # noqa: E402
 from para_policy.policy import LowdimPolicy, PolicyOutput, load_policy  # noqa: E402
 from para_policy.samplers import (  # noqa: E402
@@ -61,6 +62,7 @@ __all__ = [
     "SamplerConfig",
     "Schedule",
     "TaaOptions",
+    "TransformerForDiffusion",
     "configure_inference",
     "draw_noise",
     "load_checkpoint",

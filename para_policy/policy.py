@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from para_policy.models import ConditionalUnet1D
+from para_policy.models import ConditionalUnet1D, TransformerForDiffusion
 from para_policy.normalizer import LinearNormalizer
 from para_policy.samplers import SampleStats, draw_noise, shift_trajectory, warm_start_init
 from para_policy.samplers.registry import SamplerConfig, build_schedule, sampler_spec, schedule_key
@@ -54,12 +54,14 @@ def _positive_int(config: Mapping[str, Any], key: str) -> int:
 
 
 class LowdimPolicy(nn.Module):
-    """DiffusionPolicy's low-dim UNet policy (``DiffusionUnetLowdimPolicy``) with pluggable sampling.
+    """DiffusionPolicy's low-dim policies with pluggable sampling.
 
-    Modes, as DiffusionPolicy has them: observations as global conditioning
-    (``obs_as_global_cond``, optionally ``pred_action_steps_only``), or inpainting (the
-    trajectory holds action and observation, the first ``n_obs_steps`` observations
-    imposed as known entries).
+    ``model_type='unet'``: ``DiffusionUnetLowdimPolicy`` (``ConditionalUnet1D``);
+    ``model_type='transformer'``: ``DiffusionTransformerLowdimPolicy`` (``TransformerForDiffusion``).
+    Modes, as DiffusionPolicy has them: observations as conditioning (``obs_as_global_cond``:
+    the UNet's flat ``global_cond``, the transformer's ``cond`` tokens; optionally
+    ``pred_action_steps_only``), or inpainting (the trajectory holds action and observation, the
+    first ``n_obs_steps`` observations imposed as known entries).
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -93,15 +95,28 @@ class LowdimPolicy(nn.Module):
         if self.pred_action_steps_only and not self.obs_as_global_cond:
             raise ValueError("pred_action_steps_only requires obs_as_global_cond (as in DiffusionPolicy)")
         expected_in = self.action_dim if self.obs_as_global_cond else self.action_dim + self.obs_dim
-        expected_cond = self.obs_dim * self.n_obs_steps if self.obs_as_global_cond else None
         model_cfg = dict(c["model"])
         if int(model_cfg.get("input_dim", -1)) != expected_in:
             raise ValueError(f"model.input_dim is {model_cfg.get('input_dim')}, expected {expected_in} "
                              f"for this policy's mode and dims")
-        if model_cfg.get("global_cond_dim") != expected_cond:
-            raise ValueError(f"model.global_cond_dim is {model_cfg.get('global_cond_dim')}, expected "
-                             f"{expected_cond} (obs_dim × n_obs_steps with global conditioning)")
-        self.model = ConditionalUnet1D(**model_cfg)
+        self.model_type = str(c.get("model_type", "unet"))
+        if self.model_type == "unet":
+            expected_cond = self.obs_dim * self.n_obs_steps if self.obs_as_global_cond else None
+            if model_cfg.get("global_cond_dim") != expected_cond:
+                raise ValueError(f"model.global_cond_dim is {model_cfg.get('global_cond_dim')}, expected "
+                                 f"{expected_cond} (obs_dim × n_obs_steps with global conditioning)")
+            self.condition_kw = "global_cond"
+            self.model = ConditionalUnet1D(**model_cfg)
+        elif self.model_type == "transformer":
+            expected = {"cond_dim": self.obs_dim if self.obs_as_global_cond else 0,
+                        "horizon": self.trajectory_shape(1)[1], "output_dim": expected_in}
+            for key, value in expected.items():
+                if model_cfg.get(key, 0 if key == "cond_dim" else None) != value:
+                    raise ValueError(f"model.{key} is {model_cfg.get(key)}, expected {value} for this policy")
+            self.condition_kw = "cond"
+            self.model = TransformerForDiffusion(**model_cfg)
+        else:
+            raise ValueError(f"model_type must be 'unet' or 'transformer', got {self.model_type!r}")
         self.normalizer = LinearNormalizer({"obs": self.obs_dim, "action": self.action_dim})
         self.noise_scheduler = build_scheduler(c["noise_scheduler"])
         self.sampler = sampler_spec("sequential")
@@ -230,7 +245,7 @@ class LowdimPolicy(nn.Module):
         from para_policy.inference import make_denoiser
 
         merged = {**self.inference, **settings}
-        self._denoiser = make_denoiser(self.model, **merged)
+        self._denoiser = make_denoiser(self.model, condition_kw=self.condition_kw, **merged)
         self.inference = {k: v for k, v in merged.items() if v not in (None, False, "fp32")}
         if not self.inference:
             self._denoiser = None
@@ -275,11 +290,14 @@ class LowdimPolicy(nn.Module):
         return (batch_size, T, D)
 
     def conditioning(self, obs: torch.Tensor) -> tuple[torch.Tensor | None, tuple | None]:
-        """``(global_cond (B, To·Do) | None, inpaint (data, mask) | None)`` for raw obs (B, To, Do)."""
+        """``(condition | None, inpaint (data, mask) | None)`` for raw obs (B, To, Do).
+
+        The condition is the UNet's ``global_cond`` (B, To·Do) or the transformer's ``cond`` (B, To, Do).
+        """
         nobs = self.normalizer.normalize("obs", obs[:, : self.n_obs_steps])
         B = obs.shape[0]
-        if self.obs_as_global_cond:
-            return nobs.reshape(B, -1), None
+        if self.obs_as_global_cond:  # the UNet's flat global_cond, the transformer's (B, To, Do) tokens
+            return (nobs.reshape(B, -1) if self.model_type == "unet" else nobs), None
         shape = self.trajectory_shape(B)
         data = torch.zeros(shape, device=obs.device, dtype=obs.dtype)
         mask = torch.zeros(shape, device=obs.device, dtype=torch.bool)
@@ -291,7 +309,7 @@ class LowdimPolicy(nn.Module):
         """The denoiser callable handed to samplers (through the wrappers of :meth:`set_inference`)."""
         if self._denoiser is not None:
             return self._denoiser(x, t, global_cond)
-        return self.model(x, t, global_cond=global_cond)
+        return self.model(x, t, **{self.condition_kw: global_cond})
 
     # ---- inference ----------------------------------------------------------------
     @torch.inference_mode()
@@ -398,7 +416,8 @@ class LowdimPolicy(nn.Module):
         B = nact.shape[0]
         global_cond = None
         if self.obs_as_global_cond:
-            global_cond = nobs[:, : self.n_obs_steps].reshape(B, -1)
+            global_cond = nobs[:, : self.n_obs_steps]
+            global_cond = global_cond.reshape(B, -1) if self.model_type == "unet" else global_cond
             trajectory = nact
             if self.pred_action_steps_only:
                 start = self.n_obs_steps - 1 if self.oa_step_convention else self.n_obs_steps
@@ -413,7 +432,7 @@ class LowdimPolicy(nn.Module):
                           device=trajectory.device).long()
         noisy = self.noise_scheduler.add_noise(trajectory, eps, t)
         noisy = torch.where(known, trajectory, noisy)
-        pred = self.model(noisy, t, global_cond=global_cond)
+        pred = self.model(noisy, t, **{self.condition_kw: global_cond})
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             target = eps

@@ -76,3 +76,25 @@ def test_sampled_actions_match_predict_action_for_every_sampler(fixture, kind):
         action = normalizer.unnormalize("action", sample)[:, start: start + cfg["n_action_steps"]]
         # pixels of a few hundred: float32 roundoff of 100 steps stays within a few 1e-6 relative
         torch.testing.assert_close(action, expected, rtol=1e-5, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_load_policy_reads_the_transformer_checkpoint_and_every_preset_reproduces_it():
+    ckpt = FIXTURES / f"{NAME}.ckpt"
+    if not ckpt.is_file():
+        pytest.skip(f"{ckpt} is absent (the shared fixtures sit beside the checkout)")
+    from para_policy import load_policy
+
+    rec = torch.load(FIXTURES / f"{NAME}_predict.pt", weights_only=True)
+    policy = load_policy(ckpt, sampler="sequential")
+    assert policy.model_type == "transformer" and policy.obs_as_global_cond and policy.action_start == 1
+    schedule = policy.schedule_for(policy.sampler)
+    draws = rec["ddpm.randn_draws"]
+    x_T = draws[0]
+    noise = torch.zeros((x_T.shape[0], schedule.num_steps, *x_T.shape[1:]))
+    for i, k in enumerate(torch.nonzero(schedule.draws_noise).flatten().tolist()):
+        noise[:, k] = draws[1 + i]
+    for sampler, opts in {"sequential": {}, "paradigms": {"window": 100, "tolerance": 0.0},
+                          "parataa": {"window": 100, "tolerance": 0.0}}.items():
+        out = policy.predict_action({"obs": rec["input.obs.obs"]}, x_T=x_T, noise=noise, sampler=sampler, **opts)
+        torch.testing.assert_close(out["action"], rec["ddpm.action"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out["action_pred"], rec["ddpm.action_pred"], rtol=1e-5, atol=1e-4)

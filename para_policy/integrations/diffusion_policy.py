@@ -39,14 +39,19 @@ from para_policy.samplers import SampleStats, draw_noise, sampler_spec, shift_tr
 from para_policy.schedule import Schedule
 
 LOWDIM_TARGET = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"
+TRANSFORMER_LOWDIM_TARGET = ("diffusion_policy.policy.diffusion_transformer_lowdim_policy."
+                             "DiffusionTransformerLowdimPolicy")
 UNET_TARGET = "diffusion_policy.model.diffusion.conditional_unet1d.ConditionalUnet1D"
+TRANSFORMER_TARGET = "diffusion_policy.model.diffusion.transformer_for_diffusion.TransformerForDiffusion"
 UNET_ARGS = ("input_dim", "local_cond_dim", "global_cond_dim", "diffusion_step_embed_dim", "down_dims",
              "kernel_size", "n_groups", "cond_predict_scale")
+TRANSFORMER_ARGS = ("input_dim", "output_dim", "horizon", "n_obs_steps", "cond_dim", "n_layer", "n_head", "n_emb",
+                    "p_drop_emb", "p_drop_attn", "causal_attn", "time_as_cond", "obs_as_cond", "n_cond_layers")
 REQUIRED_POLICY_KEYS = ("model", "noise_scheduler", "horizon", "obs_dim", "action_dim", "n_action_steps",
                         "n_obs_steps")
 OPTIONAL_POLICY_KEYS = ("num_inference_steps", "obs_as_local_cond", "obs_as_global_cond", "pred_action_steps_only",
-                        "oa_step_convention")
-IGNORED_WEIGHTS = ("_dummy_variable", "mask_generator._dummy_variable")
+                        "oa_step_convention", "obs_as_cond")
+IGNORED_WEIGHTS = ("_dummy_variable", "mask_generator._dummy_variable", "model._dummy_variable")
 WEIGHT_PREFIXES = ("model.", "normalizer.params_dict.obs.", "normalizer.params_dict.action.")
 
 # ---- a restricted evaluator for DiffusionPolicy's ${eval:...} expressions ---------------
@@ -189,17 +194,16 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
             problems.append("cfg has no 'policy' section")
         raise ValueError("not a usable DiffusionPolicy checkpoint config: " + "; ".join(problems))
     target = str(policy.get("_target_", ""))
-    if target != LOWDIM_TARGET:
+    if target not in (LOWDIM_TARGET, TRANSFORMER_LOWDIM_TARGET):
         name = target.rsplit(".", 1)[-1] or "(none)"
         kind = ""
         if "image" in target.lower() or "hybrid" in target.lower():
             kind = " (image/hybrid policies need image encoders, which para_policy does not implement)"
-        elif "transformer" in target.lower():
-            kind = " (transformer denoisers are not implemented)"
         raise ValueError(
-            f"unsupported DiffusionPolicy policy _target_ {target!r} ({name}){kind}; para_policy reads only "
-            f"{LOWDIM_TARGET} checkpoints (low-dim observations, ConditionalUnet1D)"
+            f"unsupported DiffusionPolicy policy _target_ {target!r} ({name}){kind}; para_policy reads "
+            f"{LOWDIM_TARGET} and {TRANSFORMER_LOWDIM_TARGET} checkpoints (low-dim observations)"
         )
+    transformer = target == TRANSFORMER_LOWDIM_TARGET
     missing = [k for k in REQUIRED_POLICY_KEYS if k not in policy]
     if missing:
         problems.append(f"cfg.policy is missing {missing}")
@@ -210,12 +214,14 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
         problems.append("obs_as_local_cond=True (local conditioning) is not supported; expected global "
                         "conditioning or inpainting")
     model = dict(policy.get("model") or {})
-    model_target = str(model.pop("_target_", UNET_TARGET))
-    if model_target != UNET_TARGET:
-        problems.append(f"cfg.policy.model._target_ is {model_target!r}, expected {UNET_TARGET}")
-    unknown_args = sorted(set(model) - set(UNET_ARGS))
+    net_target, net_args = (TRANSFORMER_TARGET, TRANSFORMER_ARGS) if transformer else (UNET_TARGET, UNET_ARGS)
+    model_target = str(model.pop("_target_", net_target))
+    if model_target != net_target:
+        problems.append(f"cfg.policy.model._target_ is {model_target!r}, expected {net_target}")
+    unknown_args = sorted(set(model) - set(net_args))
     if unknown_args:
-        problems.append(f"cfg.policy.model has arguments ConditionalUnet1D does not take: {unknown_args}")
+        problems.append(f"cfg.policy.model has arguments {net_target.rsplit('.', 1)[-1]} does not take: "
+                        f"{unknown_args}")
     if "model" in policy and "input_dim" not in model:
         problems.append("cfg.policy.model is missing input_dim")
     if model.get("local_cond_dim") is not None:
@@ -235,11 +241,13 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
         "n_action_steps": int(policy["n_action_steps"]),
         "obs_dim": int(policy["obs_dim"]),
         "action_dim": int(policy["action_dim"]),
-        # DiffusionPolicy's defaults (they differ from LowdimPolicy's), set explicitly
+        # DiffusionPolicy's defaults (they differ from LowdimPolicy's), set explicitly; its transformer
+        # policy calls it obs_as_cond and always starts the executed actions at n_obs_steps - 1
+        "model_type": "transformer" if transformer else "unet",
         "num_inference_steps": policy.get("num_inference_steps"),
-        "obs_as_global_cond": bool(policy.get("obs_as_global_cond", False)),
+        "obs_as_global_cond": bool(policy.get("obs_as_cond" if transformer else "obs_as_global_cond", False)),
         "pred_action_steps_only": bool(policy.get("pred_action_steps_only", False)),
-        "oa_step_convention": bool(policy.get("oa_step_convention", False)),
+        "oa_step_convention": True if transformer else bool(policy.get("oa_step_convention", False)),
         "model": model,
         "noise_scheduler": scheduler,
         "source": {"format": "diffusion_policy.ckpt", "policy_target": target},

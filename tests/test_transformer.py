@@ -98,3 +98,67 @@ def test_load_policy_reads_the_transformer_checkpoint_and_every_preset_reproduce
         out = policy.predict_action({"obs": rec["input.obs.obs"]}, x_T=x_T, noise=noise, sampler=sampler, **opts)
         torch.testing.assert_close(out["action"], rec["ddpm.action"], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(out["action_pred"], rec["ddpm.action_pred"], rtol=1e-5, atol=1e-4)
+
+
+class DPTransformerStandIn(torch.nn.Module):
+    """DiffusionPolicy's ``DiffusionTransformerLowdimPolicy`` inference path (obs_as_cond), written out."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        torch.manual_seed(seed)
+        self.model = TransformerForDiffusion(input_dim=2, output_dim=2, horizon=10, n_obs_steps=2, cond_dim=5,
+                                             n_layer=2, n_head=2, n_emb=32, p_drop_emb=0.0, p_drop_attn=0.0,
+                                             causal_attn=True).eval()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                                             clip_sample=True, prediction_type="epsilon")
+        self.num_inference_steps, self.n_obs_steps, self.n_action_steps = 20, 2, 8
+        self.kwargs: dict = {}
+
+    def reset(self) -> None:
+        pass
+
+    def conditional_sample(self, condition_data, condition_mask, cond=None, generator=None, **kwargs):
+        trajectory = torch.randn(size=condition_data.shape, dtype=condition_data.dtype, generator=generator)
+        self.noise_scheduler.set_timesteps(self.num_inference_steps)
+        for t in self.noise_scheduler.timesteps:
+            trajectory[condition_mask] = condition_data[condition_mask]
+            model_output = self.model(trajectory, t, cond)
+            trajectory = self.noise_scheduler.step(model_output, t, trajectory, generator=generator,
+                                                   **kwargs).prev_sample
+        trajectory[condition_mask] = condition_data[condition_mask]
+        return trajectory
+
+    @torch.no_grad()
+    def predict_action(self, obs):
+        cond = obs[:, : self.n_obs_steps]
+        data = torch.zeros(obs.shape[0], 10, 2)
+        sample = self.conditional_sample(data, torch.zeros_like(data, dtype=torch.bool), cond=cond, **self.kwargs)
+        return sample[:, self.n_obs_steps - 1: self.n_obs_steps - 1 + self.n_action_steps]
+
+
+def test_patched_transformer_policy_matches_its_own_loop_at_tolerance_0():
+    from para_policy.integrations import patch, unpatch
+
+    policy = DPTransformerStandIn()
+    stream = [torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def run():
+        out = []
+        for i, o in enumerate(stream):
+            torch.manual_seed(100 + i)
+            out.append(policy.predict_action(o))
+        return out
+
+    before = run()
+    patch(policy, window=20, tolerance=0.0)  # the paradigms preset, exact
+    after = run()
+    assert policy.para_stats.extra["warm"] and policy.para_stats.rounds <= 20
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    unpatch(policy)
+    assert all(torch.equal(a, b) for a, b in zip(run(), before, strict=True))

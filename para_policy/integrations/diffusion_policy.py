@@ -471,8 +471,9 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
 
     Duck-typed: any object with ``conditional_sample``, ``model``, ``noise_scheduler`` and
     ``num_inference_steps`` (``DiffusionUnetLowdimPolicy``, and the image/hybrid policies,
-    whose ``conditional_sample`` has the same contract). The replacement keeps the
-    original's signature ``(condition_data (B,T,D), condition_mask (B,T,D) bool,
+    whose ``conditional_sample`` has the same contract; ``DiffusionTransformerLowdimPolicy``,
+    which passes ``cond=`` (B, To, Do) instead and calls ``model(x, t, cond)``). The replacement
+    keeps the original's signature ``(condition_data (B,T,D), condition_mask (B,T,D) bool,
     local_cond=None, global_cond=None, generator=None, **kwargs) -> (B,T,D)``: it draws
     ``x_T`` and the step noise from ``generator`` (or torch's global RNG) in the original
     loop's order, so a seed gives the same sample as before patching (up to ``tolerance``).
@@ -490,12 +491,19 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
     def conditional_sample(condition_data: torch.Tensor, condition_mask: torch.Tensor,
                            local_cond: torch.Tensor | None = None, global_cond: torch.Tensor | None = None,
                            generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        transformer = "cond" in kwargs  # DiffusionTransformerLowdimPolicy passes cond=, its model takes it third
+        cond = kwargs.pop("cond", None)
         eta = _step_kwargs(kwargs)
         model = policy.model
         schedule = state.schedule(policy.noise_scheduler, policy.num_inference_steps, eta)
         x_T, noise = draw_noise(schedule, tuple(condition_data.shape), generator,
                                 device=condition_data.device, dtype=condition_data.dtype)
-        if local_cond is None:
+        if transformer:
+            condition = cond
+
+            def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+                return model(x, t, c)
+        elif local_cond is None:
             condition = global_cond
 
             def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:

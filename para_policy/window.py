@@ -130,7 +130,8 @@ def choose_window(cost: Mapping[int, float], traces: Mapping[int, Sequence[Seque
     return best, predicted
 
 
-CANDIDATE_WINDOWS = (8, 16, 24, 32, 48, 64, 100)
+#: window 1 is the sequential loop: with it among the candidates, ``auto`` never predicts slower than sequential
+CANDIDATE_WINDOWS = (1, 8, 16, 24, 32, 48, 64, 100)
 #: environment variable naming the folder of the window cache ("off" disables the file)
 CACHE_ENV = "PARA_POLICY_CACHE_DIR"
 CACHE_FILE = "windows.json"

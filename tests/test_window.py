@@ -78,3 +78,27 @@ def test_tune_window_picks_the_cheapest_window_for_a_given_cost_curve():
     assert info["predicted_ms"][window] == min(info["predicted_ms"].values())
     with pytest.raises(ValueError, match="at least one observation"):
         tune_window(policy, spec, [])
+
+
+def test_window_1_is_the_sequential_loop_and_auto_picks_it_when_batches_are_expensive():
+    """Window 1 runs the sequential loop itself (bit for bit); with a cost curve where rows cost in proportion,
+    the tuner picks it, so window='auto' never predicts slower than sequential sampling."""
+    import torch
+    from conftest import MLPDenoiser, dp_ddpm
+
+    from para_policy.samplers import draw_noise, picard_sample, sampler_spec, sequential_sample
+    from para_policy.schedule import make_schedule
+    from para_policy.window import Problem, calibrate_window
+
+    denoiser = MLPDenoiser(dim=3, cond_dim=4)
+    schedule = make_schedule(dp_ddpm(), 20)
+    x_T, noise = draw_noise(schedule, (2, 5, 3), torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 4)
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond)
+    out, stats = picard_sample(denoiser, schedule, x_T, noise, condition=cond, window=1, tolerance=0.5)
+    assert torch.equal(out, ref) and stats.rounds == 20 and stats.extra["rows_per_round"] == [2] * 20
+    spec = sampler_spec("paradigms", tolerance=0.1)
+    # a cost curve with no batching gain and a fixed cost per round: sequential (1 row a round) wins
+    steep = {1: 1.0, 2: 2.5, 8: 12.0, 16: 30.0, 20: 40.0, 40: 90.0}
+    window, info = calibrate_window(denoiser, schedule, spec, [Problem((2, 5, 3), cond)], cost=steep)
+    assert window == 1 and info["predicted_ms"][1] == min(info["predicted_ms"].values())

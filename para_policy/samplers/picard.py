@@ -30,6 +30,7 @@ from para_policy.samplers.common import (
     check_inputs,
     check_options,
 )
+from para_policy.samplers.sequential import sequential_sample
 from para_policy.schedule import Schedule
 
 
@@ -94,7 +95,8 @@ def picard_sample(
         x_T: ``(B, T, D)`` initial noise.
         noise: ``(B, S, T, D)`` standard normal per-step noise, in the sequential loop's
             order (``draw_noise``); optional for deterministic schedules.
-        window: steps refined per round for each sample (clipped to S).
+        window: steps refined per round for each sample (clipped to S). Window 1 is the
+            sequential loop, and runs as :func:`sequential_sample` (without a deadline).
         tolerance: a point is converged when its mean squared change in a round is at
             most ``tolerance² · σ_k²`` (σ_k² the DDPM posterior variance of the step that
             produced it; :meth:`Schedule.test_variance`). 0 means exact.
@@ -160,6 +162,12 @@ def picard_sample(
     if init is not None and tuple(init.shape) != (B, S, T, D):
         raise ValueError(f"init must have shape (B, S, T, D) = {(B, S, T, D)}, got {tuple(init.shape)}")
     sched = schedule.to(device)
+    if W == 1 and max_iterations >= S and deadline is None and accelerator is None:
+        # a window of one step is the sequential recursion (each round computes the next step from a
+        # final point, so no guess is ever read): run the loop itself, without Picard's bookkeeping
+        sample, stats = sequential_sample(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint)
+        stats.extra.update(deadline_hit=False, rows_per_round=[B] * S, window_start_per_round=list(range(1, S + 1)))
+        return sample, stats
 
     # traj[:, j] is x_j, j = 0 … S; filled[b] is the last index holding a computed value
     # (cold start: later slots read as that value, so new window slots start from it).

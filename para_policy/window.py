@@ -11,9 +11,10 @@ Method: the **cost curve** ``c(n)`` (median ms of one denoiser call on ``n`` row
 measured once; each candidate window is run on a few calibration chunks, which gives
 its rows per round (``stats.extra['rows_per_round']``, independent of the machine);
 the predicted latency of a chunk is ``Σ_rounds c(rows)``, with ``c`` interpolated
-linearly between measured batch sizes. The window with the lowest mean prediction wins.
-:func:`tune_window` does all of it for a policy; ``sampler.window=auto`` in ``eval.py``
-calls it before the rollouts.
+linearly between measured batch sizes. The window with the lowest mean prediction wins;
+window 1, the sequential loop, is a candidate, so the choice is never predicted slower than
+sequential sampling. :func:`calibrate_window` does it for any denoiser, :func:`tune_window`
+for a policy, and :func:`resolve_window` caches the result (``window='auto'`` on every path).
 """
 
 from __future__ import annotations

@@ -129,7 +129,6 @@ class Controller:
                 raise ValueError(f"deadline_ms needs a Picard sampler, not {self.spec.name!r}")
             if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms >= 0:
                 raise ValueError(f"deadline_ms must be a number >= 0, got {deadline_ms!r}")
-        self.warm_start = self.spec.warm_start
         self.deadline_ms = None if deadline_ms is None else float(deadline_ms)
         if devices is not None:
             from para_policy.devices import use_devices
@@ -142,6 +141,11 @@ class Controller:
         self.records: deque[ChunkRecord] = deque(maxlen=int(max_records))
         self.act_latency_ms: deque[float] = deque(maxlen=int(max_records))
         self.reset()
+
+    @property
+    def warm_start(self) -> bool:
+        """Whether each chunk starts from the previous one (the spec's ``warm_start``)."""
+        return self.spec.warm_start
 
     def calibrate(self, observations: Sequence[np.ndarray | torch.Tensor], reps: int = 5) -> int:
         """Choose the window on this machine from a few ``(n_obs_steps, obs_dim)`` observations.

@@ -187,11 +187,9 @@ class LowdimPolicy(nn.Module):
             return spec
         from para_policy.window import resolve_window
 
-        observations = None if obs is None else [obs] if torch.is_tensor(obs) else list(obs)
+        observations = None if obs is None else self._observation_batches([obs] if torch.is_tensor(obs) else obs)
         if observations:
-            first = torch.as_tensor(np.asarray(observations[0], dtype=np.float32)) \
-                if not torch.is_tensor(observations[0]) else observations[0]
-            batch_size = first.shape[0] if first.dim() == 3 else 1
+            batch_size = observations[0].shape[0]
         window, _ = resolve_window(self._window_key(spec, batch_size),
                                    lambda: self._tune(spec, observations, batch_size))
         return spec.with_options(window=window)
@@ -218,11 +216,15 @@ class LowdimPolicy(nn.Module):
             raise ValueError(f"calibrate needs a Picard sampler, not {spec.name!r}")
         if len(observations) == 0:
             raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
-        obs = [o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float32)) for o in observations]
-        obs = [self.check_obs(o[None] if o.dim() == 2 else o) for o in obs]
+        obs = self._observation_batches(observations)
         auto = spec.with_options(window="auto")
         return resolve_window(self._window_key(auto, obs[0].shape[0]), lambda: self._tune(auto, obs, None, reps),
                               recalibrate=True)
+
+    def _observation_batches(self, observations: Sequence[Any]) -> list[torch.Tensor]:
+        """Each of ``observations`` ((To, Do) or (B, To, Do), array or tensor) as a checked (B, To, Do) tensor."""
+        batches = [o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float32)) for o in observations]
+        return [self.check_obs(o[None] if o.dim() == 2 else o) for o in batches]
 
     def _tune(self, spec: SamplerConfig, obs: list[Any] | None, batch_size: int | None,
               reps: int = 10) -> tuple[int, dict[str, Any]]:

@@ -205,9 +205,7 @@ def picard_sample(
     rows_per_round: list[int] = []
     window_start_per_round: list[int] = []
     deadline_hit = False
-    # the clean sample predicted at each sample's first non-final step, from its final input:
-    # what a sample that stops early returns (the sequential loop's own x0 estimate at that step)
-    x0_estimate = torch.zeros((B, T, D), device=device, dtype=x_T.dtype)
+    last_round: tuple | None = None  # the last round's rows, inputs and outputs, for an early stop's estimate
     while rounds < max_iterations and bool((begin < S).any()):
         if deadline is not None and rounds > 0 and time.perf_counter() >= deadline:  # one round always runs
             deadline_hit = True
@@ -235,8 +233,7 @@ def picard_sample(
         model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
         model_evals += int(rows_b.shape[0])
         rows_per_round.append(int(rows_b.shape[0]))
-        first = (dev_w == 0).nonzero(as_tuple=True)[0]  # each active sample's row at its window start
-        x0_estimate[dev_b[first]] = sched.predict_x0(x_in[first], dev_k[first], model_output[first])
+        last_round = (rows_b, rows_w, x_in, dev_k, model_output)
 
         drift.zero_()
         if lin is None:
@@ -281,14 +278,20 @@ def picard_sample(
 
     finished = begin == S
     final = traj[torch.arange(B, device=device), filled.to(device)]
-    # an unfinished sample returns a clean estimate, never a noisy iterate: the end of its iterate
-    # where that spans the whole trajectory (a warm start, or a window that reached the end), else
-    # the clean sample predicted at its first unfinished step; clipped as the scheduler clips
-    spans = (filled == S).to(device).view(B, 1, 1)
-    estimate = torch.where(spans, final, x0_estimate)
-    if sched.clip_sample:
-        estimate = estimate.clamp(-sched.clip_sample_range, sched.clip_sample_range)
-    final = torch.where(finished.to(device).view(B, 1, 1), final, estimate)
+    if last_round is not None and not bool(finished.all()):
+        # an unfinished sample returns a clean estimate, never a noisy iterate: the end of its iterate
+        # where that spans the whole trajectory (a warm start, or a window that reached the end), else
+        # the clean sample the last round predicted at its first unfinished step from that step's final
+        # input (every unfinished sample ran in the last round); clipped as the scheduler clips
+        rows_b, rows_w, x_in, dev_k, model_output = last_round
+        first = (rows_w == 0).nonzero(as_tuple=True)[0]  # host indices: no device sync
+        x0_estimate = torch.zeros_like(final)
+        f = first.to(device)
+        x0_estimate[rows_b[first].to(device)] = sched.predict_x0(x_in[f], dev_k[f], model_output[f])
+        estimate = torch.where((filled == S).to(device).view(B, 1, 1), final, x0_estimate)
+        if sched.clip_sample:
+            estimate = estimate.clamp(-sched.clip_sample_range, sched.clip_sample_range)
+        final = torch.where(finished.to(device).view(B, 1, 1), final, estimate)
     if inpaint is not None:
         final = torch.where(inpaint[1], inpaint[0], final)
     done_round = torch.where(finished, done_round, rounds)

@@ -272,8 +272,7 @@ def build_schedule(spec: SamplerConfig, scheduler: Any, default_steps: int, eta:
     derived from DDIM. ``own`` makes a fresh copy of the policy's scheduler (default: the
     scheduler itself, whose timesteps :func:`make_schedule` sets).
     """
-    kind = spec.scheduler or scheduler_kind(scheduler)
-    steps = int(spec.num_inference_steps or default_steps)
+    kind, steps = schedule_key(spec, scheduler, default_steps)
     if kind == scheduler_kind(scheduler):
         sched = own() if own is not None else scheduler
     elif kind == "ddim":

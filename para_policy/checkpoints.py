@@ -50,8 +50,14 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
     """Write ``state_dict`` and the JSON-serialisable ``config`` to ``path`` atomically."""
     config = {"kind": FORMAT_KIND, "version": FORMAT_VERSION, **config}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    metadata = {METADATA_KEY: json.dumps(config, sort_keys=True)}
+    tensors, seen = {}, set()
+    for key, value in state_dict.items():
+        tensor = value.detach().to("cpu").contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()  # safetensors stores no aliases (robomimic's encoder names its modules twice)
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    metadata = {METADATA_KEY: json.dumps(config)}  # key order kept: encoders concatenate in shape_meta order
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,6 +74,13 @@ class ChunkRecord:
     deadline_hit: bool
     overrun: bool
     warm: bool
+
+
+def _all_tensors(observation: Any) -> bool:
+    """Whether an observation (an array, or a dict of arrays) is made of torch tensors only."""
+    if isinstance(observation, Mapping):
+        return all(isinstance(v, torch.Tensor) for v in observation.values())
+    return isinstance(observation, torch.Tensor)
 
 
 def _distribution(values: Sequence[float]) -> dict[str, float | None]:
@@ -110,6 +117,9 @@ class Controller:
 
     Shapes: ``act(observation (obs_dim,)) -> (action_dim,)``;
     ``predict_chunk(observations (n_obs_steps, obs_dim)) -> (n_action_steps, action_dim)``.
+    Image policies (:class:`~para_policy.image_policy.ImagePolicy`) take dicts instead:
+    ``act({'image': (3, H, W), 'agent_pos': (2,)})`` (float images in [0, 1]) and
+    ``predict_chunk({'image': (n_obs_steps, 3, H, W), ...})``.
     Actions come back as numpy arrays when observations are numpy, as tensors otherwise.
     """
 
@@ -178,7 +188,7 @@ class Controller:
 
         Statistics are kept across episodes (see :meth:`reset_stats`).
         """
-        self.observations: deque[torch.Tensor] = deque(maxlen=self.policy.n_obs_steps)
+        self.observations: deque[dict[str, torch.Tensor]] = deque(maxlen=self.policy.n_obs_steps)
         self.actions: deque[torch.Tensor] = deque()
         self.guess: torch.Tensor | None = None  # normalized (1, T, D) clean trajectory for the next chunk
 
@@ -188,7 +198,7 @@ class Controller:
         self.act_latency_ms.clear()
 
     # ---- the loop ------------------------------------------------------------------
-    def act(self, observation: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def act(self, observation: np.ndarray | torch.Tensor | Mapping[str, Any]) -> np.ndarray | torch.Tensor:
         """One control step: record ``observation`` (obs_dim,), return the next action (action_dim,).
 
         After :meth:`reset` the history is filled by repeating the first observation. When
@@ -196,42 +206,38 @@ class Controller:
         observations and its ``n_action_steps`` actions are queued.
         """
         start = time.perf_counter()
-        as_numpy = not isinstance(observation, torch.Tensor)
-        obs = torch.as_tensor(np.asarray(observation) if as_numpy else observation, dtype=torch.float32)
-        if obs.shape != (self.policy.obs_dim,):
-            raise ValueError(f"observation must have shape (obs_dim,) = ({self.policy.obs_dim},), "
-                             f"got {tuple(obs.shape)}")
-        if not bool(torch.isfinite(obs).all()):  # refused before it enters the history
-            raise ValueError(f"observation contains NaN or inf: {obs.tolist()}")
+        as_numpy = not _all_tensors(observation)
+        obs = self._step(observation)  # checked before it enters the history
         if not self.observations:
             self.observations.extend([obs] * self.policy.n_obs_steps)
         else:
             self.observations.append(obs)
         if not self.actions:
-            chunk = self.predict_chunk(torch.stack(list(self.observations)))
+            chunk = self.predict_chunk({k: torch.stack([o[k] for o in self.observations]) for k in obs})
             self.actions.extend(chunk.unbind(0))
         action = self.actions.popleft()
         self.act_latency_ms.append((time.perf_counter() - start) * 1000)
         return action.numpy() if as_numpy else action
 
-    def predict_chunk(self, observations: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def predict_chunk(self, observations: np.ndarray | torch.Tensor | Mapping[str, Any]
+                      ) -> np.ndarray | torch.Tensor:
         """Predict ``(n_action_steps, action_dim)`` actions from ``(n_obs_steps, obs_dim)`` observations.
 
         Uses and then updates the warm-start guess: after this call the guess is this chunk's
         trajectory shifted by ``n_action_steps``, i.e. it assumes all the returned actions are
         executed before the next chunk. Call :meth:`reset` when that is not so.
         """
-        as_numpy = not isinstance(observations, torch.Tensor)
-        obs = self._observation_window(observations)
+        as_numpy = not _all_tensors(observations)
+        obs = {k: v[None] for k, v in self._observation_window(observations).items()}
         if self.spec.window_is_auto:
             auto = self.spec
-            self.spec = self.policy.resolve(auto, obs[None])
+            self.spec = self.policy.resolve(auto, obs)
             self.window_tuning = self.policy.window_tuning(auto)
         warm = self.guess if (self.warm_start and self.guess is not None) else False
         start = time.perf_counter()
         deadline = None if self.deadline_ms is None else start + self.deadline_ms / 1000
-        out = self.policy.predict_action({"obs": obs[None]}, generator=self.generator, warm_start=warm,
-                                         deadline=deadline, sampler=self.spec)
+        out = self.policy.predict_action(obs, generator=self.generator, warm_start=warm, deadline=deadline,
+                                         sampler=self.spec)
         latency_ms = (time.perf_counter() - start) * 1000
         stats = out.stats
         self.records.append(ChunkRecord(
@@ -248,14 +254,48 @@ class Controller:
         actions = out["action"][0].detach().to("cpu")
         return actions.numpy() if as_numpy else actions
 
-    def _observation_window(self, observations: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``observations`` as a float32 tensor, checked to be ``(n_obs_steps, obs_dim)``."""
-        as_numpy = not isinstance(observations, torch.Tensor)
-        obs = torch.as_tensor(np.asarray(observations) if as_numpy else observations, dtype=torch.float32)
-        expected = (self.policy.n_obs_steps, self.policy.obs_dim)
-        if tuple(obs.shape) != expected:
-            raise ValueError(f"observations must have shape (n_obs_steps, obs_dim) = {expected}, "
-                             f"got {tuple(obs.shape)}")
+    def _keyed(self, observation: Any) -> dict[str, torch.Tensor]:
+        """``observation`` as ``{key: tensor}`` over the policy's keys (a bare array is the low-dim ``'obs'``)."""
+        shapes = self.policy.observation_shapes()
+        if not isinstance(observation, Mapping):
+            if len(shapes) != 1:
+                raise ValueError(f"observation must be a dict with keys {list(shapes)}, got "
+                                 f"{type(observation).__name__}")
+            observation = {next(iter(shapes)): observation}
+        missing = [k for k in shapes if k not in observation]
+        if missing:
+            raise ValueError(f"observation is missing {missing}; this policy takes {list(shapes)}")
+        out = {}
+        for key in shapes:
+            x = observation[key]
+            x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+            out[key] = x.to(torch.float32) if x.is_floating_point() else x  # integer images are refused below
+        return out
+
+    def _step(self, observation: Any) -> dict[str, torch.Tensor]:
+        """One control step's observation, checked: ``{key: (*shape)}``."""
+        obs = self._keyed(observation)
+        for key, shape in self.policy.observation_shapes().items():
+            if tuple(obs[key].shape) != shape:
+                name = "observation" if key == "obs" else f"observation {key!r}"
+                what = "(obs_dim,)" if key == "obs" else "the policy's"
+                raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(obs[key].shape)}")
+            if obs[key].is_floating_point() and not bool(torch.isfinite(obs[key]).all()):
+                raise ValueError(f"observation {key!r} contains NaN or inf" if key != "obs"
+                                 else f"observation contains NaN or inf: {obs[key].tolist()}")
+        To = self.policy.n_obs_steps  # the policy's own checks (dtypes), on this step repeated
+        self.policy.observation_batch({k: v[None].expand(To, *v.shape) for k, v in obs.items()})
+        return obs
+
+    def _observation_window(self, observations: Any) -> dict[str, torch.Tensor]:
+        """``observations`` as ``{key: (n_obs_steps, *shape)}`` float tensors, checked."""
+        obs = self._keyed(observations)
+        for key, shape in self.policy.observation_shapes().items():
+            expected = (self.policy.n_obs_steps, *shape)
+            if tuple(obs[key].shape) != expected:
+                what = "(n_obs_steps, obs_dim)" if key == "obs" else f"{key!r}: (n_obs_steps, *shape)"
+                raise ValueError(f"observations must have shape {what} = {expected}, got {tuple(obs[key].shape)}")
+        self.policy.observation_batch(obs)
         return obs
 
     @property

@@ -1,44 +1,100 @@
-"""DiffusionPolicy's LinearNormalizer: per-dimension affine maps, with its state_dict names.
+"""DiffusionPolicy's LinearNormalizer: per-field affine maps, with its state_dict names.
 
-``normalize(x) = x * scale + offset`` on the last dimension, ``unnormalize`` the inverse.
-Parameters are stored as ``params_dict.<key>.{scale, offset, input_stats.{min,max,mean,std}}``,
-the names DiffusionPolicy checkpoints use, so their normalizers load unchanged.
+``normalize(x) = x * scale + offset``, broadcast over the field's trailing dimensions
+(``(dim,)`` for a vector, ``(1,)`` for DiffusionPolicy's image range, ``(3, 1, 1)`` for
+per-channel image statistics); ``unnormalize`` is the inverse. Parameters are stored as
+``params_dict.<key>.{scale, offset, input_stats.{min,max,mean,std}}``, the names
+DiffusionPolicy checkpoints use, so their normalizers load unchanged.
+
+A field can instead follow LeRobot's formulas, computed from ``input_stats`` exactly as
+LeRobot computes them (so converted checkpoints give LeRobot's numbers to the last bit, not
+only up to the roundoff of a refolded affine map): ``mode='mean_std'``
+``(x - mean) / (std + eps)`` and back ``x * std + mean``; ``mode='min_max'`` (LeRobot >= 0.4's
+processors) ``2 (x - min) / d - 1`` and back ``(y + 1) / 2 · d + min``, ``d = max - min`` with
+an exact zero replaced by ``eps``; ``mode='min_max_eps'`` (LeRobot <= 0.3's normalization
+buffers) ``(x - min) / (max - min + eps) · 2 - 1`` and back ``(y + 1) / 2 · (max - min) + min``;
+``mode='identity'``. ``eps`` is per field, default :data:`LEROBOT_EPS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+MODES = ("affine", "mean_std", "min_max", "min_max_eps", "identity")
+LEROBOT_EPS = 1e-8
+
 
 class _InputStats(nn.Module):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
         for name in ("min", "max", "mean", "std"):
-            setattr(self, name, nn.Parameter(torch.zeros(dim), requires_grad=False))
+            setattr(self, name, nn.Parameter(torch.zeros(shape), requires_grad=False))
 
 
 class _FieldParams(nn.Module):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, shape: tuple[int, ...], mode: str, eps: float) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.offset = nn.Parameter(torch.zeros(dim), requires_grad=False)
-        self.input_stats = _InputStats(dim)
+        self.mode, self.eps = mode, eps
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+        self.offset = nn.Parameter(torch.zeros(shape), requires_grad=False)
+        self.input_stats = _InputStats(shape)
+
+
+def field_spec(spec: int | Sequence[int] | Mapping[str, Any]) -> tuple[tuple[int, ...], str, float]:
+    """``(shape, mode, eps)`` of one field given as a size, a shape, or ``{'shape', 'mode', 'eps'}``."""
+    mode, eps = "affine", LEROBOT_EPS
+    if isinstance(spec, Mapping):
+        mode, eps = str(spec.get("mode", "affine")), float(spec.get("eps", LEROBOT_EPS))
+        spec = spec["shape"]
+    shape = (int(spec),) if isinstance(spec, (int, np.integer)) else tuple(int(s) for s in spec)
+    if mode not in MODES:
+        raise ValueError(f"normalizer mode must be one of {MODES}, got {mode!r}")
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"normalizer field shape must be non-empty with sizes >= 1, got {shape}")
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"normalizer eps must be finite and >= 0, got {eps}")
+    return shape, mode, eps
+
+
+def normalize_values(x: torch.Tensor, mode: str, params: Mapping[str, torch.Tensor], eps: float = LEROBOT_EPS,
+                     inverse: bool = False) -> torch.Tensor:
+    """One field's normalization (``inverse``: its inverse) in ``mode``, the formulas of the module docstring.
+
+    ``params``: ``scale``, ``offset`` (affine) or the statistics ``min``, ``max``, ``mean``,
+    ``std`` the mode reads, broadcasting against ``x``'s trailing dimensions.
+    """
+    if mode == "affine":
+        return (x - params["offset"]) / params["scale"] if inverse else x * params["scale"] + params["offset"]
+    if mode == "mean_std":
+        return x * params["std"] + params["mean"] if inverse else (x - params["mean"]) / (params["std"] + eps)
+    if mode in ("min_max", "min_max_eps"):
+        span = params["max"] - params["min"]
+        if mode == "min_max":
+            span = torch.where(span == 0, torch.full_like(span, eps), span)
+            return (x + 1) / 2 * span + params["min"] if inverse else 2 * (x - params["min"]) / span - 1
+        return (x + 1) / 2 * span + params["min"] if inverse else (x - params["min"]) / (span + eps) * 2 - 1
+    if mode == "identity":
+        return x
+    raise ValueError(f"normalizer mode must be one of {MODES}, got {mode!r}")
 
 
 class LinearNormalizer(nn.Module):
-    """Affine normalizers for named fields (``'obs'``, ``'action'``), each of size ``dim``.
+    """Normalizers for named fields (``'obs'``, ``'action'``, ``'image'``, ...).
 
     Args:
-        dims: field name → size of the last dimension.
+        dims: field name → the size of its last dimension, its parameter shape (broadcast
+            against the trailing dimensions of the data), or ``{'shape': ..., 'mode': ...}``
+            with a mode of :data:`MODES` (default ``'affine'``).
     """
 
-    def __init__(self, dims: Mapping[str, int]) -> None:
+    def __init__(self, dims: Mapping[str, int | Sequence[int] | Mapping[str, Any]]) -> None:
         super().__init__()
-        self.params_dict = nn.ModuleDict({key: _FieldParams(int(dim)) for key, dim in dims.items()})
+        self.params_dict = nn.ModuleDict({key: _FieldParams(*field_spec(spec)) for key, spec in dims.items()})
 
     @torch.no_grad()
     def fit(
@@ -57,6 +113,9 @@ class LinearNormalizer(nn.Module):
             if key not in self.params_dict:
                 raise ValueError(f"normalizer has no field {key!r}; fields: {list(self.params_dict)}")
             field = self.params_dict[key]
+            if field.mode != "affine" or field.scale.dim() != 1:
+                raise ValueError(f"fit() fits affine vector fields; {key!r} is {field.mode} of shape "
+                                 f"{tuple(field.scale.shape)}")
             x = torch.as_tensor(np.asarray(value), dtype=torch.float32).reshape(-1, field.scale.shape[0])
             if x.shape[0] == 0:
                 raise ValueError(f"cannot fit the normalizer's {key!r}: no data")
@@ -85,16 +144,27 @@ class LinearNormalizer(nn.Module):
         if key not in self.params_dict:
             raise ValueError(f"normalizer has no field {key!r}; fields: {list(self.params_dict)}")
         field = self.params_dict[key]
-        if x.shape[-1] != field.scale.shape[0]:
-            raise ValueError(f"{key} has last dimension {x.shape[-1]}, expected {field.scale.shape[0]}")
+        shape = tuple(field.scale.shape)
+        trailing = tuple(x.shape[x.dim() - len(shape):]) if x.dim() >= len(shape) else None
+        if trailing is None or any(s != 1 and s != n for s, n in zip(shape, trailing, strict=True)):
+            if len(shape) == 1:
+                raise ValueError(f"{key} has last dimension {x.shape[-1]}, expected {shape[0]}")
+            raise ValueError(f"{key} has shape {tuple(x.shape)}, whose trailing dimensions do not fit the "
+                             f"normalizer's {shape}")
         return field
 
+    @staticmethod
+    def _params(field: _FieldParams) -> dict[str, torch.Tensor]:
+        stats = field.input_stats
+        return {"scale": field.scale, "offset": field.offset, "min": stats.min, "max": stats.max,
+                "mean": stats.mean, "std": stats.std}
+
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """``x * scale + offset`` for field ``key``; x has shape (..., dim)."""
+        """Field ``key``'s normalization of x (..., *shape): ``x * scale + offset`` in the affine mode."""
         field = self._field(key, x)
-        return x * field.scale + field.offset
+        return normalize_values(x, field.mode, self._params(field), field.eps)
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """``(x - offset) / scale`` for field ``key``; the inverse of :meth:`normalize`."""
+        """The inverse of :meth:`normalize`: ``(x - offset) / scale`` in the affine mode."""
         field = self._field(key, x)
-        return (x - field.offset) / field.scale
+        return normalize_values(x, field.mode, self._params(field), field.eps, inverse=True)

@@ -117,7 +117,7 @@ class LowdimPolicy(nn.Module):
             self.model = TransformerForDiffusion(**model_cfg)
         else:
             raise ValueError(f"model_type must be 'unet' or 'transformer', got {self.model_type!r}")
-        self.normalizer = LinearNormalizer({"obs": self.obs_dim, "action": self.action_dim})
+        self.normalizer = LinearNormalizer(self._normalizer_fields())
         self.noise_scheduler = build_scheduler(c["noise_scheduler"])
         self.sampler = sampler_spec("sequential")
         self.last_stats: SampleStats | None = None  # of the last call (also on its PolicyOutput)
@@ -127,6 +127,10 @@ class LowdimPolicy(nn.Module):
         self._schedules: dict[tuple[str, int], Schedule] = {}
         self._warm: tuple[tuple, torch.Tensor] | None = None  # (call key, next guess (B, T, D))
         self._fingerprint: str | None = None
+
+    def _normalizer_fields(self) -> dict[str, Any]:
+        """The normalizer's fields and their shapes (:class:`~para_policy.normalizer.LinearNormalizer`)."""
+        return {"obs": self.obs_dim, "action": self.action_dim}
 
     # ---- sampler choice -------------------------------------------------------------
     def set_sampler(self, sampler: str | SamplerConfig = "paradigms", **options: Any) -> LowdimPolicy:
@@ -179,7 +183,7 @@ class LowdimPolicy(nn.Module):
 
         Resolved once per (policy, sampler options, schedule, batch size, device) and cached
         (:func:`para_policy.window.resolve_window`); the first time it is measured on
-        ``obs``: a (B, To, Do) batch or a list of observations (each (To, Do) or (B, To, Do)),
+        ``obs``: a batch or a list of observations (each as :meth:`observation_batch` takes it),
         or zero observations when None. Specs with an integer window come back unchanged.
         """
         spec = self.sampler if spec is None else spec
@@ -187,9 +191,13 @@ class LowdimPolicy(nn.Module):
             return spec
         from para_policy.window import resolve_window
 
-        observations = None if obs is None else self._observation_batches([obs] if torch.is_tensor(obs) else obs)
+        if obs is None:
+            observations = None
+        else:
+            single = torch.is_tensor(obs) or isinstance(obs, Mapping)
+            observations = [self.observation_batch(o) for o in ([obs] if single else obs)]
         if observations:
-            batch_size = observations[0].shape[0]
+            batch_size = self.batch_size(observations[0])
         window, _ = resolve_window(self._window_key(spec, batch_size),
                                    lambda: self._tune(spec, observations, batch_size))
         return spec.with_options(window=window)
@@ -205,8 +213,9 @@ class LowdimPolicy(nn.Module):
                   ) -> tuple[int, dict[str, Any]]:
         """Measure the window for ``spec`` (default: the policy's) now, on ``observations``, and cache it.
 
-        ``observations``: a few arrays of ``(n_obs_steps, obs_dim)`` (batch 1) or
-        ``(B, n_obs_steps, obs_dim)``. Replaces any cached window for the same key.
+        ``observations``: a few observations as :meth:`observation_batch` takes them, e.g.
+        arrays of ``(n_obs_steps, obs_dim)`` (batch 1) or ``(B, n_obs_steps, obs_dim)``.
+        Replaces any cached window for the same key.
         Returns ``(window, info)`` (cost curve, predicted ms and rounds per window).
         """
         from para_policy.window import resolve_window
@@ -216,22 +225,17 @@ class LowdimPolicy(nn.Module):
             raise ValueError(f"calibrate needs a Picard sampler, not {spec.name!r}")
         if len(observations) == 0:
             raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
-        obs = self._observation_batches(observations)
+        obs = [self.observation_batch(o) for o in observations]
         auto = spec.with_options(window="auto")
-        return resolve_window(self._window_key(auto, obs[0].shape[0]), lambda: self._tune(auto, obs, None, reps),
-                              recalibrate=True)
-
-    def _observation_batches(self, observations: Sequence[Any]) -> list[torch.Tensor]:
-        """Each of ``observations`` ((To, Do) or (B, To, Do), array or tensor) as a checked (B, To, Do) tensor."""
-        batches = [o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float32)) for o in observations]
-        return [self.check_obs(o[None] if o.dim() == 2 else o) for o in batches]
+        return resolve_window(self._window_key(auto, self.batch_size(obs[0])),
+                              lambda: self._tune(auto, obs, None, reps), recalibrate=True)
 
     def _tune(self, spec: SamplerConfig, obs: list[Any] | None, batch_size: int | None,
               reps: int = 10) -> tuple[int, dict[str, Any]]:
         from para_policy.window import tune_window
 
         if obs is None:
-            obs = [torch.zeros((batch_size or 1, self.n_obs_steps, self.obs_dim))]
+            obs = [self.zero_observation(batch_size or 1)]
         log.info("window='auto': measuring this machine's cost curve and each window's rounds "
                  "(once per policy, sampler options, batch size and device; cached)")
         return tune_window(self, spec.with_options(warm_start=False), obs, reps=reps)
@@ -254,6 +258,34 @@ class LowdimPolicy(nn.Module):
         return self
 
     # ---- observations → conditioning ------------------------------------------------
+    def observation_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The observation keys of one control step and their shapes: ``{'obs': (obs_dim,)}``."""
+        return {"obs": (self.obs_dim,)}
+
+    def observation(self, obs_dict: Mapping[str, Any]) -> torch.Tensor:
+        """The checked observations of a ``predict_action`` dict: ``obs_dict['obs']`` as (B, To, Do)."""
+        if not isinstance(obs_dict, Mapping) or "obs" not in obs_dict:
+            got = list(obs_dict) if isinstance(obs_dict, Mapping) else type(obs_dict).__name__
+            raise ValueError(f"obs_dict must be a mapping with key 'obs' of shape (B, To, Do), got {got}")
+        return self.check_obs(obs_dict["obs"])
+
+    def observation_batch(self, obs: Any) -> torch.Tensor:
+        """One observation set for calibration: (To, Do) (batch 1) or (B, To, Do), or ``{'obs': ...}``; checked."""
+        if isinstance(obs, Mapping):
+            obs = obs.get("obs")
+        obs = obs if torch.is_tensor(obs) else torch.as_tensor(np.asarray(obs, dtype=np.float32))
+        return self.check_obs(obs[None] if obs.dim() == 2 else obs)
+
+    def zero_observation(self, batch_size: int) -> torch.Tensor:
+        """Zero observations of ``batch_size`` (what the window is tuned on when no observation is given)."""
+        return torch.zeros((batch_size, self.n_obs_steps, self.obs_dim), device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def batch_size(obs: Any) -> int:
+        """B of checked observations (a tensor, or a dict of tensors)."""
+        first = next(iter(obs.values())) if isinstance(obs, Mapping) else obs
+        return int(first.shape[0])
+
     def check_obs(self, obs: Any) -> torch.Tensor:
         """``obs`` as a (B, To, Do) tensor on the policy's device; ``ValueError`` naming what is wrong."""
         if not isinstance(obs, torch.Tensor):
@@ -353,17 +385,14 @@ class LowdimPolicy(nn.Module):
             :class:`PolicyOutput`: ``{'action': (B, n_action_steps, Da), 'action_pred': (B, T, Da)}``
             with ``.stats``, ``.trajectory``, ``.spec``, ``.warm``.
         """
-        if not isinstance(obs_dict, Mapping) or "obs" not in obs_dict:
-            got = list(obs_dict) if isinstance(obs_dict, Mapping) else type(obs_dict).__name__
-            raise ValueError(f"obs_dict must be a mapping with key 'obs' of shape (B, To, Do), got {got}")
-        obs = self.check_obs(obs_dict["obs"])
+        obs = self.observation(obs_dict)
         spec = self.sampler if sampler is None else sampler_spec(sampler)
         if options:
             spec = sampler_spec(spec, **options)
         schedule = self.schedule_for(spec)
         spec = self.resolve(spec, obs)
         global_cond, inpaint = self.conditioning(obs)
-        shape = self.trajectory_shape(obs.shape[0])
+        shape = self.trajectory_shape(self.batch_size(obs))
         if x_T is None:
             if noise is not None:
                 raise ValueError("pass x_T together with noise")
@@ -392,8 +421,10 @@ class LowdimPolicy(nn.Module):
         sample, stats = spec.family.sample(self.denoise, schedule, x_T, noise, condition=global_cond,
                                            inpaint=inpaint, **kwargs)
         if not bool(torch.isfinite(sample).all()):
+            ranges = ", ".join(f"{k} {v.min().item():.3g} to {v.max().item():.3g}" for k, v in
+                               (obs.items() if isinstance(obs, Mapping) else [("obs", obs)]))
             raise ValueError("sampling produced non-finite actions (NaN or inf); check the observations' scale "
-                             f"against the normalizer (obs range {obs.min().item():.3g} to {obs.max().item():.3g})")
+                             f"against the normalizer (range: {ranges})")
         if spec.warm_start:
             self._warm = (call_key, shift_trajectory(sample, self.n_action_steps))
         self.last_stats = stats
@@ -429,12 +460,22 @@ class LowdimPolicy(nn.Module):
             trajectory = torch.cat([nact, nobs], dim=-1)
             known = torch.zeros_like(trajectory, dtype=torch.bool)
             known[:, : self.n_obs_steps, self.action_dim:] = True
+        return self.denoising_loss(trajectory, known, global_cond, generator)
+
+    def denoising_loss(self, trajectory: torch.Tensor, known: torch.Tensor, condition: torch.Tensor | None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """MSE of the denoiser's prediction at a random train timestep (DiffusionPolicy's loss).
+
+        ``trajectory`` (B, T, D) normalized clean sample; ``known`` (B, T, D) bool entries
+        imposed as known (kept clean, not in the loss); ``condition`` the denoiser's conditioning.
+        """
+        B = trajectory.shape[0]
         eps = torch.randn(trajectory.shape, generator=generator, device=trajectory.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (B,), generator=generator,
                           device=trajectory.device).long()
         noisy = self.noise_scheduler.add_noise(trajectory, eps, t)
         noisy = torch.where(known, trajectory, noisy)
-        pred = self.model(noisy, t, **{self.condition_kw: global_cond})
+        pred = self.model(noisy, t, **{self.condition_kw: condition})
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             target = eps
@@ -450,9 +491,12 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
                 device: str | torch.device = "cpu", *, trust_pickle: bool = False, **options: Any) -> LowdimPolicy:
     """Load a policy checkpoint and choose its sampler.
 
-    Reads para_policy's own ``.safetensors`` checkpoints (no pickled code) and
-    DiffusionPolicy workspace ``.ckpt`` files (low-dim UNet policies; EMA weights when the
-    run used EMA; the ``[diffusion-policy]`` extra). A ``.ckpt`` is a pickle: it is read with
+    Reads para_policy's own ``.safetensors`` checkpoints (no pickled code), DiffusionPolicy
+    workspace ``.ckpt`` files (low-dim UNet and transformer policies, image and hybrid-image
+    policies; EMA weights when the run used EMA; the ``[diffusion-policy]`` extra) and
+    LeRobot saved diffusion-policy directories (``config.json``, ``model.safetensors`` and the
+    normalization statistics). Image policies come back as :class:`~para_policy.image_policy.ImagePolicy`.
+    A ``.ckpt`` is a pickle: it is read with
     a restricted unpickler that refuses any global beyond tensors, the OmegaConf config and
     plain data, before it runs; ``trust_pickle=True`` unpickles fully (files you trust only).
     ``sampler`` and ``options`` go to :meth:`LowdimPolicy.set_sampler` (default: the
@@ -460,7 +504,11 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
     """
     from para_policy.checkpoints import load_checkpoint
 
-    if str(path).endswith(".ckpt"):
+    if os.path.isdir(path):
+        from para_policy.integrations.lerobot_checkpoint import read_lerobot_directory
+
+        state_dict, config = read_lerobot_directory(path)
+    elif str(path).endswith(".ckpt"):
         from para_policy.integrations.diffusion_policy import read_diffusion_policy_checkpoint
 
         state_dict, config = read_diffusion_policy_checkpoint(path, trust_pickle=trust_pickle)
@@ -468,10 +516,15 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
         state_dict, config = load_checkpoint(path)
     if not isinstance(config, Mapping):
         raise ValueError(f"{path}: the checkpoint's config must be a mapping, got {type(config).__name__}")
+    policy_class = LowdimPolicy
+    if "obs_encoder" in config:
+        from para_policy.image_policy import ImagePolicy
+
+        policy_class = ImagePolicy
     # the config's shapes are checked against the file's weights on the meta device first, so a config
     # that asks for a huge network is refused without allocating it
     with torch.device("meta"):
-        skeleton = LowdimPolicy(config)
+        skeleton = policy_class(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     wrong = [(k, shape, tuple(state_dict[k].shape)) for k, shape in expected.items()
              if k in state_dict and tuple(state_dict[k].shape) != shape]
@@ -479,7 +532,7 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
         k, want, have = wrong[0]
         raise ValueError(f"{path}: checkpoint weights do not fit its config: the config makes {k} of shape {want}, "
                          f"the file holds {have} ({len(wrong)} tensors differ)")
-    policy = LowdimPolicy(config)
+    policy = policy_class(config)
     try:
         result = policy.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatches

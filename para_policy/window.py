@@ -220,19 +220,17 @@ def tune_window(
 ) -> tuple[int, dict[str, Any]]:
     """:func:`calibrate_window` for a :class:`~para_policy.policy.LowdimPolicy` on a few observations.
 
-    ``observations``: arrays of ``(n_obs_steps, obs_dim)`` (tuned for batch 1) or
-    ``(B, n_obs_steps, obs_dim)`` (tuned for batch B). Measures now; nothing is cached
-    (:meth:`LowdimPolicy.calibrate` caches).
+    ``observations``: as :meth:`LowdimPolicy.observation_batch` takes them, e.g. arrays of
+    ``(n_obs_steps, obs_dim)`` (tuned for batch 1) or ``(B, n_obs_steps, obs_dim)`` (batch B).
+    Measures now; nothing is cached (:meth:`LowdimPolicy.calibrate` caches).
     """
     if not observations:
         raise ValueError("tune_window needs at least one observation to calibrate on")
     problems = []
     for o in observations:
-        obs = o if torch.is_tensor(o) else torch.as_tensor(np.asarray(o, dtype=np.float32))
-        obs = obs[None] if obs.dim() == 2 else obs
-        obs = policy.check_obs(obs)
+        obs = policy.observation_batch(o)
         cond, inpaint = policy.conditioning(obs)
-        problems.append(Problem(policy.trajectory_shape(obs.shape[0]), cond, inpaint))
+        problems.append(Problem(policy.trajectory_shape(policy.batch_size(obs)), cond, inpaint))
     return calibrate_window(policy.denoise, policy.schedule_for(spec), spec, problems, candidates, cost=cost,
                             reps=reps, seed=seed, device=policy.device)
 

@@ -238,7 +238,12 @@ def test_malformed_checkpoints_list_what_is_wrong(tmp_path):
 
     cfg = dp_cfg()
     cfg.policy._target_ = "diffusion_policy.policy.diffusion_unet_hybrid_image_policy.DiffusionUnetHybridImagePolicy"
-    with pytest.raises(ValueError, match="DiffusionUnetHybridImagePolicy.*image/hybrid"):
+    with pytest.raises(ValueError, match=r"cfg.policy is missing \['shape_meta', 'crop_shape'\]"):
+        load_policy(write("image.ckpt", cfg))  # a low-dim config under an image policy's target
+    cfg = dp_cfg()
+    cfg.policy._target_ = ("diffusion_policy.policy.diffusion_transformer_hybrid_image_policy."
+                           "DiffusionTransformerHybridImagePolicy")
+    with pytest.raises(ValueError, match="DiffusionTransformerHybridImagePolicy.*reads DiffusionUnetLowdimPolicy"):
         load_policy(write("image.ckpt", cfg))
     cfg = dp_cfg()
     cfg.policy._target_ = "my_lab.policies.Thing"

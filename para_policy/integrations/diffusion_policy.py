@@ -41,6 +41,8 @@ from para_policy.schedule import Schedule
 LOWDIM_TARGET = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"
 TRANSFORMER_LOWDIM_TARGET = ("diffusion_policy.policy.diffusion_transformer_lowdim_policy."
                              "DiffusionTransformerLowdimPolicy")
+IMAGE_TARGET = "diffusion_policy.policy.diffusion_unet_image_policy.DiffusionUnetImagePolicy"
+HYBRID_TARGET = "diffusion_policy.policy.diffusion_unet_hybrid_image_policy.DiffusionUnetHybridImagePolicy"
 UNET_TARGET = "diffusion_policy.model.diffusion.conditional_unet1d.ConditionalUnet1D"
 TRANSFORMER_TARGET = "diffusion_policy.model.diffusion.transformer_for_diffusion.TransformerForDiffusion"
 UNET_ARGS = ("input_dim", "local_cond_dim", "global_cond_dim", "diffusion_step_embed_dim", "down_dims",
@@ -51,8 +53,14 @@ REQUIRED_POLICY_KEYS = ("model", "noise_scheduler", "horizon", "obs_dim", "actio
                         "n_obs_steps")
 OPTIONAL_POLICY_KEYS = ("num_inference_steps", "obs_as_local_cond", "obs_as_global_cond", "pred_action_steps_only",
                         "oa_step_convention", "obs_as_cond")
+IMAGE_POLICY_KEYS = ("shape_meta", "noise_scheduler", "horizon", "n_action_steps", "n_obs_steps")
+IMAGE_OPTIONAL_KEYS = ("num_inference_steps", "obs_as_global_cond", "diffusion_step_embed_dim", "down_dims",
+                       "kernel_size", "n_groups", "cond_predict_scale")
+IMAGE_ENCODER_KEYS = {IMAGE_TARGET: ("obs_encoder",),
+                      HYBRID_TARGET: ("crop_shape", "obs_encoder_group_norm", "eval_fixed_crop")}
 IGNORED_WEIGHTS = ("_dummy_variable", "mask_generator._dummy_variable", "model._dummy_variable")
 WEIGHT_PREFIXES = ("model.", "normalizer.params_dict.obs.", "normalizer.params_dict.action.")
+IMAGE_WEIGHT_PREFIXES = ("model.", "obs_encoder.", "normalizer.params_dict.")
 
 # ---- a restricted evaluator for DiffusionPolicy's ${eval:...} expressions ---------------
 
@@ -176,6 +184,19 @@ def _as_config(cfg: Any) -> Any:
     raise ValueError(f"cfg must be an OmegaConf DictConfig or a dict, got {type(cfg).__name__}")
 
 
+def _checked_scheduler(policy: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """``cfg.policy.noise_scheduler`` as a dict, built once to check it (a failure is added to ``problems``)."""
+    from para_policy.schedule import build_scheduler
+
+    scheduler = dict(policy.get("noise_scheduler") or {})
+    if "noise_scheduler" in policy:
+        try:
+            build_scheduler(scheduler)
+        except Exception as e:  # unknown _target_, bad kwargs
+            problems.append(f"cfg.policy.noise_scheduler: {e}")
+    return scheduler
+
+
 def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
     """LowdimPolicy's config dict from a DiffusionPolicy workspace ``cfg`` (DictConfig or dict).
 
@@ -183,7 +204,6 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
     and the policy arguments). Only ``DiffusionUnetLowdimPolicy`` with global conditioning
     or inpainting is supported. Raises ``ValueError`` listing every problem found.
     """
-    from para_policy.schedule import build_scheduler
 
     register_eval_resolver()
     cfg = _as_config(cfg)
@@ -194,14 +214,13 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
             problems.append("cfg has no 'policy' section")
         raise ValueError("not a usable DiffusionPolicy checkpoint config: " + "; ".join(problems))
     target = str(policy.get("_target_", ""))
+    if target in (IMAGE_TARGET, HYBRID_TARGET):
+        return _image_policy_config(policy, target)
     if target not in (LOWDIM_TARGET, TRANSFORMER_LOWDIM_TARGET):
         name = target.rsplit(".", 1)[-1] or "(none)"
-        kind = ""
-        if "image" in target.lower() or "hybrid" in target.lower():
-            kind = " (image/hybrid policies need image encoders, which para_policy does not implement)"
         raise ValueError(
-            f"unsupported DiffusionPolicy policy _target_ {target!r} ({name}){kind}; para_policy reads "
-            f"{LOWDIM_TARGET} and {TRANSFORMER_LOWDIM_TARGET} checkpoints (low-dim observations)"
+            f"unsupported DiffusionPolicy policy _target_ {target!r} ({name}); para_policy reads "
+            + ", ".join(t.rsplit(".", 1)[-1] for t in SUPPORTED_TARGETS) + " checkpoints"
         )
     transformer = target == TRANSFORMER_LOWDIM_TARGET
     missing = [k for k in REQUIRED_POLICY_KEYS if k not in policy]
@@ -227,12 +246,7 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
     if model.get("local_cond_dim") is not None:
         problems.append("cfg.policy.model.local_cond_dim is set (local conditioning is not supported)")
     model.pop("local_cond_dim", None)
-    scheduler = dict(policy.get("noise_scheduler") or {})
-    if "noise_scheduler" in policy:
-        try:
-            build_scheduler(scheduler)
-        except Exception as e:  # unknown _target_, bad kwargs
-            problems.append(f"cfg.policy.noise_scheduler: {e}")
+    scheduler = _checked_scheduler(policy, problems)
     if problems:
         raise ValueError("cannot convert this DiffusionPolicy checkpoint: " + "; ".join(problems))
     return {
@@ -250,6 +264,73 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
         "oa_step_convention": True if transformer else bool(policy.get("oa_step_convention", False)),
         "model": model,
         "noise_scheduler": scheduler,
+        "source": {"format": "diffusion_policy.ckpt", "policy_target": target},
+    }
+
+
+SUPPORTED_TARGETS = (LOWDIM_TARGET, TRANSFORMER_LOWDIM_TARGET, IMAGE_TARGET, HYBRID_TARGET)
+
+
+def _image_policy_config(policy: Mapping[str, Any], target: str) -> dict[str, Any]:
+    """ImagePolicy's config from the resolved ``cfg.policy`` of an image or hybrid-image policy."""
+    from para_policy.models.vision import multi_image_encoder_from_dp, robomimic_encoder_from_dp
+
+    problems = []
+    missing = [k for k in (*IMAGE_POLICY_KEYS, *IMAGE_ENCODER_KEYS[target][:1]) if k not in policy]
+    if missing:
+        problems.append(f"cfg.policy is missing {missing}")
+    extra = sorted(set(policy) - {"_target_", *IMAGE_POLICY_KEYS, *IMAGE_OPTIONAL_KEYS, *IMAGE_ENCODER_KEYS[target]})
+    if extra:
+        problems.append(f"cfg.policy has scheduler.step arguments {extra}, which para_policy does not support")
+    if not policy.get("obs_as_global_cond", True):
+        problems.append("obs_as_global_cond=False (inpainting image features) is not supported")
+    shape_meta = policy.get("shape_meta") or {}
+    obs_meta = shape_meta.get("obs") if isinstance(shape_meta, Mapping) else None
+    action_shape = list((shape_meta.get("action") or {}).get("shape", [])) if isinstance(shape_meta, Mapping) else []
+    if not isinstance(obs_meta, Mapping) or not obs_meta:
+        problems.append("cfg.policy.shape_meta.obs is missing or empty")
+    if len(action_shape) != 1:
+        problems.append(f"cfg.policy.shape_meta.action.shape must be [action_dim], got {action_shape}")
+    scheduler = _checked_scheduler(policy, problems)
+    encoder = None
+    if not problems:
+        try:
+            with torch.device("meta"):  # the spec and feature size, without allocating the network
+                if target == IMAGE_TARGET:
+                    encoder = multi_image_encoder_from_dp(dict(policy["obs_encoder"]), dict(shape_meta))
+                else:
+                    encoder = robomimic_encoder_from_dp(dict(policy), dict(shape_meta))
+        except ValueError as e:
+            problems.append(f"cfg.policy observation encoder: {e}")
+    if problems:
+        raise ValueError("cannot convert this DiffusionPolicy checkpoint: " + "; ".join(problems))
+    obs_keys = {str(k): {"shape": [int(d) for d in v["shape"]], "type": str(v.get("type", "low_dim"))}
+                for k, v in obs_meta.items()}
+    normalizer = {k: {"shape": [1] if v["type"] == "rgb" else v["shape"], "mode": "affine"}
+                  for k, v in obs_keys.items()}
+    normalizer["action"] = {"shape": action_shape, "mode": "affine"}
+    n_obs_steps, feature_dim = int(policy["n_obs_steps"]), int(encoder.feature_dim)
+    unet = {"input_dim": int(action_shape[0]), "local_cond_dim": None, "global_cond_dim": feature_dim * n_obs_steps,
+            "diffusion_step_embed_dim": int(policy.get("diffusion_step_embed_dim", 256)),
+            "down_dims": list(policy.get("down_dims", (256, 512, 1024))),
+            "kernel_size": int(policy.get("kernel_size", 5)), "n_groups": int(policy.get("n_groups", 8)),
+            "cond_predict_scale": bool(policy.get("cond_predict_scale", True))}
+    return {
+        "horizon": int(policy["horizon"]),
+        "n_obs_steps": n_obs_steps,
+        "n_action_steps": int(policy["n_action_steps"]),
+        "obs_dim": feature_dim,
+        "action_dim": int(action_shape[0]),
+        "model_type": "unet",
+        "num_inference_steps": policy.get("num_inference_steps"),
+        "obs_as_global_cond": True,
+        "pred_action_steps_only": False,
+        "oa_step_convention": True,  # DiffusionUnet(Hybrid)ImagePolicy executes from n_obs_steps - 1
+        "model": unet,
+        "noise_scheduler": scheduler,
+        "obs_keys": obs_keys,
+        "obs_encoder": encoder.spec,
+        "normalizer": normalizer,
         "source": {"format": "diffusion_policy.ckpt", "policy_target": target},
     }
 
@@ -324,18 +405,27 @@ def read_diffusion_policy_checkpoint(
     raw = state_dicts[source]
     state_dict: dict[str, torch.Tensor] = {}
     unexpected = []
+    image = "obs_encoder" in config
     for key, value in raw.items():
         if key in IGNORED_WEIGHTS:
             continue
-        if not key.startswith(WEIGHT_PREFIXES) or not isinstance(value, torch.Tensor):
+        if not key.startswith(IMAGE_WEIGHT_PREFIXES if image else WEIGHT_PREFIXES) \
+                or not isinstance(value, torch.Tensor):
             unexpected.append(key)
             continue
         state_dict[key] = value
     if unexpected:
         raise ValueError(
-            f"{path}: state_dicts[{source!r}] has entries a DiffusionUnetLowdimPolicy does not: {unexpected[:10]}"
+            f"{path}: state_dicts[{source!r}] has entries a {config['source']['policy_target'].rsplit('.', 1)[-1]} "
+            f"does not: {unexpected[:10]}"
             + (f" (and {len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
         )
+    if image:  # the normalizer's parameter shapes are the file's (DiffusionPolicy's image range is (1,))
+        for field, meta in config["normalizer"].items():
+            scale = state_dict.get(f"normalizer.params_dict.{field}.scale")
+            if scale is None:
+                raise ValueError(f"{path}: state_dicts[{source!r}] has no normalizer for {field!r}")
+            meta["shape"] = list(scale.shape)
     config["source"]["weights"] = source
     return state_dict, config
 

@@ -1,13 +1,14 @@
 """para_policy: parallel (Picard / ParaDiGMS) sampling for diffusion policies.
 
 Public API:
-- policy: ``load_policy`` (para_policy ``.safetensors``, DiffusionPolicy ``.ckpt``), ``LowdimPolicy``,
-  ``PolicyOutput``, ``LinearNormalizer``
+- policy: ``load_policy`` (para_policy ``.safetensors``, DiffusionPolicy ``.ckpt``, LeRobot directories),
+  ``LowdimPolicy``, ``ImagePolicy`` (camera observations), ``PolicyOutput``, ``LinearNormalizer``
 - sampler choice: ``sampler_spec`` (the one constructor), ``SamplerConfig``, ``PRESETS``
   (``paradigms``, ``paradigms_published``, ``parataa``, ``sequential``), ``PicardOptions``, ``TaaOptions``
 - samplers: ``sequential_sample``, ``picard_sample``, ``taa_sample``, ``draw_noise``, ``SampleStats``,
   warm starts ``warm_start_init`` / ``shift_trajectory``
 - models and schedules: ``ConditionalUnet1D``, ``TransformerForDiffusion`` (DiffusionPolicy's names),
+  observation encoders ``MultiImageObsEncoder``, ``RobomimicObsEncoder``, ``LeRobotObsEncoder``,
   ``make_schedule``, ``Schedule``
 - speed: ``tune_window`` (window from the machine's cost curve), ``configure_inference``
   (bf16, ``torch.compile``, CUDA graphs)
@@ -26,9 +27,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from para_policy.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from para_policy.controller import Controller  # noqa: E402
+from para_policy.image_policy import ImagePolicy  # noqa: E402
 from para_policy.inference import configure_inference  # noqa: E402
 from para_policy.integrations import patch, unpatch  # noqa: E402
 from para_policy.models import ConditionalUnet1D, TransformerForDiffusion  # noqa: E402
+from para_policy.models.lerobot_vision import LeRobotObsEncoder  # noqa: E402
+from para_policy.models.vision import MultiImageObsEncoder, RobomimicObsEncoder  # noqa: E402
 from para_policy.normalizer import LinearNormalizer  # noqa: E402
 from para_policy.policy import LowdimPolicy, PolicyOutput, load_policy  # noqa: E402
 from para_policy.samplers import (  # noqa: E402
@@ -54,10 +58,14 @@ __all__ = [
     "PRESETS",
     "ConditionalUnet1D",
     "Controller",
+    "ImagePolicy",
+    "LeRobotObsEncoder",
     "LinearNormalizer",
     "LowdimPolicy",
+    "MultiImageObsEncoder",
     "PicardOptions",
     "PolicyOutput",
+    "RobomimicObsEncoder",
     "SampleStats",
     "SamplerConfig",
     "Schedule",

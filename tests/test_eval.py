@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from eval_fixtures import fresh_baseline_cache, one_torch_thread  # noqa: F401  (autouse fixtures)
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
@@ -65,22 +66,6 @@ def build_checkpoint(path: Path, obs_dim: int = 20) -> Path:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_baseline_cache():
-    runner._BASELINE_CACHE.clear()
-    yield
-    runner._BASELINE_CACHE.clear()
 
 
 def run_eval(ckpt: Path, out: Path, *overrides: str) -> dict:

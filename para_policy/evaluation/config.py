@@ -8,7 +8,9 @@ Config shape (``configs/eval.yaml`` composes it)::
 
     checkpoint   path of a para_policy .safetensors policy (default: the task's shipped policy,
                  ``para_policy/assets/<task.checkpoint_asset>``)
-    task         env_id, obs_type, obs_dim, action_dim, episodes, seed_start, max_steps, fps
+    task         env_id, obs_type, obs_dim (flat observations) or obs_shapes (dict observations:
+                 ``{key: shape}``, e.g. PushT's image task), action_dim, episodes, seed_start,
+                 max_steps, fps, checkpoint_asset (null: the task ships no policy)
     sampler      name (a preset), scheduler, num_inference_steps, warm_start and the
                  preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +34,25 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_RESOLVER = "para_policy.asset"
 #: ``task.env_id`` prefix of robosuite tasks (``robosuite/Lift``), made by ``para_policy.tasks.lift.env``
 ROBOSUITE_PREFIX = "robosuite/"
+#: ``task.obs_type`` of PushT's image task: gym-pusht's frame + agent position, as DP's ``PushTImageEnv``
+PIXELS_OBS_TYPE = "pixels_agent_pos"
+#: the observation keys and shapes PushT's image env gives (``image`` is (3, H, W): any H, W gym-pusht renders)
+PUSHT_IMAGE_KEYS = ("image", "agent_pos")
+#: the key a flat (low-dim) observation has in ``predict_action``'s dict
+FLAT_KEY = "obs"
 
 
 class EvalConfigError(ValueError):
     """A configuration the evaluator refuses, found before any rollout."""
 
 
-def asset_path(name: str) -> str:
-    """Absolute path of a file shipped in ``para_policy/assets`` (the ``${para_policy.asset:...}`` resolver)."""
-    return str(ASSET_DIR / name)
+def asset_path(name: str | None) -> str | None:
+    """Absolute path of a file shipped in ``para_policy/assets`` (the ``${para_policy.asset:...}`` resolver).
+
+    ``None`` (a task with ``checkpoint_asset: null``, which ships no policy) gives ``None``, so
+    ``checkpoint`` stays unset and the run asks for one.
+    """
+    return None if name is None or name == "" else str(ASSET_DIR / name)
 
 
 def register_resolvers() -> None:
@@ -62,17 +75,70 @@ class TaskSettings:
     name: str
     env_id: str
     obs_type: str
-    obs_dim: int
+    obs_dim: int | None  # flat observations; None when obs_shapes is set
     action_dim: int
     episodes: int
     seed_start: int
     max_steps: int
     fps: int
     action_unit: str = "px"
+    #: dict observations: key -> shape of one step (``{'image': (3, 96, 96), 'agent_pos': (2,)}``); None: flat
+    obs_shapes: dict[str, tuple[int, ...]] | None = None
+    #: ``task.checkpoint_asset``: the shipped policy's file name, None when the task ships none
+    checkpoint_asset: str | None = None
 
     @property
     def seeds(self) -> list[int]:
         return list(range(self.seed_start, self.seed_start + self.episodes))
+
+    @property
+    def observation_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One step's keys and shapes, as a policy's ``observation_shapes()``: ``{'obs': (obs_dim,)}`` or obs_shapes."""
+        return dict(self.obs_shapes) if self.obs_shapes is not None else {FLAT_KEY: (int(self.obs_dim or 0),)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON form of what makes two runs the same evaluation (not the episode count, not the shipped asset).
+
+        A flat task's fingerprint has exactly the keys it had before dict observations
+        existed, so earlier run folders still resume.
+        """
+        out = {k: v for k, v in self.__dict__.items() if k not in ("episodes", "obs_shapes", "checkpoint_asset")}
+        if self.obs_shapes is not None:
+            out["obs_shapes"] = {k: list(v) for k, v in self.obs_shapes.items()}
+        return out
+
+
+def format_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``{'image': (3, 96, 96), 'agent_pos': (2,)}`` as ``image (3, 96, 96), agent_pos (2,)`` for messages."""
+    return ", ".join(f"{k} {tuple(int(d) for d in v)}" for k, v in shapes.items())
+
+
+#: LeRobot's names of PushT's observations (its gym-pusht processor maps ``pixels`` and ``agent_pos`` to
+#: these): a LeRobot policy's key → the env's.
+LEROBOT_KEYS = {"observation.image": "image", "observation.state": "agent_pos"}
+
+
+def env_key(key: str, given: Mapping[str, Any]) -> str:
+    """The env's name for a policy's observation key: the key itself, or its LeRobot alias when only that is given."""
+    return LEROBOT_KEYS[key] if key not in given and LEROBOT_KEYS.get(key) in given else key
+
+
+def observation_mismatch(wanted: Mapping[str, Sequence[int]], given: Mapping[str, Sequence[int]]) -> str | None:
+    """What is wrong when a policy observing ``wanted`` meets observations ``given``, or None if they fit.
+
+    Both map observation keys to the shape of one step. Every wanted key must be given with
+    its shape (under its own name or, for LeRobot policies, the env's name: :data:`LEROBOT_KEYS`);
+    keys given but not wanted are fine (the policy does not read them).
+    """
+    missing = [k for k in wanted if env_key(k, given) not in given]
+    if missing:
+        return (f"{', '.join(map(repr, missing))} {'is' if len(missing) == 1 else 'are'} missing (wanted: "
+                f"{format_shapes(wanted)}; given: {format_shapes(given)})")
+    for key, shape in wanted.items():
+        have = given[env_key(key, given)]
+        if tuple(int(d) for d in have) != tuple(int(d) for d in shape):
+            return f"{key!r} has shape {tuple(have)} where {tuple(shape)} is wanted"
+    return None
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:
@@ -94,30 +160,69 @@ def _int(value: Any, key: str, minimum: int | None = None) -> int:
     return out
 
 
+def _obs_shapes(node: Any, obs_type: str) -> dict[str, tuple[int, ...]]:
+    """``task.obs_shapes`` of an image task, checked: PushT's ``{'image': [3, H, W], 'agent_pos': [2]}``."""
+    example = "{image: [3, 96, 96], agent_pos: [2]}"
+    if node is None:
+        raise EvalConfigError(f"task.obs_shapes is not set: obs_type={obs_type} needs the observation's keys and "
+                              f"shapes, {example}")
+    raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if not isinstance(raw, Mapping):
+        raise EvalConfigError(f"task.obs_shapes must map observation keys to shapes, e.g. {example}; got {raw!r}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, shape in raw.items():
+        if not isinstance(shape, (list, tuple)) or not shape:
+            raise EvalConfigError(f"task.obs_shapes.{key} must be a list of sizes, got {shape!r}")
+        shapes[str(key)] = tuple(_int(d, f"task.obs_shapes.{key}", 1) for d in shape)
+    if sorted(shapes) != sorted(PUSHT_IMAGE_KEYS):
+        raise EvalConfigError(f"task.obs_shapes has keys {sorted(shapes)}; PushT's {obs_type} env gives exactly "
+                              f"{list(PUSHT_IMAGE_KEYS)} ({example})")
+    if len(shapes["image"]) != 3 or shapes["image"][0] != 3:
+        raise EvalConfigError(f"task.obs_shapes.image must be [3, height, width] (RGB, channels first), got "
+                              f"{list(shapes['image'])}")
+    if shapes["agent_pos"] != (2,):
+        raise EvalConfigError(f"task.obs_shapes.agent_pos must be [2], got {list(shapes['agent_pos'])}")
+    return {k: shapes[k] for k in PUSHT_IMAGE_KEYS}
+
+
 def task_settings(cfg: DictConfig) -> TaskSettings:
     """Read and check the task group (``cfg.task``); raise :class:`EvalConfigError` naming the bad key."""
     task = cfg.get("task")
     if not isinstance(task, DictConfig):
-        raise EvalConfigError("no task config: choose one with task=pusht or task=lift")
+        raise EvalConfigError("no task config: choose one with task=pusht, task=pusht_image or task=lift")
     env_id = _get(task, "env_id")
     if not env_id:
         raise EvalConfigError("task.env_id is not set: the evaluator needs the gymnasium env id")
     robosuite = str(env_id).startswith(ROBOSUITE_PREFIX)
     obs_type = str(_get(task, "obs_type", "lowdim" if robosuite else "keypoints"))
-    allowed = ("lowdim",) if robosuite else ("keypoints", "state")
+    allowed = ("lowdim",) if robosuite else ("keypoints", "state", PIXELS_OBS_TYPE)
     if obs_type not in allowed:
         raise EvalConfigError(f"task.obs_type must be {' or '.join(map(repr, allowed))} for {env_id}, got {obs_type!r}")
+    obs_shapes, obs_dim = None, None
+    if obs_type == PIXELS_OBS_TYPE:
+        if _get(task, "obs_dim") is not None:
+            raise EvalConfigError(f"task.obs_dim does not apply to obs_type={obs_type} (dict observations); the "
+                                  "task gives task.obs_shapes instead")
+        obs_shapes = _obs_shapes(OmegaConf.select(task, "obs_shapes", default=None), obs_type)
+    else:
+        if _get(task, "obs_shapes") is not None:
+            raise EvalConfigError(f"task.obs_shapes applies to obs_type={PIXELS_OBS_TYPE} only; obs_type={obs_type} "
+                                  "gives flat observations of task.obs_dim numbers")
+        obs_dim = _int(_get(task, "obs_dim", 20 if obs_type == "keypoints" else 5), "task.obs_dim", 1)
+    asset = OmegaConf.select(task, "checkpoint_asset", default=None)
     return TaskSettings(
         name=str(_get(task, "name", "task")),
         env_id=str(env_id),
         obs_type=obs_type,
-        obs_dim=_int(_get(task, "obs_dim", 20 if obs_type == "keypoints" else 5), "task.obs_dim", 1),
+        obs_dim=obs_dim,
         action_dim=_int(_get(task, "action_dim", 2), "task.action_dim", 1),
         episodes=_int(_get(task, "episodes", 50), "task.episodes", 1),
         seed_start=_int(_get(task, "seed_start", 100000), "task.seed_start", 0),
         max_steps=_int(_get(task, "max_steps", 300), "task.max_steps", 1),
         fps=_int(_get(task, "fps", 10), "task.fps", 1),
         action_unit=str(_get(task, "action_unit", "px")),
+        obs_shapes=obs_shapes,
+        checkpoint_asset=None if asset in (None, "") else str(asset),
     )
 
 
@@ -154,7 +259,13 @@ def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None)
 
 
 def file_fingerprint(path: Path) -> str:
-    """Cheap identity of a checkpoint file: size and a hash of its first and last MiB."""
+    """Cheap identity of a checkpoint file: size and a hash of its first and last MiB.
+
+    A checkpoint directory (LeRobot's) is the fingerprints of its files, by name.
+    """
+    if path.is_dir():
+        parts = [f"{p.name}={file_fingerprint(p)}" for p in sorted(path.iterdir()) if p.is_file()]
+        return "dir:" + hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f:

@@ -7,6 +7,11 @@ robot waits for its next chunk. Here every sampler is timed on the same observat
 alternate which goes first on each observation so that drifting machine load biases
 neither. The same calls give faithfulness: how far the parallel sampler's actions are
 from the sequential ones for identical inputs (0 means exactly the sequential policy).
+
+A call is the whole ``predict_action``: normalizing, the observation encoder of an image
+policy (its ResNet runs once per call, before sampling), the sampler and unnormalizing, so
+an image policy's latency includes its encoder. The observation is on the policy's device
+before the clock starts (for a GPU policy the host-to-device copy is not timed).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from para_policy.evaluation.config import FLAT_KEY
 from para_policy.evaluation.rollout import LATENCY_STREAM, call_noise
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig
@@ -39,7 +45,7 @@ def distribution(values: Sequence[float]) -> dict[str, float | int | None]:
     return out
 
 
-def select_observations(pool: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
+def select_observations(pool: Sequence[Any], k: int) -> list[Any]:
     """``k`` observations spread evenly over ``pool`` (all of it when ``k >= len(pool)``).
 
     The pool is ordered by episode then chunk, so even spacing covers early and late
@@ -51,6 +57,18 @@ def select_observations(pool: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
         return list(pool)
     idx = np.unique(np.linspace(0, len(pool) - 1, k).round().astype(int))
     return [pool[i] for i in idx]
+
+
+def batch_one(observation: np.ndarray | Mapping[str, np.ndarray], device: torch.device | str | None = None
+              ) -> dict[str, torch.Tensor]:
+    """A recorded chunk observation as a batch-1 ``predict_action`` dict.
+
+    ``observation``: (To, Do) (flat, → ``{'obs': (1, To, Do)}``) or ``{key: (To, *shape)}``
+    (→ ``{key: (1, To, *shape)}``), float32; moved to ``device`` when given.
+    """
+    items = observation.items() if isinstance(observation, Mapping) else [(FLAT_KEY, observation)]
+    out = {k: torch.from_numpy(np.asarray(v, dtype=np.float32))[None] for k, v in items}
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
 
 
 def time_samplers(
@@ -69,7 +87,8 @@ def time_samplers(
     Args:
         specs: role → sampler, e.g. ``{'candidate': paradigms, 'baseline': sequential}``;
             all must share one schedule (same noise shapes), as the baseline is built.
-        observations: each (n_obs_steps, obs_dim).
+        observations: each (n_obs_steps, obs_dim), or for dict observations (images)
+            ``{key: (n_obs_steps, *shape)}``.
         guesses: per observation, the warm-start guess (T, D) a control loop would have
             (the previous chunk's normalized trajectory shifted by the executed actions),
             or None (an episode's first chunk: cold). Used by the specs with ``warm_start``.
@@ -97,15 +116,15 @@ def time_samplers(
         torch.set_num_threads(int(threads))
     try:
         if observations:
-            obs0 = torch.from_numpy(np.asarray(observations[0], dtype=np.float32))[None]
+            obs0 = batch_one(observations[0])
             x_T, noise = call_noise(first, sample_shape, [(LATENCY_STREAM, noise_seed, -1, 0)],
                                     policy.device, policy.dtype)
             for _ in range(max(0, int(warmup))):
                 for role in roles:
-                    policy.predict_action({"obs": obs0}, x_T=x_T, noise=noise, sampler=specs[role], warm_start=False)
+                    policy.predict_action(obs0, x_T=x_T, noise=noise, sampler=specs[role], warm_start=False)
         bar = tqdm(observations, desc="latency (batch 1)", unit="obs", disable=not progress, leave=False)
         for i, obs in enumerate(bar):
-            o = torch.from_numpy(np.asarray(obs, dtype=np.float32))[None].to(policy.device)
+            o = batch_one(obs, policy.device)
             x_T, noise = call_noise(first, sample_shape, [(LATENCY_STREAM, noise_seed, i, 0)],
                                     policy.device, policy.dtype)
             guess = None if guesses is None or guesses[i] is None else torch.as_tensor(guesses[i])[None]
@@ -115,8 +134,7 @@ def time_samplers(
                 if policy.device.type == "cuda":
                     torch.cuda.synchronize(policy.device)
                 t0 = time.perf_counter()
-                result = policy.predict_action({"obs": o}, x_T=x_T, noise=noise, sampler=specs[role],
-                                               warm_start=warm)
+                result = policy.predict_action(o, x_T=x_T, noise=noise, sampler=specs[role], warm_start=warm)
                 action = result["action"].cpu()  # a control loop needs the actions on the host
                 elapsed = time.perf_counter() - t0
                 stats = result.stats

@@ -3,6 +3,8 @@
 ``results.json`` schema (``SCHEMA_VERSION``)::
 
     schema_version, task, action_unit, checkpoint, seeds, noise_seed, overrides, config (resolved),
+    latency_method {n_calls, warmup, batch_size, n_action_steps[, includes_obs_encoder,
+                    observations_dir]}           # the last two for image policies
     machine {torch, torch_threads, cpu_count, platform, processor, load_avg}
     samplers {role: {                        # role: 'candidate' (the chosen sampler), 'baseline'
         name, spec {name, scheduler, num_inference_steps, options}, schedule {kind, num_steps},
@@ -14,6 +16,11 @@
     comparison {candidate, baseline, faithfulness {mean_px, max_px, n_calls},   # in action_unit
                                                                               # (key names from PushT)
                 ratios {<metric>: candidate / baseline}} | null
+
+Image tasks record the candidate's chunk observations for latency timing in
+``chunk_obs/<role>_seed<seed>.npz`` (:func:`write_chunk_obs`), one file per finished
+episode, not in results.json or progress.json (whose records point at the file in
+``chunk_obs_file``); flat observations stay inline in progress.json (``chunk_obs``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from para_policy.checkpoints import atomic_write
 from para_policy.evaluation.latency import distribution
 
 SCHEMA_VERSION = 1
+#: folder of the run that holds image tasks' recorded chunk observations
+CHUNK_OBS_DIR = "chunk_obs"
+_CHUNK_OBS_META = "__meta__"
 
 # (label, path in a role summary, format); the table's rows and the ratio fields
 ROWS: list[tuple[str, str, str]] = [
@@ -179,6 +189,9 @@ def format_markdown(results: Mapping[str, Any]) -> str:
            f"({lat.get('n_action_steps')}). Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
            f"torch {machine.get('torch')} with {machine.get('torch_threads')} threads, load average "
            f"{machine.get('load_avg')} at the time (latency taken on a busy machine is not a claim)."]
+    if lat.get("includes_obs_encoder"):
+        md[-1] += (" The policy's observation encoder (its image ResNet) runs inside every call, so these figures "
+                   "include it.")
     failures = [(role, f) for role, s in results["samplers"].items() for f in s.get("failures", [])]
     if failures:
         md += ["", "## Failed episodes", ""]
@@ -215,6 +228,37 @@ def write_json(path: str | Path, data: Any) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """``text`` at ``path``, atomically."""
     return atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_chunk_obs(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """One episode's recorded chunk observations ``{key: (n_chunks, To, *shape)}`` as a compressed ``.npz``, atomically.
+
+    An array whose values are all ``k / 255`` (an env's uint8 frame divided by 255, as
+    PushT's image observation is made) is stored as those uint8 ``k``: a quarter of the size,
+    and :func:`read_chunk_obs` gives back the same float32 values bit for bit. Any other
+    array is stored as float32.
+    """
+    stored: dict[str, np.ndarray] = {}
+    kinds = []
+    for i, (key, value) in enumerate(arrays.items()):
+        x = np.asarray(value, dtype=np.float32)
+        q = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8) if x.size and np.isfinite(x).all() else None
+        exact = q is not None and np.array_equal(q.astype(np.float32) / 255, x)
+        stored[f"a{i}"] = q if exact else x
+        kinds.append([str(key), "u8/255" if exact else "f32"])
+    stored[_CHUNK_OBS_META] = np.array(json.dumps({"keys": kinds}))
+    return atomic_file(path, lambda tmp: np.savez_compressed(tmp, **stored))
+
+
+def read_chunk_obs(path: str | Path) -> dict[str, np.ndarray]:
+    """What :func:`write_chunk_obs` wrote: ``{key: (n_chunks, To, *shape) float32}``."""
+    with np.load(path, allow_pickle=False) as data:
+        kinds = json.loads(str(data[_CHUNK_OBS_META]))["keys"]
+        out = {}
+        for i, (key, kind) in enumerate(kinds):
+            x = data[f"a{i}"]
+            out[key] = x.astype(np.float32) / 255 if kind == "u8/255" else x.astype(np.float32)
+    return out
 
 
 def _json_default(o: Any) -> Any:

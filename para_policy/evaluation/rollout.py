@@ -15,6 +15,11 @@ Why it is shaped this way:
 * **Robustness.** An exception in one episode (env reset/step, or its policy call) is
   recorded with the episode's seed and the other episodes go on; ``on_episode`` is called
   after every finished episode so the caller can save progress.
+* **One loop for flat and dict observations.** Each env step's observation is held as a
+  dict keyed like the policy's :meth:`~para_policy.policy.LowdimPolicy.observation_shapes`
+  (``{'obs': (Do,)}`` for a low-dim policy, ``{'image': (3, 96, 96), 'agent_pos': (2,)}``
+  for PushT's image policy), and a batched call stacks each key into (B, To, *shape): the
+  same ``predict_action`` dict whichever the policy is.
 
 DiffusionPolicy's conventions: the observation history holds the last ``n_obs_steps``
 observations (the first one repeated after reset), each chunk executes
@@ -28,7 +33,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +41,14 @@ import gymnasium
 import numpy as np
 import torch
 
-from para_policy.evaluation.config import ROBOSUITE_PREFIX, TaskSettings
+from para_policy.evaluation.config import (
+    FLAT_KEY,
+    PIXELS_OBS_TYPE,
+    ROBOSUITE_PREFIX,
+    TaskSettings,
+    env_key,
+    format_shapes,
+)
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig, draw_noise, shift_trajectory
 from para_policy.schedule import Schedule
@@ -78,7 +90,10 @@ def call_noise(
 def make_task_env(task: TaskSettings, render: bool = False, video_size: int = 256) -> gymnasium.Env:
     """The task's env with the policy's observation and a ``max_steps`` time limit.
 
-    PushT: gym-pusht with the 20-d keypoint observation. Lift (``env_id`` ``robosuite/Lift``):
+    PushT: gym-pusht with the 20-d keypoint observation, its raw 5-d state (``obs_type:
+    state``), or DiffusionPolicy's image observation (``obs_type: pixels_agent_pos``:
+    ``{'image': (3, H, W) float32 in [0, 1], 'agent_pos': (2,)}``, H and W from
+    ``task.obs_shapes``). Lift (``env_id`` ``robosuite/Lift``):
     :class:`para_policy.tasks.lift.env.LiftEnv`, 19-d, ending at the first success; raises
     ``MissingExtraError`` with the install hint without the ``[lift]`` extra.
     ``render`` makes the env render ``rgb_array`` frames of ``video_size`` pixels when asked
@@ -100,8 +115,48 @@ def make_task_env(task: TaskSettings, render: bool = False, video_size: int = 25
 
         if task.env_id != ENV_ID:
             raise ValueError(f"PushT task {task.env_id!r} is not supported; only {ENV_ID}")
+        if task.obs_type == PIXELS_OBS_TYPE:
+            _, height, width = (task.obs_shapes or {}).get("image", (3, 96, 96))
+            kw.update(obs_type=task.obs_type, observation_height=height, observation_width=width)
         return make_env(keypoints=task.obs_type == "keypoints", **kw)
     return gymnasium.make(task.env_id, **kw)
+
+
+def step_observation(obs: Any, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """One env step's observation as the policy's keys → float32 arrays of their shapes.
+
+    Args:
+        obs: what the env returned: a flat array (low-dim tasks) or a dict (image tasks).
+        shapes: the policy's :meth:`~para_policy.policy.LowdimPolicy.observation_shapes`.
+    Returns:
+        ``{key: (*shape,) float32}``: ``{'obs': (Do,)}`` for a flat observation.
+    Raises:
+        ValueError: naming the key and the shapes when the env's observation does not fit.
+    """
+    if not isinstance(obs, Mapping):
+        arr = np.asarray(obs, dtype=np.float32)
+        if set(shapes) != {FLAT_KEY}:
+            raise ValueError(f"env observation is a flat array of shape {arr.shape}, the policy takes a dict with "
+                             f"{format_shapes(shapes)}")
+        if arr.shape != tuple(shapes[FLAT_KEY]):
+            raise ValueError(f"env observation has shape {arr.shape}, the policy expects {tuple(shapes[FLAT_KEY])}")
+        return {FLAT_KEY: arr}
+    out = {}
+    for key, shape in shapes.items():
+        name = env_key(key, obs)  # a LeRobot policy's 'observation.image' is the env's 'image'
+        if name not in obs:
+            raise ValueError(f"env observation has no {key!r} (it has {sorted(obs)}); the policy takes "
+                             f"{format_shapes(shapes)}")
+        arr = np.asarray(obs[name], dtype=np.float32)
+        if arr.shape != tuple(shape):
+            raise ValueError(f"env observation {key!r} has shape {arr.shape}, the policy expects {tuple(shape)}")
+        out[key] = arr
+    return out
+
+
+def stack_history(history: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The last ``n_obs_steps`` step observations, stacked per key: ``{key: (To, *shape)}``."""
+    return {key: np.stack([h[key] for h in history]) for key in history[0]}
 
 
 @dataclass
@@ -116,7 +171,7 @@ class _Slot:
     rewards: list[float] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
     success: bool = False  # the env's info['is_success'] at any step: the task's one definition
-    chunk_obs: list[np.ndarray] = field(default_factory=list)
+    chunk_obs: list[dict[str, np.ndarray]] = field(default_factory=list)  # per chunk {key: (To, *shape)}
     guess: torch.Tensor | None = None  # warm start of the next chunk, normalized (1, T, D)
     chunk_guess: list[np.ndarray | None] = field(default_factory=list)
     frames: list[np.ndarray] | None = None
@@ -129,7 +184,12 @@ def _error_record(exc: BaseException) -> tuple[str, str]:
 
 
 def _episode_record(slot: _Slot, error: BaseException | None = None, record_obs: bool = False) -> dict[str, Any]:
-    """The JSON record of a finished (or failed) episode."""
+    """The record of a finished (or failed) episode: JSON, except a dict observation's ``chunk_obs``.
+
+    ``chunk_obs`` is a list of (To, Do) lists for flat observations (small: it goes into
+    progress.json as it is) and ``{key: (n_chunks, To, *shape) float32 array}`` for dict
+    observations (images: the caller stores it elsewhere, see :func:`run_rollouts`).
+    """
     rec: dict[str, Any] = {
         "seed": slot.seed,
         "max_reward": float(max(slot.rewards)) if slot.rewards else 0.0,
@@ -141,7 +201,11 @@ def _episode_record(slot: _Slot, error: BaseException | None = None, record_obs:
         "error": None,
     }
     if record_obs:
-        rec["chunk_obs"] = [o.tolist() for o in slot.chunk_obs]
+        flat = all(set(o) == {FLAT_KEY} for o in slot.chunk_obs)
+        if flat:
+            rec["chunk_obs"] = [o[FLAT_KEY].tolist() for o in slot.chunk_obs]
+        else:
+            rec["chunk_obs"] = {key: np.stack([o[key] for o in slot.chunk_obs]) for key in slot.chunk_obs[0]}
         if any(g is not None for g in slot.chunk_guess):
             rec["chunk_guess"] = [None if g is None else g.tolist() for g in slot.chunk_guess]
     if error is not None:
@@ -168,13 +232,18 @@ def run_rollouts(
     """Run one episode per seed with ``spec``, ``num_envs`` at a time.
 
     Args:
-        policy: the policy (its ``obs_dim`` must match the env's observation).
+        policy: the policy (its :meth:`~para_policy.policy.LowdimPolicy.observation_shapes` must
+            match the env's observation: a flat array for ``{'obs': (Do,)}``, else a dict
+            holding every key with its shape).
         spec: the sampler every call uses.
         seeds: env reset seeds; each gives one episode.
         noise_seed: the ``noise seed`` in the per-call noise keys.
         video_seed: record ``rgb_array`` frames of this seed's episode.
-        record_obs: keep each chunk's observation (n_obs_steps, obs_dim) in the records
-            (``chunk_obs``), e.g. as the inputs of latency timing.
+        record_obs: keep each chunk's observation in the records (``chunk_obs``), e.g. as
+            the inputs of latency timing: a list of (n_obs_steps, obs_dim) lists for flat
+            observations; for dict observations (images) ``{key: (n_chunks, n_obs_steps,
+            *shape)}`` float32 arrays, too big for JSON: ``on_episode`` may take them out of
+            the record (the evaluator writes them to a side file).
         on_episode: called with each finished episode's record, as soon as it finishes.
         env_factory: ``env_factory(task, render=..., video_size=...)``, default :func:`make_task_env`
             (looked up at call time, so tests can swap in faulty envs).
@@ -190,6 +259,7 @@ def run_rollouts(
     schedule = policy.schedule_for(spec)
     sample_shape = policy.trajectory_shape(1)[1:]
     To, Na = policy.n_obs_steps, policy.n_action_steps
+    shapes = policy.observation_shapes()
     queue = list(seeds)
     order = {s: i for i, s in enumerate(seeds)}
     records: dict[int, dict[str, Any]] = {}
@@ -222,10 +292,7 @@ def run_rollouts(
         slot.frames = [] if (seed == video_seed and slot is slots[0]) else None
         try:
             obs, _ = slot.env.reset(seed=int(seed))
-            obs = np.asarray(obs, dtype=np.float32)
-            if obs.shape != (policy.obs_dim,):
-                raise ValueError(f"env observation has shape {obs.shape}, the policy expects ({policy.obs_dim},)")
-            slot.history = deque([obs] * To, maxlen=To)
+            slot.history = deque([step_observation(obs, shapes)] * To, maxlen=To)
             _render(slot)
         except Exception as e:  # recorded, the evaluation goes on
             finish(slot, e)
@@ -245,7 +312,8 @@ def run_rollouts(
         With ``spec.warm_start`` each slot's chunk starts from its previous chunk's
         trajectory shifted by the ``Na`` executed actions (the first chunk starts cold).
         """
-        obs = torch.from_numpy(np.stack([np.stack(list(s.history)) for s in batch]))
+        windows = [stack_history(s.history) for s in batch]
+        obs = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in shapes}  # (B, To, *shape)
         keys = [(ROLLOUT_STREAM, noise_seed, s.seed, s.chunk) for s in batch]
         x_T, noise = call_noise(schedule, sample_shape, keys, policy.device, policy.dtype)
         warm: dict[str, Any] = {"warm_start": False}  # this loop keeps each env's guess itself
@@ -254,7 +322,7 @@ def run_rollouts(
             guess = torch.stack([x_T[i] if s.guess is None else s.guess[0] for i, s in enumerate(batch)])
             warm = {"warm_start": guess, "warm_rows": rows}
         try:
-            out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, **warm)
+            out = policy.predict_action(obs, x_T=x_T, noise=noise, sampler=spec, **warm)
         except Exception as e:
             if len(batch) == 1:
                 return [e]
@@ -286,7 +354,8 @@ def run_rollouts(
                     finish(slot, result)
                     continue
                 actions, rounds = result
-                slot.chunk_obs.append(np.stack(list(slot.history)))
+                if record_obs:
+                    slot.chunk_obs.append(stack_history(slot.history))
                 slot.rounds.append(rounds)
                 slot.chunk += 1
                 try:
@@ -296,7 +365,7 @@ def run_rollouts(
                         slot.steps += 1
                         slot.rewards.append(float(reward))
                         slot.success |= bool(info.get("is_success", False))
-                        slot.history.append(np.asarray(obs, dtype=np.float32))
+                        slot.history.append(step_observation(obs, shapes))
                         _render(slot)
                         if terminated or truncated or slot.steps >= task.max_steps:
                             done = True

@@ -10,7 +10,8 @@ Hydra's config and run folder), and what tests call directly. In order:
    model, same noise per (episode, chunk); progress saved to ``progress.json`` after
    every episode, so ``resume_dir=<earlier run dir>`` continues an interrupted run;
 3. time batch-1 calls of both samplers on chunk observations of the candidate's
-   rollouts, with the same noise: latency and faithfulness;
+   rollouts, with the same noise: latency and faithfulness (for image tasks the
+   observations wait in ``chunk_obs/*.npz`` side files, not in the JSON files);
 4. write ``results.json``, ``summary.md``, plots and first-episode videos into the run
    folder, log them to W&B, print the comparison table.
 """
@@ -28,11 +29,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from para_policy.evaluation.config import (
+    FLAT_KEY,
     EvalConfigError,
     TaskSettings,
     _int,
     baseline_config,
     file_fingerprint,
+    format_shapes,
+    observation_mismatch,
     resolve_path,
     sampler_config,
     spec_dict,
@@ -46,18 +50,21 @@ from para_policy.evaluation.latency import (
     time_samplers,
 )
 from para_policy.evaluation.report import (
+    CHUNK_OBS_DIR,
     SCHEMA_VERSION,
     comparison,
     format_markdown,
     format_table,
     lookup,
     make_plots,
+    read_chunk_obs,
     summarize_episodes,
+    write_chunk_obs,
     write_json,
     write_text,
     write_video,
 )
-from para_policy.evaluation.rollout import make_task_env, run_rollouts
+from para_policy.evaluation.rollout import make_task_env, run_rollouts, stack_history, step_observation
 from para_policy.inference import check_inference_options, configure_inference
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig
@@ -119,20 +126,51 @@ def load_checked_policy(path: Path, task: TaskSettings, device: str, trust_pickl
     """Load the checkpoint and refuse one made for another observation or action size."""
     from para_policy.policy import load_policy
 
-    if not path.is_file():
+    if not path.is_file() and not (path / "config.json").is_file():
         raise EvalConfigError(
-            f"checkpoint not found: {path}. Pass checkpoint=<path to a para_policy .safetensors policy> "
+            f"checkpoint not found: {path}. Pass checkpoint=<path to a para_policy .safetensors policy, a "
+            "DiffusionPolicy .ckpt or a LeRobot policy directory> "
             f"(train one with `python train.py task={task.name}`)")
     try:
         policy = load_policy(path, device=device, trust_pickle=trust_pickle)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise EvalConfigError(f"cannot load checkpoint {path}: {e}") from None
-    if policy.obs_dim != task.obs_dim or policy.action_dim != task.action_dim:
+    wanted = policy.observation_shapes()
+    flat_policy = set(wanted) == {FLAT_KEY}
+    if task.obs_shapes is None and flat_policy:  # low-dim policy, low-dim task
+        if policy.obs_dim != task.obs_dim or policy.action_dim != task.action_dim:
+            raise EvalConfigError(
+                f"checkpoint {path.name} has obs_dim={policy.obs_dim}, action_dim={policy.action_dim} but task "
+                f"{task.name!r} has obs_dim={task.obs_dim}, action_dim={task.action_dim}: a policy for another task "
+                "or observation type")
+        return policy
+    given = task.observation_shapes
+    if flat_policy:
         raise EvalConfigError(
-            f"checkpoint {path.name} has obs_dim={policy.obs_dim}, action_dim={policy.action_dim} but task "
-            f"{task.name!r} has obs_dim={task.obs_dim}, action_dim={task.action_dim}: a policy for another task "
-            "or observation type")
+            f"checkpoint {path.name} is a low-dim policy (observation {FLAT_KEY!r} of shape {wanted[FLAT_KEY]}) but "
+            f"task {task.name!r} gives dict observations ({format_shapes(given)}): pass an image policy checkpoint, "
+            "or evaluate this one on a low-dim task (task=pusht)")
+    if task.obs_shapes is None:
+        raise EvalConfigError(
+            f"checkpoint {path.name} is an image policy observing {format_shapes(wanted)} but task {task.name!r} "
+            f"gives flat observations of shape {given[FLAT_KEY]} (obs_type={task.obs_type}): evaluate it on an image "
+            "task (task=pusht_image)")
+    problem = observation_mismatch(wanted, given)
+    if problem is not None:
+        raise EvalConfigError(f"checkpoint {path.name} does not fit task {task.name!r}'s observation: {problem}")
+    if policy.action_dim != task.action_dim:
+        raise EvalConfigError(f"checkpoint {path.name} has action_dim={policy.action_dim} but task {task.name!r} has "
+                              f"action_dim={task.action_dim}: a policy for another task")
     return policy
+
+
+def env_observation_shapes(env: Any) -> dict[str, tuple[int, ...]]:
+    """The observation keys and shapes an env declares: ``{key: shape}`` (a Dict space) or ``{'obs': shape}``."""
+    space = env.observation_space
+    sub = getattr(space, "spaces", None)
+    if isinstance(sub, dict):
+        return {str(k): tuple(v.shape or ()) for k, v in sub.items()}
+    return {FLAT_KEY: tuple(space.shape or ())}
 
 
 def _check_env(task: TaskSettings) -> None:
@@ -148,12 +186,20 @@ def _check_env(task: TaskSettings) -> None:
     except MissingExtraError as e:
         raise EvalConfigError(str(e)) from e
     try:
-        shape = tuple(env.observation_space.shape or ())
+        shapes = env_observation_shapes(env)
     finally:
         env.close()
-    if shape != (task.obs_dim,):
-        raise EvalConfigError(f"env {task.env_id} (obs_type={task.obs_type}) gives observations of shape {shape}, "
-                              f"but task.obs_dim is {task.obs_dim}")
+    if task.obs_shapes is None:
+        shape = shapes.get(FLAT_KEY)
+        if shape != (task.obs_dim,):
+            raise EvalConfigError(f"env {task.env_id} (obs_type={task.obs_type}) gives observations of shape "
+                                  f"{shape if shape is not None else format_shapes(shapes)}, but task.obs_dim is "
+                                  f"{task.obs_dim}")
+        return
+    # the task's shapes are what the policy was checked against (load_checked_policy): the env must give them
+    problem = observation_mismatch(task.obs_shapes, shapes)
+    if problem is not None:
+        raise EvalConfigError(f"env {task.env_id} (obs_type={task.obs_type}) does not give task.obs_shapes: {problem}")
 
 
 def _load_progress(resume_dir: Path, fingerprint: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -168,6 +214,59 @@ def _load_progress(resume_dir: Path, fingerprint: dict[str, Any]) -> dict[str, l
         details = "; ".join(f"{k}: {old.get(k)!r} then, {fingerprint.get(k)!r} now" for k in diff)
         raise EvalConfigError(f"cannot resume from {resume_dir}: the evaluation differs ({details})")
     return {role: [e for e in eps if e.get("error") is None] for role, eps in saved.get("episodes", {}).items()}
+
+
+def _carry_chunk_obs(episodes: list[dict[str, Any]], resume_dir: Path, out: Path) -> list[dict[str, Any]]:
+    """Copy the resumed run's chunk-observation side files into this run; an episode whose file is gone runs again.
+
+    Flat tasks keep their chunk observations inline (``chunk_obs``) and pass unchanged.
+    """
+    kept = []
+    for e in episodes:
+        rel = e.get("chunk_obs_file")
+        if rel is None:
+            kept.append(e)
+            continue
+        src, dst = resume_dir / rel, out / rel
+        if not src.is_file():
+            print(f"resume: {src} is missing; seed {e['seed']} runs again")
+            continue
+        if src.resolve() != dst.resolve():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        kept.append(e)
+    return kept
+
+
+def _latency_inputs(episodes: list[dict[str, Any]], out: Path, k: int
+                    ) -> list[tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | None]]:
+    """``k`` of the candidate's recorded chunk observations, each with the warm-start guess it was sampled from.
+
+    The pool is every chunk of every finished episode, in episode then chunk order
+    (:func:`select_observations` spreads ``k`` over it). A flat observation is (To, Do), read
+    from the record; an image task's is ``{key: (To, *shape)}``, read from the episode's
+    side file, and only the files of picked chunks are opened.
+    """
+    ok = [e for e in episodes if e.get("error") is None]
+    if not any("chunk_obs_file" in e for e in ok):
+        # each recorded chunk observation with the warm-start guess the candidate used for it
+        pool = [(np.asarray(o, dtype=np.float32), None if g is None else np.asarray(g, dtype=np.float32))
+                for e in ok
+                for o, g in zip(e.get("chunk_obs", []), e.get("chunk_guess") or [None] * len(e.get("chunk_obs", [])),
+                                strict=True)]
+        return select_observations(pool, k)
+    refs = [(e["chunk_obs_file"], i, None if g is None else np.asarray(g, dtype=np.float32))
+            for e in ok if "chunk_obs_file" in e
+            for i, g in enumerate(e.get("chunk_guess") or [None] * int(e["n_chunks"]))]
+    picked = select_observations(refs, k)
+    files: dict[str, dict[str, np.ndarray]] = {}
+    inputs = []
+    for rel, i, guess in picked:
+        if rel not in files:
+            files.clear()  # picked in file order: one episode's arrays in memory at a time
+            files[rel] = read_chunk_obs(out / rel)
+        inputs.append(({key: v[i].copy() for key, v in files[rel].items()}, guess))
+    return inputs
 
 
 def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings,
@@ -188,11 +287,14 @@ def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSetting
             print(f"window auto -> {window} (the window the resumed run's episodes used)")
             return spec.with_options(window=window), {**tuning, "source": f"resumed from {resume_dir}"}
     env = make_task_env(task)
+    shapes = policy.observation_shapes()
     try:
-        observations = [np.stack([np.asarray(env.reset(seed=s)[0], dtype=np.float32)] * policy.n_obs_steps)
-                        for s in task.seeds[:3]]
+        windows = [stack_history([step_observation(env.reset(seed=s)[0], shapes)] * policy.n_obs_steps)
+                   for s in task.seeds[:3]]
     finally:
         env.close()
+    # (To, Do) arrays for a flat policy, {key: (To, *shape)} dicts for an image policy
+    observations = [w[FLAT_KEY] if set(w) == {FLAT_KEY} else w for w in windows]
     old_threads = torch.get_num_threads()
     if threads:  # tuned with the threads the run times with
         torch.set_num_threads(threads)
@@ -234,6 +336,11 @@ def evaluate(
     task = task_settings(cfg)
     opts = _eval_settings(cfg)
     if not cfg.get("checkpoint"):
+        if task.checkpoint_asset is None:
+            raise EvalConfigError(
+                f"checkpoint is not set, and task {task.name!r} ships no checkpoint (there is no trained policy for it "
+                f"yet): pass one with checkpoint=<path>, e.g. `python eval.py task={task.name} "
+                "checkpoint=path/to/policy.safetensors` (a para_policy .safetensors or a DiffusionPolicy .ckpt)")
         raise EvalConfigError("checkpoint is not set: pass checkpoint=<path to a .safetensors policy>")
     ckpt = resolve_path(cfg.checkpoint, original_cwd)
     resume_dir = resolve_path(cfg.resume_dir, original_cwd) if cfg.get("resume_dir") else None
@@ -258,7 +365,7 @@ def evaluate(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     fingerprint = {
         # not the episode count: a resumed run may ask for more (or fewer) seeds from the same start
-        "checkpoint": file_fingerprint(ckpt), "task": {k: v for k, v in task.__dict__.items() if k != "episodes"},
+        "checkpoint": file_fingerprint(ckpt), "task": task.fingerprint(),
         "noise_seed": opts["seed"], "inference": opts["inference"],
         "samplers": {role: spec_dict(s) for role, s in specs.items()},
     }
@@ -268,6 +375,8 @@ def evaluate(
     done: dict[str, list[dict[str, Any]]] = {role: [] for role in specs}
     if resume_dir is not None:
         done.update(_load_progress(resume_dir, fingerprint))
+        if "candidate" in done:
+            done["candidate"] = _carry_chunk_obs(done["candidate"], resume_dir, out)
         print(f"resuming from {resume_dir}: " + ", ".join(f"{r} {len(e)} episodes done" for r, e in done.items()))
 
     def save_progress() -> None:
@@ -308,6 +417,13 @@ def evaluate(
                 record_video = opts["video"] and task.seeds[0] in todo
 
                 def on_episode(rec: dict[str, Any], role: str = role) -> None:
+                    obs = rec.get("chunk_obs")
+                    if isinstance(obs, dict):  # image observations: a side file, not progress.json
+                        del rec["chunk_obs"]
+                        if rec.get("error") is None:
+                            rel = f"{CHUNK_OBS_DIR}/{role}_seed{rec['seed']}.npz"
+                            write_chunk_obs(out / rel, obs)
+                            rec["chunk_obs_file"] = rel
                     done[role].append(rec)
                     save_progress()
 
@@ -330,12 +446,7 @@ def evaluate(
                 _BASELINE_CACHE[cache_key] = (list(done[role]), video_files.get(role))
 
         # ---- 3. batch-1 latency and faithfulness ----------------------------------------
-        # each recorded chunk observation with the warm-start guess the candidate used for it
-        pool = [(np.asarray(o, dtype=np.float32), None if g is None else np.asarray(g, dtype=np.float32))
-                for e in done["candidate"] if e.get("error") is None
-                for o, g in zip(e.get("chunk_obs", []), e.get("chunk_guess") or [None] * len(e.get("chunk_obs", [])),
-                                strict=True)]
-        picked = select_observations(pool, opts["latency_calls"])
+        picked = _latency_inputs(done["candidate"], out, opts["latency_calls"])
         machine_before = machine_info()
         timings = time_samplers(policy, specs, [o for o, _ in picked], guesses=[g for _, g in picked],
                                 noise_seed=opts["seed"], warmup=opts["latency_warmup"], progress=opts["progress"])
@@ -345,7 +456,8 @@ def evaluate(
         # ---- 4. results ----------------------------------------------------------------------
         samplers: dict[str, Any] = {}
         for role, spec in specs.items():
-            episodes = [{k: v for k, v in e.items() if k not in ("chunk_obs", "chunk_guess")} for e in done[role]]
+            episodes = [{k: v for k, v in e.items() if k not in ("chunk_obs", "chunk_guess", "chunk_obs_file")}
+                        for e in done[role]]
             samplers[role] = {
                 "name": spec.name,
                 "spec": spec_dict(spec),
@@ -368,7 +480,9 @@ def evaluate(
             "samplers": samplers,
             "comparison": comparison(samplers, faith),
             "latency_method": {"n_calls": len(picked), "warmup": opts["latency_warmup"], "batch_size": 1,
-                               "n_action_steps": policy.n_action_steps},
+                               "n_action_steps": policy.n_action_steps,
+                               **({"includes_obs_encoder": True, "observations_dir": CHUNK_OBS_DIR}
+                                  if getattr(policy, "obs_encoder", None) is not None else {})},
             "machine": machine,
             "videos": {role: str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
                        for role, p in video_files.items()},

@@ -12,6 +12,9 @@ frame, the bar ``x in [-60, 60], y in [0, 30]`` and the stem ``x in [-15, 15], y
 a local point ``v`` is at ``position + R(angle) v`` in the world (``body.position`` is the local
 origin, not the centre of gravity).  The keypoints below are DiffusionPolicy's; most lie inside
 the T, four lie within 1.8 px outside its outline (e.g. ``(-60.98, -1.19)``), as in the original.
+
+``make_env(obs_type="pixels_agent_pos")`` gives DiffusionPolicy's image observation instead
+(:class:`PushTImageObs`, ``PushTImageEnv``'s ``{'image', 'agent_pos'}``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ import numpy as np
 
 ENV_ID = "gym_pusht/PushT-v0"
 KEYPOINT_ENV_ID = "para_policy/PushTKeypoints-v0"
+#: gym-pusht's ``obs_type`` of the image observation (rendered frame + agent position)
+PIXELS_OBS_TYPE = "pixels_agent_pos"
+#: DiffusionPolicy's PushT image size (``PushTImageEnv(render_size=96)``)
+IMAGE_SIZE = 96
+#: the arena's size in pixels (DiffusionPolicy's ``window_size``): agent positions lie in [0, 512]
+ARENA_SIZE = 512.0
 
 #: (9, 2) DiffusionPolicy's block keypoints in the block's local frame (pixels).
 KEYPOINTS_LOCAL = np.array(
@@ -115,17 +124,64 @@ class PushTKeypointObs(gymnasium.ObservationWrapper):
         return keypoint_obs(self.last_state).astype(np.float32)
 
 
+class PushTImageObs(gymnasium.ObservationWrapper):
+    """Wraps a ``obs_type="pixels_agent_pos"`` gym-pusht env to emit DiffusionPolicy's ``PushTImageEnv`` observation.
+
+    ``{'image': float32 (3, H, W) in [0, 1], 'agent_pos': float32 (2,)}``: the frame channels
+    first and divided by 255 (``np.moveaxis(img.astype(np.float32) / 255, -1, 0)``, as DP's
+    ``_get_obs`` computes it), the agent position in arena pixels.
+
+    The frame is the same picture DP renders: gym-pusht 0.1.8 draws the same scene (white
+    512 px canvas, light-green goal T, ``pymunk_override.DrawOptions`` with the same colours)
+    and shrinks it with the same ``cv2.resize`` (bilinear), without the action marker, as
+    ``PushTImageEnv`` (``render_action=False``) does for its observation. ``agent_pos`` is
+    float32, as DP's policies receive it (its env returns pymunk's float64 position, and its
+    ``AsyncVectorEnv`` stores it in the float32 buffers of its observation space). Where it
+    differs from DP: the start state of a seed is gym-pusht's (``np_random``), not DP's
+    ``RandomState`` draw, as for the keypoint observation. ``render()`` still gives
+    gym-pusht's visualisation frame (larger, with the action marker) for videos.
+    """
+
+    def __init__(self, env: gymnasium.Env):
+        super().__init__(env)
+        u = env.unwrapped
+        if getattr(u, "obs_type", None) != PIXELS_OBS_TYPE:
+            raise ValueError(f"PushTImageObs wraps a gym-pusht env made with obs_type={PIXELS_OBS_TYPE!r}, "
+                             f"got obs_type={getattr(u, 'obs_type', None)!r}")
+        height, width = int(u.observation_height), int(u.observation_width)
+        self.observation_space = gymnasium.spaces.Dict({
+            "image": gymnasium.spaces.Box(low=0.0, high=1.0, shape=(3, height, width), dtype=np.float32),
+            "agent_pos": gymnasium.spaces.Box(low=0.0, high=ARENA_SIZE, shape=(2,), dtype=np.float32),
+        })
+
+    def observation(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = np.asarray(observation["pixels"])  # (H, W, 3) uint8
+        image = np.ascontiguousarray(np.moveaxis(pixels.astype(np.float32) / 255, -1, 0))
+        return {"image": image, "agent_pos": np.asarray(observation["agent_pos"], dtype=np.float32)}
+
+
 def make_env(render_mode: str | None = None, keypoints: bool = True, **kw: Any) -> gymnasium.Env:
     """Make a PushT env (300-step TimeLimit from gym-pusht's registration).
 
     Args:
         render_mode: passed to gym-pusht (``"rgb_array"`` for videos / image observations).
-        keypoints: wrap with :class:`PushTKeypointObs` (20-d obs) if True, else raw 5-d state.
-        **kw: forwarded to ``gymnasium.make`` (e.g. ``max_episode_steps``).
+        keypoints: with ``obs_type="state"`` (the default): wrap with :class:`PushTKeypointObs`
+            (20-d obs) if True, else raw 5-d state.
+        **kw: forwarded to ``gymnasium.make`` (e.g. ``max_episode_steps``). ``obs_type=
+            "pixels_agent_pos"`` gives DiffusionPolicy's image observation (:class:`PushTImageObs`,
+            ``observation_width`` / ``observation_height`` default 96); it renders every step, so
+            it always runs with ``render_mode="rgb_array"``.
     """
-    kw.setdefault("obs_type", "state")
+    obs_type = kw.setdefault("obs_type", "state")
+    if obs_type == PIXELS_OBS_TYPE:
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"obs_type={PIXELS_OBS_TYPE!r} renders its observations off-screen: render_mode must "
+                             f"be 'rgb_array' (or None), got {render_mode!r}")
+        kw.setdefault("observation_width", IMAGE_SIZE)
+        kw.setdefault("observation_height", IMAGE_SIZE)
+        return PushTImageObs(gymnasium.make(ENV_ID, render_mode="rgb_array", **kw))
     env = gymnasium.make(ENV_ID, render_mode=render_mode, **kw)
-    return PushTKeypointObs(env) if keypoints else env
+    return PushTKeypointObs(env) if keypoints and obs_type == "state" else env
 
 
 def _make_keypoint_env(**kw: Any) -> gymnasium.Env:

@@ -339,6 +339,34 @@ class LowdimPolicy(nn.Module):
         mask[:, : self.n_obs_steps, self.action_dim:] = True
         return None, (data, mask)
 
+    def prefix_inpaint(self, prefix_actions: Any, shape: tuple[int, int, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Known entries ``(data, mask)``, both ``shape`` (B, T, D), for raw frozen actions (B, d, Da); None if d = 0.
+
+        The actions go to the action dims at positions ``action_start .. action_start + d``,
+        normalized; ``d < n_action_steps`` so the chunk still has actions of its own to sample.
+        """
+        p = prefix_actions if isinstance(prefix_actions, torch.Tensor) else torch.as_tensor(np.asarray(prefix_actions))
+        B, Da = shape[0], self.action_dim
+        if p.dim() != 3 or p.shape[0] != B or p.shape[2] != Da or p.shape[1] >= self.n_action_steps:
+            raise ValueError(f"prefix_actions must have shape (B={B}, d, action_dim={Da}) with d < n_action_steps="
+                             f"{self.n_action_steps}, got {tuple(p.shape)}")
+        if not (p.is_floating_point() or p.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                     torch.uint8)):
+            raise ValueError(f"prefix_actions must hold real numbers, got {p.dtype}")
+        p = p.to(device=self.device, dtype=self.dtype)
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError("prefix_actions contains NaN or inf")
+        d = p.shape[1]
+        if d == 0:
+            return None
+        start = self.action_start
+        data = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        mask = torch.zeros(shape, device=self.device, dtype=torch.bool)
+        data[:, start: start + d, :Da] = self.normalizer.normalize("action", p)
+        mask[:, start: start + d, :Da] = True
+        return data, mask
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor, global_cond: torch.Tensor | None) -> torch.Tensor:
         """The denoiser callable handed to samplers (through the wrappers of :meth:`set_inference`)."""
         if self._denoiser is not None:
@@ -359,6 +387,7 @@ class LowdimPolicy(nn.Module):
         warm_rows: torch.Tensor | None = None,
         deadline: float | None = None,
         sampler: str | SamplerConfig | None = None,
+        prefix_actions: torch.Tensor | None = None,
         **options: Any,
     ) -> PolicyOutput:
         """DiffusionPolicy's ``predict_action``: ``{'obs': (B, To, Do)}`` → actions.
@@ -381,6 +410,14 @@ class LowdimPolicy(nn.Module):
             sampler: this call's sampler instead of the policy's: a preset name (with
                 ``options``, :func:`sampler_spec`) or a :class:`SamplerConfig`; options
                 alone change the policy's sampler for this call.
+            prefix_actions: ``(B, d, Da)`` raw (unnormalized) actions, ``0 <= d < n_action_steps``,
+                that will run before this chunk is ready (real-time chunking): normalized and
+                imposed as known entries of the action dims at positions ``action_start ..
+                action_start + d`` at every step (merged with the observation entries of an
+                inpainting policy), so the rest of the chunk is sampled to continue them. They
+                also overwrite those entries of a warm-start guess. At tolerance 0 a Picard
+                sampler gives :func:`~para_policy.samplers.sequential_sample` with the same
+                inpainting.
         Returns:
             :class:`PolicyOutput`: ``{'action': (B, n_action_steps, Da), 'action_pred': (B, T, Da)}``
             with ``.stats``, ``.trajectory``, ``.spec``, ``.warm``.
@@ -393,6 +430,10 @@ class LowdimPolicy(nn.Module):
         spec = self.resolve(spec, obs)
         global_cond, inpaint = self.conditioning(obs)
         shape = self.trajectory_shape(self.batch_size(obs))
+        prefix = None if prefix_actions is None else self.prefix_inpaint(prefix_actions, shape)
+        if prefix is not None:
+            inpaint = prefix if inpaint is None else (torch.where(prefix[1], prefix[0], inpaint[0]),
+                                                      prefix[1] | inpaint[1])
         if x_T is None:
             if noise is not None:
                 raise ValueError("pass x_T together with noise")
@@ -401,16 +442,20 @@ class LowdimPolicy(nn.Module):
         kwargs = dict(spec.options)
         warm = False
         if spec.iterative:
+            guess = None
             if isinstance(warm_start, torch.Tensor):
                 if init is not None:
                     raise ValueError("pass init or warm_start, not both")
-                init = warm_start_init(schedule, warm_start.to(x_T), x_T, noise)
-                warm = True
+                guess = warm_start.to(x_T)
             elif warm_rows is not None:
                 raise ValueError("warm_rows needs a warm_start tensor")
             elif (warm_start is None and init is None and spec.warm_start and self._warm is not None
                   and self._warm[0] == call_key):
-                init = warm_start_init(schedule, self._warm[1], x_T, noise)
+                guess = self._warm[1]
+            if guess is not None:
+                if prefix is not None:  # the frozen actions are known: the guess holds them exactly
+                    guess = torch.where(prefix[1], prefix[0], guess)
+                init = warm_start_init(schedule, guess, x_T, noise)
                 warm = True
             kwargs.update(init=init, deadline=deadline)
             if warm_rows is not None:

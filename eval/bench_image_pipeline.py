@@ -3,7 +3,8 @@
 DiffusionPolicy's real-robot workspace (``train_diffusion_unet_real_image_workspace.yaml``):
 two cameras of 3x240x320, a ResNet-18 with GroupNorm per camera on 216x288 crops, ImageNet
 normalization, a 2-d end-effector pose, and a ConditionalUnet1D with ``down_dims`` [512, 1024,
-2048] conditioned on both observation steps; DDIM in its real-robot evaluation. Weights are
+2048] conditioned on both observation steps; DDIM in its real-robot evaluation (derived here from
+the DDPM training schedule, as ``scheduler='ddim'`` does, so DDPM-100 runs on the same policy). Weights are
 random (seeded): latency depends on the shapes, not on the values, but the rounds a parallel
 sampler needs do depend on the weights, so the rounds here are those of a random network.
 
@@ -50,10 +51,12 @@ def real_robot_config(down_dims: list[int], image_hw: tuple[int, int], crop_hw: 
         "model": {"input_dim": 2, "local_cond_dim": None, "global_cond_dim": 2 * feature_dim,
                   "diffusion_step_embed_dim": 128, "down_dims": down_dims, "kernel_size": 5, "n_groups": 8,
                   "cond_predict_scale": True},
-        "noise_scheduler": {"_target_": "diffusers.schedulers.scheduling_ddim.DDIMScheduler",
+        # DDPM-trained, as DiffusionPolicy's sim configs; scheduler='ddim' derives the DDIM of its real-robot
+        # config from it (same betas, set_alpha_to_one, steps_offset 0), so every schedule here runs on one policy
+        "noise_scheduler": {"_target_": "diffusers.schedulers.scheduling_ddpm.DDPMScheduler",
                             "num_train_timesteps": 100, "beta_start": 0.0001, "beta_end": 0.02,
-                            "beta_schedule": "squaredcos_cap_v2", "clip_sample": True, "set_alpha_to_one": True,
-                            "steps_offset": 0, "prediction_type": "epsilon"},
+                            "beta_schedule": "squaredcos_cap_v2", "variance_type": "fixed_small", "clip_sample": True,
+                            "prediction_type": "epsilon"},
         "obs_keys": obs,
         "obs_encoder": {"kind": "dp_multi_image", "shape_meta": {"obs": obs}, "resize_shape": list(image_hw),
                         "crop_shape": list(crop_hw), "random_crop": True, "use_group_norm": True,

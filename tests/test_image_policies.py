@@ -189,3 +189,11 @@ def test_bad_image_observations_get_clear_errors(dp_fixture):
     with pytest.raises(ValueError, match="must be a dict"):
         ctrl.act(pos[0, 0])
     assert not ctrl.observations  # nothing bad entered the history
+
+
+def test_paradigms_defaults_run_on_a_lerobot_directory(lerobot_fixture):
+    policy, rec = lerobot_fixture
+    x_T, noise = _noise(policy, {}, rec["chunk.ddpm.randn_draws"], x_T=rec["chunk.noise"])
+    out = policy.predict_action(_chunk_batch(rec), x_T=x_T, noise=noise, sampler="paradigms")
+    assert out.spec.options["window"] != "auto" and out.stats.rounds <= 100
+    assert out["action"].shape == rec["chunk.ddpm.action"].shape and bool(torch.isfinite(out["action"]).all())

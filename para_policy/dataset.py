@@ -14,7 +14,8 @@ buffer row indices (the padding is just a clamped index), so a batch of windows 
 
 Datasets: :class:`PushTLowdimDataset` (a zarr replay buffer) and :class:`RobomimicLowdimDataset`
 (a robomimic HDF5 file, e.g. Lift), both :class:`LowdimDataset` with DiffusionPolicy's
-train / validation episode split.
+train / validation episode split; :class:`PushTImageDataset` (the zarr buffer's rendered frames,
+DiffusionPolicy's ``PushTImageDataset``) windows dict observations the same way.
 
 PushT's low-dim observation (DiffusionPolicy's ``PushTLowdimDataset``) is the 9 block keypoints
 flattened ``x0, y0, x1, y1, ...`` (18 numbers) followed by the agent position ``state[:, :2]``.
@@ -298,6 +299,151 @@ class RobomimicLowdimDataset(LowdimDataset):
         arrays = read_lowdim(path, tuple(obs_keys or OBS_KEYS))
         check_finite(path, arrays, ("obs", "action"))
         return cls(arrays["obs"], arrays["action"], arrays["episode_ends"], path=str(path), **kwargs)
+
+
+#: DiffusionPolicy's image range normalizer (``get_image_range_normalizer``): [0, 1] -> [-1, 1], shape (1,)
+IMAGE_RANGE_NORMALIZER = {"scale": 2.0, "offset": -1.0, "min": 0.0, "max": 1.0, "mean": 0.5, "std": (1 / 12) ** 0.5}
+
+
+class PushTImageDataset(torch.utils.data.Dataset):
+    """DiffusionPolicy's ``PushTImageDataset``: rendered frames plus the agent position, windowed as the low-dim data.
+
+    Batches are ``{'image': (B, k, 3, H, W) float32 in [0, 1], 'agent_pos': (B, horizon, 2),
+    'action': (B, horizon, 2)}`` (what :meth:`ImagePolicy.compute_loss` takes), with DP's
+    ``image = moveaxis(img, -1, 1) / 255`` and ``agent_pos = state[:, :2]``; ``image`` is the
+    float32 array the env's ``PushTImageObs`` gives for the same frame.
+
+    Why ``k = n_obs_steps`` frames and not ``horizon``: the policy conditions on the first
+    ``n_obs_steps`` frames of a window only, and the other frames would be most of a batch's
+    cost (DP's real-robot datasets cut them the same way, ``SequenceSampler(key_first_k=...)``).
+    Frames stay in memory as uint8 (N, 3, H, W) (a quarter of float32) and are converted per
+    batch; float stores (DP writes 0..255 as float32) are turned into uint8 when their values
+    are whole numbers.  Train / validation episodes are split as in :class:`LowdimDataset`.
+    """
+
+    def __init__(
+        self,
+        img: np.ndarray,
+        state: np.ndarray,
+        action: np.ndarray,
+        episode_ends: np.ndarray,
+        horizon: int = 16,
+        pad_before: int = 1,
+        pad_after: int = 7,
+        n_obs_steps: int | None = None,
+        val_ratio: float = 0.0,
+        seed: int = 42,
+        max_train_episodes: int | None = None,
+        path: str | None = None,
+    ):
+        """img (N, H, W, 3) uint8 or float 0..255, state (N, >=2), action (N, Da), episode_ends (E,).
+
+        ``n_obs_steps``: how many leading frames of each window to return (None = all ``horizon``).
+        """
+        img, state = np.asarray(img), np.asarray(state)
+        if img.ndim != 4 or img.shape[-1] != 3:
+            raise ValueError(f"img must be (N, H, W, 3) RGB frames, got shape {img.shape}")
+        if state.ndim != 2 or state.shape[1] < 2:
+            raise ValueError(f"state must be (N, >=2) with the agent position first, got shape {state.shape}")
+        self.img = torch.from_numpy(np.ascontiguousarray(np.moveaxis(_pixels(img, path), -1, 1)))
+        self.agent_pos = torch.as_tensor(np.asarray(state[:, :2], dtype=np.float32))
+        self.action = torch.as_tensor(np.asarray(action, dtype=np.float32))
+        self.episode_ends = np.asarray(episode_ends, dtype=np.int64)
+        n = len(self.img)
+        if len(self.agent_pos) != n or len(self.action) != n:
+            raise ValueError(f"img has {n} rows but state has {len(self.agent_pos)} and action {len(self.action)}")
+        if len(self.episode_ends) == 0 or self.episode_ends[-1] != n or np.any(np.diff(self.episode_ends) < 0):
+            raise ValueError(f"episode_ends must be non-decreasing and end at the number of steps ({n})")
+        self.horizon, self.pad_before, self.pad_after = int(horizon), int(pad_before), int(pad_after)
+        self.n_obs_steps = self.horizon if n_obs_steps is None else int(n_obs_steps)
+        if not 1 <= self.n_obs_steps <= self.horizon:
+            raise ValueError(f"n_obs_steps must be in [1, horizon={self.horizon}], got {n_obs_steps}")
+        self.val_mask = get_val_mask(len(self.episode_ends), val_ratio, seed)
+        self.episode_mask = downsample_mask(~self.val_mask, max_train_episodes, seed)
+        self.rows = torch.from_numpy(
+            window_rows(self.episode_ends, self.horizon, self.pad_before, self.pad_after, self.episode_mask)
+        )
+        self.path = path
+
+    @property
+    def n_episodes(self) -> int:
+        """Number of episodes windows are taken from."""
+        return int(self.episode_mask.sum())
+
+    def obs_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One step's observation: ``{'image': (3, H, W), 'agent_pos': (2,)}``."""
+        return {"image": tuple(self.img.shape[1:]), "agent_pos": (2,)}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.get_batch([idx]).items()}
+
+    def get_batch(self, idx: torch.Tensor | np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        """Windows ``idx`` (B,): ``{'image': (B, k, 3, H, W), 'agent_pos': (B, T, 2), 'action': (B, T, Da)}``."""
+        rows = self.rows[torch.as_tensor(idx, dtype=torch.long)]
+        image = self.img[rows[:, : self.n_obs_steps]].to(torch.float32) / 255
+        return {"image": image, "agent_pos": self.agent_pos[rows], "action": self.action[rows]}
+
+    # the same buffer windowed over other episodes (shares the frame, position and action tensors)
+    with_mask = SequenceDataset.with_mask
+
+    def get_validation_dataset(self) -> PushTImageDataset:
+        """The held-out episodes, windowed the same way (empty if ``val_ratio == 0``)."""
+        return self.with_mask(self.val_mask)
+
+    def get_normalizer_data(self) -> dict[str, np.ndarray]:
+        """``{'agent_pos': (N, 2), 'action': (N, Da)}`` of the whole buffer, for DP's 'limits' fit.
+
+        The image is not fitted: DP uses the fixed range normalizer :data:`IMAGE_RANGE_NORMALIZER`.
+        """
+        return {"agent_pos": self.agent_pos.numpy(), "action": self.action.numpy()}
+
+    def fingerprint_arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays that name the data a checkpoint saw: episode ends, frames, positions, actions."""
+        return self.episode_ends, self.img.numpy(), self.agent_pos.numpy(), self.action.numpy()
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, **kwargs) -> PushTImageDataset:
+        """Load a PushT zarr replay buffer with frames (``data/{img,state,action}``, ``meta/episode_ends``).
+
+        Raises ``FileNotFoundError`` naming the path and the generating command, and ``ValueError``
+        when the store has no ``data/img``.
+        """
+        path = Path(path)
+        hint = f"{GENERATE_HINT} --img --out {path}"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"PushT image dataset not found: {path.resolve()}\n"
+                f"Generate it with the scripted expert (96x96 frames in data/img):  {hint}  "
+                f"(see --help), or point task.dataset_path at an existing zarr replay buffer with frames."
+            )
+        import zarr
+
+        data = zarr.open_group(str(path), mode="r").get("data")
+        if data is None or "img" not in set(data.array_keys()):
+            raise ValueError(f"{path} has no data/img frames (a low-dim buffer?); regenerate it with:  {hint}")
+        arrays = load_replay_arrays(path, ("img", "state", "action"))
+        return cls(arrays["img"], arrays["state"], arrays["action"], arrays["episode_ends"], path=str(path),
+                   **kwargs)
+
+
+def _pixels(img: np.ndarray, path: str | None) -> np.ndarray:
+    """Frames as uint8 0..255 (float stores with whole values are converted; others kept as float32)."""
+    if img.dtype == np.uint8:
+        return img
+    where = f"{path}: " if path else ""
+    if not np.issubdtype(img.dtype, np.number) or np.issubdtype(img.dtype, np.complexfloating):
+        raise ValueError(f"{where}img must hold pixel values 0..255, got dtype {img.dtype}")
+    values = img.astype(np.float32)
+    if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > 255):
+        raise ValueError(f"{where}img must hold pixel values 0..255 (as DP stores them), got the range "
+                         f"{values.min():g} to {values.max():g}")
+    if values.size and values.max() <= 1.0:
+        raise ValueError(f"{where}img values all lie in [0, 1]; the buffer must store 0..255 pixels (the dataset "
+                         f"divides by 255, as DP's does)")
+    return values.astype(np.uint8) if np.array_equal(values, np.round(values)) else values
 
 
 def load_replay_arrays(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

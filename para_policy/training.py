@@ -1,4 +1,4 @@
-"""Training of a low-dim DiffusionPolicy (DiffusionPolicy's ``train_diffusion_unet_lowdim`` recipe).
+"""Training of a DiffusionPolicy: ``train_diffusion_unet_lowdim`` and, for image tasks, ``train_diffusion_unet_image``.
 
 Why here and not in ``train.py``: the loop is importable and testable without Hydra's launcher;
 ``train.py`` only composes the config and calls :func:`train`.
@@ -8,6 +8,13 @@ boundaries (:mod:`para_policy.dataset`), a normalizer fitted to the whole buffer
 DDPM loss of :meth:`LowdimPolicy.compute_loss`, AdamW with betas (0.95, 0.999) and weight decay
 1e-6, a per-step learning-rate schedule (cosine with linear warm-up), and an exponential moving
 average of the weights with DiffusionPolicy's power warm-up.  The EMA weights are what ship.
+
+Image tasks (``task.obs_type: pixels_agent_pos``, ``configs/train_image.yaml``) run the same loop on
+DiffusionPolicy's image recipe: :class:`~para_policy.dataset.PushTImageDataset` windows, an
+:class:`~para_policy.image_policy.ImagePolicy` whose observation encoder (``policy.obs_encoder``,
+DP's ``MultiImageObsEncoder``) trains with the UNet, the agent position and action normalizer fitted
+to the buffer and DP's fixed image range normalizer ([0, 1] to [-1, 1]).  Random crops draw from
+the global torch RNG (as DP's do), whose state ``resume.pt`` keeps too.
 
 Outputs (in the run directory, Hydra's by default)::
 
@@ -44,7 +51,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from para_policy.checkpoints import atomic_write, save_checkpoint
-from para_policy.dataset import LowdimDataset, PushTLowdimDataset, RobomimicLowdimDataset, SequenceDataset
+from para_policy.dataset import (
+    IMAGE_RANGE_NORMALIZER,
+    LowdimDataset,
+    PushTImageDataset,
+    PushTLowdimDataset,
+    RobomimicLowdimDataset,
+    SequenceDataset,
+)
+from para_policy.evaluation.config import PIXELS_OBS_TYPE
+from para_policy.image_policy import RGB, ImagePolicy
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import sampler_spec
 
@@ -61,14 +77,22 @@ def _plain(cfg: Any) -> Any:
     return copy.deepcopy(cfg)
 
 
+def is_image_task(task: Mapping[str, Any]) -> bool:
+    """Whether a task config observes images (``obs_type: pixels_agent_pos``, e.g. ``task=pusht_image``)."""
+    return str(task.get("obs_type", "")) == PIXELS_OBS_TYPE
+
+
 def build_policy_config(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     """The policy config dict (what :class:`LowdimPolicy` takes and checkpoints store) from a train config.
 
     ``model.input_dim`` and ``model.global_cond_dim`` are derived (obs as global conditioning:
     the UNet denoises actions only, conditioned on ``n_obs_steps`` flattened observations).
+    Image tasks get an :class:`ImagePolicy` config (:func:`build_image_policy_config`).
     """
     cfg = _plain(cfg)
     task, pol = cfg["task"], cfg["policy"]
+    if is_image_task(task):
+        return build_image_policy_config(cfg)
     obs_dim, action_dim, n_obs = int(task["obs_dim"]), int(task["action_dim"]), int(cfg["n_obs_steps"])
     if not pol.get("obs_as_global_cond", True):
         raise ValueError("training supports obs_as_global_cond=true only (DiffusionPolicy's PushT low-dim recipe)")
@@ -89,6 +113,59 @@ def build_policy_config(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     }
 
 
+def build_image_policy_config(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """The :class:`ImagePolicy` config of an image task: DiffusionPolicy's ``DiffusionUnetImagePolicy``.
+
+    ``obs_keys`` come from ``task.obs_shapes`` (3-d shapes are ``rgb`` cameras, the rest ``low_dim``);
+    the encoder spec is ``policy.obs_encoder`` with the task's ``shape_meta``; ``obs_dim`` is the
+    encoder's features per step F (512 per ResNet-18 camera plus the low-dim sizes) and the UNet's
+    ``global_cond_dim`` is F * n_obs_steps; the normalizer has DP's fields (images (1,), vectors
+    their size, ``action``).
+    """
+    from para_policy.models.vision import build_obs_encoder
+
+    cfg = _plain(cfg)
+    task, pol = cfg["task"], cfg["policy"]
+    if not pol.get("obs_as_global_cond", True):
+        raise ValueError("image policies train with obs_as_global_cond=true only (DiffusionUnetImagePolicy)")
+    encoder_cfg = dict(pol.get("obs_encoder") or {})
+    if not encoder_cfg:
+        raise ValueError(
+            f"task {task['name']!r} observes images but policy.obs_encoder is not set: train it with "
+            f"configs/train_image.yaml (python train.py task={task['name']} picks it; or --config-name train_image)"
+        )
+    shapes = task.get("obs_shapes")
+    if not isinstance(shapes, Mapping) or not shapes:
+        raise ValueError(f"task {task['name']!r} has no obs_shapes (e.g. {{image: [3, 96, 96], agent_pos: [2]}})")
+    obs_keys = {str(k): {"shape": [int(d) for d in v], "type": RGB if len(v) == 3 else "low_dim"}
+                for k, v in shapes.items()}
+    spec = {"kind": encoder_cfg.pop("kind", "dp_multi_image"), "shape_meta": {"obs": obs_keys}, **encoder_cfg}
+    with torch.device("meta"):  # the spec checked and the feature size known, without allocating the network
+        encoder = build_obs_encoder(spec)
+    features, action_dim, n_obs = int(encoder.feature_dim), int(task["action_dim"]), int(cfg["n_obs_steps"])
+    model = {"input_dim": action_dim, "global_cond_dim": features * n_obs, **pol["model"]}
+    model["down_dims"] = list(model["down_dims"])
+    normalizer = {k: {"shape": [1] if v["type"] == RGB else v["shape"], "mode": "affine"} for k, v in obs_keys.items()}
+    normalizer["action"] = {"shape": [action_dim], "mode": "affine"}
+    return {
+        "task": task["name"],
+        "horizon": int(cfg["horizon"]),
+        "n_obs_steps": n_obs,
+        "n_action_steps": int(cfg["n_action_steps"]),
+        "obs_dim": features,
+        "action_dim": action_dim,
+        "model_type": "unet",
+        "num_inference_steps": int(pol["num_inference_steps"]),
+        "obs_as_global_cond": True,
+        "oa_step_convention": bool(pol.get("oa_step_convention", True)),
+        "model": model,
+        "noise_scheduler": dict(pol["noise_scheduler"]),
+        "obs_keys": obs_keys,
+        "obs_encoder": encoder.spec,
+        "normalizer": normalizer,
+    }
+
+
 def _abs_path(path: str) -> Path:
     """A config path made absolute against the directory the command was started from."""
     try:
@@ -99,10 +176,13 @@ def _abs_path(path: str) -> Path:
         return Path(path).resolve()
 
 
-def make_datasets(cfg: Mapping[str, Any] | DictConfig) -> tuple[LowdimDataset, SequenceDataset]:
+def make_datasets(
+    cfg: Mapping[str, Any] | DictConfig,
+) -> tuple[LowdimDataset | PushTImageDataset, SequenceDataset | PushTImageDataset]:
     """Training and validation windows for ``cfg.task`` (pad_before = To-1, pad_after = Ta-1, as DP).
 
-    PushT reads a zarr replay buffer, Lift a robomimic HDF5 file (``task.obs_keys`` concatenated).
+    PushT reads a zarr replay buffer, Lift a robomimic HDF5 file (``task.obs_keys`` concatenated),
+    PushT's image task the zarr buffer's frames (the first ``n_obs_steps`` of each window).
     """
     cfg = _plain(cfg)
     task = cfg["task"]
@@ -115,6 +195,18 @@ def make_datasets(cfg: Mapping[str, Any] | DictConfig) -> tuple[LowdimDataset, S
         "max_train_episodes": task.get("max_train_episodes"),
     }
     path = _abs_path(task["dataset_path"])
+    if is_image_task(task):
+        if task["name"] != "pusht_image":
+            raise ValueError(f"no image dataset loader for task {task['name']!r}; known: ['pusht_image']")
+        image_set = PushTImageDataset.from_path(path, n_obs_steps=int(cfg["n_obs_steps"]), **kwargs)
+        expected = {str(k): tuple(int(d) for d in v) for k, v in (task.get("obs_shapes") or {}).items()}
+        if image_set.obs_shapes() != expected or image_set.action.shape[1] != int(task["action_dim"]):
+            raise ValueError(
+                f"dataset {path} has observations {image_set.obs_shapes()} and action_dim="
+                f"{image_set.action.shape[1]} but task {task['name']!r} says obs_shapes={expected}, "
+                f"action_dim={task['action_dim']} (the frames must be the env's size)"
+            )
+        return image_set, image_set.get_validation_dataset()
     if task["name"] == "pusht":
         ds: LowdimDataset = PushTLowdimDataset.from_path(path, **kwargs)
     elif task["name"] == "lift":
@@ -210,7 +302,11 @@ def make_lr_scheduler(
 
 @torch.no_grad()
 def validation_loss(
-    policy: LowdimPolicy, dataset: SequenceDataset, batch_size: int, seed: int, max_batches: int | None = None
+    policy: LowdimPolicy,
+    dataset: SequenceDataset | PushTImageDataset,
+    batch_size: int,
+    seed: int,
+    max_batches: int | None = None,
 ) -> float | None:
     """Mean loss over the validation windows, with the same noise draws every time it is called.
 
@@ -247,7 +343,8 @@ def rollout(
     DiffusionPolicy's multi-step protocol, one batched ``predict_action`` per chunk for all
     episodes; episode ``i`` is reset with seed ``seed_start + i``; ``predict_kwargs`` choose
     the sampler (``{'sampler': 'sequential', 'scheduler': 'ddim', 'num_inference_steps': 16}``,
-    :func:`~para_policy.samplers.sampler_spec`); ``task`` is the task config (default PushT).
+    :func:`~para_policy.samplers.sampler_spec`); ``task`` is the task config (default PushT; an
+    image task's env gives the dict observations an :class:`ImagePolicy` takes).
 
     Returns:
         ``{'mean_max_reward': float, 'max_rewards': [float] * episodes, 'success_rate': float}``;
@@ -344,7 +441,7 @@ def _hydra_output_dir() -> Path:
 
 # ----------------------------------------------------------------------------- training
 def train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train a policy as configured by ``configs/train.yaml``; returns a summary.
+    """Train a policy as configured by ``configs/train.yaml`` (image tasks: ``train_image.yaml``); returns a summary.
 
     Args:
         cfg: the composed train config (``task``, ``policy``, ``optimizer``, ``ema``, ``training``,
@@ -395,8 +492,8 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
 
     torch.manual_seed(seed)  # model initialisation
     policy_config = build_policy_config(run_cfg)
-    policy = LowdimPolicy(policy_config)
-    policy.normalizer.fit(train_set.get_normalizer_data())
+    policy = (ImagePolicy if "obs_encoder" in policy_config else LowdimPolicy)(policy_config)
+    fit_normalizer(policy, train_set)
     policy.to(device).train()
     ema_policy = copy.deepcopy(policy)
     ecfg = dict(run_cfg.get("ema") or {})
@@ -442,6 +539,8 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
         lr_scheduler.load_state_dict(resume_state["lr_scheduler"])
         data_gen.set_state(resume_state["rng"]["data"])
         noise_gen.set_state(resume_state["rng"]["noise"])
+        if "torch" in resume_state["rng"]:  # the global RNG: the image encoder's random crops
+            torch.set_rng_state(resume_state["rng"]["torch"])
         step, epoch, pos = int(resume_state["step"]), int(resume_state["epoch"]), int(resume_state["pos"])
         perm = resume_state["perm"]
         wall_time_before = float(resume_state["wall_time"])
@@ -454,7 +553,7 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
     dataset_info = {
         "path": str(train_set.path),
         "episodes": int(len(train_set.episode_ends)),
-        "steps": int(len(train_set.obs)),
+        "steps": int(len(train_set.action)),
         "train_episodes": train_set.n_episodes,
         "val_episodes": val_set.n_episodes,
         "train_windows": len(train_set),
@@ -520,7 +619,7 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
             "ema": ema.state_dict() if ema is not None else {"optimization_step": 0, "decay": 0.0},
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
-            "rng": {"data": data_gen.get_state(), "noise": noise_gen.get_state()},
+            "rng": {"data": data_gen.get_state(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()},
             "wall_time": wall_time_before + elapsed(),
             "recent_losses": recent[-100:],
             "wandb_id": logger.run_id,
@@ -626,10 +725,29 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
     }
 
 
-def _fingerprint(dataset: SequenceDataset) -> str:
+def fit_normalizer(policy: LowdimPolicy, dataset: SequenceDataset | PushTImageDataset) -> None:
+    """DP's normalizer: 'limits' fitted to the whole buffer; an image policy's cameras DP's fixed [0, 1] range."""
+    policy.normalizer.fit(dataset.get_normalizer_data())
+    if not isinstance(policy, ImagePolicy):
+        return
+    r = IMAGE_RANGE_NORMALIZER
+    with torch.no_grad():
+        for key, (_, kind) in policy.obs_keys.items():
+            if kind != RGB:
+                continue
+            field = policy.normalizer.params_dict[policy.normalizer_fields[key]]
+            field.scale.fill_(r["scale"])
+            field.offset.fill_(r["offset"])
+            for stat in ("min", "max", "mean", "std"):
+                getattr(field.input_stats, stat).fill_(r[stat])
+
+
+def _fingerprint(dataset: SequenceDataset | PushTImageDataset) -> str:
     """sha256 of the episode ends, observations and actions: names the exact data a checkpoint saw."""
     h = hashlib.sha256()
-    for arr in (dataset.episode_ends, dataset.obs.numpy(), dataset.action.numpy()):
+    arrays = dataset.fingerprint_arrays() if hasattr(dataset, "fingerprint_arrays") else (
+        dataset.episode_ends, dataset.obs.numpy(), dataset.action.numpy())
+    for arr in arrays:
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
 
@@ -651,7 +769,10 @@ def _hydra_overrides() -> list[str]:
 
 __all__ = [
     "EMA",
+    "build_image_policy_config",
     "build_policy_config",
+    "fit_normalizer",
+    "is_image_task",
     "make_datasets",
     "make_lr_scheduler",
     "rollout",

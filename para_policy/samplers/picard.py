@@ -259,7 +259,12 @@ def picard_sample(
                 coeff = coeff.index_put((dev_b, dev_w), coeff[dev_b, dev_w] + mu)
             drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
             new = linear_recurrence(coeff, base, drift)
-        error = (new - old).pow(2).mean(dim=(-1, -2))  # (B, W)
+        change = (new - old).pow(2)
+        if inpaint is None:
+            error = change.mean(dim=(-1, -2))  # (B, W)
+        else:  # known entries are re-imposed before they are read: only the others must settle
+            free = ~inpaint[1][:, None]
+            error = change.masked_fill(~free, 0.0).sum(dim=(-1, -2)) / free.sum(dim=(-1, -2)).clamp(min=1)
         converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
 
         converged |= ~valid

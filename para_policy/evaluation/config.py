@@ -14,15 +14,19 @@ Config shape (``configs/eval.yaml`` composes it)::
     sampler      name (a preset), scheduler, num_inference_steps, warm_start and the
                  preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
+    controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz: how
+                 each env's chunks are scheduled (:class:`ControllerSettings`)
     num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +252,133 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
     Comparing ParaDDIM with 100-step DDPM would measure the schedule, not the sampler.
     """
     return sampler_spec("sequential", scheduler=schedule_kind, num_inference_steps=num_steps)
+
+
+CONTROLLER_MODES = ("sync", "async", "rtc")
+CONTROLLER_CLOCKS = ("steps", "wall")
+CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz")
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """``cfg.controller``: when each env's chunks are computed and when they take over.
+
+    ``mode='sync'`` on the steps clock is today's protocol (the robot waits for every chunk)
+    and runs through the batched rollout loop, bit for bit as before. Anything else runs each
+    episode through a :class:`~para_policy.controller.Controller`, so the evaluator measures
+    the very schedule a robot loop runs.
+
+    mode: ``'sync'``, ``'async'`` (the next chunk is sampled while the queue runs, then switched
+        to, time-aligned) or ``'rtc'`` (the same, the actions that run meanwhile frozen into it).
+    delay_steps: ``d``, the inference latency in control steps (``0 <= d < n_action_steps``); 0
+        in sync; None on the wall clock: measured by the Controller from this machine's latency.
+    clock: ``'steps'`` (the latency is simulated as exactly ``d`` steps: deterministic, the same
+        on every machine) or ``'wall'`` (real time: the env is stepped every ``1 / control_hz``
+        seconds and the real latency decides; not deterministic).
+    control_hz: the wall clock's control rate; None on the steps clock.
+    """
+
+    mode: str = "sync"
+    delay_steps: int | None = 0
+    clock: str = "steps"
+    control_hz: float | None = None
+
+    @property
+    def batched(self) -> bool:
+        """Whether the episodes run through the batched loop (:func:`~.rollout.run_rollouts`): sync, steps clock."""
+        return self.mode == "sync" and self.clock == "steps"
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the same config gives the same episodes on any machine (the steps clock)."""
+        return self.clock == "steps"
+
+    @property
+    def period_s(self) -> float | None:
+        """The wall clock's control period in seconds (``1 / control_hz``); None on the steps clock."""
+        return None if self.control_hz is None else 1.0 / self.control_hz
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form: the four keys, ``period_s``, whether the run is deterministic."""
+        return {**asdict(self), "period_s": self.period_s, "deterministic": self.deterministic}
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What a resumed run must share; None for today's protocol, so earlier run folders still resume."""
+        return None if self.batched else asdict(self)
+
+    def label(self) -> str:
+        """Short name for progress bars and tables: ``sync``, ``rtc d=2``, ``rtc wall 10 Hz``."""
+        if self.clock == "wall":
+            delay = "" if self.mode == "sync" else (" d measured" if self.delay_steps is None
+                                                    else f" d={self.delay_steps}")
+            return f"{self.mode} wall {self.control_hz:g} Hz{delay}"
+        return self.mode if self.mode == "sync" else f"{self.mode} d={self.delay_steps}"
+
+    def check_policy(self, n_action_steps: int) -> None:
+        """Refuse a delay the policy's chunks cannot absorb (before any env is stepped)."""
+        d = self.delay_steps
+        if self.mode != "sync" and d is not None and d >= n_action_steps:
+            raise EvalConfigError(
+                f"controller.delay_steps={d} must be < the policy's n_action_steps={n_action_steps} (the actions "
+                f"that run while a chunk is computed must leave it some of its own): use 0..{n_action_steps - 1}")
+        if self.mode != "sync" and self.clock == "wall" and n_action_steps < 2:
+            raise EvalConfigError(f"controller.mode={self.mode} with controller.clock=wall needs n_action_steps >= 2 "
+                                  f"(one action to run while the next chunk is sampled); this policy has "
+                                  f"{n_action_steps}")
+
+
+def _choice(value: Any, key: str, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``; else an error naming the key, the choices and the nearest one."""
+    if isinstance(value, str) and value in allowed:
+        return value
+    near = difflib.get_close_matches(str(value), allowed, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    choices = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}"
+    raise EvalConfigError(f"{key} must be {choices}, got {value!r}{hint}")
+
+
+def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> ControllerSettings:
+    """Read and check ``cfg.controller`` (absent: today's sync protocol); errors name the key.
+
+    ``delay_steps: null`` means 0 on the steps clock and "measured" on the wall clock;
+    ``control_hz: null`` on the wall clock is the task's ``fps``. The delay is checked against
+    the policy's ``n_action_steps`` later (:meth:`ControllerSettings.check_policy`).
+    """
+    node = cfg.get("controller") if isinstance(cfg, DictConfig) else None
+    if node is None:
+        return ControllerSettings()
+    raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if not isinstance(raw, Mapping):
+        raise EvalConfigError(f"controller must be a mapping of {list(CONTROLLER_KEYS)}, got {raw!r}")
+    unknown = sorted(set(raw) - set(CONTROLLER_KEYS))
+    if unknown:
+        raise EvalConfigError(f"controller has unknown keys {unknown}; known: {list(CONTROLLER_KEYS)}")
+    mode = _choice(raw.get("mode") or "sync", "controller.mode", CONTROLLER_MODES)
+    clock = _choice(raw.get("clock") or "steps", "controller.clock", CONTROLLER_CLOCKS)
+    delay = raw.get("delay_steps")
+    delay = None if delay is None else _int(delay, "controller.delay_steps", 0)
+    hz = raw.get("control_hz")
+    if hz is not None:
+        if clock != "wall":
+            raise EvalConfigError(f"controller.control_hz={hz} applies to controller.clock=wall only; the steps clock "
+                                  "simulates the latency as controller.delay_steps control steps")
+        if isinstance(hz, bool) or not isinstance(hz, (int, float)) or not math.isfinite(hz) or hz <= 0:
+            raise EvalConfigError(f"controller.control_hz must be a number > 0 (control steps per second), got {hz!r}")
+        hz = float(hz)
+    elif clock == "wall":
+        hz = float(task.fps) if task is not None else 10.0
+    if mode == "sync":
+        if delay not in (None, 0):
+            raise EvalConfigError(f"controller.delay_steps={delay} applies to controller.mode=async or rtc; "
+                                  "mode=sync waits for every chunk (delay 0)")
+        return ControllerSettings("sync", 0, clock, hz)
+    if clock == "steps":
+        return ControllerSettings(mode, 0 if delay is None else delay, clock, None)
+    if delay == 0:
+        raise EvalConfigError("controller.delay_steps=0 on controller.clock=wall would wait for every chunk (that is "
+                              "mode=sync): set controller.delay_steps=null to measure the delay from this machine's "
+                              "latency, or a fixed delay >= 1")
+    return ControllerSettings(mode, delay, clock, hz)
 
 
 def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:

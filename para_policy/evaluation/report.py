@@ -6,13 +6,22 @@
     latency_method {n_calls, warmup, batch_size, n_action_steps[, includes_obs_encoder,
                     observations_dir]}           # the last two for image policies
     machine {torch, torch_threads, cpu_count, platform, processor, load_avg}
+    controller {mode, delay_steps, clock, control_hz, period_s, deterministic, label, n_action_steps}
     samplers {role: {                        # role: 'candidate' (the chosen sampler), 'baseline'
         name, spec {name, scheduler, num_inference_steps, options}, schedule {kind, num_steps},
         n_episodes, n_failed, mean_score, success_rate, mean_length,
         failures [{seed, error}], episodes [{seed, max_reward, success, length, n_chunks,
-        rounds_per_chunk, wall_time_s, error}],
+        rounds_per_chunk, wall_time_s, error[, <CONTROLLER_FIELDS>]}],
         rollout_rounds_per_chunk {n, mean, std, min, max, p50, p95, p99},
-        latency {ms_per_chunk, ms_per_action, rounds_per_chunk, model_evals_per_chunk} | null }}
+        latency {ms_per_chunk, ms_per_action, rounds_per_chunk, model_evals_per_chunk} | null,
+        controller {episodes, stalls, stalls_per_episode, switches, switch_discontinuity_mean,
+                    switch_discontinuity_max, steps_in_flight, steps_in_flight_fraction, idle_steps,
+                    delay_used_mean, delay_used_max[, late_steps, stall_wait_ms_max,
+                    chunk_latency_ms_p50, chunk_latency_ms_max]} | null }}
+                                             # 'controller' only where the run was not sync on the
+                                             # steps clock (the batched loop); the episodes then
+                                             # carry the Controller's per-episode statistics
+                                             # (para_policy.evaluation.realtime.CONTROLLER_FIELDS)
     comparison {candidate, baseline, faithfulness {mean_px, max_px, n_calls},   # in action_unit
                                                                               # (key names from PushT)
                 ratios {<metric>: candidate / baseline}} | null
@@ -59,6 +68,17 @@ ROWS: list[tuple[str, str, str]] = [
     ("rounds/chunk (batch 1)", "latency.rounds_per_chunk.mean", "{:.2f}"),
     ("model evals/chunk (batch 1)", "latency.model_evals_per_chunk.mean", "{:.1f}"),
     ("rounds/chunk (rollouts)", "rollout_rounds_per_chunk.mean", "{:.2f}"),
+]
+#: rows added where the episodes ran through a Controller (controller.mode=async|rtc, or the wall clock)
+CONTROLLER_ROWS: list[tuple[str, str, str]] = [
+    ("stalls/episode", "controller.stalls_per_episode", "{:.2f}"),
+    ("switches/episode", "controller.switches_per_episode", "{:.2f}"),
+    ("switch jump mean ({unit})", "controller.switch_discontinuity_mean", "{:.3f}"),
+    ("switch jump max ({unit})", "controller.switch_discontinuity_max", "{:.3f}"),
+    ("steps in flight (fraction)", "controller.steps_in_flight_fraction", "{:.3f}"),
+    ("idle steps (simulated)", "controller.idle_steps", "{:d}"),
+    ("delay used mean (steps)", "controller.delay_used_mean", "{:.2f}"),
+    ("late steps (wall clock)", "controller.late_steps", "{:d}"),
 ]
 RATIO_KEYS: dict[str, str] = {
     "mean_score": "mean_score",
@@ -109,6 +129,55 @@ def summarize_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def summarize_controller(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The Controller's statistics over the episodes that ran to the end (None when none has them).
+
+    Totals of stalls, switches, steps in flight and idle steps; the switch discontinuity
+    (``|a_new - a_old|`` at a switch, in the task's action unit) averaged over all switches and
+    maximised; ``steps_in_flight_fraction``: the share of control steps that ran while a chunk was
+    being computed (the overlap asynchronous inference buys). ``idle_steps`` is None on the wall
+    clock, ``late_steps`` (steps that missed their tick) None on the steps clock.
+    """
+    ok = [e for e in episodes if e.get("error") is None and "stalls" in e]
+    if not ok:
+        return None
+
+    def total(key: str) -> int | None:
+        values = [e.get(key) for e in ok]
+        return None if any(v is None for v in values) else int(sum(values))
+
+    switches = sum(int(e["switches"]) for e in ok)
+    jumps = [(e["switch_discontinuity_mean"], e["switches"]) for e in ok
+             if e.get("switch_discontinuity_mean") is not None]
+    maxima = [e["switch_discontinuity_max"] for e in ok if e.get("switch_discontinuity_max") is not None]
+    delays = [(e["delay_used_mean"], e["n_chunks"]) for e in ok if e.get("delay_used_mean") is not None]
+    chunks = sum(n for _, n in delays)
+    steps = sum(int(e["length"]) for e in ok)
+    out: dict[str, Any] = {
+        "episodes": len(ok),
+        "stalls": total("stalls"),
+        "stalls_per_episode": float(np.mean([e["stalls"] for e in ok])),
+        "switches": switches,
+        "switches_per_episode": switches / len(ok),
+        "switch_discontinuity_mean": sum(m * n for m, n in jumps) / sum(n for _, n in jumps) if jumps and switches
+        else None,
+        "switch_discontinuity_max": max(maxima) if maxima else None,
+        "steps_in_flight": total("steps_in_flight"),
+        "steps_in_flight_fraction": total("steps_in_flight") / steps if steps else None,
+        "idle_steps": total("idle_steps"),
+        "delay_used_mean": sum(m * n for m, n in delays) / chunks if chunks else None,
+        "delay_used_max": max((e["delay_used_max"] for e in ok if e.get("delay_used_max") is not None), default=None),
+    }
+    if any("late_steps" in e for e in ok):
+        waits = [e["stall_wait_ms_max"] for e in ok if e.get("stall_wait_ms_max") is not None]
+        p50 = [e["chunk_latency_ms_p50"] for e in ok if e.get("chunk_latency_ms_p50") is not None]
+        lat_max = [e["chunk_latency_ms_max"] for e in ok if e.get("chunk_latency_ms_max") is not None]
+        out.update(late_steps=total("late_steps"), stall_wait_ms_max=max(waits) if waits else None,
+                   chunk_latency_ms_p50=float(np.median(p50)) if p50 else None,
+                   chunk_latency_ms_max=max(lat_max) if lat_max else None)
+    return out
+
+
 def comparison(samplers: Mapping[str, Mapping[str, Any]], faith: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Ratios candidate / baseline for every metric in ``RATIO_KEYS``, plus faithfulness."""
     if "candidate" not in samplers or "baseline" not in samplers:
@@ -142,6 +211,16 @@ def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             row.append(_fmt(ratio(lookup(samplers["candidate"], path), lookup(samplers["baseline"], path)),
                             "{:.3f}"))
         rows.append(row)
+    if any(samplers[r].get("controller") for r in roles):
+        unit = results.get("action_unit", "px")
+        for label, path, fmt in CONTROLLER_ROWS:
+            values = [lookup(samplers[r], path) for r in roles]
+            if all(v is None for v in values):
+                continue  # e.g. late steps on the steps clock
+            row = [label.format(unit=unit)] + [_fmt(v, fmt) for v in values]
+            if len(roles) == 2:
+                row.append("")
+            rows.append(row)
     comp = results.get("comparison") or {}
     faith = comp.get("faithfulness")
     if faith:
@@ -176,6 +255,11 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in spec["options"].items()) or "no options"
         md.append(f"- {role}: `{s['name']}` on {s['schedule']['kind']} × {s['schedule']['num_steps']} steps "
                   f"({opts})")
+    ctl = results.get("controller") or {}
+    if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps"):
+        md.append(f"- controller: `{ctl.get('label')}` (mode={ctl.get('mode')}, delay_steps={ctl.get('delay_steps')}, "
+                  f"clock={ctl.get('clock')}" + (f", {ctl.get('control_hz'):g} Hz" if ctl.get("control_hz") else "")
+                  + ")" + ("" if ctl.get("deterministic") else ": real time, not deterministic"))
     if results.get("overrides"):
         md.append(f"- overrides: `{' '.join(results['overrides'])}`")
     md += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
@@ -192,11 +276,34 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     if lat.get("includes_obs_encoder"):
         md[-1] += (" The policy's observation encoder (its image ResNet) runs inside every call, so these figures "
                    "include it.")
+    if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps"):
+        md += ["", "## How chunks were scheduled", "", controller_note(ctl)]
     failures = [(role, f) for role, s in results["samplers"].items() for f in s.get("failures", [])]
     if failures:
         md += ["", "## Failed episodes", ""]
         md += [f"- {role} seed {f['seed']}: {f['error']}" for role, f in failures]
     return "\n".join(md) + "\n"
+
+
+def controller_note(ctl: Mapping[str, Any]) -> str:
+    """One paragraph saying what ``results['controller']`` simulated, for summary.md."""
+    mode, d = ctl.get("mode"), ctl.get("delay_steps")
+    what = {"sync": "each chunk is computed while the robot waits (the env does not move meanwhile)",
+            "async": "the next chunk is sampled while the current one runs and switched to, time-aligned, when "
+                     "the queue runs out (naive asynchronous inference)",
+            "rtc": "the next chunk is sampled while the current one runs, with the actions that run meanwhile "
+                   "frozen into it (real-time chunking, hard masking)"}.get(str(mode), str(mode))
+    if ctl.get("clock") == "wall":
+        delay = "measured by the Controller from this machine's latency" if d is None else f"fixed at {d} steps"
+        return (f"Each episode ran through one `Controller`: {what}. The env was stepped every {ctl.get('period_s')} s "
+                f"on a fixed grid (sleep to the next tick; a late step runs at once, without drift), and the delay was "
+                f"{delay}. Stalls are steps at which `act` waited for a chunk; late steps missed their tick. These "
+                "numbers depend on the machine and its load: another run gives others.")
+    return (f"Each episode ran through one `Controller`: {what}. On the steps clock a chunk requested at step s "
+            f"counts as ready at step s + {d}, so the results are deterministic and machine-independent. The noise "
+            "of each chunk is keyed by (noise seed, episode seed, chunk index), as in the batched loop, so both "
+            "samplers get the same noise. Switch jump: the distance between the new chunk's action and the old "
+            "plan's at the switch step, in the task's action unit.")
 
 
 def atomic_file(path: str | Path, write: Callable[[str], Any]) -> Path:

@@ -7,8 +7,10 @@ Hydra's config and run folder), and what tests call directly. In order:
    before any env is stepped);
 2. roll out the chosen sampler (role ``candidate``) and, with ``compare=true``, the
    sequential baseline on the same schedule (role ``baseline``): same env seeds, same
-   model, same noise per (episode, chunk); progress saved to ``progress.json`` after
-   every episode, so ``resume_dir=<earlier run dir>`` continues an interrupted run;
+   model, same noise per (episode, chunk), same ``controller`` settings (``sync``: the
+   batched loop; ``async`` / ``rtc`` or the wall clock: one Controller per env,
+   :mod:`.realtime`); progress saved to ``progress.json`` after every episode, so
+   ``resume_dir=<earlier run dir>`` continues an interrupted run;
 3. time batch-1 calls of both samplers on chunk observations of the candidate's
    rollouts, with the same noise: latency and faithfulness (for image tasks the
    observations wait in ``chunk_obs/*.npz`` side files, not in the JSON files);
@@ -30,10 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from para_policy.evaluation.config import (
     FLAT_KEY,
+    ControllerSettings,
     EvalConfigError,
     TaskSettings,
     _int,
     baseline_config,
+    controller_settings,
     file_fingerprint,
     format_shapes,
     observation_mismatch,
@@ -49,6 +53,7 @@ from para_policy.evaluation.latency import (
     select_observations,
     time_samplers,
 )
+from para_policy.evaluation.realtime import run_controller_rollouts
 from para_policy.evaluation.report import (
     CHUNK_OBS_DIR,
     SCHEMA_VERSION,
@@ -58,6 +63,7 @@ from para_policy.evaluation.report import (
     lookup,
     make_plots,
     read_chunk_obs,
+    summarize_controller,
     summarize_episodes,
     write_chunk_obs,
     write_json,
@@ -80,7 +86,8 @@ _BASELINE_CACHE: dict[str, tuple[list[dict[str, Any]], Path | None]] = {}
 
 #: the top-level keys of the eval config (configs/eval.yaml; ``inference`` is added with +inference.*)
 KNOWN_KEYS = frozenset({"task", "sampler", "logger", "checkpoint", "checkpoint_trust", "device", "threads", "seed",
-                        "compare", "num_envs", "progress", "latency", "video", "resume_dir", "inference"})
+                        "compare", "num_envs", "progress", "latency", "video", "resume_dir", "inference",
+                        "controller"})
 
 
 def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -335,6 +342,7 @@ def evaluate(
     candidate = sampler_config(cfg.sampler)
     task = task_settings(cfg)
     opts = _eval_settings(cfg)
+    ctl = controller_settings(cfg, task)
     if not cfg.get("checkpoint"):
         if task.checkpoint_asset is None:
             raise EvalConfigError(
@@ -350,6 +358,7 @@ def evaluate(
     if not isinstance(trust, bool):
         raise EvalConfigError(f"checkpoint_trust must be true or false, got {trust!r}")
     policy = load_checked_policy(ckpt, task, opts["device"], trust)
+    ctl.check_policy(policy.n_action_steps)
     configure_inference(policy, **opts["inference"])  # both samplers run the same denoiser
     _check_env(task)
     try:
@@ -369,6 +378,8 @@ def evaluate(
         "noise_seed": opts["seed"], "inference": opts["inference"],
         "samplers": {role: spec_dict(s) for role, s in specs.items()},
     }
+    if ctl.fingerprint() is not None:  # sync on the steps clock keeps the fingerprint earlier runs have
+        fingerprint["controller"] = ctl.fingerprint()
 
     # ---- 2. rollouts ---------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -402,7 +413,8 @@ def evaluate(
                 old = sorted((resume_dir / "videos").glob(f"{role}_{spec.name}_seed{task.seeds[0]}.*"))
                 previous_video = old[0] if old and opts["video"] else None
             cache_key = json.dumps({"checkpoint": fingerprint["checkpoint"], "task": fingerprint["task"],
-                                    "noise_seed": opts["seed"], "spec": spec_dict(spec)}, sort_keys=True)
+                                    "noise_seed": opts["seed"], "spec": spec_dict(spec),
+                                    "controller": ctl.fingerprint()}, sort_keys=True)
             if todo and role == "baseline" and cache_key in _BASELINE_CACHE:
                 cached_eps, cached_video = _BASELINE_CACHE[cache_key]
                 cached = {e["seed"]: e for e in cached_eps}
@@ -427,11 +439,8 @@ def evaluate(
                     done[role].append(rec)
                     save_progress()
 
-                _, frames = run_rollouts(
-                    policy, spec, task, todo, noise_seed=opts["seed"], num_envs=opts["num_envs"],
-                    video_seed=task.seeds[0] if record_video else None, video_size=opts["video_size"],
-                    record_obs=(role == "candidate"), on_episode=on_episode, progress=opts["progress"],
-                    desc=f"{role} ({spec.name})")
+                frames = _roll_out(policy, spec, task, todo, ctl, opts, role=role, on_episode=on_episode,
+                                   video_seed=task.seeds[0] if record_video else None)
             order = {s: i for i, s in enumerate(task.seeds)}
             done[role] = sorted((e for e in done[role] if e["seed"] in order), key=lambda e: order[e["seed"]])
             save_progress()
@@ -464,6 +473,7 @@ def evaluate(
                 "schedule": {"kind": policy.schedule_for(spec).kind, "num_steps": policy.schedule_for(spec).num_steps},
                 **summarize_episodes(episodes),
                 "latency": latency_summary(timings[role], policy.n_action_steps) if timings[role]["ms"] else None,
+                **({} if ctl.batched else {"controller": summarize_controller(episodes)}),
                 "episodes": episodes,
             }
         faith = None
@@ -477,6 +487,7 @@ def evaluate(
             "seeds": task.seeds,
             "noise_seed": opts["seed"],
             "overrides": list(overrides or []),
+            "controller": {**ctl.as_dict(), "label": ctl.label(), "n_action_steps": policy.n_action_steps},
             "samplers": samplers,
             "comparison": comparison(samplers, faith),
             "latency_method": {"n_calls": len(picked), "warmup": opts["latency_warmup"], "batch_size": 1,
@@ -504,12 +515,35 @@ def evaluate(
         if load and machine.get("cpu_count") and others > 0.5:
             print(f"note: load average {load} on {machine['cpu_count']} CPUs while timing (this run uses "
                   f"{machine.get('torch_threads')} threads): latency figures are not reliable on a busy machine")
+        if not ctl.deterministic:
+            print(f"note: controller.clock=wall ({ctl.label()}): episodes depend on this machine's latency and load; "
+                  "another run gives other numbers")
         print(f"\nresults: {out / RESULTS_FILE}\nsummary: {out / SUMMARY_FILE}")
         exit_code = 0
         return results
     finally:
         torch.set_num_threads(old_threads)
         logger.finish(exit_code)
+
+
+def _roll_out(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings, seeds: list[int],
+              ctl: ControllerSettings, opts: dict[str, Any], *, role: str, on_episode: Any,
+              video_seed: int | None) -> list[np.ndarray] | None:
+    """Run ``seeds`` with ``spec`` under the controller settings; return the video frames (or None).
+
+    ``sync`` on the steps clock is the batched loop, exactly as before the controller modes
+    existed; the others run one Controller per env (:func:`run_controller_rollouts`), with
+    the batched loop's noise per (episode, chunk).
+    """
+    common = dict(noise_seed=opts["seed"], video_seed=video_seed, video_size=opts["video_size"],
+                  record_obs=(role == "candidate"), on_episode=on_episode, progress=opts["progress"])
+    if ctl.batched:
+        _, frames = run_rollouts(policy, spec, task, seeds, num_envs=opts["num_envs"], desc=f"{role} ({spec.name})",
+                                 **common)
+    else:
+        _, frames = run_controller_rollouts(policy, spec, task, seeds, ctl, desc=f"{role} ({spec.name}, "
+                                            f"{ctl.label()})", **common)
+    return frames
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -530,6 +564,13 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
         "rounds_per_chunk": "latency.rounds_per_chunk.mean",
         "model_evals_per_chunk": "latency.model_evals_per_chunk.mean",
         "rollout_rounds_per_chunk": "rollout_rounds_per_chunk.mean",
+        # controller.mode=async|rtc or the wall clock (absent in sync: the batched loop)
+        "stalls_per_episode": "controller.stalls_per_episode",
+        "switch_discontinuity_mean": "controller.switch_discontinuity_mean",
+        "switch_discontinuity_max": "controller.switch_discontinuity_max",
+        "steps_in_flight_fraction": "controller.steps_in_flight_fraction",
+        "idle_steps": "controller.idle_steps",
+        "late_steps": "controller.late_steps",
     }
     for role, s in results["samplers"].items():
         for name, path in paths.items():

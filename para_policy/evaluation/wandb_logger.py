@@ -49,10 +49,13 @@ class WandbLogger(NullLogger):
         header, rows = table_rows(results)
         payload: dict[str, Any] = dict(metrics)
         payload["comparison_table"] = wandb.Table(columns=header, data=rows)
-        episode_rows = [[role, s["name"], e["seed"], e["max_reward"], e["success"], e["length"], e["error"]]
-                        for role, s in results["samplers"].items() for e in s["episodes"]]
-        payload["episodes"] = wandb.Table(
-            columns=["role", "sampler", "seed", "max_reward", "success", "length", "error"], data=episode_rows)
+        columns = ["role", "sampler", "seed", "max_reward", "success", "length", "error"]
+        episodes = [(role, s, e) for role, s in results["samplers"].items() for e in s["episodes"]]
+        # episodes run through a Controller (controller.mode=async|rtc, or the wall clock) add its statistics
+        extra = [k for k in ("stalls", "switches", "switch_discontinuity_mean", "switch_discontinuity_max",
+                             "idle_steps", "late_steps") if any(k in e for _, _, e in episodes)]
+        episode_rows = [[role, s["name"], *(e.get(k) for k in columns[2:] + extra)] for role, s, e in episodes]
+        payload["episodes"] = wandb.Table(columns=columns + extra, data=episode_rows)
         for name, path in plots.items():
             payload[f"plots/{name}"] = wandb.Image(str(path))
         for role, path in videos.items():

@@ -200,6 +200,8 @@ def picard_sample(
     offsets = torch.arange(W)
     batch_index = torch.arange(B, device=device)[:, None].expand(B, W)
     drift = torch.empty((B, W, T, D), device=device, dtype=x_T.dtype)  # reused every round
+    known = None if inpaint is None else inpaint[1][:, None]  # (B, 1, T, D), for the convergence test
+    free_count = None if known is None else (~known).sum(dim=(-1, -2)).clamp(min=1)  # (B, 1)
     rounds = 0
     model_evals = 0
     rows_per_round: list[int] = []
@@ -260,11 +262,10 @@ def picard_sample(
             drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
             new = linear_recurrence(coeff, base, drift)
         change = (new - old).pow(2)
-        if inpaint is None:
+        if known is None:
             error = change.mean(dim=(-1, -2))  # (B, W)
         else:  # known entries are re-imposed before they are read: only the others must settle
-            free = ~inpaint[1][:, None]
-            error = change.masked_fill(~free, 0.0).sum(dim=(-1, -2)) / free.sum(dim=(-1, -2)).clamp(min=1)
+            error = change.masked_fill(known, 0.0).sum(dim=(-1, -2)) / free_count
         converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
 
         converged |= ~valid

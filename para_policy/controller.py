@@ -28,7 +28,9 @@ Picard sampling makes possible:
   (Black et al. 2025): the ``d`` queued actions that run while the chunk is computed are
   frozen, imposed as known entries of its trajectory (``predict_action(prefix_actions=...)``),
   so the rest of the chunk is sampled to continue them and the frozen ones are exactly what
-  was executed. RTC's soft masking (guidance toward the old chunk beyond the frozen actions)
+  was executed. They are imposed at each step's noise level by default (``prefix_mode='noised'``,
+  RePaint's imposition, which a model trained without inpainting reads as its own), or clean
+  (``'clean'``). RTC's soft masking (guidance toward the old chunk beyond the frozen actions)
   is not implemented: it needs a vector-Jacobian product through the denoiser at every step.
 * **Two clocks, one schedule.** ``clock='wall'``: a worker thread samples while ``act()``
   hands out queued actions, one inference at a time, ``d = ceil(latency / period_s)``
@@ -74,7 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from para_policy.policy import LowdimPolicy, PolicyOutput
+from para_policy.policy import PREFIX_MODES, LowdimPolicy, PolicyOutput
 from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
 
 MODES = ("sync", "async", "rtc")
@@ -196,6 +198,8 @@ class Controller:
             ignores it.
         period_s: the control period in seconds (``1 / control_hz``), to turn measured latency
             into steps.
+        prefix_mode: ``mode='rtc'``: how the frozen actions are imposed, ``'noised'`` (default)
+            or ``'clean'`` (``LowdimPolicy.predict_action``'s ``prefix_mode``).
         options: sampler options (``window``, ``tolerance``, ``max_iterations``,
             ``per_sample_windows``, ``linear_solve``, ``secant``, ``scheduler``,
             ``num_inference_steps``). ``window='auto'`` (the preset's) is resolved by
@@ -218,7 +222,7 @@ class Controller:
                  warm_start: bool | None = None, deadline_ms: float | None = None, seed: int | None = None,
                  devices: Sequence[str | torch.device] | None = None, max_records: int = 100_000,
                  mode: str = "sync", delay_steps: int | None = None, clock: str = "wall",
-                 period_s: float | None = None, **options: Any) -> None:
+                 period_s: float | None = None, prefix_mode: str = "noised", **options: Any) -> None:
         self.policy = policy
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
@@ -233,6 +237,9 @@ class Controller:
                 raise ValueError(f"deadline_ms must be a number >= 0, got {deadline_ms!r}")
         self.deadline_ms = None if deadline_ms is None else float(deadline_ms)
         self.mode, self.clock = mode, clock
+        if prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
+        self.prefix_mode = prefix_mode
         self.delay_steps, self.period_s = self._check_timing(mode, delay_steps, clock, period_s)
         if devices is not None:
             from para_policy.devices import use_devices
@@ -434,7 +441,8 @@ class Controller:
         """
         start = time.perf_counter()
         deadline = None if self.deadline_ms is None else start + self.deadline_ms / 1000
-        frozen = {} if prefix is None else {"prefix_actions": prefix}  # sync calls stay as they were
+        # sync and async calls stay as they were
+        frozen = {} if prefix is None else {"prefix_actions": prefix, "prefix_mode": self.prefix_mode}
         out = self.policy.predict_action(obs, generator=self.generator, warm_start=warm, deadline=deadline,
                                          sampler=self.spec, **frozen)
         return out, (time.perf_counter() - start) * 1000

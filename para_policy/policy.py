@@ -20,10 +20,12 @@ from torch import nn
 
 from para_policy.models import ConditionalUnet1D, TransformerForDiffusion
 from para_policy.normalizer import LinearNormalizer
-from para_policy.samplers import SampleStats, draw_noise, shift_trajectory, warm_start_init
+from para_policy.samplers import SampleStats, diffuse_known, draw_noise, shift_trajectory, warm_start_init
 from para_policy.samplers.registry import SamplerConfig, build_schedule, sampler_spec, schedule_key
 from para_policy.schedule import Schedule, build_scheduler
 
+#: how ``predict_action`` imposes frozen ``prefix_actions``: at each step's noise level, or clean
+PREFIX_MODES = ("noised", "clean")
 CONFIG_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim", "model", "noise_scheduler")
 log = logging.getLogger("para_policy.policy")
 
@@ -388,6 +390,7 @@ class LowdimPolicy(nn.Module):
         deadline: float | None = None,
         sampler: str | SamplerConfig | None = None,
         prefix_actions: torch.Tensor | None = None,
+        prefix_mode: str = "noised",
         **options: Any,
     ) -> PolicyOutput:
         """DiffusionPolicy's ``predict_action``: ``{'obs': (B, To, Do)}`` → actions.
@@ -418,6 +421,12 @@ class LowdimPolicy(nn.Module):
                 also overwrite those entries of a warm-start guess. At tolerance 0 a Picard
                 sampler gives :func:`~para_policy.samplers.sequential_sample` with the same
                 inpainting.
+            prefix_mode: how the frozen actions are imposed before each step: ``'noised'``
+                (default; RePaint's imposition, :func:`~para_policy.samplers.diffuse_known`: at the
+                step's noise level, with ``x_T``'s entries as the noise, which a model trained
+                without inpainting reads as its own) or ``'clean'`` (the clean values at every
+                step, as DiffusionPolicy imposes observations). The result holds them clean either
+                way; an inpainting policy's observation entries are imposed clean as DiffusionPolicy does.
         Returns:
             :class:`PolicyOutput`: ``{'action': (B, n_action_steps, Da), 'action_pred': (B, T, Da)}``
             with ``.stats``, ``.trajectory``, ``.spec``, ``.warm``.
@@ -430,14 +439,19 @@ class LowdimPolicy(nn.Module):
         spec = self.resolve(spec, obs)
         global_cond, inpaint = self.conditioning(obs)
         shape = self.trajectory_shape(self.batch_size(obs))
+        if prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
         prefix = None if prefix_actions is None else self.prefix_inpaint(prefix_actions, shape)
-        if prefix is not None:
-            inpaint = prefix if inpaint is None else (torch.where(prefix[1], prefix[0], inpaint[0]),
-                                                      prefix[1] | inpaint[1])
         if x_T is None:
             if noise is not None:
                 raise ValueError("pass x_T together with noise")
             x_T, noise = draw_noise(schedule, shape, generator, device=self.device, dtype=self.dtype)
+        if prefix is not None:
+            known = prefix if inpaint is None else (torch.where(prefix[1], prefix[0], inpaint[0]),
+                                                    prefix[1] | inpaint[1])
+            if prefix_mode == "noised":
+                known = (diffuse_known(schedule, known[0], prefix[1], x_T.to(known[0])), known[1])
+            inpaint = known
         call_key = (shape, schedule.kind, schedule.num_steps, str(self.device))
         kwargs = dict(spec.options)
         warm = False

@@ -19,6 +19,7 @@ from para_policy import LowdimPolicy
 from para_policy.controller import Controller
 from para_policy.policy import PolicyOutput
 from para_policy.samplers import SampleStats, draw_noise, sequential_sample, shift_trajectory
+from para_policy.schedule import build_scheduler
 
 H, HORIZON, STEPS = 8, 16, 10  # n_action_steps, horizon, denoising steps
 WORKER = "para_policy-controller"
@@ -98,7 +99,8 @@ def step_obs(t: int) -> np.ndarray:
 
 @pytest.mark.parametrize("global_cond", [True, False])
 @pytest.mark.parametrize("d", [1, 3])
-def test_frozen_prefix_at_tolerance_zero_equals_sequential_with_the_same_inpainting(global_cond, d):
+@pytest.mark.parametrize("prefix_mode", ["noised", "clean"])
+def test_frozen_prefix_at_tolerance_zero_equals_sequential_with_the_same_inpainting(global_cond, d, prefix_mode):
     policy = rt_policy(global_cond)
     obs = torch.as_tensor(observations(TO, seed=4))[None]  # (1, To, Do)
     prefix = torch.as_tensor(np.random.default_rng(1).uniform(0, 500, (1, d, ACT_DIM)), dtype=torch.float32)
@@ -114,10 +116,19 @@ def test_frozen_prefix_at_tolerance_zero_equals_sequential_with_the_same_inpaint
         data[:, :TO, ACT_DIM:], mask[:, :TO, ACT_DIM:] = nobs, True
     schedule = policy.schedule_for(policy.sampler)
     x_T, noise = draw_noise(schedule, (1, HORIZON, D), torch.Generator().manual_seed(2))
+    known = data
+    if prefix_mode == "noised":  # RePaint: the frozen actions at each step's level of the scheduler, x_T as the noise
+        scheduler = build_scheduler(policy.config["noise_scheduler"])
+        scheduler.set_timesteps(STEPS)
+        frozen = torch.zeros_like(mask)
+        frozen[:, TO - 1: TO - 1 + d, :ACT_DIM] = True
+        levels = [torch.where(frozen, scheduler.alphas_cumprod[t].sqrt() * data
+                              + (1 - scheduler.alphas_cumprod[t]).sqrt() * x_T, data) for t in scheduler.timesteps]
+        known = torch.stack([*levels, data], dim=1)  # (1, S + 1, T, D)
     ref, _ = sequential_sample(lambda x, t, c: policy.model(x, t, global_cond=c), schedule, x_T, noise,
-                               condition=cond, inpaint=(data, mask))
+                               condition=cond, inpaint=(known, mask))
 
-    kw = dict(x_T=x_T, noise=noise, prefix_actions=prefix)
+    kw = dict(x_T=x_T, noise=noise, prefix_actions=prefix, prefix_mode=prefix_mode)
     seq = policy.predict_action({"obs": obs}, sampler="sequential", **kw)
     torch.testing.assert_close(seq.trajectory, ref, rtol=0, atol=1e-6)
     guess = torch.randn(1, HORIZON, D, generator=torch.Generator().manual_seed(3))
@@ -139,6 +150,8 @@ def test_bad_prefix_actions_are_refused():
             policy.predict_action(obs, prefix_actions=bad)
     with pytest.raises(ValueError, match="NaN"):
         policy.predict_action(obs, prefix_actions=torch.full((1, 2, ACT_DIM), float("nan")))
+    with pytest.raises(ValueError, match=r"prefix_mode must be one of \('noised', 'clean'\), got 'soft'"):
+        policy.predict_action(obs, prefix_actions=torch.zeros(1, 2, ACT_DIM), prefix_mode="soft")
     empty = policy.predict_action(obs, prefix_actions=torch.zeros(1, 0, ACT_DIM),
                                   generator=torch.Generator().manual_seed(0))["action"]
     plain = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]

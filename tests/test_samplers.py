@@ -363,3 +363,67 @@ def test_known_entries_do_not_hold_back_convergence(denoiser, linear_solve):
     assert torch.equal(ours[mask], data[mask])
     assert (ours - ref)[~mask].abs().max() < 0.1
     assert free_only.rounds < 60
+
+
+def test_diffuse_known_is_the_forward_process_at_each_steps_level():
+    """Closed form: entry e at step k is sqrt(abar_{t_k}) d + sqrt(1 - abar_{t_k}) x_T, clean at the end."""
+    from para_policy.samplers import diffuse_known
+
+    sched = dp_ddim()
+    schedule = make_schedule(sched, 10)
+    data, mask = make_inpaint(2)
+    x_T = torch.randn(2, SHAPE_T, SHAPE_D, generator=torch.Generator().manual_seed(5))
+    per_step = diffuse_known(schedule, data, mask, x_T)
+    assert per_step.shape == (2, 11, SHAPE_T, SHAPE_D)
+    sched.set_timesteps(10)
+    for k, t in enumerate(sched.timesteps):
+        abar = sched.alphas_cumprod[t]
+        expected = torch.where(mask, abar.sqrt() * data + (1 - abar).sqrt() * x_T, data)
+        assert torch.allclose(per_step[:, k], expected, atol=1e-6), k
+    assert torch.equal(per_step[:, 10], data)
+
+
+def _per_step_inpaint(make, steps: int, batch: int, seed: int = 11):
+    schedule = make_schedule(make(), steps)
+    x_T, noise = draw_noise(schedule, (batch, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(seed))
+    data, mask = make_inpaint(batch)
+    per_step = torch.randn(batch, steps + 1, SHAPE_T, SHAPE_D, generator=torch.Generator().manual_seed(9))
+    return schedule, x_T, noise, (per_step, mask)
+
+
+@pytest.mark.parametrize("name,make,steps", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_sequential_imposes_each_steps_known_values(denoiser, name, make, steps):
+    """Per-step data against DiffusionPolicy's loop written out, imposing data[:, k] before step k."""
+    schedule, x_T, noise, (per_step, mask) = _per_step_inpaint(make, steps, batch=2)
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    scheduler = make()
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(11)
+    ref = torch.randn(x_T.shape, generator=g)
+    with torch.no_grad():
+        for k, t in enumerate(scheduler.timesteps):
+            ref[mask] = per_step[:, k][mask]
+            ref = scheduler.step(denoiser(ref, t.expand(2), cond), t, ref, generator=g).prev_sample
+    ref[mask] = per_step[:, steps][mask]
+    ours, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=(per_step, mask))
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,make,steps", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("window,linear_solve", [(4, False), (100, True), (100, "secant")])
+def test_picard_tolerance_zero_with_per_step_known_values_equals_sequential(denoiser, name, make, steps,
+                                                                            window, linear_solve):
+    schedule, x_T, noise, inpaint = _per_step_inpaint(make, steps, batch=3)
+    cond = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
+    opts = {"linear_solve": bool(linear_solve), "secant": linear_solve == "secant"}
+    ours, stats = picard_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint, window=window,
+                                tolerance=0.0, **opts)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert stats.rounds <= steps
+
+
+def test_per_step_known_values_of_the_wrong_shape_are_refused(denoiser):
+    schedule, x_T, noise, (per_step, mask) = _per_step_inpaint(dp_ddim, 10, batch=2)
+    with pytest.raises(ValueError, match=r"per step \(2, 11, 8, 3\)"):
+        sequential_sample(denoiser, schedule, x_T, noise, inpaint=(per_step[:, :10], mask))

@@ -14,8 +14,9 @@ Config shape (``configs/eval.yaml`` composes it)::
     sampler      name (a preset), scheduler, num_inference_steps, warm_start and the
                  preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
-    controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz: how
-                 each env's chunks are scheduled (:class:`ControllerSettings`)
+    controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz,
+                 prefix_mode (rtc: noised | clean): how each env's chunks are scheduled
+                 (:class:`ControllerSettings`)
     num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from para_policy.policy import PREFIX_MODES
 from para_policy.samplers import SamplerConfig, SamplerOptionError, sampler_spec
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -256,7 +258,7 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
 
 CONTROLLER_MODES = ("sync", "async", "rtc")
 CONTROLLER_CLOCKS = ("steps", "wall")
-CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz")
+CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz", "prefix_mode")
 
 
 @dataclass(frozen=True)
@@ -276,12 +278,15 @@ class ControllerSettings:
         on every machine) or ``'wall'`` (real time: the env is stepped every ``1 / control_hz``
         seconds and the real latency decides; not deterministic).
     control_hz: the wall clock's control rate; None on the steps clock.
+    prefix_mode: ``mode='rtc'``: how the frozen actions are imposed (``'noised'``, the default, or
+        ``'clean'``: :class:`~para_policy.controller.Controller`'s ``prefix_mode``); None otherwise.
     """
 
     mode: str = "sync"
     delay_steps: int | None = 0
     clock: str = "steps"
     control_hz: float | None = None
+    prefix_mode: str | None = None
 
     @property
     def batched(self) -> bool:
@@ -303,16 +308,27 @@ class ControllerSettings:
         return {**asdict(self), "period_s": self.period_s, "deterministic": self.deterministic}
 
     def fingerprint(self) -> dict[str, Any] | None:
-        """What a resumed run must share; None for today's protocol, so earlier run folders still resume."""
-        return None if self.batched else asdict(self)
+        """What a resumed run must share; None for today's protocol, so earlier run folders still resume.
+
+        ``prefix_mode`` only where it applies (rtc), so earlier async run folders resume too.
+        """
+        if self.batched:
+            return None
+        out = asdict(self)
+        if out["prefix_mode"] is None:
+            del out["prefix_mode"]
+        return out
 
     def label(self) -> str:
         """Short name for progress bars and tables: ``sync``, ``rtc d=2``, ``rtc wall 10 Hz``."""
         if self.clock == "wall":
             delay = "" if self.mode == "sync" else (" d measured" if self.delay_steps is None
                                                     else f" d={self.delay_steps}")
-            return f"{self.mode} wall {self.control_hz:g} Hz{delay}"
-        return self.mode if self.mode == "sync" else f"{self.mode} d={self.delay_steps}"
+            return f"{self.mode}{self._prefix_label()} wall {self.control_hz:g} Hz{delay}"
+        return self.mode if self.mode == "sync" else f"{self.mode}{self._prefix_label()} d={self.delay_steps}"
+
+    def _prefix_label(self) -> str:
+        return " clean" if self.prefix_mode == "clean" else ""
 
     def check_policy(self, n_action_steps: int) -> None:
         """Refuse a delay the policy's chunks cannot absorb (before any env is stepped)."""
@@ -355,6 +371,11 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
         raise EvalConfigError(f"controller has unknown keys {unknown}; known: {list(CONTROLLER_KEYS)}")
     mode = _choice(raw.get("mode") or "sync", "controller.mode", CONTROLLER_MODES)
     clock = _choice(raw.get("clock") or "steps", "controller.clock", CONTROLLER_CLOCKS)
+    prefix = raw.get("prefix_mode")
+    if prefix is not None and mode != "rtc":
+        raise EvalConfigError(f"controller.prefix_mode={prefix} applies to controller.mode=rtc only (the frozen "
+                              f"actions of real-time chunking); mode={mode} freezes none")
+    prefix = _choice(prefix or "noised", "controller.prefix_mode", PREFIX_MODES) if mode == "rtc" else None
     delay = raw.get("delay_steps")
     delay = None if delay is None else _int(delay, "controller.delay_steps", 0)
     hz = raw.get("control_hz")
@@ -373,12 +394,12 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
                                   "mode=sync waits for every chunk (delay 0)")
         return ControllerSettings("sync", 0, clock, hz)
     if clock == "steps":
-        return ControllerSettings(mode, 0 if delay is None else delay, clock, None)
+        return ControllerSettings(mode, 0 if delay is None else delay, clock, None, prefix)
     if delay == 0:
         raise EvalConfigError("controller.delay_steps=0 on controller.clock=wall would wait for every chunk (that is "
                               "mode=sync): set controller.delay_steps=null to measure the delay from this machine's "
                               "latency, or a fixed delay >= 1")
-    return ControllerSettings(mode, delay, clock, hz)
+    return ControllerSettings(mode, delay, clock, hz, prefix)
 
 
 def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:

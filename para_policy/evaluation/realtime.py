@@ -92,7 +92,8 @@ def make_controller(policy: LowdimPolicy | KeyedNoisePolicy, spec: SamplerConfig
                     seed: int = 0) -> Controller:
     """The Controller ``settings`` describe, sampling with ``spec`` (whose window is already resolved)."""
     return Controller(policy, sampler=spec, mode=settings.mode, clock=settings.clock, period_s=settings.period_s,
-                      delay_steps=None if settings.mode == "sync" else settings.delay_steps, seed=seed)
+                      delay_steps=None if settings.mode == "sync" else settings.delay_steps, seed=seed,
+                      prefix_mode=settings.prefix_mode or "noised")
 
 
 def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None) -> dict[str, Any]:

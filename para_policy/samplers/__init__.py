@@ -1,6 +1,6 @@
 """Samplers: plain functions ``(denoiser, schedule, x_T, noise, **options) -> (sample, stats)``, and their registry."""
 
-from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, draw_noise
+from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, diffuse_known, draw_noise
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.registry import (
     FAMILIES,
@@ -25,6 +25,7 @@ __all__ = [
     "SamplerOptionError",
     "TaaOptions",
     "apply_inpaint",
+    "diffuse_known",
     "draw_noise",
     "picard_sample",
     "sampler_spec",

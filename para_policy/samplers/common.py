@@ -43,6 +43,9 @@ class SampleStats:
         return bool(self.converged.all())
 
 
+#: ``(data, mask)``: the known entries of the trajectory. ``mask`` (B, T, D) bool; ``data`` (B, T, D),
+#: the same values before every step, or (B, S + 1, T, D), per step: ``data[:, k]`` before step
+#: ``k``'s model call, ``data[:, S]`` at the end (see :func:`diffuse_known`).
 Inpaint = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -103,10 +106,10 @@ def check_inputs(
             raise ValueError("condition contains NaN or inf (check the observations)")
     if inpaint is not None:
         data, mask = inpaint
-        if tuple(data.shape) != (B, T, D) or tuple(mask.shape) != (B, T, D):
+        if tuple(data.shape) not in ((B, T, D), (B, S + 1, T, D)) or tuple(mask.shape) != (B, T, D):
             raise ValueError(
-                f"inpaint (condition_data, condition_mask) must both have shape {(B, T, D)}, got "
-                f"{tuple(data.shape)} and {tuple(mask.shape)}"
+                f"inpaint (condition_data, condition_mask) must have shapes {(B, T, D)} (or per step "
+                f"{(B, S + 1, T, D)} for the data) and {(B, T, D)}, got {tuple(data.shape)} and {tuple(mask.shape)}"
             )
         if mask.dtype != torch.bool:
             raise ValueError(f"inpaint condition_mask must be a bool tensor, got {mask.dtype}")
@@ -126,9 +129,31 @@ def check_options(schedule: Schedule, window: int, tolerance: float, max_iterati
     return max_iterations
 
 
-def apply_inpaint(x: torch.Tensor, inpaint: Inpaint | None) -> torch.Tensor:
-    """``x`` with the known entries replaced, as DiffusionPolicy's ``trajectory[mask] = data[mask]``."""
+def apply_inpaint(x: torch.Tensor, inpaint: Inpaint | None, k: int) -> torch.Tensor:
+    """``x`` (B, T, D) before step ``k`` (``k = S``: the end) with the known entries replaced.
+
+    DiffusionPolicy's ``trajectory[mask] = data[mask]``; per-step data gives step ``k``'s values.
+    """
     if inpaint is None:
         return x
     data, mask = inpaint
-    return torch.where(mask, data, x)
+    return torch.where(mask, data[:, k] if data.dim() == 4 else data, x)
+
+
+def diffuse_known(schedule: Schedule, data: torch.Tensor, noised: torch.Tensor, x_T: torch.Tensor) -> torch.Tensor:
+    """Per-step known values (B, S + 1, T, D): the ``noised`` entries at each step's noise level.
+
+    RePaint's imposition (Lugmayr et al. 2022): a model trained without inpainting sees a known
+    entry as clean data among noisy ones only near the end; imposed at step ``k``'s level,
+    ``sqrt(alpha_k) data + sqrt(1 - alpha_k) x_T`` (``x_T``'s own entries as the noise, so the
+    values follow one deterministic path from ``x_T`` to ``data``), they look like the rest of
+    ``x_k``. The other entries, and every entry at the end (``k = S``), are ``data`` itself.
+
+    Args:
+        data: (B, T, D) clean known values; ``noised``: (B, T, D) bool, the entries to diffuse;
+        x_T: (B, T, D), the sample's initial noise.
+    """
+    alpha = schedule.alpha_t.to(device=data.device, dtype=data.dtype).view(1, -1, 1, 1)  # (1, S, 1, 1)
+    levels = alpha.sqrt() * data[:, None] + (1 - alpha).sqrt() * x_T[:, None]  # (B, S, T, D)
+    per_step = torch.where(noised[:, None], levels, data[:, None])
+    return torch.cat([per_step, data[:, None]], dim=1)

@@ -27,6 +27,7 @@ from para_policy.samplers.common import (
     Denoiser,
     Inpaint,
     SampleStats,
+    apply_inpaint,
     check_inputs,
     check_options,
 )
@@ -109,8 +110,9 @@ def picard_sample(
             predict there); clipped as the scheduler clips. ``stats.converged`` says which
             samples finished.
         condition: ``(B, ...)`` per-sample conditioning, gathered to rows for the denoiser.
-        inpaint: ``(data, mask)`` both (B, T, D): known entries re-imposed before every
-            model call and on the result.
+        inpaint: ``(data, mask)`` (:data:`~para_policy.samplers.common.Inpaint`): known
+            entries re-imposed before every model call (a row at step ``k`` gets step ``k``'s
+            values of per-step data) and on the result.
         init: ``(B, S, T, D)`` initial guess of ``x_1 … x_S`` (a warm start). Without it,
             the trajectory starts as ``x_T`` and every step entering the window starts
             from the last point computed before it (ParaDiGMS's cold start).
@@ -230,7 +232,8 @@ def picard_sample(
         x_rows = traj[dev_b, read[rows_b, rows_w].to(device)]  # (R, T, D)
         x_in = x_rows
         if inpaint is not None:
-            x_in = torch.where(inpaint[1][dev_b], inpaint[0][dev_b], x_rows)
+            known_rows = inpaint[0][dev_b, dev_k] if inpaint[0].dim() == 4 else inpaint[0][dev_b]
+            x_in = torch.where(inpaint[1][dev_b], known_rows, x_rows)
         cond_rows = None if condition is None else condition[dev_b]
         model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
         model_evals += int(rows_b.shape[0])
@@ -298,8 +301,7 @@ def picard_sample(
         if sched.clip_sample:
             estimate = estimate.clamp(-sched.clip_sample_range, sched.clip_sample_range)
         final = torch.where(finished.to(device).view(B, 1, 1), final, estimate)
-    if inpaint is not None:
-        final = torch.where(inpaint[1], inpaint[0], final)
+    final = apply_inpaint(final, inpaint, S)
     done_round = torch.where(finished, done_round, rounds)
     return final, SampleStats(
         rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,

@@ -27,7 +27,8 @@ def sequential_sample(
     """Denoise ``x_T`` step by step: DiffusionPolicy's ``conditional_sample``.
 
     Before every model call the known entries are re-imposed (``inpaint = (data, mask)``,
-    both (B, T, D)), and once more at the end.
+    :data:`~para_policy.samplers.common.Inpaint`: the same data every step, or per step), and
+    once more at the end.
 
     Args:
         denoiser: ``(x (B,T,D), t (B,), condition) -> (B,T,D)``.
@@ -44,12 +45,12 @@ def sequential_sample(
     schedule = schedule.to(x_T.device)
     x = x_T
     for k in range(schedule.num_steps):
-        x = apply_inpaint(x, inpaint)
+        x = apply_inpaint(x, inpaint, k)
         k_rows = torch.full((B,), k, dtype=torch.long, device=x.device)
         model_output = denoiser(x, schedule.timesteps[k_rows], condition)
         x = schedule.step_mean(x, k_rows, model_output) + schedule.noise_std[k] * noise[:, k]
-    x = apply_inpaint(x, inpaint)
     S = schedule.num_steps
+    x = apply_inpaint(x, inpaint, S)
     return x, SampleStats(
         rounds=S,
         model_evals=S * B,

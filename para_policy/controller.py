@@ -28,10 +28,13 @@ Picard sampling makes possible:
   (Black et al. 2025): the ``d`` queued actions that run while the chunk is computed are
   frozen, imposed as known entries of its trajectory (``predict_action(prefix_actions=...)``),
   so the rest of the chunk is sampled to continue them and the frozen ones are exactly what
-  was executed. They are imposed at each step's noise level by default (``prefix_mode='noised'``,
-  RePaint's imposition, which a model trained without inpainting reads as its own), or clean
-  (``'clean'``). RTC's soft masking (guidance toward the old chunk beyond the frozen actions)
-  is not implemented: it needs a vector-Jacobian product through the denoiser at every step.
+  was executed. Beyond them, RTC's soft masking (``soft_masking=True``, the default): the old
+  chunk's remaining plan guides the next positions with weights decaying from about 1 to
+  about 0, so the new chunk leaves the old plan gradually. RTC steers with a guidance
+  gradient (a vector-Jacobian product through the denoiser at every step); here the entries
+  are pulled toward the old plan before each step by those weights, which costs nothing. Both
+  are imposed at each step's noise level by default (``prefix_mode='noised'``, RePaint's
+  imposition, which a model trained without inpainting reads as its own), or clean (``'clean'``).
 * **Two clocks, one schedule.** ``clock='wall'``: a worker thread samples while ``act()``
   hands out queued actions, one inference at a time, ``d = ceil(latency / period_s)``
   measured (or ``delay_steps`` fixed); when the queue runs dry ``act()`` waits and counts a
@@ -200,6 +203,9 @@ class Controller:
             into steps.
         prefix_mode: ``mode='rtc'``: how the frozen actions are imposed, ``'noised'`` (default)
             or ``'clean'`` (``LowdimPolicy.predict_action``'s ``prefix_mode``).
+        soft_masking: ``mode='rtc'``: the old chunk's plan after the frozen actions guides the new
+            chunk's next positions (``predict_action``'s ``guide_actions``); False: only the
+            frozen actions are imposed (hard masking).
         options: sampler options (``window``, ``tolerance``, ``max_iterations``,
             ``per_sample_windows``, ``linear_solve``, ``secant``, ``scheduler``,
             ``num_inference_steps``). ``window='auto'`` (the preset's) is resolved by
@@ -222,7 +228,8 @@ class Controller:
                  warm_start: bool | None = None, deadline_ms: float | None = None, seed: int | None = None,
                  devices: Sequence[str | torch.device] | None = None, max_records: int = 100_000,
                  mode: str = "sync", delay_steps: int | None = None, clock: str = "wall",
-                 period_s: float | None = None, prefix_mode: str = "noised", **options: Any) -> None:
+                 period_s: float | None = None, prefix_mode: str = "noised", soft_masking: bool = True,
+                 **options: Any) -> None:
         self.policy = policy
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
@@ -239,7 +246,9 @@ class Controller:
         self.mode, self.clock = mode, clock
         if prefix_mode not in PREFIX_MODES:
             raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
-        self.prefix_mode = prefix_mode
+        if not isinstance(soft_masking, bool):
+            raise ValueError(f"soft_masking must be True or False, got {soft_masking!r}")
+        self.prefix_mode, self.soft_masking = prefix_mode, soft_masking
         self.delay_steps, self.period_s = self._check_timing(mode, delay_steps, clock, period_s)
         if devices is not None:
             from para_policy.devices import use_devices
@@ -432,8 +441,8 @@ class Controller:
             self.spec = self.policy.resolve(auto, obs)
             self.window_tuning = self.policy.window_tuning(auto)
 
-    def _sample(self, obs: Mapping[str, torch.Tensor], warm: torch.Tensor | bool,
-                prefix: torch.Tensor | None) -> tuple[PolicyOutput, float]:
+    def _sample(self, obs: Mapping[str, torch.Tensor], warm: torch.Tensor | bool, prefix: torch.Tensor | None,
+                guide: torch.Tensor | None = None) -> tuple[PolicyOutput, float]:
         """One ``predict_action`` call on ``{key: (1, n_obs_steps, ...)}``: ``(output, latency_ms)``.
 
         Runs on the worker thread with ``clock='wall'`` and an asynchronous mode; only one at a
@@ -443,6 +452,8 @@ class Controller:
         deadline = None if self.deadline_ms is None else start + self.deadline_ms / 1000
         # sync and async calls stay as they were
         frozen = {} if prefix is None else {"prefix_actions": prefix, "prefix_mode": self.prefix_mode}
+        if guide is not None:
+            frozen["guide_actions"] = guide
         out = self.policy.predict_action(obs, generator=self.generator, warm_start=warm, deadline=deadline,
                                          sampler=self.spec, **frozen)
         return out, (time.perf_counter() - start) * 1000
@@ -508,8 +519,9 @@ class Controller:
     def _launch(self) -> None:
         """Start sampling the chunk for this step's observations (``len(actions) <= d`` are left).
 
-        ``rtc``: the queued actions, which all run before it is ready, are its frozen prefix.
-        The warm-start guess is the current chunk shifted by the steps since its observation.
+        ``rtc``: the queued actions, which all run before it is ready, are its frozen prefix, and
+        with ``soft_masking`` the current chunk's plan after them its guide. The warm-start guess
+        is the current chunk shifted by the steps since its observation.
         """
         t = self.step
         obs = {k: v[None] for k, v in self._observation_window(self._history()).items()}
@@ -518,16 +530,20 @@ class Controller:
         queued = list(self.actions)
         frozen = min(d, len(queued)) if self.mode == "rtc" else 0
         prefix = torch.stack(queued[:frozen])[None] if frozen else None  # (1, frozen, Da) raw
+        guide = None
+        if frozen and self.soft_masking and self._chunk is not None:
+            rest = self._chunk.plan[t - self._chunk.start + frozen:]  # the old plan after the frozen actions
+            guide = rest[None] if rest.shape[0] else None
         warm: torch.Tensor | bool = False
         if self.warm_start and self._chunk is not None:
             warm = shift_trajectory(self._chunk.trajectory, t - self._chunk.start)
         job = _InFlight(start=t, delay=d, frozen=frozen)
         if self.clock == "steps":
-            job.result = self._sample(obs, warm, prefix)  # computed now, ready at step t + d
+            job.result = self._sample(obs, warm, prefix, guide)  # computed now, ready at step t + d
         else:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="para_policy-controller")
-            job.future = self._executor.submit(self._sample, obs, warm, prefix)
+            job.future = self._executor.submit(self._sample, obs, warm, prefix, guide)
         self._in_flight = job
 
     def _switch(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from para_policy.models import ConditionalUnet1D, TransformerForDiffusion
 from para_policy.normalizer import LinearNormalizer
 from para_policy.samplers import SampleStats, diffuse_known, draw_noise, shift_trajectory, warm_start_init
+from para_policy.samplers.common import known_mask
 from para_policy.samplers.registry import SamplerConfig, build_schedule, sampler_spec, schedule_key
 from para_policy.schedule import Schedule, build_scheduler
 
@@ -341,33 +343,56 @@ class LowdimPolicy(nn.Module):
         mask[:, : self.n_obs_steps, self.action_dim:] = True
         return None, (data, mask)
 
-    def prefix_inpaint(self, prefix_actions: Any, shape: tuple[int, int, int]
+    def prefix_inpaint(self, prefix_actions: Any, shape: tuple[int, int, int], guide_actions: Any = None
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Known entries ``(data, mask)``, both ``shape`` (B, T, D), for raw frozen actions (B, d, Da); None if d = 0.
 
         The actions go to the action dims at positions ``action_start .. action_start + d``,
         normalized; ``d < n_action_steps`` so the chunk still has actions of its own to sample.
+        ``guide_actions`` (B, m, Da), raw, continue them at the next positions (as far as the
+        trajectory reaches) with real-time chunking's soft mask: weights ``c (e^c - 1) / (e - 1)``,
+        ``c = (m - i) / (m + 1)`` at the i-th, decaying from about 1 to about 0 (Black et al. 2025);
+        ``mask`` then holds float weights (1 on the frozen actions) instead of a bool mask.
         """
-        p = prefix_actions if isinstance(prefix_actions, torch.Tensor) else torch.as_tensor(np.asarray(prefix_actions))
-        B, Da = shape[0], self.action_dim
-        if p.dim() != 3 or p.shape[0] != B or p.shape[2] != Da or p.shape[1] >= self.n_action_steps:
-            raise ValueError(f"prefix_actions must have shape (B={B}, d, action_dim={Da}) with d < n_action_steps="
-                             f"{self.n_action_steps}, got {tuple(p.shape)}")
-        if not (p.is_floating_point() or p.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
-                                                     torch.uint8)):
-            raise ValueError(f"prefix_actions must hold real numbers, got {p.dtype}")
-        p = p.to(device=self.device, dtype=self.dtype)
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError("prefix_actions contains NaN or inf")
+        p = self._raw_actions(prefix_actions, "prefix_actions", shape[0], "d", below_n_action_steps=True)
         d = p.shape[1]
         if d == 0:
+            if guide_actions is not None:
+                raise ValueError("guide_actions continue frozen prefix_actions: pass d >= 1 prefix actions")
             return None
-        start = self.action_start
+        start, Da = self.action_start, self.action_dim
         data = torch.zeros(shape, device=self.device, dtype=self.dtype)
         mask = torch.zeros(shape, device=self.device, dtype=torch.bool)
         data[:, start: start + d, :Da] = self.normalizer.normalize("action", p)
         mask[:, start: start + d, :Da] = True
-        return data, mask
+        if guide_actions is None:
+            return data, mask
+        guide = self._raw_actions(guide_actions, "guide_actions", shape[0], "m")
+        first, m = start + d, guide.shape[1]
+        n = max(0, min(m, shape[1] - first))
+        weights = mask.to(self.dtype)
+        if n:
+            c = (m - torch.arange(n, device=self.device, dtype=self.dtype)) / (m + 1)
+            data[:, first: first + n, :Da] = self.normalizer.normalize("action", guide[:, :n])
+            weights[:, first: first + n, :Da] = (c * torch.expm1(c) / math.expm1(1.0)).view(1, n, 1)
+        return data, weights
+
+    def _raw_actions(self, actions: Any, name: str, batch_size: int, length: str,
+                     below_n_action_steps: bool = False) -> torch.Tensor:
+        """``actions`` as a (B, length, Da) tensor on the policy's device; an error naming ``name`` if it is not one."""
+        a = actions if isinstance(actions, torch.Tensor) else torch.as_tensor(np.asarray(actions))
+        limit = f" with {length} < n_action_steps={self.n_action_steps}" if below_n_action_steps else ""
+        if a.dim() != 3 or a.shape[0] != batch_size or a.shape[2] != self.action_dim \
+                or (below_n_action_steps and a.shape[1] >= self.n_action_steps):
+            raise ValueError(f"{name} must have shape (B={batch_size}, {length}, action_dim={self.action_dim}){limit}, "
+                             f"got {tuple(a.shape)}")
+        if not (a.is_floating_point() or a.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                     torch.uint8)):
+            raise ValueError(f"{name} must hold real numbers, got {a.dtype}")
+        a = a.to(device=self.device, dtype=self.dtype)
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        return a
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, global_cond: torch.Tensor | None) -> torch.Tensor:
         """The denoiser callable handed to samplers (through the wrappers of :meth:`set_inference`)."""
@@ -390,6 +415,7 @@ class LowdimPolicy(nn.Module):
         deadline: float | None = None,
         sampler: str | SamplerConfig | None = None,
         prefix_actions: torch.Tensor | None = None,
+        guide_actions: torch.Tensor | None = None,
         prefix_mode: str = "noised",
         **options: Any,
     ) -> PolicyOutput:
@@ -421,7 +447,12 @@ class LowdimPolicy(nn.Module):
                 also overwrite those entries of a warm-start guess. At tolerance 0 a Picard
                 sampler gives :func:`~para_policy.samplers.sequential_sample` with the same
                 inpainting.
-            prefix_mode: how the frozen actions are imposed before each step: ``'noised'``
+            guide_actions: ``(B, m, Da)`` raw actions that continue ``prefix_actions`` (the previous
+                chunk's plan after them): real-time chunking's soft masking, the entries at the
+                next positions pulled toward them before each step with weights decaying from
+                about 1 to about 0 (:meth:`prefix_inpaint`), so the new chunk bends away from the
+                old plan gradually instead of at once. Needs ``prefix_actions``.
+            prefix_mode: how the frozen (and guiding) actions are imposed before each step: ``'noised'``
                 (default; RePaint's imposition, :func:`~para_policy.samplers.diffuse_known`: at the
                 step's noise level, with ``x_T``'s entries as the noise, which a model trained
                 without inpainting reads as its own) or ``'clean'`` (the clean values at every
@@ -441,16 +472,22 @@ class LowdimPolicy(nn.Module):
         shape = self.trajectory_shape(self.batch_size(obs))
         if prefix_mode not in PREFIX_MODES:
             raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
-        prefix = None if prefix_actions is None else self.prefix_inpaint(prefix_actions, shape)
+        if guide_actions is not None and prefix_actions is None:
+            raise ValueError("guide_actions continue frozen prefix_actions: pass both")
+        prefix = None if prefix_actions is None else self.prefix_inpaint(prefix_actions, shape, guide_actions)
         if x_T is None:
             if noise is not None:
                 raise ValueError("pass x_T together with noise")
             x_T, noise = draw_noise(schedule, shape, generator, device=self.device, dtype=self.dtype)
         if prefix is not None:
-            known = prefix if inpaint is None else (torch.where(prefix[1], prefix[0], inpaint[0]),
-                                                    prefix[1] | inpaint[1])
+            imposed = prefix[1] if prefix[1].dtype == torch.bool else prefix[1] > 0
+            known = prefix
+            if inpaint is not None:  # an inpainting policy's observation entries: known, imposed clean
+                mask = prefix[1] | inpaint[1] if prefix[1].dtype == torch.bool else \
+                    torch.maximum(prefix[1], inpaint[1].to(prefix[1]))
+                known = (torch.where(imposed, prefix[0], inpaint[0]), mask)
             if prefix_mode == "noised":
-                known = (diffuse_known(schedule, known[0], prefix[1], x_T.to(known[0])), known[1])
+                known = (diffuse_known(schedule, known[0], imposed, x_T.to(known[0])), known[1])
             inpaint = known
         call_key = (shape, schedule.kind, schedule.num_steps, str(self.device))
         kwargs = dict(spec.options)
@@ -468,7 +505,7 @@ class LowdimPolicy(nn.Module):
                 guess = self._warm[1]
             if guess is not None:
                 if prefix is not None:  # the frozen actions are known: the guess holds them exactly
-                    guess = torch.where(prefix[1], prefix[0], guess)
+                    guess = torch.where(known_mask(prefix[1]), prefix[0], guess)
                 init = warm_start_init(schedule, guess, x_T, noise)
                 warm = True
             kwargs.update(init=init, deadline=deadline)

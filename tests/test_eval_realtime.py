@@ -66,7 +66,7 @@ def test_rtc_run_writes_the_controller_stats_per_episode_and_per_sampler(rtc_run
     assert on_disk["controller"] == results["controller"]
     assert results["controller"] | {"label": None} == {
         "mode": "rtc", "delay_steps": 2, "clock": "steps", "control_hz": None, "prefix_mode": "noised",
-        "period_s": None, "deterministic": True, "label": None, "n_action_steps": 8}
+        "soft_masking": True, "period_s": None, "deterministic": True, "label": None, "n_action_steps": 8}
     for role in ("candidate", "baseline"):
         s = results["samplers"][role]
         for e in s["episodes"]:
@@ -86,8 +86,9 @@ def test_rtc_run_writes_the_controller_stats_per_episode_and_per_sampler(rtc_run
     assert "| stalls/episode |" in summary and "## How chunks were scheduled" in summary
     progress = json.loads((out / "progress.json").read_text())
     assert progress["fingerprint"]["controller"] == {"mode": "rtc", "delay_steps": 2, "clock": "steps",
-                                                     "control_hz": None, "prefix_mode": "noised"}
-    assert "hard masking, imposed at each step's noise level" in summary
+                                                     "control_hz": None, "prefix_mode": "noised", "soft_masking": True}
+    assert "soft masking: the old chunk's plan guides the positions after them, imposed at each step's noise " \
+        "level" in summary
     metrics = flat_metrics(results)
     assert {"candidate/switch_discontinuity_mean", "candidate/stalls_per_episode", "baseline/idle_steps"} <= \
         set(metrics)
@@ -148,21 +149,21 @@ def test_baseline_and_candidate_under_rtc_at_tolerance_zero_give_the_same_episod
         assert x["switch_discontinuity_max"] == pytest.approx(y["switch_discontinuity_max"], abs=1e-2)
 
 
-@pytest.mark.parametrize("prefix_mode", ["clean", "noised"])
-def test_rtc_prefix_mode_reaches_the_controllers_calls(ckpt, tmp_path, monkeypatch, prefix_mode):
-    seen: list[str] = []
+@pytest.mark.parametrize("prefix_mode,soft", [("clean", False), ("noised", True)])
+def test_rtc_prefix_mode_and_soft_masking_reach_the_controllers_calls(ckpt, tmp_path, monkeypatch, prefix_mode, soft):
+    seen: list[tuple[str, bool]] = []
     real = realtime.KeyedNoisePolicy.predict_action
 
     def spy(self, obs_dict, **kwargs):
         if kwargs.get("prefix_actions") is not None:
-            seen.append(kwargs["prefix_mode"])
+            seen.append((kwargs["prefix_mode"], kwargs.get("guide_actions") is not None))
         return real(self, obs_dict, **kwargs)
 
     monkeypatch.setattr(realtime.KeyedNoisePolicy, "predict_action", spy)
     results = run_eval(ckpt, tmp_path, "compare=false", "controller.mode=rtc", "controller.delay_steps=2",
-                       f"controller.prefix_mode={prefix_mode}")
-    assert seen and set(seen) == {prefix_mode}
-    assert results["controller"]["prefix_mode"] == prefix_mode
+                       f"controller.prefix_mode={prefix_mode}", f"controller.soft_masking={str(soft).lower()}")
+    assert seen and set(seen) == {(prefix_mode, soft)}
+    assert (results["controller"]["prefix_mode"], results["controller"]["soft_masking"]) == (prefix_mode, soft)
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -182,6 +183,9 @@ def test_rtc_prefix_mode_reaches_the_controllers_calls(ckpt, tmp_path, monkeypat
     (["+controller.delay=1"], r"controller has unknown keys \['delay'\]"),
     (["controller.mode=async", "controller.delay_steps=1", "controller.prefix_mode=clean"],
      r"controller.prefix_mode=clean applies to controller.mode=rtc only"),
+    (["controller.mode=sync", "controller.soft_masking=false"],
+     r"controller.soft_masking=False applies to controller.mode=rtc only"),
+    (["controller.mode=rtc", "controller.soft_masking=maybe"], r"controller.soft_masking must be true or false"),
     (["controller.mode=rtc", "controller.prefix_mode=noisy"],
      r"controller.prefix_mode must be 'noised' or 'clean', got 'noisy' \(did you mean 'noised'\?\)"),
 ])
@@ -199,7 +203,7 @@ def test_bad_controller_settings_stop_before_any_rollout(ckpt, tmp_path, monkeyp
 def test_settings_defaults_and_labels():
     cfg = compose_eval()
     assert dict(cfg.controller) == {"mode": "sync", "delay_steps": None, "clock": "steps", "control_hz": None,
-                                    "prefix_mode": None}
+                                    "prefix_mode": None, "soft_masking": None}
     assert controller_settings(cfg) == ControllerSettings() and ControllerSettings().batched
     wall = controller_settings(compose_eval(["controller.mode=rtc", "controller.clock=wall"]))
     assert (wall.delay_steps, wall.control_hz, wall.period_s) == (None, 10.0, 0.1)  # PushT's fps
@@ -207,13 +211,17 @@ def test_settings_defaults_and_labels():
     assert controller_settings(compose_eval(["controller.mode=async", "controller.delay_steps=4"])).label() == \
         "async d=4"
     rtc = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2"]))
-    assert (rtc.prefix_mode, rtc.label()) == ("noised", "rtc d=2")
+    assert (rtc.prefix_mode, rtc.soft_masking, rtc.label()) == ("noised", True, "rtc d=2")
+    hard = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2",
+                                             "controller.soft_masking=false"]))
+    assert (hard.soft_masking, hard.label()) == (False, "rtc hard d=2") and hard.fingerprint() != rtc.fingerprint()
     clean = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2",
                                               "controller.prefix_mode=clean"]))
     assert (clean.prefix_mode, clean.label()) == ("clean", "rtc clean d=2")
     assert rtc.fingerprint() != clean.fingerprint()
     # async has no prefix: its fingerprint is the one earlier run folders hold
-    assert "prefix_mode" not in controller_settings(compose_eval(["controller.mode=async"])).fingerprint()
+    assert not {"prefix_mode", "soft_masking"} & set(controller_settings(compose_eval(["controller.mode=async"]))
+                                                     .fingerprint())
 
 
 # ---- resume -------------------------------------------------------------------------------

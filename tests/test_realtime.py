@@ -141,6 +141,67 @@ def test_frozen_prefix_at_tolerance_zero_equals_sequential_with_the_same_inpaint
     assert out["action"].shape == (1, H, ACT_DIM)
 
 
+@pytest.mark.parametrize("global_cond", [True, False])
+@pytest.mark.parametrize("prefix_mode", ["noised", "clean"])
+def test_guide_actions_at_tolerance_zero_equal_sequential_with_rtcs_soft_mask(global_cond, prefix_mode):
+    """Soft masking, built by hand: weights c (e^c - 1) / (e - 1), c = (m - i) / (m + 1), after d frozen actions."""
+    policy = rt_policy(global_cond)
+    obs = torch.as_tensor(observations(TO, seed=4))[None]
+    d, m = 2, 20  # a guide longer than the trajectory: the positions it reaches get their weights
+    rng = np.random.default_rng(1)
+    prefix = torch.as_tensor(rng.uniform(0, 500, (1, d, ACT_DIM)), dtype=torch.float32)
+    guide = torch.as_tensor(rng.uniform(0, 500, (1, m, ACT_DIM)), dtype=torch.float32)
+    n = {k: v.clone() for k, v in policy.normalizer.state_dict().items()}
+    nobs = obs * n["params_dict.obs.scale"] + n["params_dict.obs.offset"]
+    D = ACT_DIM if global_cond else ACT_DIM + OBS_DIM
+    data, w = torch.zeros(1, HORIZON, D), torch.zeros(1, HORIZON, D)
+    start, reach = TO - 1, HORIZON - (TO - 1 + d)
+    data[:, start: start + d, :ACT_DIM] = prefix * n["params_dict.action.scale"] + n["params_dict.action.offset"]
+    w[:, start: start + d, :ACT_DIM] = 1.0
+    data[:, start + d:, :ACT_DIM] = guide[:, :reach] * n["params_dict.action.scale"] + n["params_dict.action.offset"]
+    for i in range(reach):
+        c = (m - i) / (m + 1)
+        w[:, start + d + i, :ACT_DIM] = c * (np.exp(c) - 1) / (np.e - 1)
+    imposed = w > 0
+    cond = nobs.reshape(1, -1) if global_cond else None
+    if not global_cond:
+        data[:, :TO, ACT_DIM:], w[:, :TO, ACT_DIM:] = nobs, 1.0
+    schedule = policy.schedule_for(policy.sampler)
+    x_T, noise = draw_noise(schedule, (1, HORIZON, D), torch.Generator().manual_seed(2))
+    known = data
+    if prefix_mode == "noised":
+        scheduler = build_scheduler(policy.config["noise_scheduler"])
+        scheduler.set_timesteps(STEPS)
+        levels = [torch.where(imposed & (torch.arange(D) < ACT_DIM), scheduler.alphas_cumprod[t].sqrt() * data
+                              + (1 - scheduler.alphas_cumprod[t]).sqrt() * x_T, data) for t in scheduler.timesteps]
+        known = torch.stack([*levels, data], dim=1)
+    ref, _ = sequential_sample(lambda x, t, c: policy.model(x, t, global_cond=c), schedule, x_T, noise,
+                               condition=cond, inpaint=(known, w))
+    kw = dict(x_T=x_T, noise=noise, prefix_actions=prefix, guide_actions=guide, prefix_mode=prefix_mode)
+    seq = policy.predict_action({"obs": obs}, sampler="sequential", **kw)
+    torch.testing.assert_close(seq.trajectory, ref, rtol=0, atol=1e-6)
+    out = policy.predict_action({"obs": obs}, sampler="paradigms", window=4, tolerance=0.0, **kw)
+    torch.testing.assert_close(out.trajectory, ref, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out["action"][0, :d], prefix[0], atol=1e-3)
+    unguided = policy.predict_action({"obs": obs}, sampler="sequential", x_T=x_T, noise=noise, prefix_actions=prefix,
+                                     prefix_mode=prefix_mode)
+    assert not torch.allclose(unguided.trajectory, seq.trajectory, atol=1e-3)  # the guide does something
+
+
+def test_bad_guide_actions_are_refused():
+    policy = rt_policy()
+    obs = {"obs": torch.as_tensor(observations(TO))[None]}
+    with pytest.raises(ValueError, match=r"guide_actions continue frozen prefix_actions: pass both"):
+        policy.predict_action(obs, guide_actions=torch.zeros(1, 3, ACT_DIM))
+    with pytest.raises(ValueError, match=r"pass d >= 1 prefix actions"):
+        policy.predict_action(obs, prefix_actions=torch.zeros(1, 0, ACT_DIM), guide_actions=torch.zeros(1, 3, ACT_DIM))
+    with pytest.raises(ValueError, match=r"guide_actions must have shape \(B=1, m, action_dim=2\), got \(1, 3, 3\)"):
+        policy.predict_action(obs, prefix_actions=torch.zeros(1, 2, ACT_DIM), guide_actions=torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match=r"guide_actions contains NaN"):
+        policy.predict_action(obs, prefix_actions=torch.zeros(1, 2, ACT_DIM),
+                              guide_actions=torch.full((1, 3, ACT_DIM), float("inf")))
+
+
 def test_bad_prefix_actions_are_refused():
     policy = rt_policy()
     obs = {"obs": torch.as_tensor(observations(TO))[None]}
@@ -230,6 +291,8 @@ def test_rtc_frozen_actions_are_exactly_the_executed_ones(global_cond, d):
     actions = torch.stack([torch.as_tensor(ctl.act(o)) for o in obs])
     records = list(ctl.records)
     assert len(calls) >= len(records) >= 4
+    previous_plans = {rec.start_step: call["out"]["action_pred"][0, TO - 1:] for rec, call in
+                      zip(records, calls, strict=False)}
     for rec, call in zip(records, calls, strict=False):
         s, f, out = rec.start_step, rec.frozen, call["out"]
         prefix = call.get("prefix_actions")
@@ -245,12 +308,31 @@ def test_rtc_frozen_actions_are_exactly_the_executed_ones(global_cond, d):
         known = policy.normalizer.normalize("action", prefix)[0]
         assert torch.equal(out.trajectory[0, TO - 1: TO - 1 + f, :ACT_DIM], known)
         np.testing.assert_allclose(out["action"][0, :f], prefix[0], atol=1e-3)
+        # soft masking: the guide is the old chunk's plan after the frozen actions, to its end
+        previous = records[records.index(rec) - 1]
+        old_plan = previous_plans[previous.start_step]
+        assert torch.equal(call["guide_actions"][0], old_plan[s - previous.start_step + f:])
     s = ctl.stats()
     assert s["switches"] == len(records) - 1
     if 2 * d <= H:
         assert s["stalls"] == 0 and s["idle_steps"] == 0
     else:  # after a switch fewer than d actions are left: the queue runs dry and the robot idles
         assert s["stalls"] > 0 and s["idle_steps"] > 0
+
+
+def test_rtc_without_soft_masking_imposes_only_the_frozen_actions():
+    policy = rt_policy()
+    calls = record_calls(policy)
+    ctl = Controller(policy, mode="rtc", delay_steps=2, clock="steps", window=4, tolerance=0.1, seed=1,
+                     soft_masking=False, prefix_mode="clean")
+    for o in observations(20, seed=5):
+        ctl.act(o)
+    frozen = [c for c in calls if c.get("prefix_actions") is not None]
+    assert frozen and all("guide_actions" not in c and c["prefix_mode"] == "clean" for c in frozen)
+    with pytest.raises(ValueError, match=r"soft_masking must be True or False, got 'yes'"):
+        Controller(policy, mode="rtc", delay_steps=2, clock="steps", soft_masking="yes")
+    with pytest.raises(ValueError, match=r"prefix_mode must be one of \('noised', 'clean'\), got 'hard'"):
+        Controller(policy, mode="rtc", delay_steps=2, clock="steps", prefix_mode="hard")
 
 
 def test_rtc_at_tolerance_zero_is_warm_start_independent():

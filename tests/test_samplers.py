@@ -278,6 +278,12 @@ def test_linear_recurrence_matches_a_loop():
         x = a[:, w].view(2, 1, 1) * x + drive[:, w]
         expected.append(x)
     assert torch.allclose(linear_recurrence(a, x0, drive), torch.stack(expected, dim=1), atol=1e-6)
+    keep = torch.tensor([0.0, 0.3, 1.0])[torch.randint(0, 3, (2, 3, 2), generator=g)]  # per-entry factors
+    x, expected = x0, []
+    for w in range(6):
+        x = a[:, w].view(2, 1, 1) * keep * x + drive[:, w]
+        expected.append(x)
+    assert torch.allclose(linear_recurrence(a, x0, drive, keep), torch.stack(expected, dim=1), atol=1e-6)
 
 
 def test_linear_solve_is_exact_in_one_round_when_x0_does_not_depend_on_x():
@@ -427,3 +433,69 @@ def test_per_step_known_values_of_the_wrong_shape_are_refused(denoiser):
     schedule, x_T, noise, (per_step, mask) = _per_step_inpaint(dp_ddim, 10, batch=2)
     with pytest.raises(ValueError, match=r"per step \(2, 11, 8, 3\)"):
         sequential_sample(denoiser, schedule, x_T, noise, inpaint=(per_step[:, :10], mask))
+
+
+def _soft_weights(batch: int) -> torch.Tensor:
+    """Known (1) at positions 1-2, decaying weights after them, free elsewhere: real-time chunking's soft mask."""
+    w = torch.zeros(batch, SHAPE_T, SHAPE_D)
+    w[:, 1:3] = 1.0
+    w[:, 3:7] = torch.tensor([0.8, 0.5, 0.25, 0.05]).view(1, 4, 1)
+    return w
+
+
+@pytest.mark.parametrize("name,make,steps", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_sequential_soft_weights_pull_each_step_and_impose_only_known_entries_on_the_result(denoiser, name, make,
+                                                                                             steps):
+    """DiffusionPolicy's loop written out: x <- x + w (data - x) before every step, the known entries at the end."""
+    schedule = make_schedule(make(), steps)
+    x_T, noise = draw_noise(schedule, (2, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(11))
+    data, w = make_inpaint(2)[0], _soft_weights(2)
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    scheduler = make()
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(11)
+    ref = torch.randn(x_T.shape, generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            ref = ref + w * (data - ref)
+            ref = scheduler.step(denoiser(ref, t.expand(2), cond), t, ref, generator=g).prev_sample
+    ref[w == 1] = data[w == 1]
+    ours, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=(data, w))
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.equal(ours[w == 1], data[w == 1])
+    free = w < 1
+    assert not torch.allclose(ours[free], data[free])  # the others are the sampler's
+
+
+@pytest.mark.parametrize("name,make,steps", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("window,linear_solve", [(4, False), (100, True), (100, "secant")])
+def test_picard_tolerance_zero_with_soft_weights_equals_sequential(denoiser, name, make, steps, window,
+                                                                   linear_solve):
+    schedule, x_T, noise, (per_step, _) = _per_step_inpaint(make, steps, batch=3)
+    cond = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    for inpaint in ((per_step, _soft_weights(3)), (per_step[:, 0], _soft_weights(3))):
+        ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
+        ours, stats = picard_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint, window=window,
+                                    tolerance=0.0, linear_solve=bool(linear_solve), secant=linear_solve == "secant")
+        assert torch.allclose(ours, ref, atol=1e-5)
+        assert stats.rounds <= steps
+
+
+def test_weights_of_zero_and_one_are_the_bool_mask(denoiser):
+    schedule = make_schedule(dp_ddim(), 10)
+    x_T, noise = draw_noise(schedule, (2, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(1))
+    data, mask = make_inpaint(2)
+    hard, _ = sequential_sample(denoiser, schedule, x_T, noise, inpaint=(data, mask))
+    soft, _ = sequential_sample(denoiser, schedule, x_T, noise, inpaint=(data, mask.float()))
+    assert torch.equal(hard, soft)
+
+
+@pytest.mark.parametrize("weights,message", [(1.5, r"from 0 to 1.5"), (-0.1, r"from -0.1 to 0"),
+                                             (float("nan"), r"float weights in \[0, 1\]")])
+def test_soft_weights_outside_zero_one_are_refused(denoiser, weights, message):
+    schedule = make_schedule(dp_ddim(), 10)
+    x_T, noise = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(1))
+    w = torch.zeros(1, SHAPE_T, SHAPE_D)
+    w[0, 0, 0] = weights
+    with pytest.raises(ValueError, match=message):
+        sequential_sample(denoiser, schedule, x_T, noise, inpaint=(torch.zeros_like(w), w))

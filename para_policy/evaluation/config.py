@@ -15,8 +15,8 @@ Config shape (``configs/eval.yaml`` composes it)::
                  preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
     controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz,
-                 prefix_mode (rtc: noised | clean): how each env's chunks are scheduled
-                 (:class:`ControllerSettings`)
+                 prefix_mode (rtc: noised | clean), soft_masking (rtc: true | false): how each
+                 env's chunks are scheduled (:class:`ControllerSettings`)
     num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
 """
 
@@ -258,7 +258,7 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
 
 CONTROLLER_MODES = ("sync", "async", "rtc")
 CONTROLLER_CLOCKS = ("steps", "wall")
-CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz", "prefix_mode")
+CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz", "prefix_mode", "soft_masking")
 
 
 @dataclass(frozen=True)
@@ -280,6 +280,8 @@ class ControllerSettings:
     control_hz: the wall clock's control rate; None on the steps clock.
     prefix_mode: ``mode='rtc'``: how the frozen actions are imposed (``'noised'``, the default, or
         ``'clean'``: :class:`~para_policy.controller.Controller`'s ``prefix_mode``); None otherwise.
+    soft_masking: ``mode='rtc'``: the old chunk's plan guides the positions after the frozen
+        actions (the Controller's ``soft_masking``, default True); None otherwise.
     """
 
     mode: str = "sync"
@@ -287,6 +289,7 @@ class ControllerSettings:
     clock: str = "steps"
     control_hz: float | None = None
     prefix_mode: str | None = None
+    soft_masking: bool | None = None
 
     @property
     def batched(self) -> bool:
@@ -310,14 +313,12 @@ class ControllerSettings:
     def fingerprint(self) -> dict[str, Any] | None:
         """What a resumed run must share; None for today's protocol, so earlier run folders still resume.
 
-        ``prefix_mode`` only where it applies (rtc), so earlier async run folders resume too.
+        ``prefix_mode`` and ``soft_masking`` only where they apply (rtc), so earlier async run
+        folders resume too.
         """
         if self.batched:
             return None
-        out = asdict(self)
-        if out["prefix_mode"] is None:
-            del out["prefix_mode"]
-        return out
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("prefix_mode", "soft_masking")}
 
     def label(self) -> str:
         """Short name for progress bars and tables: ``sync``, ``rtc d=2``, ``rtc wall 10 Hz``."""
@@ -328,7 +329,8 @@ class ControllerSettings:
         return self.mode if self.mode == "sync" else f"{self.mode}{self._prefix_label()} d={self.delay_steps}"
 
     def _prefix_label(self) -> str:
-        return " clean" if self.prefix_mode == "clean" else ""
+        """How rtc imposes, where it is not the default: `` hard`` (no soft masking), `` clean``."""
+        return (" hard" if self.soft_masking is False else "") + (" clean" if self.prefix_mode == "clean" else "")
 
     def check_policy(self, n_action_steps: int) -> None:
         """Refuse a delay the policy's chunks cannot absorb (before any env is stepped)."""
@@ -376,6 +378,13 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
         raise EvalConfigError(f"controller.prefix_mode={prefix} applies to controller.mode=rtc only (the frozen "
                               f"actions of real-time chunking); mode={mode} freezes none")
     prefix = _choice(prefix or "noised", "controller.prefix_mode", PREFIX_MODES) if mode == "rtc" else None
+    soft = raw.get("soft_masking")
+    if soft is not None and mode != "rtc":
+        raise EvalConfigError(f"controller.soft_masking={soft} applies to controller.mode=rtc only (guidance by the "
+                              f"old chunk after the frozen actions); mode={mode} freezes none")
+    if soft is not None and not isinstance(soft, bool):
+        raise EvalConfigError(f"controller.soft_masking must be true or false, got {soft!r}")
+    soft = (True if soft is None else soft) if mode == "rtc" else None
     delay = raw.get("delay_steps")
     delay = None if delay is None else _int(delay, "controller.delay_steps", 0)
     hz = raw.get("control_hz")
@@ -394,12 +403,12 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
                                   "mode=sync waits for every chunk (delay 0)")
         return ControllerSettings("sync", 0, clock, hz)
     if clock == "steps":
-        return ControllerSettings(mode, 0 if delay is None else delay, clock, None, prefix)
+        return ControllerSettings(mode, 0 if delay is None else delay, clock, None, prefix, soft)
     if delay == 0:
         raise EvalConfigError("controller.delay_steps=0 on controller.clock=wall would wait for every chunk (that is "
                               "mode=sync): set controller.delay_steps=null to measure the delay from this machine's "
                               "latency, or a fixed delay >= 1")
-    return ControllerSettings(mode, delay, clock, hz, prefix)
+    return ControllerSettings(mode, delay, clock, hz, prefix, soft)
 
 
 def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:

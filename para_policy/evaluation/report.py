@@ -6,8 +6,8 @@
     latency_method {n_calls, warmup, batch_size, n_action_steps[, includes_obs_encoder,
                     observations_dir]}           # the last two for image policies
     machine {torch, torch_threads, cpu_count, platform, processor, load_avg}
-    controller {mode, delay_steps, clock, control_hz, prefix_mode, period_s, deterministic, label,
-                n_action_steps}
+    controller {mode, delay_steps, clock, control_hz, prefix_mode, soft_masking, period_s, deterministic,
+                label, n_action_steps}
     samplers {role: {                        # role: 'candidate' (the chosen sampler), 'baseline'
         name, spec {name, scheduler, num_inference_steps, options}, schedule {kind, num_steps},
         n_episodes, n_failed, mean_score, success_rate, mean_length,
@@ -259,7 +259,8 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     ctl = results.get("controller") or {}
     if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps"):
         md.append(f"- controller: `{ctl.get('label')}` (mode={ctl.get('mode')}, delay_steps={ctl.get('delay_steps')}, "
-                  + (f"prefix_mode={ctl['prefix_mode']}, " if ctl.get("prefix_mode") else "")
+                  + (f"prefix_mode={ctl['prefix_mode']}, soft_masking={ctl.get('soft_masking')}, "
+                     if ctl.get("prefix_mode") else "")
                   + f"clock={ctl.get('clock')}" + (f", {ctl.get('control_hz'):g} Hz" if ctl.get("control_hz") else "")
                   + ")" + ("" if ctl.get("deterministic") else ": real time, not deterministic"))
     if results.get("overrides"):
@@ -294,7 +295,9 @@ def controller_note(ctl: Mapping[str, Any]) -> str:
             "async": "the next chunk is sampled while the current one runs and switched to, time-aligned, when "
                      "the queue runs out (naive asynchronous inference)",
             "rtc": "the next chunk is sampled while the current one runs, with the actions that run meanwhile "
-                   "frozen into it (real-time chunking, hard masking"
+                   "frozen into it (real-time chunking, "
+                   + ("hard masking" if ctl.get("soft_masking") is False else
+                      "soft masking: the old chunk's plan guides the positions after them")
                    + (", imposed clean at every step)" if ctl.get("prefix_mode") == "clean"
                       else ", imposed at each step's noise level)")}.get(str(mode), str(mode))
     if ctl.get("clock") == "wall":

@@ -43,9 +43,12 @@ class SampleStats:
         return bool(self.converged.all())
 
 
-#: ``(data, mask)``: the known entries of the trajectory. ``mask`` (B, T, D) bool; ``data`` (B, T, D),
-#: the same values before every step, or (B, S + 1, T, D), per step: ``data[:, k]`` before step
-#: ``k``'s model call, ``data[:, S]`` at the end (see :func:`diffuse_known`).
+#: ``(data, mask)``: the known entries of the trajectory. ``mask`` (B, T, D): bool (DiffusionPolicy's
+#: hard mask), or float weights in [0, 1] (soft masking: before each model call an entry moves
+#: that fraction of the way to ``data``, ``torch.lerp``; weight 1 is a known entry, 0 a free one;
+#: only the known ones are imposed on the result). ``data`` (B, T, D), the same values before
+#: every step, or (B, S + 1, T, D), per step: ``data[:, k]`` before step ``k``'s model call,
+#: ``data[:, S]`` at the end (see :func:`diffuse_known`).
 Inpaint = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -111,8 +114,10 @@ def check_inputs(
                 f"inpaint (condition_data, condition_mask) must have shapes {(B, T, D)} (or per step "
                 f"{(B, S + 1, T, D)} for the data) and {(B, T, D)}, got {tuple(data.shape)} and {tuple(mask.shape)}"
             )
-        if mask.dtype != torch.bool:
-            raise ValueError(f"inpaint condition_mask must be a bool tensor, got {mask.dtype}")
+        if mask.dtype != torch.bool and not (mask.is_floating_point() and bool(((mask >= 0) & (mask <= 1)).all())):
+            raise ValueError(f"inpaint condition_mask must be a bool tensor or float weights in [0, 1], got "
+                             f"{mask.dtype}" + (f" from {mask.min().item():.3g} to {mask.max().item():.3g}"
+                                                if mask.is_floating_point() else ""))
     return noise
 
 
@@ -129,15 +134,29 @@ def check_options(schedule: Schedule, window: int, tolerance: float, max_iterati
     return max_iterations
 
 
-def apply_inpaint(x: torch.Tensor, inpaint: Inpaint | None, k: int) -> torch.Tensor:
-    """``x`` (B, T, D) before step ``k`` (``k = S``: the end) with the known entries replaced.
+def known_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The entries an inpaint mask fixes outright: a bool mask itself, weights equal to 1."""
+    return mask if mask.dtype == torch.bool else mask >= 1
 
-    DiffusionPolicy's ``trajectory[mask] = data[mask]``; per-step data gives step ``k``'s values.
+
+def impose(x: torch.Tensor, data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``mask``'s entries replaced by ``data`` (bool), or moved toward it by the weights."""
+    return torch.where(mask, data, x) if mask.dtype == torch.bool else torch.lerp(x, data, mask.to(x.dtype))
+
+
+def apply_inpaint(x: torch.Tensor, inpaint: Inpaint | None, k: int | None) -> torch.Tensor:
+    """``x`` (B, T, D) before step ``k`` with the known entries imposed; ``k = None``: the result.
+
+    DiffusionPolicy's ``trajectory[mask] = data[mask]``; per-step data gives step ``k``'s values
+    (the last slot for the result); soft weights pull before each step, and the result gets only
+    the known entries (weight 1).
     """
     if inpaint is None:
         return x
     data, mask = inpaint
-    return torch.where(mask, data[:, k] if data.dim() == 4 else data, x)
+    if k is None:
+        return torch.where(known_mask(mask), data[:, -1] if data.dim() == 4 else data, x)
+    return impose(x, data[:, k] if data.dim() == 4 else data, mask)
 
 
 def diffuse_known(schedule: Schedule, data: torch.Tensor, noised: torch.Tensor, x_T: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ from para_policy.samplers.common import (
     apply_inpaint,
     check_inputs,
     check_options,
+    impose,
+    known_mask,
 )
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.schedule import Schedule
@@ -47,14 +49,18 @@ class Accelerator(Protocol):
              plain_upto: torch.Tensor) -> torch.Tensor: ...
 
 
-def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """All of ``x_{w+1} = a_w · x_w + g_w`` for w = 0 … W−1 at once, from ``x_0``.
+def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+    """All of ``x_{w+1} = a_w · keep · x_w + g_w`` for w = 0 … W−1 at once, from ``x_0``.
 
     Args:
-        a: ``(B, W)`` coefficients; x0: ``(B, T, D)``; g: ``(B, W, T, D)``.
+        a: ``(B, W)`` coefficients; x0: ``(B, T, D)``; g: ``(B, W, T, D)``;
+        keep: ``(B, T, D)`` per-entry factors of every coefficient (None: 1), the part of an
+            entry a soft inpaint mask leaves to the iterate (``1 - weight``).
     Returns:
-        ``(B, W, T, D)``: ``x_1 … x_W``. Computed as ``Σ_j (Π_{i=j+1}^{w} a_i) g'_j`` with a
-        (B, W, W) matrix of partial products (no division, so a coefficient of 0 is fine).
+        ``(B, W, T, D)``: ``x_1 … x_W``. Computed as ``Σ_j (Π_{i=j+1}^{w} a_i) keep^{w-j} g'_j``
+        with a (B, W, W) matrix of partial products (no division, so a coefficient of 0 is
+        fine), once per distinct value of ``keep``.
     """
     B, W = a.shape
     upper = torch.ones((B, W, W), dtype=a.dtype, device=a.device)
@@ -62,8 +68,17 @@ def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor) -> tor
     upper = torch.where(mask, a[:, None, :].expand(B, W, W), upper)  # [j, i] = a_i for i > j
     prods = torch.tril(upper.cumprod(dim=2).transpose(1, 2))  # [w, j] = Π_{i=j+1}^{w} a_i, w ≥ j
     g = g.clone()
-    g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * x0
-    return torch.einsum("bwj,bjtd->bwtd", prods, g)
+    if keep is None:
+        g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * x0
+        return torch.einsum("bwj,bjtd->bwtd", prods, g)
+    g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * keep * x0
+    steps = torch.arange(W, device=a.device)
+    gap = (steps[:, None] - steps[None, :]).clamp(min=0).to(a.dtype)  # [w, j] = w - j
+    out = torch.zeros_like(g)
+    for value in torch.unique(keep).tolist():
+        share = (keep == value).to(g.dtype)[:, None]  # (B, 1, T, D)
+        out += torch.einsum("bwj,bjtd->bwtd", prods * torch.pow(value, gap), g * share)
+    return out
 
 
 @torch.inference_mode()
@@ -111,8 +126,9 @@ def picard_sample(
             samples finished.
         condition: ``(B, ...)`` per-sample conditioning, gathered to rows for the denoiser.
         inpaint: ``(data, mask)`` (:data:`~para_policy.samplers.common.Inpaint`): known
-            entries re-imposed before every model call (a row at step ``k`` gets step ``k``'s
-            values of per-step data) and on the result.
+            entries re-imposed (soft weights: pulled) before every model call, a row at step
+            ``k`` with step ``k``'s values of per-step data, and the known ones on the result.
+            Entries of weight 1 are left out of the convergence test (the model never reads them).
         init: ``(B, S, T, D)`` initial guess of ``x_1 … x_S`` (a warm start). Without it,
             the trajectory starts as ``x_T`` and every step entering the window starts
             from the last point computed before it (ParaDiGMS's cold start).
@@ -202,7 +218,9 @@ def picard_sample(
     offsets = torch.arange(W)
     batch_index = torch.arange(B, device=device)[:, None].expand(B, W)
     drift = torch.empty((B, W, T, D), device=device, dtype=x_T.dtype)  # reused every round
-    known = None if inpaint is None else inpaint[1][:, None]  # (B, 1, T, D), for the convergence test
+    known = None if inpaint is None else known_mask(inpaint[1])[:, None]  # (B, 1, T, D), for the convergence test
+    soft = inpaint is not None and inpaint[1].dtype != torch.bool and bool(((inpaint[1] > 0) & (inpaint[1] < 1)).any())
+    keep = (1.0 - inpaint[1]).to(x_T.dtype) if soft else None  # (B, T, D), for the linear solve
     free_count = None if known is None else (~known).sum(dim=(-1, -2)).clamp(min=1)  # (B, 1)
     rounds = 0
     model_evals = 0
@@ -233,7 +251,7 @@ def picard_sample(
         x_in = x_rows
         if inpaint is not None:
             known_rows = inpaint[0][dev_b, dev_k] if inpaint[0].dim() == 4 else inpaint[0][dev_b]
-            x_in = torch.where(inpaint[1][dev_b], known_rows, x_rows)
+            x_in = impose(x_rows, known_rows, inpaint[1][dev_b])
         cond_rows = None if condition is None else condition[dev_b]
         model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
         model_evals += int(rows_b.shape[0])
@@ -246,24 +264,26 @@ def picard_sample(
             new = base[:, None] + drift.cumsum(dim=1)  # (B, W, T, D): x_{k+1} for each slot
         else:
             # x_{k+1} = a_k x_k + g_k(x_k) + σ_k z_k, g_k = c_k · x0(x_k) the nonlinear part
-            g = sched.step_mean(x_in, dev_k, model_output) - lin[dev_k].view(-1, 1, 1) * x_rows
+            # (soft inpaint weights w: x_k enters x_{k+1} as a_k (1 - w) x_k, solved exactly as well)
+            keep_rows = 1.0 if keep is None else keep[dev_b]
+            g = sched.step_mean(x_in, dev_k, model_output) - lin[dev_k].view(-1, 1, 1) * keep_rows * x_rows
             coeff = torch.where(valid_dev, lin[k_dev], 1.0)  # (B, W)
             if secant:
                 # g_k(x) ≈ g_k(x') + μ_k (x − x') along the step's last change: move μ_k x into
                 # the linear solve (same fixed point for any μ_k)
                 dx = x_rows - seen_x[dev_b, dev_k]
                 dg = g - seen_g[dev_b, dev_k]
-                if inpaint is not None:  # known entries do not reach the model: slope of the others
-                    dx = dx.masked_fill(inpaint[1][dev_b], 0.0)
+                if known is not None:  # known entries do not reach the model: slope of the others
+                    dx = dx.masked_fill(known[dev_b, 0], 0.0)
                 dx2 = dx.pow(2).sum(dim=(-1, -2))
                 has_slope = seen[dev_b, dev_k] & (dx2 > 0)
                 mu = torch.where(has_slope, (dg * dx).sum(dim=(-1, -2)) / dx2.clamp(min=1e-30), 0.0)
                 mu = torch.minimum(mu.clamp(min=0.0), 1.0 - lin[dev_k])  # solved coefficient within [a_k, 1]
                 seen_x[dev_b, dev_k], seen_g[dev_b, dev_k], seen[dev_b, dev_k] = x_rows, g, True
-                g = g - mu.view(-1, 1, 1) * x_rows
+                g = g - mu.view(-1, 1, 1) * keep_rows * x_rows
                 coeff = coeff.index_put((dev_b, dev_w), coeff[dev_b, dev_w] + mu)
             drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
-            new = linear_recurrence(coeff, base, drift)
+            new = linear_recurrence(coeff, base, drift, keep)
         change = (new - old).pow(2)
         if known is None:
             error = change.mean(dim=(-1, -2))  # (B, W)
@@ -301,7 +321,7 @@ def picard_sample(
         if sched.clip_sample:
             estimate = estimate.clamp(-sched.clip_sample_range, sched.clip_sample_range)
         final = torch.where(finished.to(device).view(B, 1, 1), final, estimate)
-    final = apply_inpaint(final, inpaint, S)
+    final = apply_inpaint(final, inpaint, None)
     done_round = torch.where(finished, done_round, rounds)
     return final, SampleStats(
         rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,

@@ -49,8 +49,8 @@ def sequential_sample(
         k_rows = torch.full((B,), k, dtype=torch.long, device=x.device)
         model_output = denoiser(x, schedule.timesteps[k_rows], condition)
         x = schedule.step_mean(x, k_rows, model_output) + schedule.noise_std[k] * noise[:, k]
+    x = apply_inpaint(x, inpaint, None)
     S = schedule.num_steps
-    x = apply_inpaint(x, inpaint, S)
     return x, SampleStats(
         rounds=S,
         model_evals=S * B,

@@ -58,7 +58,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 ASSET = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 DELAYS = (1, 2, 4)
-MODES = ("async", "rtc")
+#: the grid's modes: name -> (controller.mode, its other controller overrides)
+MODES: dict[str, tuple[str, list[str]]] = {
+    "async": ("async", []),
+    "rtc-hard": ("rtc", ["controller.prefix_mode=clean", "controller.soft_masking=false"]),  # frozen actions only
+    "rtc-clean": ("rtc", ["controller.prefix_mode=clean"]),  # soft masking, frozen actions imposed clean
+    "rtc": ("rtc", []),  # the default: soft masking, frozen actions at each step's noise level
+}
+DEFAULT_MODES = ("async", "rtc-hard", "rtc")
 
 
 def point_name(mode: str, delay: int | None, clock: str = "steps") -> str:
@@ -66,10 +73,10 @@ def point_name(mode: str, delay: int | None, clock: str = "steps") -> str:
     return f"{mode}_wall" if clock == "wall" else f"{mode}_d{delay}"
 
 
-def grid_points(delays: Sequence[int]) -> list[dict[str, Any]]:
-    """``sync`` at delay 0, then every mode of :data:`MODES` at every delay (steps clock)."""
+def grid_points(delays: Sequence[int], modes: Sequence[str] = DEFAULT_MODES) -> list[dict[str, Any]]:
+    """``sync`` at delay 0, then every mode of ``modes`` (names of :data:`MODES`) at every delay (steps clock)."""
     points = [{"mode": "sync", "delay": 0, "clock": "steps"}]
-    points += [{"mode": m, "delay": int(d), "clock": "steps"} for m in MODES for d in delays]
+    points += [{"mode": m, "delay": int(d), "clock": "steps"} for m in modes for d in delays]
     return points
 
 
@@ -77,7 +84,9 @@ def point_overrides(point: dict[str, Any], args: argparse.Namespace) -> list[str
     """The eval.py overrides of one point (what ``python eval.py ...`` would be given)."""
     ov = [f"checkpoint={args.checkpoint}", f"task.episodes={point['episodes']}", "compare=false", "logger=none",
           "video.enabled=false", "latency.calls=0", f"progress={str(not args.quiet).lower()}",
-          f"controller.mode={point['mode']}", f"controller.clock={point['clock']}"]
+          f"controller.clock={point['clock']}"]
+    mode, extra = MODES.get(point["mode"], (point["mode"], []))
+    ov += [f"controller.mode={mode}", *extra]
     if args.max_steps is not None:
         ov.append(f"task.max_steps={args.max_steps}")
     if args.threads is not None:
@@ -193,7 +202,7 @@ def plot(rows: list[dict[str, Any]], realtime: dict[str, Any] | None, path: Path
     if sync is not None and sync["mean_score"] is not None:
         ax.axhline(sync["mean_score"], color="gray", ls="--", label=f"sync (waits), {sync['mean_score']:.3f}")
         ax.plot([0], [sync["mean_score"]], "o", color="gray")
-    for mode, marker in zip(MODES, ("s", "^"), strict=True):
+    for mode, marker in zip(MODES, ("s", "v", "D", "^"), strict=True):
         pts = sorted((r for r in rows if r["mode"] == mode and r["mean_score"] is not None), key=lambda r: r["delay"])
         if not pts:
             continue
@@ -226,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=50, help="episodes per point (default 50, DP's protocol)")
     ap.add_argument("--delays", type=int, nargs="+", default=list(DELAYS), help="delays in control steps (1 2 4)")
+    ap.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES),
+                    help=f"modes of the grid (default {' '.join(DEFAULT_MODES)}; sync always runs)")
     ap.add_argument("--sampler", default="sequential", help="the grid's sampler preset (default sequential)")
     ap.add_argument("--scheduler", default="ddim", help="the grid's schedule kind (default ddim; '' = checkpoint's)")
     ap.add_argument("--steps", type=int, default=10, help="the grid's denoising steps (default 10; 0 = checkpoint's)")
@@ -248,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.episodes < 1 or any(d < 1 for d in args.delays):
         ap.error("--episodes and --delays must be >= 1 (sync is the delay-0 point)")
     args.out.mkdir(parents=True, exist_ok=True)
-    points = [{**p, "episodes": args.episodes} for p in grid_points(sorted(set(args.delays)))]
+    points = [{**p, "episodes": args.episodes} for p in grid_points(sorted(set(args.delays)), args.modes)]
     if args.realtime:
         points.append({"mode": "rtc", "delay": None, "clock": "wall",
                        "episodes": args.realtime_episodes or args.episodes})

@@ -452,12 +452,14 @@ class LowdimPolicy(nn.Module):
                 next positions pulled toward them before each step with weights decaying from
                 about 1 to about 0 (:meth:`prefix_inpaint`), so the new chunk bends away from the
                 old plan gradually instead of at once. Needs ``prefix_actions``.
-            prefix_mode: how the frozen (and guiding) actions are imposed before each step: ``'noised'``
+            prefix_mode: how the frozen actions are imposed before each step: ``'noised'``
                 (default; RePaint's imposition, :func:`~para_policy.samplers.diffuse_known`: at the
                 step's noise level, with ``x_T``'s entries as the noise, which a model trained
                 without inpainting reads as its own) or ``'clean'`` (the clean values at every
                 step, as DiffusionPolicy imposes observations). The result holds them clean either
                 way; an inpainting policy's observation entries are imposed clean as DiffusionPolicy does.
+                ``guide_actions`` pull toward the clean plan in both modes (a partial pull toward a
+                noised value would shrink the entry's noise below its step's level).
         Returns:
             :class:`PolicyOutput`: ``{'action': (B, n_action_steps, Da), 'action_pred': (B, T, Da)}``
             with ``.stats``, ``.trajectory``, ``.spec``, ``.warm``.
@@ -486,8 +488,8 @@ class LowdimPolicy(nn.Module):
                 mask = prefix[1] | inpaint[1] if prefix[1].dtype == torch.bool else \
                     torch.maximum(prefix[1], inpaint[1].to(prefix[1]))
                 known = (torch.where(imposed, prefix[0], inpaint[0]), mask)
-            if prefix_mode == "noised":
-                known = (diffuse_known(schedule, known[0], imposed, x_T.to(known[0])), known[1])
+            if prefix_mode == "noised":  # the frozen actions; a guide pulls toward the clean plan
+                known = (diffuse_known(schedule, known[0], known_mask(prefix[1]), x_T.to(known[0])), known[1])
             inpaint = known
         call_key = (shape, schedule.kind, schedule.num_steps, str(self.device))
         kwargs = dict(spec.options)

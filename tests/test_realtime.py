@@ -162,7 +162,6 @@ def test_guide_actions_at_tolerance_zero_equal_sequential_with_rtcs_soft_mask(gl
     for i in range(reach):
         c = (m - i) / (m + 1)
         w[:, start + d + i, :ACT_DIM] = c * (np.exp(c) - 1) / (np.e - 1)
-    imposed = w > 0
     cond = nobs.reshape(1, -1) if global_cond else None
     if not global_cond:
         data[:, :TO, ACT_DIM:], w[:, :TO, ACT_DIM:] = nobs, 1.0
@@ -172,7 +171,8 @@ def test_guide_actions_at_tolerance_zero_equal_sequential_with_rtcs_soft_mask(gl
     if prefix_mode == "noised":
         scheduler = build_scheduler(policy.config["noise_scheduler"])
         scheduler.set_timesteps(STEPS)
-        levels = [torch.where(imposed & (torch.arange(D) < ACT_DIM), scheduler.alphas_cumprod[t].sqrt() * data
+        frozen = (w == 1) & (torch.arange(D) < ACT_DIM)  # the guide pulls toward the clean plan
+        levels = [torch.where(frozen, scheduler.alphas_cumprod[t].sqrt() * data
                               + (1 - scheduler.alphas_cumprod[t]).sqrt() * x_T, data) for t in scheduler.timesteps]
         known = torch.stack([*levels, data], dim=1)
     ref, _ = sequential_sample(lambda x, t, c: policy.model(x, t, global_cond=c), schedule, x_T, noise,

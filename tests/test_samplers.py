@@ -14,24 +14,29 @@ from para_policy.schedule import make_schedule
 SHAPE_T, SHAPE_D = 8, 3
 
 
-def diffusion_policy_loop(denoiser, scheduler, steps, shape, seed, condition=None, inpaint=None):
+def diffusion_policy_loop(denoiser, scheduler, steps, shape, seed, condition=None, inpaint=None, impose=None):
     """DiffusionPolicy's ``conditional_sample`` written out with the diffusers scheduler.
 
+    ``impose(trajectory, k)`` instead of ``inpaint``: the trajectory before step ``k`` (None: the end).
     Returns the sample and the states after every step (x_1 … x_S).
     """
+    if inpaint is not None:
+        def impose(trajectory, k):
+            trajectory[inpaint[1]] = inpaint[0][inpaint[1]]
+            return trajectory
     g = torch.Generator().manual_seed(seed)
     trajectory = torch.randn(shape, generator=g)
     scheduler.set_timesteps(steps)
     states = []
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            if inpaint is not None:
-                trajectory[inpaint[1]] = inpaint[0][inpaint[1]]
+        for k, t in enumerate(scheduler.timesteps):
+            if impose is not None:
+                trajectory = impose(trajectory, k)
             out = denoiser(trajectory, t.expand(shape[0]), condition)
             trajectory = scheduler.step(out, t, trajectory, generator=g).prev_sample
             states.append(trajectory.clone())
-    if inpaint is not None:
-        trajectory[inpaint[1]] = inpaint[0][inpaint[1]]
+    if impose is not None:
+        trajectory = impose(trajectory, None)
     return trajectory, torch.stack(states, dim=1)
 
 
@@ -402,15 +407,12 @@ def test_sequential_imposes_each_steps_known_values(denoiser, name, make, steps)
     """Per-step data against DiffusionPolicy's loop written out, imposing data[:, k] before step k."""
     schedule, x_T, noise, (per_step, mask) = _per_step_inpaint(make, steps, batch=2)
     cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
-    scheduler = make()
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(11)
-    ref = torch.randn(x_T.shape, generator=g)
-    with torch.no_grad():
-        for k, t in enumerate(scheduler.timesteps):
-            ref[mask] = per_step[:, k][mask]
-            ref = scheduler.step(denoiser(ref, t.expand(2), cond), t, ref, generator=g).prev_sample
-    ref[mask] = per_step[:, steps][mask]
+
+    def impose(trajectory, k):
+        trajectory[mask] = per_step[:, steps if k is None else k][mask]
+        return trajectory
+
+    ref, _ = diffusion_policy_loop(denoiser, make(), steps, x_T.shape, seed=11, condition=cond, impose=impose)
     ours, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=(per_step, mask))
     assert torch.allclose(ours, ref, atol=1e-6)
 
@@ -451,15 +453,13 @@ def test_sequential_soft_weights_pull_each_step_and_impose_only_known_entries_on
     x_T, noise = draw_noise(schedule, (2, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(11))
     data, w = make_inpaint(2)[0], _soft_weights(2)
     cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
-    scheduler = make()
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(11)
-    ref = torch.randn(x_T.shape, generator=g)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            ref = ref + w * (data - ref)
-            ref = scheduler.step(denoiser(ref, t.expand(2), cond), t, ref, generator=g).prev_sample
-    ref[w == 1] = data[w == 1]
+
+    def impose(trajectory, k):
+        if k is None:
+            return torch.where(w == 1, data, trajectory)
+        return trajectory + w * (data - trajectory)
+
+    ref, _ = diffusion_policy_loop(denoiser, make(), steps, x_T.shape, seed=11, condition=cond, impose=impose)
     ours, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=(data, w))
     assert torch.allclose(ours, ref, atol=1e-5)
     assert torch.equal(ours[w == 1], data[w == 1])

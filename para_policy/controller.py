@@ -36,7 +36,7 @@ Picard sampling makes possible:
   are imposed at each step's noise level by default (``prefix_mode='noised'``, RePaint's
   imposition, which a model trained without inpainting reads as its own), or clean (``'clean'``).
 * **Two clocks, one schedule.** ``clock='wall'``: a worker thread samples while ``act()``
-  hands out queued actions, one inference at a time, ``d = ceil(latency / period_s)``
+  hands out queued actions, one inference at a time, ``d = ceil(1.25 · latency / period_s)``
   measured (or ``delay_steps`` fixed); when the queue runs dry ``act()`` waits and counts a
   stall. ``clock='steps'``: no thread, for evaluators: a chunk requested at step ``s`` is
   computed at once and counts as ready at step ``s + delay_steps``, so results do not depend
@@ -85,6 +85,7 @@ from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
 MODES = ("sync", "async", "rtc")
 CLOCKS = ("wall", "steps")
 LATENCY_WINDOW = 5  # the measured delay covers the slowest of the last few chunks
+LATENCY_HEADROOM = 1.25  # ... times this: room for jitter, so a chunk a little slower than those still arrives in time
 
 
 @dataclass
@@ -193,7 +194,8 @@ class Controller:
             that run meanwhile frozen in the new chunk (real-time chunking).
         delay_steps: the inference delay ``d`` in control steps, ``0 <= d < n_action_steps``: the
             next chunk starts when ``d`` actions are left. None (``clock='wall'`` only):
-            ``ceil(latency / period_s)`` from the slowest of the last few chunks, within
+            ``ceil(1.25 · latency / period_s)`` from the slowest of the last few chunks (a quarter
+            more for jitter), within
             ``[1, n_action_steps - 1]``. Asynchronous modes only.
         clock: ``'wall'``: a worker thread samples while ``act`` hands out actions.
             ``'steps'``: no thread; a chunk requested at step ``s`` is computed at once and
@@ -508,12 +510,12 @@ class Controller:
             self.steps_in_flight += 1
 
     def _delay(self) -> int:
-        """``d``: fixed, or ``ceil(latency / period_s)`` over the last few chunks, within [1, n_action_steps - 1]."""
+        """``d``: fixed, or ``ceil(LATENCY_HEADROOM · latency / period_s)`` over the last few chunks, in [1, H - 1]."""
         if self.delay_steps is not None:
             return self.delay_steps
         if not self._latencies:
             return 1
-        d = math.ceil(max(self._latencies) / 1000 / self.period_s)
+        d = math.ceil(LATENCY_HEADROOM * max(self._latencies) / 1000 / self.period_s)
         return min(max(d, 1), self.policy.n_action_steps - 1)
 
     def _launch(self) -> None:

@@ -458,9 +458,9 @@ def test_wall_clock_stalls_only_when_the_policy_is_slower_than_the_delay():
     assert s["idle_steps"] is None
     measured = step_policy(latency=lambda: 0.025)
     with Controller(measured, mode="async", period_s=0.01, sampler="sequential") as ctl:
-        run_at_rate(ctl, 40, 0.01)  # d = ceil(25 ms / 10 ms) = 3 once measured
+        run_at_rate(ctl, 40, 0.01)  # d = ceil(1.25 · 25 ms / 10 ms) = 4 once measured (a quarter for jitter)
         s = ctl.stats()
-    assert 3 <= ctl._delay() <= H - 1 and s["delay_used"]["max"] >= 3
+    assert 4 <= ctl._delay() <= H - 1 and s["delay_used"]["max"] >= 4
     assert not worker_threads()
 
 

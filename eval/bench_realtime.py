@@ -61,9 +61,10 @@ DELAYS = (1, 2, 4)
 #: the grid's modes: name -> (controller.mode, its other controller overrides)
 MODES: dict[str, tuple[str, list[str]]] = {
     "async": ("async", []),
-    "rtc-hard": ("rtc", ["controller.prefix_mode=clean", "controller.soft_masking=false"]),  # frozen actions only
-    "rtc-clean": ("rtc", ["controller.prefix_mode=clean"]),  # soft masking, frozen actions imposed clean
-    "rtc": ("rtc", []),  # the default: soft masking, frozen actions at each step's noise level
+    "rtc-hard": ("rtc", ["controller.soft_masking=false"]),  # frozen actions only, imposed clean
+    "rtc-hard-noised": ("rtc", ["controller.soft_masking=false", "controller.prefix_mode=noised"]),
+    "rtc-noised": ("rtc", ["controller.prefix_mode=noised"]),  # soft masking, frozen actions at each step's level
+    "rtc": ("rtc", []),  # the default: soft masking, frozen actions imposed clean
 }
 DEFAULT_MODES = ("async", "rtc-hard", "rtc")
 
@@ -202,7 +203,7 @@ def plot(rows: list[dict[str, Any]], realtime: dict[str, Any] | None, path: Path
     if sync is not None and sync["mean_score"] is not None:
         ax.axhline(sync["mean_score"], color="gray", ls="--", label=f"sync (waits), {sync['mean_score']:.3f}")
         ax.plot([0], [sync["mean_score"]], "o", color="gray")
-    for mode, marker in zip(MODES, ("s", "v", "D", "^"), strict=True):
+    for mode, marker in zip(MODES, ("s", "v", "x", "D", "^"), strict=True):
         pts = sorted((r for r in rows if r["mode"] == mode and r["mean_score"] is not None), key=lambda r: r["delay"])
         if not pts:
             continue

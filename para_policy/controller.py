@@ -32,9 +32,9 @@ Picard sampling makes possible:
   chunk's remaining plan guides the next positions with weights decaying from about 1 to
   about 0, so the new chunk leaves the old plan gradually. RTC steers with a guidance
   gradient (a vector-Jacobian product through the denoiser at every step); here the entries
-  are pulled toward the old plan before each step by those weights, which costs nothing. Both
-  are imposed at each step's noise level by default (``prefix_mode='noised'``, RePaint's
-  imposition, which a model trained without inpainting reads as its own), or clean (``'clean'``).
+  are pulled toward the old plan before each step by those weights, which costs nothing. The
+  frozen actions are imposed clean by default, or at each step's noise level
+  (``prefix_mode='noised'``, RePaint's imposition).
 * **Two clocks, one schedule.** ``clock='wall'``: a worker thread samples while ``act()``
   hands out queued actions, one inference at a time, ``d = ceil(1.25 · latency / period_s)``
   measured (or ``delay_steps`` fixed); when the queue runs dry ``act()`` waits and counts a
@@ -203,8 +203,8 @@ class Controller:
             ignores it.
         period_s: the control period in seconds (``1 / control_hz``), to turn measured latency
             into steps.
-        prefix_mode: ``mode='rtc'``: how the frozen actions are imposed, ``'noised'`` (default)
-            or ``'clean'`` (``LowdimPolicy.predict_action``'s ``prefix_mode``).
+        prefix_mode: ``mode='rtc'``: how the frozen actions are imposed, ``'clean'`` (default)
+            or ``'noised'`` (``LowdimPolicy.predict_action``'s ``prefix_mode``).
         soft_masking: ``mode='rtc'``: the old chunk's plan after the frozen actions guides the new
             chunk's next positions (``predict_action``'s ``guide_actions``); False: only the
             frozen actions are imposed (hard masking).
@@ -230,7 +230,7 @@ class Controller:
                  warm_start: bool | None = None, deadline_ms: float | None = None, seed: int | None = None,
                  devices: Sequence[str | torch.device] | None = None, max_records: int = 100_000,
                  mode: str = "sync", delay_steps: int | None = None, clock: str = "wall",
-                 period_s: float | None = None, prefix_mode: str = "noised", soft_masking: bool = True,
+                 period_s: float | None = None, prefix_mode: str = "clean", soft_masking: bool = True,
                  **options: Any) -> None:
         self.policy = policy
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:

@@ -26,8 +26,8 @@ from para_policy.samplers.common import known_mask
 from para_policy.samplers.registry import SamplerConfig, build_schedule, sampler_spec, schedule_key
 from para_policy.schedule import Schedule, build_scheduler
 
-#: how ``predict_action`` imposes frozen ``prefix_actions``: at each step's noise level, or clean
-PREFIX_MODES = ("noised", "clean")
+#: how ``predict_action`` imposes frozen ``prefix_actions``: clean, or at each step's noise level
+PREFIX_MODES = ("clean", "noised")
 CONFIG_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim", "model", "noise_scheduler")
 log = logging.getLogger("para_policy.policy")
 
@@ -416,7 +416,7 @@ class LowdimPolicy(nn.Module):
         sampler: str | SamplerConfig | None = None,
         prefix_actions: torch.Tensor | None = None,
         guide_actions: torch.Tensor | None = None,
-        prefix_mode: str = "noised",
+        prefix_mode: str = "clean",
         **options: Any,
     ) -> PolicyOutput:
         """DiffusionPolicy's ``predict_action``: ``{'obs': (B, To, Do)}`` → actions.
@@ -452,11 +452,12 @@ class LowdimPolicy(nn.Module):
                 next positions pulled toward them before each step with weights decaying from
                 about 1 to about 0 (:meth:`prefix_inpaint`), so the new chunk bends away from the
                 old plan gradually instead of at once. Needs ``prefix_actions``.
-            prefix_mode: how the frozen actions are imposed before each step: ``'noised'``
-                (default; RePaint's imposition, :func:`~para_policy.samplers.diffuse_known`: at the
-                step's noise level, with ``x_T``'s entries as the noise, which a model trained
-                without inpainting reads as its own) or ``'clean'`` (the clean values at every
-                step, as DiffusionPolicy imposes observations). The result holds them clean either
+            prefix_mode: how the frozen actions are imposed before each step: ``'clean'``
+                (default; the clean values at every step, as DiffusionPolicy imposes observations)
+                or ``'noised'`` (RePaint's imposition, :func:`~para_policy.samplers.diffuse_known`:
+                at the step's noise level, with ``x_T``'s entries as the noise, what a model
+                trained without inpainting sees of its own trajectories; it helps hard masking,
+                not soft, on the shipped PushT policy: docs/benchmarks.md). The result holds them clean either
                 way; an inpainting policy's observation entries are imposed clean as DiffusionPolicy does.
                 ``guide_actions`` pull toward the clean plan in both modes (a partial pull toward a
                 noised value would shrink the entry's noise below its step's level).

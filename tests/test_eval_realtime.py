@@ -65,7 +65,7 @@ def test_rtc_run_writes_the_controller_stats_per_episode_and_per_sampler(rtc_run
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["controller"] == results["controller"]
     assert results["controller"] | {"label": None} == {
-        "mode": "rtc", "delay_steps": 2, "clock": "steps", "control_hz": None, "prefix_mode": "noised",
+        "mode": "rtc", "delay_steps": 2, "clock": "steps", "control_hz": None, "prefix_mode": "clean",
         "soft_masking": True, "period_s": None, "deterministic": True, "label": None, "n_action_steps": 8}
     for role in ("candidate", "baseline"):
         s = results["samplers"][role]
@@ -86,9 +86,8 @@ def test_rtc_run_writes_the_controller_stats_per_episode_and_per_sampler(rtc_run
     assert "| stalls/episode |" in summary and "## How chunks were scheduled" in summary
     progress = json.loads((out / "progress.json").read_text())
     assert progress["fingerprint"]["controller"] == {"mode": "rtc", "delay_steps": 2, "clock": "steps",
-                                                     "control_hz": None, "prefix_mode": "noised", "soft_masking": True}
-    assert "soft masking: the old chunk's plan guides the positions after them, imposed at each step's noise " \
-        "level" in summary
+                                                     "control_hz": None, "prefix_mode": "clean", "soft_masking": True}
+    assert "soft masking: the old chunk's plan guides the positions after them, imposed clean)" in summary
     metrics = flat_metrics(results)
     assert {"candidate/switch_discontinuity_mean", "candidate/stalls_per_episode", "baseline/idle_steps"} <= \
         set(metrics)
@@ -149,7 +148,7 @@ def test_baseline_and_candidate_under_rtc_at_tolerance_zero_give_the_same_episod
         assert x["switch_discontinuity_max"] == pytest.approx(y["switch_discontinuity_max"], abs=1e-2)
 
 
-@pytest.mark.parametrize("prefix_mode,soft", [("clean", False), ("noised", True)])
+@pytest.mark.parametrize("prefix_mode,soft", [("noised", False), ("clean", True)])
 def test_rtc_prefix_mode_and_soft_masking_reach_the_controllers_calls(ckpt, tmp_path, monkeypatch, prefix_mode, soft):
     seen: list[tuple[str, bool]] = []
     real = realtime.KeyedNoisePolicy.predict_action
@@ -187,7 +186,7 @@ def test_rtc_prefix_mode_and_soft_masking_reach_the_controllers_calls(ckpt, tmp_
      r"controller.soft_masking=False applies to controller.mode=rtc only"),
     (["controller.mode=rtc", "controller.soft_masking=maybe"], r"controller.soft_masking must be true or false"),
     (["controller.mode=rtc", "controller.prefix_mode=noisy"],
-     r"controller.prefix_mode must be 'noised' or 'clean', got 'noisy' \(did you mean 'noised'\?\)"),
+     r"controller.prefix_mode must be 'clean' or 'noised', got 'noisy' \(did you mean 'noised'\?\)"),
 ])
 def test_bad_controller_settings_stop_before_any_rollout(ckpt, tmp_path, monkeypatch, overrides, message):
     def no_rollouts(*a, **k):
@@ -211,14 +210,14 @@ def test_settings_defaults_and_labels():
     assert controller_settings(compose_eval(["controller.mode=async", "controller.delay_steps=4"])).label() == \
         "async d=4"
     rtc = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2"]))
-    assert (rtc.prefix_mode, rtc.soft_masking, rtc.label()) == ("noised", True, "rtc d=2")
+    assert (rtc.prefix_mode, rtc.soft_masking, rtc.label()) == ("clean", True, "rtc d=2")
     hard = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2",
                                              "controller.soft_masking=false"]))
     assert (hard.soft_masking, hard.label()) == (False, "rtc hard d=2") and hard.fingerprint() != rtc.fingerprint()
-    clean = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2",
-                                              "controller.prefix_mode=clean"]))
-    assert (clean.prefix_mode, clean.label()) == ("clean", "rtc clean d=2")
-    assert rtc.fingerprint() != clean.fingerprint()
+    noised = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2",
+                                               "controller.prefix_mode=noised"]))
+    assert (noised.prefix_mode, noised.label()) == ("noised", "rtc noised d=2")
+    assert rtc.fingerprint() != noised.fingerprint()
     # async has no prefix: its fingerprint is the one earlier run folders hold
     assert not {"prefix_mode", "soft_masking"} & set(controller_settings(compose_eval(["controller.mode=async"]))
                                                      .fingerprint())

@@ -211,7 +211,7 @@ def test_bad_prefix_actions_are_refused():
             policy.predict_action(obs, prefix_actions=bad)
     with pytest.raises(ValueError, match="NaN"):
         policy.predict_action(obs, prefix_actions=torch.full((1, 2, ACT_DIM), float("nan")))
-    with pytest.raises(ValueError, match=r"prefix_mode must be one of \('noised', 'clean'\), got 'soft'"):
+    with pytest.raises(ValueError, match=r"prefix_mode must be one of \('clean', 'noised'\), got 'soft'"):
         policy.predict_action(obs, prefix_actions=torch.zeros(1, 2, ACT_DIM), prefix_mode="soft")
     empty = policy.predict_action(obs, prefix_actions=torch.zeros(1, 0, ACT_DIM),
                                   generator=torch.Generator().manual_seed(0))["action"]
@@ -331,7 +331,7 @@ def test_rtc_without_soft_masking_imposes_only_the_frozen_actions():
     assert frozen and all("guide_actions" not in c and c["prefix_mode"] == "clean" for c in frozen)
     with pytest.raises(ValueError, match=r"soft_masking must be True or False, got 'yes'"):
         Controller(policy, mode="rtc", delay_steps=2, clock="steps", soft_masking="yes")
-    with pytest.raises(ValueError, match=r"prefix_mode must be one of \('noised', 'clean'\), got 'hard'"):
+    with pytest.raises(ValueError, match=r"prefix_mode must be one of \('clean', 'noised'\), got 'hard'"):
         Controller(policy, mode="rtc", delay_steps=2, clock="steps", prefix_mode="hard")
 
 

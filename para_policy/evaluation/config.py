@@ -15,7 +15,7 @@ Config shape (``configs/eval.yaml`` composes it)::
                  preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
     controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz,
-                 prefix_mode (rtc: noised | clean), soft_masking (rtc: true | false): how each
+                 prefix_mode (rtc: clean | noised), soft_masking (rtc: true | false): how each
                  env's chunks are scheduled (:class:`ControllerSettings`)
     num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
 """
@@ -278,8 +278,8 @@ class ControllerSettings:
         on every machine) or ``'wall'`` (real time: the env is stepped every ``1 / control_hz``
         seconds and the real latency decides; not deterministic).
     control_hz: the wall clock's control rate; None on the steps clock.
-    prefix_mode: ``mode='rtc'``: how the frozen actions are imposed (``'noised'``, the default, or
-        ``'clean'``: :class:`~para_policy.controller.Controller`'s ``prefix_mode``); None otherwise.
+    prefix_mode: ``mode='rtc'``: how the frozen actions are imposed (``'clean'``, the default, or
+        ``'noised'``: :class:`~para_policy.controller.Controller`'s ``prefix_mode``); None otherwise.
     soft_masking: ``mode='rtc'``: the old chunk's plan guides the positions after the frozen
         actions (the Controller's ``soft_masking``, default True); None otherwise.
     """
@@ -329,8 +329,8 @@ class ControllerSettings:
         return self.mode if self.mode == "sync" else f"{self.mode}{self._prefix_label()} d={self.delay_steps}"
 
     def _prefix_label(self) -> str:
-        """How rtc imposes, where it is not the default: `` hard`` (no soft masking), `` clean``."""
-        return (" hard" if self.soft_masking is False else "") + (" clean" if self.prefix_mode == "clean" else "")
+        """How rtc imposes, where it is not the default: `` hard`` (no soft masking), `` noised``."""
+        return (" hard" if self.soft_masking is False else "") + (" noised" if self.prefix_mode == "noised" else "")
 
     def check_policy(self, n_action_steps: int) -> None:
         """Refuse a delay the policy's chunks cannot absorb (before any env is stepped)."""
@@ -377,7 +377,7 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
     if prefix is not None and mode != "rtc":
         raise EvalConfigError(f"controller.prefix_mode={prefix} applies to controller.mode=rtc only (the frozen "
                               f"actions of real-time chunking); mode={mode} freezes none")
-    prefix = _choice(prefix or "noised", "controller.prefix_mode", PREFIX_MODES) if mode == "rtc" else None
+    prefix = _choice(prefix or "clean", "controller.prefix_mode", PREFIX_MODES) if mode == "rtc" else None
     soft = raw.get("soft_masking")
     if soft is not None and mode != "rtc":
         raise EvalConfigError(f"controller.soft_masking={soft} applies to controller.mode=rtc only (guidance by the "

@@ -93,7 +93,7 @@ def make_controller(policy: LowdimPolicy | KeyedNoisePolicy, spec: SamplerConfig
     """The Controller ``settings`` describe, sampling with ``spec`` (whose window is already resolved)."""
     return Controller(policy, sampler=spec, mode=settings.mode, clock=settings.clock, period_s=settings.period_s,
                       delay_steps=None if settings.mode == "sync" else settings.delay_steps, seed=seed,
-                      prefix_mode=settings.prefix_mode or "noised", soft_masking=settings.soft_masking is not False)
+                      prefix_mode=settings.prefix_mode or "clean", soft_masking=settings.soft_masking is not False)
 
 
 def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None) -> dict[str, Any]:

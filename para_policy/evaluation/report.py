@@ -298,8 +298,8 @@ def controller_note(ctl: Mapping[str, Any]) -> str:
                    "frozen into it (real-time chunking, "
                    + ("hard masking" if ctl.get("soft_masking") is False else
                       "soft masking: the old chunk's plan guides the positions after them")
-                   + (", imposed clean at every step)" if ctl.get("prefix_mode") == "clean"
-                      else ", imposed at each step's noise level)")}.get(str(mode), str(mode))
+                   + (", imposed at each step's noise level)" if ctl.get("prefix_mode") == "noised"
+                      else ", imposed clean)")}.get(str(mode), str(mode))
     if ctl.get("clock") == "wall":
         delay = "measured by the Controller from this machine's latency" if d is None else f"fixed at {d} steps"
         return (f"Each episode ran through one `Controller`: {what}. The env was stepped every {ctl.get('period_s')} s "

@@ -3,13 +3,15 @@
 A robot that keeps moving while its next chunk is computed executes that chunk from an
 observation ``d`` control steps old. This benchmark asks what that costs on the shipped PushT
 policy, and what real-time chunking (``rtc``: the ``d`` actions that run meanwhile frozen into
-the new chunk) wins back over switching to a freely sampled chunk (``async``). It runs the
+the new chunk, the old chunk's plan after them guiding it with RTC's soft mask) wins back over
+switching to a freely sampled chunk (``async``). It runs the
 evaluator (``para_policy.evaluation.evaluate``, the function behind ``eval.py``) once per point:
 
 * ``sync`` at delay 0: today's protocol (the robot waits for every chunk; batched envs);
-* ``async`` and ``rtc`` at each delay of ``--delays`` (default 1, 2, 4) on the steps clock: the
-  latency is simulated as exactly ``d`` control steps, so the grid is deterministic and the
-  same on every machine;
+* each mode of ``--modes`` (:data:`MODES`: ``async``, ``rtc-hard``, ``rtc`` by default; also
+  ``rtc-noised``, ``rtc-hard-noised``) at each delay of ``--delays`` (default 1, 2, 4) on the
+  steps clock, and single points ``--also MODE:DELAY``: the latency is simulated as exactly
+  ``d`` control steps, so the grid is deterministic and the same on every machine;
 * with ``--realtime``: ``rtc`` on the wall clock at 10 Hz with the ``paradigms`` preset on the
   checkpoint's schedule, the delay measured from this machine's latency, stalls counted (not
   deterministic). An episode takes at least ``max_steps / 10`` seconds; where a chunk takes
@@ -177,8 +179,11 @@ def format_markdown(rows: list[dict[str, Any]], realtime: dict[str, Any] | None,
     lines += ["", "How to read it: `sync` is DiffusionPolicy's protocol, the robot standing still while each chunk "
               "is computed (in simulation the world waits too, so its score does not depend on latency). At delay "
               "d the next chunk is computed from the observation d steps before the queue runs out and takes over "
-              "from its action d. `async` samples it freely; `rtc` freezes the d queued actions into it, so its first "
-              "new action continues the executed ones. Switch jump: the distance between the new chunk's action "
+              "from its action d. `async` samples it freely; `rtc` freezes the d queued actions into it and lets the "
+              "old chunk's plan after them guide the next positions with decaying weights (RTC's soft mask), so its "
+              "first new action continues the executed ones; `rtc-hard` freezes them without the soft mask; "
+              "`-noised` imposes the frozen actions at each step's noise level instead of clean. "
+              "Switch jump: the distance between the new chunk's action "
               "and the old plan's at the switch step (smaller is smoother). Stalls: switches that had "
               "to wait for the chunk (none on the steps clock while d <= n_action_steps / 2). The steps-clock "
               "points are deterministic; ± sem is the standard error of the mean score over episodes."]
@@ -238,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--delays", type=int, nargs="+", default=list(DELAYS), help="delays in control steps (1 2 4)")
     ap.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES),
                     help=f"modes of the grid (default {' '.join(DEFAULT_MODES)}; sync always runs)")
+    ap.add_argument("--also", action="append", default=[], metavar="MODE:DELAY",
+                    help="one more steps-clock point outside the grid, e.g. rtc-hard:4 (repeatable)")
     ap.add_argument("--sampler", default="sequential", help="the grid's sampler preset (default sequential)")
     ap.add_argument("--scheduler", default="ddim", help="the grid's schedule kind (default ddim; '' = checkpoint's)")
     ap.add_argument("--steps", type=int, default=10, help="the grid's denoising steps (default 10; 0 = checkpoint's)")
@@ -261,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ap.error("--episodes and --delays must be >= 1 (sync is the delay-0 point)")
     args.out.mkdir(parents=True, exist_ok=True)
     points = [{**p, "episodes": args.episodes} for p in grid_points(sorted(set(args.delays)), args.modes)]
+    for extra in args.also:
+        mode, _, delay = extra.partition(":")
+        if mode not in MODES or not delay.isdigit() or int(delay) < 1:
+            ap.error(f"--also {extra!r}: expected MODE:DELAY with MODE one of {list(MODES)} and DELAY >= 1")
+        if not any(p["mode"] == mode and p["delay"] == int(delay) for p in points):
+            points.append({"mode": mode, "delay": int(delay), "clock": "steps", "episodes": args.episodes})
     if args.realtime:
         points.append({"mode": "rtc", "delay": None, "clock": "wall",
                        "episodes": args.realtime_episodes or args.episodes})

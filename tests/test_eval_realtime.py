@@ -302,13 +302,16 @@ def test_bench_realtime_smoke(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "eval"))
     bench = importlib.import_module("bench_realtime")
     bench.main(["--episodes", "1", "--delays", "2", "--checkpoint", str(ckpt), "--max-steps", "8", "--scheduler", "",
-                "--steps", "0", "--quiet", "--out", str(tmp_path)])
-    assert "[4/4] rtc_d2" in capsys.readouterr().out
+                "--steps", "0", "--quiet", "--out", str(tmp_path), "--also", "rtc-noised:1"])
+    assert "[5/5] rtc-noised_d1" in capsys.readouterr().out
     summary = json.loads((tmp_path / "bench_realtime.json").read_text())
     assert [(p["mode"], p["delay"]) for p in summary["points"]] == [("sync", 0), ("async", 2), ("rtc-hard", 2),
-                                                                    ("rtc", 2)]
+                                                                    ("rtc", 2), ("rtc-noised", 1)]
     hard = json.loads((tmp_path / "runs" / "rtc-hard_d2" / "results.json").read_text())["controller"]
     assert (hard["prefix_mode"], hard["soft_masking"]) == ("clean", False)
+    with pytest.raises(SystemExit):
+        bench.main(["--also", "rtc:x", "--out", str(tmp_path)])
+    assert "expected MODE:DELAY" in capsys.readouterr().err
     assert all(p["mean_score"] is not None and p["episodes"] == 1 for p in summary["points"])
     md = (tmp_path / "bench_realtime.md").read_text()
     assert "| rtc | 2 |" in md and "switch jump mean (px)" in md

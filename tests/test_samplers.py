@@ -272,7 +272,7 @@ def test_linear_coeff_is_the_x_coefficient_of_a_step_with_x0_fixed(make, steps, 
 
 
 def test_linear_recurrence_matches_a_loop():
-    from para_policy.samplers.picard import linear_recurrence
+    from para_policy.samplers.picard import keep_factors, linear_recurrence
 
     g = torch.Generator().manual_seed(1)
     a = torch.rand(2, 6, generator=g)
@@ -288,7 +288,8 @@ def test_linear_recurrence_matches_a_loop():
     for w in range(6):
         x = a[:, w].view(2, 1, 1) * keep * x + drive[:, w]
         expected.append(x)
-    assert torch.allclose(linear_recurrence(a, x0, drive, keep), torch.stack(expected, dim=1), atol=1e-6)
+    assert torch.allclose(linear_recurrence(a, x0, drive, keep_factors(keep, keep.dtype)),
+                          torch.stack(expected, dim=1), atol=1e-6)
 
 
 def test_linear_solve_is_exact_in_one_round_when_x0_does_not_depend_on_x():

@@ -19,7 +19,7 @@ finishes and drops out of the batched call instead of waiting for the hardest.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -49,14 +49,30 @@ class Accelerator(Protocol):
              plain_upto: torch.Tensor) -> torch.Tensor: ...
 
 
+class KeepFactors(NamedTuple):
+    """Per-entry factors of the linear solve's coefficients, with their distinct values found once per call.
+
+    ``factors`` (B, T, D): the part of an entry a soft inpaint mask leaves to the iterate
+    (``1 - weight``); ``levels``: each distinct factor and the (B, 1, T, D) indicator of where it stands.
+    """
+
+    factors: torch.Tensor
+    levels: list[tuple[float, torch.Tensor]]
+
+
+def keep_factors(factors: torch.Tensor, dtype: torch.dtype) -> KeepFactors:
+    """:class:`KeepFactors` for ``factors`` (B, T, D) (one host sync, outside the rounds)."""
+    return KeepFactors(factors, [(value, (factors == value).to(dtype)[:, None])
+                                 for value in torch.unique(factors).tolist()])
+
+
 def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor,
-                      keep: torch.Tensor | None = None) -> torch.Tensor:
+                      keep: KeepFactors | None = None) -> torch.Tensor:
     """All of ``x_{w+1} = a_w · keep · x_w + g_w`` for w = 0 … W−1 at once, from ``x_0``.
 
     Args:
         a: ``(B, W)`` coefficients; x0: ``(B, T, D)``; g: ``(B, W, T, D)``;
-        keep: ``(B, T, D)`` per-entry factors of every coefficient (None: 1), the part of an
-            entry a soft inpaint mask leaves to the iterate (``1 - weight``).
+        keep: per-entry factors of every coefficient (None: 1), :func:`keep_factors`.
     Returns:
         ``(B, W, T, D)``: ``x_1 … x_W``. Computed as ``Σ_j (Π_{i=j+1}^{w} a_i) keep^{w-j} g'_j``
         with a (B, W, W) matrix of partial products (no division, so a coefficient of 0 is
@@ -71,12 +87,11 @@ def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor,
     if keep is None:
         g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * x0
         return torch.einsum("bwj,bjtd->bwtd", prods, g)
-    g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * keep * x0
+    g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * keep.factors * x0
     steps = torch.arange(W, device=a.device)
     gap = (steps[:, None] - steps[None, :]).clamp(min=0).to(a.dtype)  # [w, j] = w - j
     out = torch.zeros_like(g)
-    for value in torch.unique(keep).tolist():
-        share = (keep == value).to(g.dtype)[:, None]  # (B, 1, T, D)
+    for value, share in keep.levels:
         out += torch.einsum("bwj,bjtd->bwtd", prods * torch.pow(value, gap), g * share)
     return out
 
@@ -220,7 +235,7 @@ def picard_sample(
     drift = torch.empty((B, W, T, D), device=device, dtype=x_T.dtype)  # reused every round
     known = None if inpaint is None else known_mask(inpaint[1])[:, None]  # (B, 1, T, D), for the convergence test
     soft = inpaint is not None and inpaint[1].dtype != torch.bool and bool(((inpaint[1] > 0) & (inpaint[1] < 1)).any())
-    keep = (1.0 - inpaint[1]).to(x_T.dtype) if soft else None  # (B, T, D), for the linear solve
+    keep = keep_factors((1.0 - inpaint[1]).to(x_T.dtype), x_T.dtype) if soft else None  # for the linear solve
     free_count = None if known is None else (~known).sum(dim=(-1, -2)).clamp(min=1)  # (B, 1)
     rounds = 0
     model_evals = 0
@@ -265,7 +280,7 @@ def picard_sample(
         else:
             # x_{k+1} = a_k x_k + g_k(x_k) + σ_k z_k, g_k = c_k · x0(x_k) the nonlinear part
             # (soft inpaint weights w: x_k enters x_{k+1} as a_k (1 - w) x_k, solved exactly as well)
-            keep_rows = 1.0 if keep is None else keep[dev_b]
+            keep_rows = 1.0 if keep is None else keep.factors[dev_b]
             g = sched.step_mean(x_in, dev_k, model_output) - lin[dev_k].view(-1, 1, 1) * keep_rows * x_rows
             coeff = torch.where(valid_dev, lin[k_dev], 1.0)  # (B, W)
             if secant:

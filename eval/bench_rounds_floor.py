@@ -1,0 +1,264 @@
+"""How low can rounds per chunk go? The warm start's distance, the error after each round, and a Newton floor.
+
+Rounds (sequential model calls per chunk) carry over to any hardware, so the question
+"how few rounds can a parallel sampler take on this policy" is asked here without a clock:
+
+1. **Observation stream**: PushT rollouts of the policy with sequential DDIM
+   (``eval/bench_rounds.py``'s recorder), a few episodes of a few chunks.
+2. **How good a guess is the previous chunk?** The executed actions of the previous chunk's
+   sequential sample shifted by ``n_action_steps`` (what the warm start starts from) against
+   this chunk's sequential sample, and, as the scale of the policy's own spread, two
+   sequential samples of the same observation on different noise (pixels; max over the
+   executed actions, mean over chunks).
+3. **The default** (``paradigms``: Picard, linear solve, secant slope, warm start, tolerance of
+   the preset) at a full window (``window = S``, the fewest rounds): rounds, and the deviation
+   of the executed actions from sequential on the same noise after 1, 2, 3, ... rounds
+   (``max_iterations``; an unfinished warm-started sample returns the end of its iterate).
+4. **A Newton floor**: the same iteration with each step's map linearized by its *exact*
+   Jacobian at the sequential trajectory (``torch.func.jacrev`` through the denoiser, one
+   (T·D)×(T·D) matrix per step). No sampler can know that Jacobian before sampling (it costs
+   T·D backward passes per step, and it is taken at the answer), so its rounds are a floor
+   for the Picard family under the same convergence test and warm start, not a method.
+
+    python eval/bench_rounds_floor.py
+    python eval/bench_rounds_floor.py --episodes 1 --max-chunks 3 --schedules ddim10 --out /tmp/floor.md
+
+Writes ``eval/results/bench_rounds_floor.md`` (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from para_policy.checkpoints import atomic_write
+from para_policy.evaluation.rollout import seed_for
+from para_policy.policy import LowdimPolicy, load_policy
+from para_policy.samplers import PRESETS, draw_noise, picard_sample, sampler_spec, shift_trajectory, warm_start_init
+from para_policy.schedule import Schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rounds import record_stream  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
+OUT = ROOT / "eval" / "results" / "bench_rounds_floor.md"
+REPLAY_STREAM = 13  # noise-key stream of the replays
+SPREAD_STREAM = 17  # a second noise draw of the same observation
+
+
+def parse_schedule(name: str) -> tuple[str, int]:
+    """``ddpm100`` → ('ddpm', 100), ``ddim10`` → ('ddim', 10)."""
+    for kind in ("ddpm", "ddim"):
+        if name.startswith(kind) and name[len(kind):].isdigit():
+            return kind, int(name[len(kind):])
+    raise SystemExit(f"--schedules: expected names like ddpm100 or ddim10, got {name!r}")
+
+
+@torch.inference_mode()
+def sequential_states(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+                      cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential loop, keeping every step's input: ``(sample (1,T,D), inputs (S,T,D))``."""
+    x, inputs = x_T, []
+    for k in range(sched.num_steps):
+        inputs.append(x[0])
+        kr = torch.full((1,), k, dtype=torch.long)
+        out = policy.denoise(x, sched.timesteps[kr], cond)
+        x = sched.step_mean(x, kr, out) + sched.noise_std[k] * noise[:, k]
+    return x, torch.stack(inputs)
+
+
+def step_jacobians(policy: LowdimPolicy, sched: Schedule, inputs: torch.Tensor, cond: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """``(S, TD, TD)``: the Jacobian of each step's nonlinear part ``g_k(x) = step_mean − a_k x`` at ``inputs[k]``."""
+    from torch.func import jacrev
+
+    S, T, D = inputs.shape
+    a = sched.linear_coeff()
+    mats = []
+    for k in range(S):
+        kr = torch.full((1,), k, dtype=torch.long)
+
+        def g(x: torch.Tensor, k: int = k, kr: torch.Tensor = kr) -> torch.Tensor:
+            out = policy.denoise(x[None], sched.timesteps[kr], cond)
+            return (sched.step_mean(x[None], kr, out) - a[k] * x[None])[0]
+
+        mats.append(jacrev(g)(inputs[k].clone()).reshape(T * D, T * D))
+    return torch.stack(mats)
+
+
+@torch.inference_mode()
+def newton_rounds(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+                  cond: torch.Tensor | None, jac: torch.Tensor, init: torch.Tensor | None, tolerance: float
+                  ) -> tuple[torch.Tensor, int]:
+    """Picard at a full window with step ``k`` linearized by ``jac[k]``: ``x_{k+1} = (a_k + J_k) x_k + h_k``.
+
+    Same fixed point and the same convergence test as :func:`picard_sample` (change of each
+    point within ``tolerance · σ_k``, the window sliding past leading converged points).
+    Returns ``(sample (1,T,D), rounds)``.
+    """
+    S, (_, T, D) = sched.num_steps, x_T.shape
+    a = sched.linear_coeff()
+    coeff = a.view(S, 1, 1) * torch.eye(T * D) + jac
+    threshold = tolerance ** 2 * sched.test_variance()
+    traj = torch.empty(S + 1, T * D)
+    traj[0] = x_T.reshape(-1)
+    traj[1:] = x_T.reshape(-1) if init is None else init.reshape(S, T * D)
+    begin, rounds = 0, 0
+    while begin < S:
+        rounds += 1
+        ks = torch.arange(begin, S)
+        x_in = traj[ks]
+        rows = x_in.view(-1, T, D)
+        out = policy.denoise(rows, sched.timesteps[ks], None if cond is None else cond.expand(len(ks), -1))
+        g = (sched.step_mean(rows, ks, out) - a[ks].view(-1, 1, 1) * rows).reshape(len(ks), -1)
+        h = g + (sched.noise_std[ks].view(-1, 1, 1) * noise[0, ks]).reshape(len(ks), -1)
+        h = h - torch.einsum("kij,kj->ki", jac[ks], x_in)
+        x, new = traj[begin].clone(), torch.empty_like(x_in)
+        for i, k in enumerate(ks.tolist()):
+            x = coeff[k] @ x + h[i]
+            new[i] = x
+        converged = (new - traj[ks + 1]).pow(2).mean(-1) <= threshold[ks]
+        converged[0] = True
+        traj[ks + 1] = new
+        begin += int(converged.long().cumprod(0).sum())
+    return traj[S].view(1, T, D), rounds
+
+
+def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: str, tolerance: float,
+            max_report_rounds: int, newton: bool, noise_seed: int) -> dict[str, Any]:
+    """Every measurement of the module docstring on one schedule."""
+    from tqdm import tqdm
+
+    kind, steps = parse_schedule(schedule_name)
+    sched = policy.schedule_for(sampler_spec("sequential", scheduler=kind, num_inference_steps=steps))
+    S, Na, start = sched.num_steps, policy.n_action_steps, policy.action_start
+    shape = policy.trajectory_shape(1)
+    options = {k: v for k, v in PRESETS["paradigms"]["options"].items() if k not in ("window", "tolerance")}
+
+    def executed(sample: torch.Tensor) -> torch.Tensor:
+        return policy.normalizer.unnormalize("action", sample[..., : policy.action_dim])[:, start: start + Na]
+
+    def px(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((executed(a) - executed(b)).abs().max())
+
+    rec: dict[str, list] = {"guess": [], "spread": [], "rounds": [], "dev": [], "newton": [], "newton_dev": []}
+    per_round: dict[int, list[float]] = {r: [] for r in range(1, max_report_rounds + 1)}
+    previous: dict[int, torch.Tensor] = {}
+    for ch in tqdm(chunks, desc=schedule_name, unit="chunk"):
+        obs = torch.from_numpy(ch["obs"])[None]
+        cond, _ = policy.conditioning(obs)
+        g = torch.Generator().manual_seed(seed_for(REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
+        x_T, noise = draw_noise(sched, shape, g)
+        ref, inputs = sequential_states(policy, sched, x_T, noise, cond)
+        before = previous.get(ch["episode"]) if ch["chunk"] > 0 else None
+        previous[ch["episode"]] = ref
+        if before is None:  # the first chunk of an episode has no warm start: left out of every row
+            continue
+        guess = shift_trajectory(before, Na)
+        init = warm_start_init(sched, guess, x_T, noise)
+        g2 = torch.Generator().manual_seed(seed_for(SPREAD_STREAM, noise_seed, ch["episode"], ch["chunk"]))
+        other, _ = sequential_states(policy, sched, *draw_noise(sched, shape, g2), cond)
+        rec["guess"].append(px(guess, ref))
+        rec["spread"].append(px(other, ref))
+        out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
+                                   condition=cond, init=init, **options)
+        rec["rounds"].append(stats.rounds)
+        rec["dev"].append(px(out, ref))
+        for r in per_round:
+            early = out if r >= stats.rounds else picard_sample(
+                policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance, condition=cond, init=init,
+                max_iterations=r, **options)[0]
+            per_round[r].append(px(early, ref))
+        if newton:
+            jac = step_jacobians(policy, sched, inputs, cond)
+            out, rounds = newton_rounds(policy, sched, x_T, noise, cond, jac, init, tolerance)
+            rec["newton"].append(rounds)
+            rec["newton_dev"].append(px(out, ref))
+    return {"schedule": schedule_name, "S": S, "chunks": len(rec["rounds"]), "records": rec,
+            "per_round": per_round}
+
+
+def mean_max(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} / {max(values):.3f}" if values else "—"
+
+
+def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    rounds_cols = sorted(results[0]["per_round"]) if results else []
+    lines = [
+        "# How low can rounds per chunk go?",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Checkpoint `{meta['checkpoint']}`. Observation stream: {meta['episodes']} PushT episodes (env seeds "
+        f"{meta['seeds']}) of up to {meta['max_chunks']} chunks, rolled out with sequential DDIM-10; replay at "
+        f"batch 1, every row on the same noise; the first chunk of each episode (no warm start) is left out. "
+        f"Tolerance {meta['tolerance']} (the `paradigms` preset's unless changed), window = all steps. "
+        "Pixels: max |Δ executed action| over the chunk's executed actions; a / b = mean over chunks / max.",
+        "",
+        "| schedule | chunks | previous plan vs this sample (px) | other noise, same obs (px) | default rounds "
+        "(mean / max) | default dev (px) | " + " | ".join(f"dev after {r} round{'s' if r > 1 else ''}"
+                                                          for r in rounds_cols)
+        + " | Newton floor rounds (mean / max) | Newton dev (px) |",
+        "|---|---|---|---|---|---|" + "---|" * len(rounds_cols) + "---|---|",
+    ]
+    for res in results:
+        rec = res["records"]
+        newton = (f"{statistics.mean(rec['newton']):.2f} / {max(rec['newton'])}" if rec["newton"] else "not run")
+        lines.append(
+            f"| {res['schedule']} | {res['chunks']} | {mean_max(rec['guess'])} | {mean_max(rec['spread'])} | "
+            f"{statistics.mean(rec['rounds']):.2f} / {max(rec['rounds'])} | {mean_max(rec['dev'])} | "
+            + " | ".join(mean_max(res["per_round"][r]) for r in rounds_cols)
+            + f" | {newton} | {mean_max(rec['newton_dev'])} |")
+    lines += [
+        "",
+        "How to read it: the warm start starts from the previous chunk's plan, and that plan is as far from "
+        "this chunk's sample as two samples of one observation are from each other: the policy re-plans every "
+        "chunk, so the first round starts tens of pixels off and the iteration, not the guess, has to close "
+        "the gap. The Newton floor uses each step's exact Jacobian at the answer (an oracle): the Picard "
+        "family with this warm start and this convergence test does not go below it.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
+    parser.add_argument("--episodes", type=int, default=3, help="episodes of the observation stream")
+    parser.add_argument("--max-chunks", type=int, default=6, help="chunks per episode at most")
+    parser.add_argument("--seed-start", type=int, default=100000, help="env seed of the first episode")
+    parser.add_argument("--schedules", nargs="+", default=["ddpm100", "ddim16", "ddim10"])
+    parser.add_argument("--tolerance", type=float, default=float(PRESETS["paradigms"]["options"]["tolerance"]))
+    parser.add_argument("--report-rounds", type=int, default=4, help="deviation after 1 … this many rounds")
+    parser.add_argument("--no-newton", action="store_true", help="skip the Newton floor (its Jacobians are slow)")
+    parser.add_argument("--noise-seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(OUT))
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    for name in args.schedules:
+        parse_schedule(name)
+    torch.set_num_threads(args.threads)
+    policy = load_policy(args.checkpoint)
+    chunks = record_stream(policy, args.episodes, args.max_chunks, args.seed_start, 10, args.noise_seed)
+    results = [measure(policy, chunks, name, args.tolerance, args.report_rounds, not args.no_newton,
+                       args.noise_seed) for name in args.schedules]
+    try:
+        shown = Path(args.checkpoint).resolve().relative_to(ROOT)
+    except ValueError:
+        shown = Path(args.checkpoint)
+    meta = {"command": "python eval/bench_rounds_floor.py " + " ".join(argv), "checkpoint": shown,
+            "episodes": args.episodes, "seeds": f"{args.seed_start}-{args.seed_start + args.episodes - 1}",
+            "max_chunks": args.max_chunks, "tolerance": args.tolerance}
+    md = to_markdown(results, meta)
+    atomic_write(args.out, lambda p: Path(p).write_text(md))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -84,7 +84,7 @@ from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
 
 MODES = ("sync", "async", "rtc")
 CLOCKS = ("wall", "steps")
-LATENCY_WINDOW = 5  # the measured delay covers the slowest of the last few chunks
+LATENCY_WINDOW = 20  # the measured delay covers the slowest of the last chunks (a rare slow one stays covered)
 LATENCY_HEADROOM = 1.25  # ... times this: room for jitter, so a chunk a little slower than those still arrives in time
 
 

@@ -11,7 +11,7 @@ Public API:
   observation encoders ``MultiImageObsEncoder``, ``RobomimicObsEncoder``, ``LeRobotObsEncoder``,
   ``make_schedule``, ``Schedule``
 - speed: ``tune_window`` (window from the machine's cost curve), ``configure_inference``
-  (bf16, ``torch.compile``, CUDA graphs)
+  (bf16, ``torch.compile``, CUDA graphs, the ONNX Runtime backend)
 - checkpoints: ``save_checkpoint``, ``load_checkpoint``
 - robot loop: ``Controller``
 - integrations: ``patch``, ``unpatch`` (live DiffusionPolicy / LeRobot policy objects)

@@ -246,17 +246,22 @@ class LowdimPolicy(nn.Module):
 
     # ---- how the denoiser runs ------------------------------------------------------------
     def set_inference(self, **settings: Any) -> LowdimPolicy:
-        """Change how the UNet runs: ``precision``, ``compile``, ``cuda_graphs``, ``devices``.
+        """Change how the UNet runs: ``precision``, ``compile``, ``cuda_graphs``, ``devices``, ``backend``.
 
         Settings not given keep their value; all defaults (fp32, eager, one device) restore
         the plain model. The wrappers are composed in one place,
-        :func:`para_policy.inference.make_denoiser`.
+        :func:`para_policy.inference.make_denoiser`. ``backend='onnxruntime'`` / ``'auto'``
+        export (and ``'auto'`` times) the network now, on this policy's call shapes.
         """
         from para_policy.inference import make_denoiser
 
         merged = {**self.inference, **settings}
-        self._denoiser = make_denoiser(self.model, condition_kw=self.condition_kw, **merged)
-        self.inference = {k: v for k, v in merged.items() if v not in (None, False, "fp32")}
+        example = None
+        if merged.get("backend", "eager") != "eager":  # the shapes of one call: ((T, D), condition (1, ...))
+            with torch.inference_mode():
+                example = (self.trajectory_shape(1)[1:], self.conditioning(self.zero_observation(1))[0])
+        self._denoiser = make_denoiser(self.model, condition_kw=self.condition_kw, example=example, **merged)
+        self.inference = {k: v for k, v in merged.items() if v not in (None, False, "fp32", "eager")}
         if not self.inference:
             self._denoiser = None
         return self

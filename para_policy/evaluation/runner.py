@@ -104,11 +104,15 @@ def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
     video = cfg.get("video") or {}
     threads = cfg.get("threads")
     inference = dict(cfg.get("inference") or {})
-    unknown = sorted(set(inference) - {"compile", "precision", "cuda_graphs"})
+    unknown = sorted(set(inference) - {"compile", "precision", "cuda_graphs", "backend"})
     if unknown:
-        raise EvalConfigError(f"inference has unknown keys {unknown}; known: ['compile', 'cuda_graphs', 'precision']")
+        raise EvalConfigError(f"inference has unknown keys {unknown}; "
+                              "known: ['backend', 'compile', 'cuda_graphs', 'precision']")
+    backend = inference.get("backend") or "eager"
     inference = {"compile": inference.get("compile") or False, "precision": inference.get("precision") or "fp32",
                  "cuda_graphs": bool(inference.get("cuda_graphs") or False)}
+    if backend != "eager":  # only then: eager runs keep the fingerprint (and resume) of earlier runs
+        inference["backend"] = backend
     try:
         check_inference_options(**inference)
     except ValueError as e:
@@ -359,7 +363,15 @@ def evaluate(
         raise EvalConfigError(f"checkpoint_trust must be true or false, got {trust!r}")
     policy = load_checked_policy(ckpt, task, opts["device"], trust)
     ctl.check_policy(policy.n_action_steps)
-    configure_inference(policy, **opts["inference"])  # both samplers run the same denoiser
+    old_threads = torch.get_num_threads()
+    if opts["threads"]:  # ONNX Runtime's threads and backend='auto''s timings: the run's
+        torch.set_num_threads(opts["threads"])
+    try:
+        configure_inference(policy, **opts["inference"])  # both samplers run the same denoiser
+    except ValueError as e:  # e.g. backend='onnxruntime' with device=cuda
+        raise EvalConfigError(f"inference: {e}") from None
+    finally:
+        torch.set_num_threads(old_threads)
     _check_env(task)
     try:
         schedule = policy.schedule_for(candidate)

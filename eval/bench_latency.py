@@ -1,47 +1,70 @@
-"""Latency of every sampler on a recorded PushT control stream, side by side at batch 1.
+"""Latency per schedule on a recorded PushT control stream: our sampler against what users run instead.
 
-What a robot waits for is one ``predict_action`` at batch 1, chunk after chunk, each
-from the observation the last chunk led to. So:
+What a robot waits for is one ``predict_action`` at batch 1, chunk after chunk, each from the
+observation the last chunk led to. A user who wants latency either runs the sequential loop on
+the schedule their policy samples with, or a shorter DDIM schedule. So, for every schedule of
+``--schedules`` (``ddpm100 ddim16 ddim10 ddim8`` by default; ``ddpm<N>`` / ``ddim<N>``, built
+with :func:`para_policy.samplers.sampler_spec`), in ONE interleaved run:
 
-1. **Record** the observation stream of real PushT rollouts of the shipped policy
-   (sequential DDPM-100, the policy as trained): ``--episodes`` episodes from env seed
-   100000, ``--max-chunks`` chunks each, plus one more episode for calibration.
-2. **Cost curve**: the median time of one denoiser call on ``n`` rows for n = 1 … 100
-   (:func:`para_policy.window.batch_cost_curve`). From it and the rows per round of each
-   window on the calibration episode, :func:`para_policy.window.choose_window` picks the
-   window (for cold Picard and for all improvements combined, separately).
-3. **Replay** every chunk, in order, through every sampler, alternating the order of
-   the samplers per chunk, all on the same ``x_T`` and step noise: sequential DDPM-100
-   (the reference), sequential DDIM-16 and DDIM-10 (what a user would pick instead),
-   ParaDDIM-16, ParaDiGMS as published (window 16, whole batch waits for its worst
-   sample, cold start, no acceleration), each improvement alone (warm start across
-   control steps, triangular Anderson acceleration, the linear solve of
-   ``picard_sample(linear_solve=True)`` and its secant refinement (``secant=True``),
-   window from the cost curve), all combined (warm start + linear solve + secant + window;
-   also with ParaTAA on top, with a bf16 denoiser, and the previous default: ParaTAA
-   without the secant at window 48), and a tolerance sweep. Warm-started samplers start each chunk from their
-   *own* previous chunk's trajectory shifted by the executed actions (the first chunk of
-   an episode is cold, as in a real control loop, and is counted).
-4. **Report** per sampler: median / p95 / max ms per chunk and per action, rounds and
-   model evaluations per chunk, max action deviation from the sequential sampler of the
-   same schedule on the same noise (pixels), and the ratio to sequential DDPM-100's
-   median. Per-sample windows are measured separately on batches of 8 and 50 chunks.
+1. **Record** the observation stream of real PushT rollouts of the shipped policy (sequential
+   DDPM-100, the policy as trained): ``--episodes`` episodes from env seed 100000,
+   ``--max-chunks`` chunks each, plus one more episode whose chunks calibrate the windows. The
+   stream is saved as ``<out>/stream.json``; ``--stream`` replays a saved one instead.
+2. **Backends** (``--backends``, default ``eager auto``): each its own policy object (the
+   checkpoint loaded once per backend, so their denoisers do not interfere), set with
+   ``configure_inference(policy, backend=...)`` (``auto``: per row count, the faster of eager
+   PyTorch and ONNX Runtime). A backend that this checkout or machine cannot run (no
+   ``backend`` option yet, no onnxruntime) is skipped with a printed note.
+   **Cost curve**: the median time of one denoiser call on n = 1 … 100 rows, per backend.
+3. **Windows**: the ``paradigms`` preset's ``window="auto"`` resolved by each backend's policy
+   itself, measured now on the calibration chunks by its tuner (:meth:`LowdimPolicy.calibrate`,
+   which also updates the window cache; ``--cached-windows`` takes the cache's window where
+   it has one, :meth:`LowdimPolicy.resolve`, as ``eval.py`` would). Window 1, the sequential
+   loop, is among the tuner's candidates.
+4. **Replay** every chunk, in order, through every row of every schedule, the order of the rows
+   alternating per chunk: ``sequential`` and ``paradigms`` on every backend, and ParaDiGMS as
+   published (``paradigms_published``: window 16, tolerance 0.1, cold, the batch waiting for
+   its slowest sample) on eager. Rows of one schedule see the same ``x_T`` and step noise per
+   chunk. Warm-started rows start each chunk from their *own* previous chunk shifted by the
+   executed actions (an episode's first chunk is cold, as in a control loop, and is counted).
+5. **Report** per row: median / p95 ms per chunk, rounds and model evaluations per chunk, the
+   executed actions' deviation from the same schedule's sequential sampler on eager on the
+   same noise (pixels; per chunk the max over its executed actions, then mean and max over
+   chunks), and the speed-up against the fastest sequential row of the schedule.
+6. ``--scores``: the closed-loop mean score (``--score-episodes``, 50 by default) of each
+   schedule's ``sequential`` and ``paradigms``, rolled out with the evaluator's
+   :func:`para_policy.evaluation.rollout.run_rollouts` on eager PyTorch, batched over
+   ``--score-envs`` envs (scores do not depend on the machine); ``paradigms`` once per window
+   its backends chose. Each is cached in ``<out>/scores/<name>/score.json`` (``ddim10_sequential``,
+   ``ddim10_paradigms_w10``) after every episode, with a fingerprint of
+   checkpoint, sampler spec, episodes and seeds: a rerun reuses it, an interrupted one resumes,
+   and a changed setting recomputes.
+7. ``--ablations``: the DDPM-100 rows that take ParaDiGMS as published apart (each improvement
+   alone, ParaTAA, a bf16 denoiser, a tolerance sweep; their windows chosen from the eager cost
+   curve on the calibration chunks), in the same interleaved replay, and the per-sample-window
+   measurements on batches of chunks.
 
-    python eval/bench_latency.py                              # ~10 min on 2 CPU cores
-    python eval/bench_latency.py --episodes 1 --max-chunks 3 --tolerances 0.1 --out /tmp/bl
-
-Writes ``<out>/bench_latency.{md,json}`` and ``latency_vs_tolerance.png`` (atomically).
+Writes ``<out>/bench_latency.{md,json}``, ``stream.json``, ``latency_vs_score.png`` (with
+``--scores``) and ``latency_vs_tolerance.png`` (with ``--ablations``), atomically.
 Measure on a quiet machine: other processes change the milliseconds (not the rounds).
+
+    python eval/bench_latency.py --scores                     # the per-schedule table and scores
+    python eval/bench_latency.py --episodes 1 --max-chunks 3 --schedules ddim8 ddim10 --out /tmp/bl
+
+The functions that replay a stream import nothing from :mod:`para_policy.evaluation` (whose
+extras a bare GPU machine lacks): ``eval/bench_gpu.py`` runs them on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,86 +73,146 @@ import numpy as np
 import torch
 
 from para_policy.checkpoints import atomic_write
-from para_policy.evaluation.config import TaskSettings
-from para_policy.evaluation.latency import distribution, machine_info
-from para_policy.evaluation.rollout import call_noise, run_rollouts
 from para_policy.inference import configure_inference
 from para_policy.policy import LowdimPolicy, load_policy
-from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
-from para_policy.window import CANDIDATE_WINDOWS, DEFAULT_BATCHES, batch_cost_curve, choose_window
+from para_policy.samplers import SamplerConfig, draw_noise, sampler_spec, shift_trajectory
+from para_policy.window import CANDIDATE_WINDOWS, DEFAULT_BATCHES, batch_cost_curve, choose_window, predict_latency
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "eval" / "results" / "bench_latency"
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 REPLAY_STREAM = 11  # noise-key stream of the replays
+DEFAULT_SCHEDULES = ("ddpm100", "ddim16", "ddim10", "ddim8")
+DEFAULT_BACKENDS = ("eager", "auto")
+REFERENCE_BACKEND = "eager"
+PUSHT_MAX_STEPS = 300  # DiffusionPolicy's PushT test protocol (configs/task/pusht.yaml)
+#: the per-schedule rows, in table order: preset name -> its label
+SAMPLER_LABELS = {"sequential": "sequential", "paradigms": "`paradigms`",
+                  "paradigms_published": "ParaDiGMS as published (w16, tol 0.1, cold)"}
+SCORED = ("sequential", "paradigms")
+
+
+# ---- schedules and variants ------------------------------------------------------------------
+
+def parse_schedule(name: str) -> tuple[str, int]:
+    """``'ddim10'`` -> ``('ddim', 10)``; ValueError for anything but ``ddpm<N>`` / ``ddim<N>``."""
+    m = re.fullmatch(r"(ddpm|ddim)(\d+)", name)
+    if not m or int(m.group(2)) < 1:
+        raise ValueError(f"schedule {name!r}: expected ddpm<N> or ddim<N> with N >= 1, e.g. ddpm100 ddim10")
+    return m.group(1), int(m.group(2))
+
+
+def schedule_label(name: str) -> str:
+    kind, steps = parse_schedule(name)
+    return f"{kind.upper()}-{steps}"
+
+
+def schedule_spec(sampler: str, schedule: str, **options: Any) -> SamplerConfig:
+    """The preset ``sampler`` on ``schedule`` (plus options)."""
+    kind, steps = parse_schedule(schedule)
+    return sampler_spec(sampler, scheduler=kind, num_inference_steps=steps, **options)
 
 
 @dataclass
 class Variant:
-    """One sampler setting of the benchmark."""
+    """One sampler setting on one schedule, run on one policy object (its ``runtime``)."""
 
-    name: str
+    name: str  # the preset name of a per-schedule row, or an ablation's label
+    schedule: str
     spec: SamplerConfig
-    reference: str  # the variant whose actions on the same noise are "exact" for this one
-    group: str = "main"  # main | sweep
-    precision: str = "fp32"  # the denoiser's (para_policy.inference)
+    runtime: str = REFERENCE_BACKEND  # key of the policy object: a backend, or a precision
+    reference: str = ""  # key of the variant whose actions on the same noise are "exact" for this one
+    group: str = "schedule"  # schedule | ablation | sweep
+    tuning: dict[str, Any] | None = None  # how window='auto' was resolved
     records: list[dict[str, Any]] = field(default_factory=list)
-    previous: dict[int, torch.Tensor] = field(default_factory=dict)  # episode → last trajectory
+    previous: dict[int, torch.Tensor] = field(default_factory=dict)  # episode -> last trajectory
+
+    @property
+    def key(self) -> str:
+        return variant_key(self.schedule, self.name, self.runtime)
 
 
-def picard(name: str, window: int, tolerance: float, *, taa: bool = False, warm: bool = False, linear: bool = False,
-           secant: bool = False, wait_for_worst: bool = False, group: str = "main", precision: str = "fp32"
-           ) -> Variant:
-    spec = sampler_spec("parataa" if taa else "paradigms_published", window=window, tolerance=tolerance,
-                        per_sample_windows=not wait_for_worst, linear_solve=linear or secant, secant=secant,
-                        warm_start=warm)
-    return Variant(name, spec, "sequential DDPM-100", group, precision)
+def variant_key(schedule: str, name: str, runtime: str) -> str:
+    return f"{schedule} | {name} | {runtime}"
 
 
-def combined(window: int, tolerance: float, group: str = "main", precision: str = "fp32", name: str = "",
-             taa: bool = False, secant: bool = True) -> Variant:
-    """Warm start + linear solve + secant, the window from the cost curve (ParaTAA measured on top)."""
-    return picard(name or f"all combined (w{window}, tol {tolerance})", window, tolerance, taa=taa, warm=True,
-                  linear=True, secant=secant, group=group, precision=precision)
+def schedule_variants(schedule: str, paradigms: Mapping[str, tuple[SamplerConfig, dict[str, Any]]],
+                      reference: str = REFERENCE_BACKEND) -> list[Variant]:
+    """The rows of one schedule: sequential and ``paradigms`` per runtime, ParaDiGMS as published on ``reference``.
+
+    ``paradigms``: runtime -> (the preset with its window resolved on that runtime, the tuning info).
+    Every row is compared with the sequential sampler on ``reference``.
+    """
+    ref = variant_key(schedule, "sequential", reference)
+    seq = schedule_spec("sequential", schedule)
+    rows = [Variant("sequential", schedule, seq, runtime, ref) for runtime in paradigms]
+    rows += [Variant("paradigms", schedule, spec, runtime, ref, tuning=info) for runtime, (spec, info) in
+             paradigms.items()]
+    rows.append(Variant("paradigms_published", schedule, schedule_spec("paradigms_published", schedule), reference,
+                        ref))
+    return rows
 
 
-def build_variants(tolerance: float, best_tolerance: float, tolerances: Sequence[float], w_picard: int,
-                   w_best: int) -> list[Variant]:
-    v = [
-        Variant("sequential DDPM-100", sampler_spec("sequential"), "sequential DDPM-100"),
-        Variant("sequential DDIM-16", sampler_spec("sequential", scheduler="ddim", num_inference_steps=16),
-                "sequential DDIM-16"),
-        Variant("sequential DDIM-10", sampler_spec("sequential", scheduler="ddim", num_inference_steps=10),
-                "sequential DDIM-10"),
-        Variant("ParaDDIM-16 (w16)", sampler_spec("paradigms_published", scheduler="ddim", num_inference_steps=16,
-                                                  tolerance=tolerance, per_sample_windows=True), "sequential DDIM-16"),
-        picard("ParaDiGMS as published (w16)", 16, tolerance, wait_for_worst=True),
-        picard("+ warm start (w16)", 16, tolerance, warm=True),
-        picard("+ ParaTAA (w16)", 16, tolerance, taa=True),
-        picard("+ linear solve (w16)", 16, tolerance, linear=True),
-        picard("+ linear solve (w100)", 100, tolerance, linear=True),
-        picard("+ linear solve + secant (w100)", 100, tolerance, secant=True),
-        picard(f"+ cost-curve window (w{w_picard})", w_picard, tolerance),
-        combined(w_best, best_tolerance),
-        combined(w_best, best_tolerance, taa=True, name=f"all combined + ParaTAA (w{w_best}, tol {best_tolerance})"),
-        combined(48, best_tolerance, taa=True, secant=False,
-                 name=f"previous default: ParaTAA, no secant (w48, tol {best_tolerance})"),
-        combined(w_best, best_tolerance, precision="bf16",
-                 name=f"all combined, bf16 (w{w_best}, tol {best_tolerance})"),
-    ]
-    for tol in tolerances:
-        if tol != tolerance:
-            v.append(picard(f"published w16, tol {tol}", 16, tol, wait_for_worst=True, group="sweep"))
-        if tol != best_tolerance:
-            v.append(combined(w_best, tol, group="sweep", name=f"combined w{w_best}, tol {tol}"))
-    return v
+# ---- policies and backends -------------------------------------------------------------------
+
+def backend_policies(checkpoint: str | Path, backends: Sequence[str], device: str = "cpu"
+                     ) -> tuple[dict[str, LowdimPolicy], dict[str, str]]:
+    """One policy object per backend that runs here (eager first), and why the others were skipped.
+
+    A policy of its own per backend: their denoisers, warm-start memories and window caches
+    stay apart. Non-eager backends need ``configure_inference(policy, backend=...)`` and
+    onnxruntime; where either is missing the backend is skipped (so this script runs before
+    and after that option exists).
+    """
+    policies: dict[str, LowdimPolicy] = {}
+    skipped: dict[str, str] = {}
+    for backend in dict.fromkeys([REFERENCE_BACKEND, *backends]):
+        if backend != REFERENCE_BACKEND and importlib.util.find_spec("onnxruntime") is None:
+            skipped[backend] = "onnxruntime is not importable"
+            continue
+        policy = load_policy(checkpoint, device=device)
+        if backend != REFERENCE_BACKEND:
+            try:
+                configure_inference(policy, backend=backend)
+            except (TypeError, ValueError, ImportError) as e:
+                skipped[backend] = f"configure_inference(policy, backend={backend!r}) failed: {type(e).__name__}: {e}"
+                continue
+        policies[backend] = policy
+    return policies, skipped
+
+
+def resolve_paradigms(policy: LowdimPolicy, schedule: str, observations: Sequence[np.ndarray],
+                      recalibrate: bool = False, reps: int = 10) -> tuple[SamplerConfig, dict[str, Any]]:
+    """The ``paradigms`` preset on ``schedule``, its ``window='auto'`` resolved by ``policy``'s own tuner.
+
+    The tuner's candidates include window 1 (the sequential loop). Without ``recalibrate``
+    the window cache answers when it holds this policy, schedule, backend and machine (what
+    ``eval.py`` would run); with it, the window is measured now on ``observations``.
+    """
+    spec = schedule_spec("paradigms", schedule)
+    if recalibrate:
+        window, info = policy.calibrate(list(observations), spec, reps=reps)
+        return spec.with_options(window=window), info
+    resolved = policy.resolve(spec, list(observations))
+    return resolved, policy.window_tuning(spec) or {"window": resolved.options["window"]}
+
+
+# ---- the stream ------------------------------------------------------------------------------
+
+def pusht_task(policy: LowdimPolicy, episodes: int, seed_start: int, max_steps: int) -> Any:
+    """The evaluator's PushT task settings (keypoint observations) for ``episodes`` seeds from ``seed_start``."""
+    from para_policy.evaluation.config import TaskSettings
+
+    return TaskSettings(name="pusht", env_id="gym_pusht/PushT-v0", obs_type="keypoints", obs_dim=policy.obs_dim,
+                        action_dim=policy.action_dim, episodes=episodes, seed_start=seed_start, max_steps=max_steps,
+                        fps=10)
 
 
 def record_stream(policy: LowdimPolicy, episodes: int, max_chunks: int, seed_start: int) -> list[dict[str, Any]]:
     """Chunk observations of ``episodes`` rollouts with sequential DDPM-100, in order."""
-    task = TaskSettings(name="pusht", env_id="gym_pusht/PushT-v0", obs_type="keypoints", obs_dim=policy.obs_dim,
-                        action_dim=policy.action_dim, episodes=episodes, seed_start=seed_start,
-                        max_steps=max_chunks * policy.n_action_steps, fps=10)
+    from para_policy.evaluation.rollout import run_rollouts
+
+    task = pusht_task(policy, episodes, seed_start, max_chunks * policy.n_action_steps)
     records, _ = run_rollouts(policy, sampler_spec("sequential"), task, task.seeds, num_envs=min(episodes, 8),
                               record_obs=True, progress=True, desc="recording")
     chunks = []
@@ -141,38 +224,282 @@ def record_stream(policy: LowdimPolicy, episodes: int, max_chunks: int, seed_sta
     return chunks
 
 
-def run_call(policies: dict[str, LowdimPolicy], v: Variant, ch: dict[str, Any], key: tuple[int, ...]
+def save_stream(path: Path, chunks: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """``chunks`` and what recorded them as JSON (``meta['calibration_seed']`` names the calibration episode)."""
+    data = {"meta": meta, "chunks": [{"episode": int(c["episode"]), "chunk": int(c["chunk"]),
+                                      "obs": np.asarray(c["obs"]).tolist()} for c in chunks]}
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data)))
+
+
+def load_stream(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The chunks and meta of :func:`save_stream`'s file."""
+    data = json.loads(Path(path).read_text())
+    chunks = [{"episode": int(c["episode"]), "chunk": int(c["chunk"]), "obs": np.asarray(c["obs"], dtype=np.float32)}
+              for c in data["chunks"]]
+    return chunks, data["meta"]
+
+
+def split_stream(chunks: Sequence[dict[str, Any]], calibration_seed: int, episodes: int | None = None,
+                 max_chunks: int | None = None, calib_chunks: int | None = None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(replayed chunks, calibration chunks)``: the first ``episodes`` other episodes, at most
+    ``max_chunks`` chunks of each, and the first ``calib_chunks`` of the calibration episode."""
+    order = list(dict.fromkeys(c["episode"] for c in chunks if c["episode"] != calibration_seed))
+    keep = set(order if episodes is None else order[:episodes])
+    replay = [c for c in chunks if c["episode"] in keep and (max_chunks is None or c["chunk"] < max_chunks)]
+    calib = [c for c in chunks if c["episode"] == calibration_seed]
+    return replay, calib if calib_chunks is None else calib[:calib_chunks]
+
+
+# ---- the replay ------------------------------------------------------------------------------
+
+def replay_noise(policy: LowdimPolicy, spec: SamplerConfig, key: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_T`` (1, T, D) and step noise of one replayed call, from a generator seeded by ``key`` alone.
+
+    The key names the chunk, not the sampler, so every row of a schedule gets the same noise;
+    drawn on the CPU (the same numbers on every device), then moved to the policy's.
+    """
+    seed = int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    x_T, noise = draw_noise(policy.schedule_for(spec), policy.trajectory_shape(1), torch.Generator().manual_seed(seed))
+    return x_T.to(policy.device, policy.dtype), noise.to(policy.device, policy.dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_call(policies: Mapping[str, LowdimPolicy], v: Variant, ch: dict[str, Any], key: tuple[int, ...]
              ) -> dict[str, Any]:
-    """One timed batch-1 call of ``v`` on chunk ``ch``; updates the variant's warm-start state."""
-    policy = policies[v.precision]
-    schedule = policy.schedule_for(v.spec)
-    x_T, noise = call_noise(schedule, policy.trajectory_shape(1)[1:], [key], policy.device, policy.dtype)
-    obs = torch.from_numpy(ch["obs"])[None]
-    warm: torch.Tensor | bool = False  # the variants share one policy: each keeps its own guess here
+    """One timed batch-1 call of ``v`` on chunk ``ch``; updates the variant's warm-start state.
+
+    The clock covers ``predict_action`` and copying the actions to the host (what a control
+    loop waits for); the observation and the noise are on the device before it starts.
+    """
+    policy = policies[v.runtime]
+    x_T, noise = replay_noise(policy, v.spec, key)
+    obs = torch.from_numpy(ch["obs"])[None].to(policy.device)
+    warm: torch.Tensor | bool = False  # each variant keeps its own guess here
     prev = v.previous.get(ch["episode"]) if ch["chunk"] > 0 else None
     if v.spec.warm_start and prev is not None:
         warm = shift_trajectory(prev, policy.n_action_steps)
+    _sync(policy.device)
     t0 = time.perf_counter()
     out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=v.spec, warm_start=warm)
     action = out["action"].cpu()
     ms = (time.perf_counter() - t0) * 1e3
     stats = out.stats
     v.previous[ch["episode"]] = out.trajectory.clone()
+    rows = stats.extra.get("rows_per_round") or [1] * int(stats.rounds)  # the sequential loop: one row a step
     return {"episode": ch["episode"], "chunk": ch["chunk"], "ms": ms, "rounds": int(stats.rounds),
-            "model_evals": int(stats.model_evals), "warm": out.warm, "action": action[0].numpy()}
+            "model_evals": int(stats.model_evals), "warm": out.warm, "rows_per_round": [int(r) for r in rows],
+            "action": action[0].numpy()}
 
 
-def calibrate(policies: dict[str, LowdimPolicy], chunks: list[dict[str, Any]], cost: dict[int, float],
-              tolerance: float, best_tolerance: float, noise_seed: int) -> dict[str, Any]:
-    """Rows per round of each candidate window on the calibration chunks, and the chosen windows."""
+def replay(policies: Mapping[str, LowdimPolicy], variants: Sequence[Variant], chunks: Sequence[dict[str, Any]],
+           noise_seed: int = 0, progress: bool = True) -> None:
+    """Every chunk in order through every variant, alternating their order per chunk (after one warm-up call each).
+
+    Alternating spreads drifting machine load over all variants alike.
+    """
+    for v in variants:  # warm-up: allocator, thread pool, CUDA graphs
+        run_call(policies, v, chunks[0], (REPLAY_STREAM, noise_seed, -1, 0))
+        v.previous.clear()
+    stream: Any = chunks
+    if progress:
+        from tqdm import tqdm
+
+        stream = tqdm(chunks, desc="replay", unit="chunk")
+    for i, ch in enumerate(stream):
+        key = (REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"])
+        for v in (variants if i % 2 == 0 else variants[::-1]):
+            v.records.append(run_call(policies, v, ch, key))
+
+
+def cost_curves(policies: Mapping[str, LowdimPolicy], obs: np.ndarray, batches: Sequence[int] = DEFAULT_BATCHES,
+                reps: int = 15, warmup: int = 3) -> dict[str, dict[int, float]]:
+    """Median ms of one denoiser call on n rows, per policy (through its configured denoiser)."""
+    out = {}
+    for name, policy in policies.items():
+        cond, _ = policy.conditioning(policy.observation_batch(obs))
+        out[name] = batch_cost_curve(policy.denoise, policy.trajectory_shape(1)[1:], cond, batches, reps=reps,
+                                     warmup=warmup, device=policy.device)
+    return out
+
+
+def predicted_ms(records: Sequence[dict[str, Any]], cost: Mapping[int, float]) -> float:
+    """Mean over chunks of Σ_rounds cost(rows): the model calls' share of a chunk on that cost curve."""
+    return float(statistics.mean(predict_latency(cost, r["rows_per_round"]) for r in records))
+
+
+def summarize(variants: Sequence[Variant], n_action_steps: int) -> list[dict[str, Any]]:
+    """One row per variant; speed-up against the fastest sequential row of its schedule."""
+    by_key = {v.key: v for v in variants}
+    fastest: dict[str, float] = {}
+    for v in variants:
+        if v.spec.name == "sequential" and v.records:
+            p50 = float(np.percentile([r["ms"] for r in v.records], 50))
+            fastest[v.schedule] = min(fastest.get(v.schedule, p50), p50)
+    return [summary_row(v, by_key[v.reference], fastest[v.schedule], n_action_steps) for v in variants]
+
+
+def summary_row(v: Variant, ref: Variant, fastest_seq_ms: float, n_action_steps: int) -> dict[str, Any]:
+    ms = [r["ms"] for r in v.records]
+    dev = [float(np.linalg.norm(r["action"] - q["action"], axis=-1).max()) for r, q in zip(v.records, ref.records,
+                                                                                              strict=True)]
+    p50, p95 = (float(x) for x in np.percentile(ms, [50, 95]))
+    return {
+        "key": v.key, "name": v.name, "schedule": v.schedule, "runtime": v.runtime, "group": v.group,
+        "reference": v.reference, "spec": v.spec.as_dict(), "window": v.spec.options.get("window"),
+        "ms_p50": p50, "ms_p95": p95, "ms_max": max(ms), "ms_per_action_p50": p50 / n_action_steps,
+        "rounds_mean": statistics.mean(r["rounds"] for r in v.records),
+        "rounds_max": max(r["rounds"] for r in v.records),
+        "model_evals_mean": statistics.mean(r["model_evals"] for r in v.records),
+        "dev_mean_px": statistics.mean(dev), "dev_max_px": max(dev),
+        "speedup_p50": fastest_seq_ms / p50, "above_sequential": sum(m > fastest_seq_ms for m in ms),
+        "chunks": len(ms), "tuning": v.tuning,
+    }
+
+
+# ---- scores ----------------------------------------------------------------------------------
+
+def score_name(schedule: str, sampler: str, window: Any = None) -> str:
+    """The folder name of a score: ``ddim10_sequential``, ``ddim10_paradigms_w10`` (one per resolved window)."""
+    return f"{schedule}_{sampler}" + ("" if window is None else f"_w{window}")
+
+
+def row_score(scores: Mapping[str, Any], r: Mapping[str, Any]) -> float | None:
+    """The mean score of a per-schedule row's sampler spec (None when it was not scored)."""
+    if r["group"] != "schedule":
+        return None
+    return (scores.get(score_name(r["schedule"], r["name"], r["window"])) or {}).get("mean_score")
+
+
+def load_score_progress(path: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The episodes an earlier run of the same config saved in ``path``; none (with a note) if its settings differ."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    if saved.get("fingerprint") != fingerprint:
+        print(f"note: {path} holds another config's episodes (checkpoint, sampler, episodes or seeds differ): "
+              "recomputing", flush=True)
+        return []
+    return list(saved.get("episodes", []))
+
+
+def run_score(policy: LowdimPolicy, spec: SamplerConfig, name: str, folder: Path, checkpoint: str | Path,
+              episodes: int, seed_start: int, *, noise_seed: int = 0, num_envs: int = 8,
+              max_steps: int = PUSHT_MAX_STEPS, progress: bool = True) -> dict[str, Any]:
+    """The closed-loop score of ``spec``, cached in ``folder/score.json`` after every episode.
+
+    The evaluator's rollouts (:func:`run_rollouts`: same noise per (episode, chunk) as
+    ``eval.py``), so a rerun reuses the saved episodes and an interrupted one runs only the
+    missing seeds; the fingerprint (checkpoint, spec, episodes, seeds, noise, task) must match.
+    """
+    from para_policy.evaluation.config import file_fingerprint
+    from para_policy.evaluation.report import summarize_episodes
+    from para_policy.evaluation.rollout import run_rollouts
+
+    task = pusht_task(policy, episodes, seed_start, max_steps)
+    fingerprint = {"checkpoint": file_fingerprint(Path(checkpoint)), "spec": spec.as_dict(), "episodes": episodes,
+                   "seeds": task.seeds, "noise_seed": noise_seed, "task": task.fingerprint(), "runtime": "eager"}
+    path = folder / "score.json"
+    done = load_score_progress(path, fingerprint)
+
+    def save() -> None:
+        data = {"fingerprint": fingerprint, "episodes": done, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=1)))
+
+    def on_episode(rec: dict[str, Any]) -> None:
+        done.append({k: v for k, v in rec.items() if k not in ("chunk_obs", "chunk_guess", "traceback")})
+        save()
+
+    seen = {e["seed"] for e in done}
+    todo = [s for s in task.seeds if s not in seen]
+    if todo:
+        run_rollouts(policy, spec, task, todo, noise_seed=noise_seed, num_envs=num_envs, on_episode=on_episode,
+                     progress=progress, desc=f"score {name}")
+    order = {s: i for i, s in enumerate(task.seeds)}
+    done[:] = sorted((e for e in done if e["seed"] in order), key=lambda e: order[e["seed"]])
+    save()
+    summary = summarize_episodes(done)
+    return {"name": name, "spec": spec.as_dict(), "episodes": len(done), "n_failed": summary["n_failed"],
+            "mean_score": summary["mean_score"], "success_rate": summary["success_rate"],
+            "computed": len(todo), "folder": str(folder)}
+
+
+def scores_for(policy: LowdimPolicy, rows: Sequence[dict[str, Any]], variants: Sequence[Variant],
+               args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    """The score of each schedule's sequential sampler and ``paradigms``, rolled out on eager.
+
+    ``paradigms`` once per window its backends resolved: a backend's rows differ from eager's
+    by rounding only, so its spec on eager stands for it.
+    """
+    specs = {score_name(v.schedule, v.name, v.spec.options.get("window")): v.spec for v in variants
+             if v.group == "schedule" and v.name in SCORED}
+    scores = {}
+    for name, spec in specs.items():
+        print(f"score {name} ({args.score_episodes} episodes) ...", flush=True)
+        scores[name] = run_score(policy, spec, name, out / "scores" / name, args.checkpoint, args.score_episodes,
+                                 args.seed_start, noise_seed=args.noise_seed, num_envs=args.score_envs,
+                                 max_steps=args.score_max_steps)
+    return scores
+
+
+# ---- ablations (DDPM-100) -------------------------------------------------------------------
+
+def picard(name: str, window: int, tolerance: float, *, taa: bool = False, warm: bool = False, linear: bool = False,
+           secant: bool = False, wait_for_worst: bool = False, group: str = "ablation", runtime: str = "eager"
+           ) -> Variant:
+    """A DDPM-100 Picard setting compared with sequential DDPM-100 on eager."""
+    spec = sampler_spec("parataa" if taa else "paradigms_published", scheduler="ddpm", num_inference_steps=100,
+                        window=window, tolerance=tolerance, per_sample_windows=not wait_for_worst,
+                        linear_solve=linear or secant, secant=secant, warm_start=warm)
+    return Variant(name, "ddpm100", spec, runtime, variant_key("ddpm100", "sequential", REFERENCE_BACKEND), group)
+
+
+def combined(window: int, tolerance: float, group: str = "ablation", runtime: str = "eager", name: str = "",
+             taa: bool = False, secant: bool = True) -> Variant:
+    """Warm start + linear solve + secant, the window from the cost curve (ParaTAA measured on top)."""
+    return picard(name or f"all combined (w{window}, tol {tolerance})", window, tolerance, taa=taa, warm=True,
+                  linear=True, secant=secant, group=group, runtime=runtime)
+
+
+def ablation_variants(tolerance: float, best_tolerance: float, tolerances: Sequence[float], w_picard: int,
+                      w_best: int) -> list[Variant]:
+    """Each change to ParaDiGMS as published alone, all combined, ParaTAA and bf16 on top, a tolerance sweep."""
+    v = [
+        picard("+ warm start (w16)", 16, tolerance, warm=True),
+        picard("+ ParaTAA (w16)", 16, tolerance, taa=True),
+        picard("+ linear solve (w16)", 16, tolerance, linear=True),
+        picard("+ linear solve (w100)", 100, tolerance, linear=True),
+        picard("+ linear solve + secant (w100)", 100, tolerance, secant=True),
+        picard(f"+ cost-curve window (w{w_picard})", w_picard, tolerance),
+        combined(w_best, best_tolerance),
+        combined(w_best, best_tolerance, taa=True, name=f"all combined + ParaTAA (w{w_best}, tol {best_tolerance})"),
+        combined(48, best_tolerance, taa=True, secant=False,
+                 name=f"previous default: ParaTAA, no secant (w48, tol {best_tolerance})"),
+        combined(w_best, best_tolerance, runtime="bf16", name=f"all combined, bf16 (w{w_best}, tol {best_tolerance})"),
+    ]
+    for tol in tolerances:
+        if tol != tolerance:
+            v.append(picard(f"published w16, tol {tol}", 16, tol, wait_for_worst=True, group="sweep"))
+        if tol != best_tolerance:
+            v.append(combined(w_best, tol, group="sweep", name=f"combined w{w_best}, tol {tol}"))
+    return v
+
+
+def ablation_windows(policies: Mapping[str, LowdimPolicy], chunks: Sequence[dict[str, Any]], cost: Mapping[int, float],
+                     tolerance: float, best_tolerance: float, noise_seed: int) -> dict[str, Any]:
+    """Rows per round of each candidate window on the calibration chunks, and the windows the cost curve picks."""
     out: dict[str, Any] = {}
     for label in ("picard_cold", "combined"):
         traces: dict[int, list[list[int]]] = {}
         for w in CANDIDATE_WINDOWS:
             v = picard(label, w, tolerance) if label == "picard_cold" else combined(w, best_tolerance)
             for ch in chunks:
-                run_call(policies, v, ch, (REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
-                traces.setdefault(w, []).append(list(policies["fp32"].last_stats.extra["rows_per_round"]))
+                rec = run_call(policies, v, ch, (REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
+                traces.setdefault(w, []).append(rec["rows_per_round"])
         best, predicted = choose_window(cost, traces)
         out[label] = {"window": best, "predicted_ms": predicted,
                       "rounds": {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}}
@@ -192,8 +519,8 @@ def per_sample_windows(policy: LowdimPolicy, chunks: list[dict[str, Any]], sizes
             for own in (False, True):
                 spec = sampler_spec("parataa" if taa else "paradigms_published", window=16, tolerance=tolerance,
                                     per_sample_windows=own)
-                x_T, noise = call_noise(policy.schedule_for(spec), policy.trajectory_shape(1)[1:], keys,
-                                        policy.device, policy.dtype)
+                noises = [replay_noise(policy, spec, k) for k in keys]
+                x_T, noise = torch.cat([x for x, _ in noises]), torch.cat([e for _, e in noises])
                 times = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
@@ -208,86 +535,198 @@ def per_sample_windows(policy: LowdimPolicy, chunks: list[dict[str, Any]], sizes
     return rows
 
 
-def summarize(policy: LowdimPolicy, variants: list[Variant]) -> list[dict[str, Any]]:
-    by_name = {v.name: v for v in variants}
-    base = statistics.median(r["ms"] for r in by_name["sequential DDPM-100"].records)
-    Na = policy.n_action_steps
-    rows = []
-    for v in variants:
-        ms = [r["ms"] for r in v.records]
-        ref = by_name[v.reference].records
-        dev = [float(np.linalg.norm(r["action"] - q["action"], axis=-1).max()) for r, q in zip(v.records, ref,
-                                                                                                  strict=True)]
-        d = distribution(ms)
-        rows.append({
-            "name": v.name, "group": v.group, "spec": {"name": v.spec.name, "scheduler": v.spec.scheduler,
-                                                       "num_inference_steps": v.spec.num_inference_steps,
-                                                       "options": v.spec.options, "warm_start": v.spec.warm_start},
-            "reference": v.reference, "ms_p50": d["p50"], "ms_p95": d["p95"], "ms_max": d["max"],
-            "ms_per_action_p50": d["p50"] / Na, "ms_per_action_p95": d["p95"] / Na,
-            "rounds_mean": statistics.mean(r["rounds"] for r in v.records),
-            "rounds_max": max(r["rounds"] for r in v.records),
-            "model_evals_mean": statistics.mean(r["model_evals"] for r in v.records),
-            "dev_max_px": max(dev), "dev_mean_px": statistics.mean(dev),
-            "speedup_p50": base / d["p50"], "above_sequential": sum(m > base for m in ms),
-            "precision": v.precision,
-            "chunks": len(ms),
-        })
-    return rows
+# ---- the report ------------------------------------------------------------------------------
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+SCHEDULE_COLUMNS: list[Column] = [
+    ("window", lambda r: "" if r["window"] is None else str(r["window"])),
+    ("ms/chunk p50", lambda r: f"{r['ms_p50']:.1f}"),
+    ("p95", lambda r: f"{r['ms_p95']:.1f}"),
+    ("rounds/chunk", lambda r: f"{r['rounds_mean']:.1f}"),
+    ("model evals/chunk", lambda r: f"{r['model_evals_mean']:.0f}"),
+    ("deviation mean (px)", lambda r: f"{r['dev_mean_px']:.3f}"),
+    ("deviation max (px)", lambda r: f"{r['dev_max_px']:.3f}"),
+    ("speed-up p50", lambda r: f"{r['speedup_p50']:.2f}×"),
+    ("> fastest seq", lambda r: f"{r['above_sequential']}/{r['chunks']}"),
+]
 
 
-HEADER = ("| sampler | ms/chunk p50 | p95 | max | ms/action p50 | p95 | rounds (mean) | max | model evals | "
-          "speedup p50 | > seq | mean dev (px) | max dev (px) |")
-RULE = "|---" * 13 + "|"
+def row_label(r: dict[str, Any]) -> str:
+    return SAMPLER_LABELS.get(r["name"], r["name"])
 
 
-def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    cal = meta["calibration"]
-    lines = [
-        "# Per-chunk latency on a recorded PushT control stream (batch 1)", "",
-        f"Command: `{meta['command']}`", "",
-        f"Machine: {meta['machine']['processor']}, {meta['machine']['cpu_count']} CPUs, torch "
-        f"{meta['machine']['torch']} with {meta['machine']['torch_threads']} threads (load average before/after: "
-        f"{meta['load_before']} / {meta['machine']['load_avg']}). Checkpoint: `{meta['checkpoint']}`.", "",
-        f"Stream: {meta['n_chunks']} chunks from {meta['episodes']} PushT episodes (env seeds {meta['seeds']}) "
-        f"rolled out with sequential DDPM-100; every sampler replays every chunk in order on the same noise, "
-        f"the order of the samplers alternating per chunk. Tolerance {meta['tolerance']} unless the name says "
-        f"otherwise. Speedup: "
-        f"sequential DDPM-100's median ms per chunk over the sampler's. Deviation: max distance of an executed "
-        f"action from the sequential sampler of the same schedule on the same noise (pixels of the 512-px arena), "
-        f"mean over chunks of the chunk's max, and max over chunks. "
-        f"\"> seq\": chunks slower than sequential DDPM-100's median.", "",
-        HEADER, RULE,
-    ]
+def table(rows: Sequence[dict[str, Any]], runtime_label: str = "backend",
+          extra: Sequence[Column] = ()) -> list[str]:
+    """A markdown table of summary rows: sampler, runtime, then :data:`SCHEDULE_COLUMNS` and ``extra``."""
+    columns = [*SCHEDULE_COLUMNS, *extra]
+    lines = ["| sampler | " + runtime_label + " | " + " | ".join(h for h, _ in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {row_label(r)} | {r['runtime']} | " + " | ".join(f(r) for _, f in columns) + " |")
+    return lines
 
-    def line(r: dict[str, Any]) -> str:
-        return (f"| {r['name']} | {r['ms_p50']:.0f} | {r['ms_p95']:.0f} | {r['ms_max']:.0f} | "
-                f"{r['ms_per_action_p50']:.1f} | {r['ms_per_action_p95']:.1f} | {r['rounds_mean']:.1f} | "
-                f"{r['rounds_max']} | {r['model_evals_mean']:.0f} | {r['speedup_p50']:.2f}× | "
-                f"{r['above_sequential']}/{r['chunks']} | {r['dev_mean_px']:.3f} | {r['dev_max_px']:.3f} |")
 
-    lines += [line(r) for r in rows if r["group"] == "main"]
+def schedule_rows(rows: Sequence[dict[str, Any]], schedule: str) -> list[dict[str, Any]]:
+    """The per-schedule rows of ``schedule`` in table order (sampler, then runtime as run)."""
+    order = list(SAMPLER_LABELS)
+    picked = [r for r in rows if r["schedule"] == schedule and r["group"] == "schedule"]
+    return sorted(picked, key=lambda r: order.index(r["name"]))
+
+
+def tuning_line(r: dict[str, Any]) -> str:
+    """How the window of a ``paradigms`` row was chosen: where from, and the tuner's predicted ms per window."""
+    t = r.get("tuning") or {}
+    source = t.get("source", "measured")
+    how = "measured in this run" if source == "measured" else f"from the window cache ({source})"
+    predicted = t.get("predicted_ms") or {}
+    pred = ", ".join(f"w{w}: {float(ms):.0f}" for w, ms in sorted(predicted.items(), key=lambda kv: int(kv[0])))
+    return f"`paradigms` on {r['runtime']}: window {r['window']}, {how}" + (f"; predicted ms {pred}" if pred else "")
+
+
+def cost_table(curves: Mapping[str, Mapping[Any, float] | str]) -> list[str]:
+    """Cost curves as one row each (a string value is a note: why the curve is missing)."""
+    sizes = sorted({int(n) for c in curves.values() if not isinstance(c, str) for n in c})
+    lines = ["| denoiser | " + " | ".join(str(n) for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for label, curve in curves.items():
+        if isinstance(curve, str):
+            lines.append(f"| {label} | {curve} |" + " |" * (len(sizes) - 1))
+            continue
+        ms = {int(n): v for n, v in curve.items()}
+        lines.append(f"| {label} | " + " | ".join(f"{ms[n]:.2f}" if n in ms else "" for n in sizes) + " |")
+    return lines
+
+
+def machine_line(machine: Mapping[str, Any], load_before: Any = None) -> str:
+    """One line of :func:`para_policy.evaluation.latency.machine_info`'s fields (the load before, when known)."""
+    load = f"load average {machine.get('load_avg')}" if load_before is None else \
+        f"load average before / after: {load_before} / {machine.get('load_avg')}"
+    return (f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, torch {machine.get('torch')} with "
+            f"{machine.get('torch_threads')} threads, {machine.get('platform')} ({load}).")
+
+
+def summary_table(rows: Sequence[dict[str, Any]], schedules: Sequence[str], scores: Mapping[str, Any]) -> list[str]:
+    """One line per schedule: its fastest sequential row, its fastest ``paradigms`` row, published, scores."""
+    lines = ["| schedule | fastest sequential (backend): ms p50 | fastest `paradigms` (backend, window): ms p50 | "
+             "speed-up | rounds | deviation mean / max (px) | ParaDiGMS as published: ms p50 (speed-up) | "
+             "score sequential | score `paradigms` |", "|---" * 9 + "|"]
+    for s in schedules:
+        mine = schedule_rows(rows, s)
+        seq = min((r for r in mine if r["name"] == "sequential"), key=lambda r: r["ms_p50"], default=None)
+        par = min((r for r in mine if r["name"] == "paradigms"), key=lambda r: r["ms_p50"], default=None)
+        pub = next((r for r in mine if r["name"] == "paradigms_published"), None)
+        if seq is None or par is None or pub is None:
+            continue
+        score = [row_score(scores, seq), row_score(scores, par)]
+        lines.append(
+            f"| {schedule_label(s)} | {seq['ms_p50']:.1f} ({seq['runtime']}) | {par['ms_p50']:.1f} ({par['runtime']}, "
+            f"w{par['window']}) | {par['speedup_p50']:.2f}× | {par['rounds_mean']:.1f} | {par['dev_mean_px']:.3f} / "
+            f"{par['dev_max_px']:.3f} | {pub['ms_p50']:.1f} ({pub['speedup_p50']:.2f}×) | "
+            + " | ".join("—" if x is None else f"{x:.3f}" for x in score) + " |")
+    return lines
+
+
+READING = [
+    "How to read the columns:", "",
+    "- **backend**: how the denoiser runs: `eager` is plain PyTorch; `auto` is, per row count, the faster of eager "
+    "and ONNX Runtime from their measured cost curves (`configure_inference(policy, backend='auto')`). Each backend "
+    "runs on a policy object of its own.",
+    "- **window**: the Picard window. `paradigms` takes the one its own tuner picks for that backend (`window='auto'`; "
+    "window 1 is the sequential loop, so `auto` can fall back to it); ParaDiGMS as published uses 16.",
+    "- **ms/chunk p50, p95**: wall-clock of one batch-1 `predict_action` (normalize, sample, unnormalize, actions "
+    "copied to the host), median and 95th percentile over the replayed chunks. Every row replays the same chunks in "
+    "one process, the order of the rows alternating per chunk: compare rows of one run, not milliseconds across runs.",
+    "- **rounds/chunk**: sequential denoiser calls per chunk, mean over chunks: what parallel hardware turns into "
+    "latency (a sequential row needs one per step).",
+    "- **model evals/chunk**: denoiser rows evaluated per chunk, summed over its rounds (the total compute).",
+    "- **deviation mean / max (px)**: per chunk, the largest distance between an executed action (the "
+    "`n_action_steps` actions `predict_action` returns) and the same schedule's sequential sampler on eager, on the "
+    "same observation and noise, in pixels of PushT's 512-px arena; then the mean and the max over chunks. 0 for "
+    "that reference row itself. It compares samplers of one schedule, never schedules with each other.",
+    "- **speed-up p50**: the median ms of the fastest sequential row of the same schedule (any backend) over this "
+    "row's; above 1 is faster. **> fastest seq**: chunks slower than that median.",
+    "- **score**: closed-loop mean score over the episodes (env seeds from the stream's first seed; the same noise "
+    "per (episode, chunk) for every config, as `eval.py` draws it), rolled out on eager PyTorch in batched envs. "
+    "`paradigms` is scored once per window its backends chose (`<schedule>_paradigms_w<window>`): a backend "
+    "changes the actions by rounding only.",
+]
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    """bench_latency.md: what ran, the summary, one table per schedule, scores, cost curves, how to read it."""
+    meta, rows, scores = data["meta"], data["rows"], data.get("scores") or {}
+    schedules = meta["schedules"]
+    lines = ["# Latency per schedule on a recorded PushT control stream (batch 1)", "",
+             f"Command: `{meta['command']}`", "",
+             machine_line(meta["machine"], meta.get("load_before")) + f" Checkpoint: `{meta['checkpoint']}`.", "",
+             f"Stream: {meta['n_chunks']} chunks from {meta['episodes']} PushT episodes (env seeds {meta['seeds']}) "
+             f"rolled out with sequential DDPM-100; the windows were resolved on {meta['n_calibration_chunks']} chunks "
+             f"of the calibration episode (env seed {meta['calibration_seed']}). Backends: "
+             f"{', '.join(meta['backends'])}."]
+    for backend, why in (meta.get("skipped_backends") or {}).items():
+        lines.append(f"Backend `{backend}` skipped: {why}.")
+    lines += ["", "## Summary", "", *summary_table(rows, schedules, scores), ""]
+    for s in schedules:
+        mine = schedule_rows(rows, s)
+        lines += [f"## {schedule_label(s)}", "", *table(mine), ""]
+        lines += [f"- {tuning_line(r)}" for r in mine if r["name"] == "paradigms"]
+        lines.append("")
+    if scores:
+        lines += ["## Closed-loop scores", "", "| config | sampler spec | episodes | mean score | success rate |",
+                  "|---|---|---|---|---|"]
+        for name, sc in scores.items():
+            spec = sc["spec"]
+            window = spec["options"].get("window")
+            desc = f"{spec['name']} on {spec['scheduler']}-{spec['num_inference_steps']}" + \
+                (f", window {window}" if window is not None else "")
+            rate = "—" if sc["success_rate"] is None else f"{sc['success_rate']:.2f}"
+            score = "—" if sc["mean_score"] is None else f"{sc['mean_score']:.3f}"
+            lines.append(f"| {name} | {desc} | {sc['episodes']} ({sc['n_failed']} failed) | {score} | {rate} |")
+        lines += ["", "![latency against mean score](latency_vs_score.png)", ""]
+    lines += ["## Cost curves", "", "Median ms of one denoiser call on n rows, per backend:", "",
+              *cost_table(meta["cost"]), "", *READING, ""]
+    if data.get("ablations"):
+        lines += ablations_markdown(data["ablations"], rows, meta)
+    return "\n".join(lines) + "\n"
+
+
+ABLATION_HEADER = ("| sampler | ms/chunk p50 | p95 | max | ms/action p50 | rounds (mean) | max | model evals | "
+                   "speed-up p50 | > fastest seq | mean dev (px) | max dev (px) |")
+
+
+def ablation_line(r: dict[str, Any]) -> str:
+    name = r["name"] if r["group"] != "schedule" else f"{row_label(r)} ({r['runtime']})"
+    return (f"| {name} | {r['ms_p50']:.0f} | {r['ms_p95']:.0f} | {r['ms_max']:.0f} | {r['ms_per_action_p50']:.1f} | "
+            f"{r['rounds_mean']:.1f} | {r['rounds_max']} | {r['model_evals_mean']:.0f} | {r['speedup_p50']:.2f}× | "
+            f"{r['above_sequential']}/{r['chunks']} | {r['dev_mean_px']:.3f} | {r['dev_max_px']:.3f} |")
+
+
+def ablations_markdown(ab: dict[str, Any], rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """The DDPM-100 ablation rows, the tolerance sweep, the window choice and the per-sample windows."""
+    base = [r for r in schedule_rows(rows, "ddpm100") if r["runtime"] == REFERENCE_BACKEND]
+    rule = "|---" * 12 + "|"
+    lines = ["## Ablations (DDPM-100)", "",
+             f"Each \"+\" row adds one change to ParaDiGMS as published (tolerance {ab['tolerance']} unless named); "
+             "same stream, same replay, interleaved with the rows above.", "", ABLATION_HEADER, rule]
+    lines += [ablation_line(r) for r in base + [r for r in rows if r["group"] == "ablation"]]
     sweep = [r for r in rows if r["group"] == "sweep"]
     if sweep:
-        lines += ["", "Tolerance sweep (same run):", "", HEADER, RULE]
-        lines += [line(r) for r in sweep]
-    lines += ["", "Cost curve (median ms of one denoiser call on n rows):", "",
-              "| n | " + " | ".join(str(n) for n in meta["cost"]) + " |",
-              "|---|" + "---|" * len(meta["cost"]),
-              "| ms | " + " | ".join(f"{ms:.1f}" for ms in meta["cost"].values()) + " |", "",
-              "Window choice (calibration episode, env seed "
-              f"{meta['calibration_seed']}): predicted ms per chunk = Σ over rounds of the cost of that round's rows.",
-              "", "| window | " + " | ".join(str(w) for w in CANDIDATE_WINDOWS) + " | chosen |",
-              "|---|" + "---|" * (len(CANDIDATE_WINDOWS) + 1)]
+        lines += ["", "Tolerance sweep (same run):", "", ABLATION_HEADER, rule, *[ablation_line(r) for r in sweep]]
+    cal = ab["calibration"]
+    windows = sorted(int(w) for w in cal["picard_cold"]["rounds"])
+    lines += ["", "![latency vs tolerance](latency_vs_tolerance.png)", "",
+              "Window choice of the ablation rows (calibration chunks, eager cost curve): predicted ms per chunk = "
+              "Σ over rounds of the cost of that round's rows.", "",
+              "| window | " + " | ".join(str(w) for w in windows) + " | chosen |", "|---" * (len(windows) + 2) + "|"]
     for label, text in (("picard_cold", "Picard, cold"), ("combined", "all combined")):
         c = cal[label]
-        lines.append(f"| {text}: rounds | " + " | ".join(f"{c['rounds'][w]:.1f}" for w in CANDIDATE_WINDOWS)
-                     + f" | {c['window']} |")
-        lines.append(f"| {text}: predicted ms | " + " | ".join(f"{c['predicted_ms'][w]:.0f}"
-                                                                for w in CANDIDATE_WINDOWS) + " | |")
+        rounds = {int(w): v for w, v in c["rounds"].items()}
+        pred = {int(w): v for w, v in c["predicted_ms"].items()}
+        lines.append(f"| {text}: rounds | " + " | ".join(f"{rounds[w]:.1f}" for w in windows) + f" | {c['window']} |")
+        lines.append(f"| {text}: predicted ms | " + " | ".join(f"{pred[w]:.0f}" for w in windows) + " | |")
+    psw = ab.get("per_sample_windows") or []
     if psw:
         lines += ["", f"Per-sample windows: one batched call of n chunk observations (window 16, tolerance "
-                  f"{meta['tolerance']}, cold), median of {meta['psw_reps']} calls. Waiting for the worst sample "
+                  f"{ab['tolerance']}, cold), median of {ab['psw_reps']} calls. Waiting for the worst sample "
                   "(ParaDiGMS as published) vs each sample sliding its own window.", "",
                   "| n | sampler | ms (wait) | ms (own) | rounds (wait) | rounds (own) | "
                   "mean rounds per sample (own) | model evals (wait) | model evals (own) | time saved |",
@@ -297,128 +736,239 @@ def to_markdown(rows: list[dict[str, Any]], psw: list[dict[str, Any]], meta: dic
             lines.append(f"| {r['batch']} | {r['sampler']} | {a['ms']:.0f} | {b['ms']:.0f} | {a['rounds']} | "
                          f"{b['rounds']} | {b['mean_rounds_per_sample']:.1f} | {a['model_evals']} | "
                          f"{b['model_evals']} | {1 - b['ms'] / a['ms']:.0%} |")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
-SERIES = {  # plot line → name prefixes of its main-table row and its sweep rows
-    "ParaDiGMS as published (w16, cold)": ("ParaDiGMS as published", "published w16"),
-    "all combined (warm + linear solve + secant + window)": ("all combined (", "combined w"),
-}
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Median ms per chunk against tolerance, one line per sampler; sequential samplers as dashed lines."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_latency_vs_score(rows: Sequence[dict[str, Any]], scores: Mapping[str, Any], path: Path) -> Path | None:
+    """Mean score against median ms per chunk, one labeled marker per (schedule, sampler, backend)."""
+    points = [(r, row_score(scores, r)) for r in rows if row_score(scores, r) is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(dict.fromkeys(r["schedule"] for r, _ in points))}
+    offsets = ((4, 3), (4, -9), (-4, 9), (-4, -3))  # labels of equal scores apart
+    for i, (r, score) in enumerate(points):
+        filled = r["runtime"] == REFERENCE_BACKEND
+        ax.scatter(r["ms_p50"], score, marker="o" if r["name"] == "sequential" else "^", s=40,
+                   color=colors[r["schedule"]] if filled else "none", edgecolors=colors[r["schedule"]])
+        ax.annotate(f"{schedule_label(r['schedule'])} {r['name']} ({r['runtime']})", (r["ms_p50"], score),
+                    textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=6,
+                    ha="left" if offsets[i % len(offsets)][0] > 0 else "right")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per chunk (median, batch 1)")
+    ax.set_ylabel("mean score (closed loop)")
+    ax.set_title("PushT, shipped policy: latency against score (o sequential, ^ paradigms; hollow: not eager)",
+                 fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=130))
+    plt.close(fig)
+    return path
+
+
+#: plot line -> which rows (DDPM-100, eager) belong to it
+SERIES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "ParaDiGMS as published (w16, cold)":
+        lambda r: (r["name"] == "paradigms_published" and r["group"] == "schedule") or r["name"].startswith(
+            "published w16"),
+    "all combined (warm + linear solve + secant + window)":
+        lambda r: r["name"].startswith(("all combined (", "combined w")),
+}
+
+
+def plot_latency_vs_tolerance(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Median ms per chunk against tolerance (DDPM-100), one line per sampler; sequential rows as dashed lines."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, prefixes in SERIES.items():
-        pts = sorted((float(r["spec"]["options"]["tolerance"]), r["ms_p50"]) for r in rows
-                     if r["name"].startswith(prefixes))
+    ddpm = [r for r in rows if r["schedule"] == "ddpm100" and r["runtime"] == REFERENCE_BACKEND]
+    for label, member in SERIES.items():
+        pts = sorted((float(r["spec"]["options"]["tolerance"]), r["ms_p50"]) for r in ddpm if member(r))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    for r, color in zip([r for r in rows if r["name"].startswith("sequential")], ("black", "gray", "silver"),
-                        strict=False):
-        ax.axhline(r["ms_p50"], linestyle="--", linewidth=1, color=color, label=r["name"])
+    seq = [r for r in rows if r["name"] == "sequential" and r["runtime"] == REFERENCE_BACKEND]
+    for r, color in zip(seq, ("black", "dimgray", "gray", "silver", "lightgray"), strict=False):
+        ax.axhline(r["ms_p50"], linestyle="--", linewidth=1, color=color,
+                   label=f"sequential {schedule_label(r['schedule'])}")
     ax.set_xscale("log")
     ax.set_xlabel("tolerance (per-step change / noise scale)")
     ax.set_ylabel("ms per chunk (median, batch 1)")
     ax.set_ylim(bottom=0)
-    ax.set_title("PushT, shipped policy: latency vs tolerance")
+    ax.set_title("PushT, shipped policy: latency vs tolerance (DDPM-100)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def write_report(data: dict[str, Any], out: Path) -> str:
+    """The md, the json and the plots of ``data`` into ``out`` (atomically); returns the md."""
+    md = to_markdown(data)
+    atomic_write(out / "bench_latency.md", lambda p: Path(p).write_text(md))
+    atomic_write(out / "bench_latency.json", lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
+    if data.get("scores"):
+        plot_latency_vs_score(data["rows"], data["scores"], out / "latency_vs_score.png")
+    if data.get("ablations"):
+        plot_latency_vs_tolerance(data["rows"], out / "latency_vs_tolerance.png")
+    return md
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
-    parser.add_argument("--episodes", type=int, default=4, help="episodes of the observation stream")
-    parser.add_argument("--max-chunks", type=int, default=12, help="chunks per episode at most")
-    parser.add_argument("--seed-start", type=int, default=100000)
-    parser.add_argument("--tolerance", type=float, default=0.1, help="tolerance of the main table (published)")
-    parser.add_argument("--best-tolerance", type=float, default=0.02,
-                        help="tolerance of the combined sampler in the main table (linear solve stops later "
-                             "relative to the change: compare at equal deviation)")
-    parser.add_argument("--tolerances", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1, 0.2],
-                        help="tolerance sweep (published, combined)")
-    parser.add_argument("--cost-reps", type=int, default=15, help="timed calls per batch size of the cost curve")
-    parser.add_argument("--psw-batches", nargs="*", type=int, default=[8, 50],
-                        help="batch sizes of the per-sample-window comparison (none to skip)")
-    parser.add_argument("--psw-reps", type=int, default=3)
+    parser.add_argument("--schedules", nargs="+", default=list(DEFAULT_SCHEDULES),
+                        help="schedules to compare, ddpm<N> or ddim<N> (default: %(default)s)")
+    parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS),
+                        help="denoiser backends of configure_inference(policy, backend=...); eager is always run "
+                             "(the reference); others that cannot run here are skipped with a note "
+                             "(default: %(default)s)")
+    parser.add_argument("--episodes", type=int, default=4, help="episodes of the replayed stream (default: 4)")
+    parser.add_argument("--max-chunks", type=int, default=12, help="chunks per episode at most (default: 12)")
+    parser.add_argument("--seed-start", type=int, default=100000, help="first env seed of the stream and the scores")
+    parser.add_argument("--stream", default=None, metavar="JSON",
+                        help="replay this saved stream (a stream.json this script wrote) instead of recording one")
+    parser.add_argument("--record-only", action="store_true", help="record the stream, write <out>/stream.json, stop")
+    parser.add_argument("--calib-chunks", type=int, default=None,
+                        help="calibration chunks the window tuner runs on (default: the whole calibration episode)")
+    parser.add_argument("--cached-windows", action="store_true",
+                        help="take each paradigms window from the window cache where it holds one "
+                             "(LowdimPolicy.resolve: what eval.py would run) instead of measuring it now "
+                             "(LowdimPolicy.calibrate)")
+    parser.add_argument("--cost-reps", type=int, default=15, help="timed calls per batch size of the cost curves")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--noise-seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--report-only", metavar="JSON", default=None,
-                        help="re-render the markdown table and plot of an earlier run's bench_latency.json")
-    argv = sys.argv[1:] if argv is None else argv
+                        help="re-render the markdown and plots of an earlier run's bench_latency.json")
+    sc = parser.add_argument_group("scores")
+    sc.add_argument("--scores", action="store_true",
+                    help="add the closed-loop mean score of each schedule's sequential sampler and paradigms, "
+                         "cached in <out>/scores/<name>/ (paradigms once per window its backends chose)")
+    sc.add_argument("--score-episodes", type=int, default=50, help="episodes per score (default: 50)")
+    sc.add_argument("--score-envs", type=int, default=8, help="envs rolled out side by side (default: 8)")
+    sc.add_argument("--score-max-steps", type=int, default=PUSHT_MAX_STEPS,
+                    help="steps per episode (default: PushT's %(default)s)")
+    ab = parser.add_argument_group("ablations (DDPM-100)")
+    ab.add_argument("--ablations", action="store_true",
+                    help="add the DDPM-100 ablation rows, a tolerance sweep and the per-sample-window measurements "
+                         "(needs ddpm100 among --schedules)")
+    ab.add_argument("--tolerance", type=float, default=0.1, help="tolerance of the ablation rows (published's)")
+    ab.add_argument("--best-tolerance", type=float, default=0.02,
+                    help="tolerance of the combined ablation rows (linear solve stops later relative to the change: "
+                         "compare at equal deviation)")
+    ab.add_argument("--tolerances", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1, 0.2],
+                    help="tolerance sweep (published, combined)")
+    ab.add_argument("--psw-batches", nargs="*", type=int, default=[8, 50],
+                    help="batch sizes of the per-sample-window comparison (none to skip)")
+    ab.add_argument("--psw-reps", type=int, default=3)
     args = parser.parse_args(argv)
+    try:
+        for s in args.schedules:
+            parse_schedule(s)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.ablations and "ddpm100" not in args.schedules:
+        parser.error("--ablations compares with sequential DDPM-100: keep ddpm100 among --schedules")
+    return args
+
+
+def obtain_stream(policy: LowdimPolicy, args: argparse.Namespace, out: Path
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """``(replayed chunks, calibration chunks, stream meta)``: recorded now (and saved), or read from ``--stream``."""
+    if args.stream:
+        stream, smeta = load_stream(args.stream)
+    else:
+        stream = record_stream(policy, args.episodes + 1, args.max_chunks, args.seed_start)
+        smeta = {"checkpoint": Path(args.checkpoint).name, "sampler": "sequential DDPM-100",
+                 "seed_start": args.seed_start, "episodes": args.episodes, "max_chunks": args.max_chunks,
+                 "calibration_seed": args.seed_start + args.episodes}
+    save_stream(out / "stream.json", stream, smeta)
+    chunks, calib = split_stream(stream, smeta["calibration_seed"], args.episodes, args.max_chunks, args.calib_chunks)
+    if not chunks or not calib:
+        raise SystemExit(f"bench_latency: the stream has {len(chunks)} chunks to replay and {len(calib)} calibration "
+                         "chunks; both must be > 0")
+    return chunks, calib, smeta
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.report_only:
         data = json.loads(Path(args.report_only).read_text())
-        meta = data["meta"]
-        meta["cost"] = {int(n): ms for n, ms in meta["cost"].items()}
-        for c in meta["calibration"].values():
-            for key in ("predicted_ms", "rounds"):
-                c[key] = {int(w): v for w, v in c[key].items()}
-        out = Path(args.report_only).parent
-        md = to_markdown(data["rows"], data["per_sample_windows"], meta)
-        atomic_write(out / "bench_latency.md", lambda p: Path(p).write_text(md))
-        plot(data["rows"], out / "latency_vs_tolerance.png")
-        print(md)
+        print(write_report(data, Path(args.report_only).parent))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    from para_policy.evaluation.latency import machine_info
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     load_before = machine_info()["load_avg"]
 
-    policy = load_policy(args.checkpoint)
-    policies = {"fp32": policy, "bf16": configure_inference(load_policy(args.checkpoint), precision="bf16")}
-    stream = record_stream(policy, args.episodes + 1, args.max_chunks, args.seed_start)
-    calib_seed = args.seed_start + args.episodes
-    chunks = [c for c in stream if c["episode"] != calib_seed]
-    calib = [c for c in stream if c["episode"] == calib_seed]
+    policies, skipped = backend_policies(args.checkpoint, [] if args.record_only else args.backends)
+    for backend, why in skipped.items():
+        print(f"note: backend {backend!r} skipped: {why}", flush=True)
+    eager = policies[REFERENCE_BACKEND]
+    chunks, calib, smeta = obtain_stream(eager, args, out)
+    if args.record_only:
+        print(f"stream: {out / 'stream.json'}")
+        return
+    calib_obs = [c["obs"] for c in calib]
 
-    cond, _ = policy.conditioning(torch.from_numpy(chunks[0]["obs"])[None])
-    print("cost curve ...", flush=True)
-    cost = batch_cost_curve(policy.denoise, policy.trajectory_shape(1)[1:], cond, DEFAULT_BATCHES,
-                            reps=args.cost_reps)
-    print("  " + ", ".join(f"{n}: {ms:.1f} ms" for n, ms in cost.items()), flush=True)
-    print("calibrating the window ...", flush=True)
-    calibration = calibrate(policies, calib, cost, args.tolerance, args.best_tolerance, args.noise_seed)
-    w_picard, w_best = calibration["picard_cold"]["window"], calibration["combined"]["window"]
-    print(f"  chosen windows: Picard cold {w_picard}, all combined {w_best}", flush=True)
+    print("cost curves ...", flush=True)
+    cost = cost_curves(policies, chunks[0]["obs"], DEFAULT_BATCHES, reps=args.cost_reps)
+    for backend, curve in cost.items():
+        print(f"  {backend}: " + ", ".join(f"{n}: {ms:.1f} ms" for n, ms in curve.items()), flush=True)
+    variants: list[Variant] = []
+    for s in args.schedules:
+        print(f"{schedule_label(s)}: resolving the paradigms window per backend ...", flush=True)
+        windows = {b: resolve_paradigms(p, s, calib_obs, recalibrate=not args.cached_windows)
+                   for b, p in policies.items()}
+        print("  " + ", ".join(f"{b}: window {spec.options['window']}" for b, (spec, _) in windows.items()), flush=True)
+        variants += schedule_variants(s, windows)
+    ablations = None
+    if args.ablations:
+        policies["bf16"] = configure_inference(load_policy(args.checkpoint), precision="bf16")
+        print("ablations: choosing their windows from the eager cost curve ...", flush=True)
+        calibration = ablation_windows(policies, calib, cost[REFERENCE_BACKEND], args.tolerance, args.best_tolerance,
+                                       args.noise_seed)
+        w_picard, w_best = calibration["picard_cold"]["window"], calibration["combined"]["window"]
+        print(f"  chosen windows: Picard cold {w_picard}, all combined {w_best}", flush=True)
+        variants += ablation_variants(args.tolerance, args.best_tolerance, args.tolerances, w_picard, w_best)
+        ablations = {"calibration": calibration, "tolerance": args.tolerance, "psw_reps": args.psw_reps}
 
-    variants = build_variants(args.tolerance, args.best_tolerance, args.tolerances, w_picard, w_best)
-    from tqdm import tqdm
-
-    for v in variants:  # warm-up: allocator, thread pool
-        run_call(policies, v, chunks[0], (REPLAY_STREAM, args.noise_seed, -1, 0))
-        v.previous.clear()
-    for i, ch in enumerate(tqdm(chunks, desc="replay", unit="chunk")):
-        key = (REPLAY_STREAM, args.noise_seed, ch["episode"], ch["chunk"])
-        for v in (variants if i % 2 == 0 else variants[::-1]):
-            v.records.append(run_call(policies, v, ch, key))
-    rows = summarize(policy, variants)
-    print("per-sample windows ...", flush=True)
-    psw = per_sample_windows(policy, chunks, args.psw_batches, args.tolerance, args.noise_seed, args.psw_reps)
-
+    replay(policies, variants, chunks, args.noise_seed)
+    rows = summarize(variants, eager.n_action_steps)
+    for row, v in zip(rows, variants, strict=True):
+        row["predicted_ms"] = predicted_ms(v.records, cost[v.runtime]) if v.runtime in cost else None
+    if ablations is not None:
+        print("per-sample windows ...", flush=True)
+        ablations["per_sample_windows"] = per_sample_windows(eager, chunks, args.psw_batches, args.tolerance,
+                                                             args.noise_seed, args.psw_reps)
     machine = machine_info()
+    scores = scores_for(eager, rows, variants, args, out) if args.scores else {}
+
+    calib_seed = smeta["calibration_seed"]
+    episodes = sorted({c["episode"] for c in chunks})
     meta = {"command": "python eval/bench_latency.py " + " ".join(argv), "machine": machine,
-            "load_before": load_before, "checkpoint": Path(args.checkpoint).name, "n_chunks": len(chunks),
-            "episodes": args.episodes, "seeds": f"{args.seed_start}-{calib_seed - 1}", "tolerance": args.tolerance,
-            "cost": cost, "calibration": calibration, "calibration_seed": calib_seed, "psw_reps": args.psw_reps}
-    md = to_markdown(rows, psw, meta)
-    atomic_write(out / "bench_latency.md", lambda p: Path(p).write_text(md))
-    data = {"meta": meta, "rows": rows, "per_sample_windows": psw,
-            "chunks": {v.name: [{k: r[k] for k in ("episode", "chunk", "ms", "rounds", "model_evals", "warm")}
-                                for r in v.records] for v in variants}}
-    atomic_write(out / "bench_latency.json", lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
-    plot(rows, out / "latency_vs_tolerance.png")
-    print(md)
+            "load_before": load_before, "checkpoint": Path(args.checkpoint).name, "schedules": list(args.schedules),
+            "backends": [b for b in policies if b != "bf16"], "skipped_backends": skipped, "n_chunks": len(chunks),
+            "episodes": len(episodes), "seeds": f"{episodes[0]}-{episodes[-1]}", "calibration_seed": calib_seed,
+            "n_calibration_chunks": len(calib), "cost": cost, "stream": smeta}
+    data = {"meta": meta, "rows": rows, "scores": scores, "ablations": ablations,
+            "chunks": {v.key: [{k: r[k] for k in ("episode", "chunk", "ms", "rounds", "model_evals", "warm")}
+                               for r in v.records] for v in variants}}
+    print(write_report(data, out))
 
 
 if __name__ == "__main__":

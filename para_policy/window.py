@@ -111,12 +111,16 @@ def predict_latency(cost: Mapping[int, float], rows_per_round: Sequence[int]) ->
     return float(sum(round_cost(cost, r) for r in rows_per_round))
 
 
-def choose_window(cost: Mapping[int, float], traces: Mapping[int, Sequence[Sequence[int]]]) -> tuple[int, dict]:
+def choose_window(cost: Mapping[int, float], traces: Mapping[int, Sequence[Sequence[int]]],
+                  overhead: Mapping[int, float] | None = None) -> tuple[int, dict]:
     """The window with the lowest predicted mean latency.
 
     Args:
         cost: ``{batch size: ms}`` from :func:`batch_cost_curve`.
         traces: ``{window: [rows_per_round of each calibration chunk]}``.
+        overhead: ``{window: ms}`` the sampler's own work per round outside the model call
+            (:func:`sampler_overhead`); it matters where rounds are many and calls cheap, e.g.
+            window 1's hundred steps against a few wide rounds. None: 0.
     Returns:
         ``(window, {window: predicted mean ms})``; ties go to the smaller window.
     """
@@ -126,7 +130,8 @@ def choose_window(cost: Mapping[int, float], traces: Mapping[int, Sequence[Seque
     for w, runs in traces.items():
         if not runs:
             raise ValueError(f"window {w} has no calibration runs")
-        predicted[int(w)] = statistics.mean(predict_latency(cost, r) for r in runs)
+        per_round = 0.0 if overhead is None else float(overhead[int(w)])
+        predicted[int(w)] = statistics.mean(predict_latency(cost, r) + per_round * len(r) for r in runs)
     best = min(sorted(predicted), key=lambda w: predicted[w])
     return best, predicted
 
@@ -203,9 +208,38 @@ def calibrate_window(
             _, stats = fn(denoiser, schedule, x_T.to(device), noise.to(device), condition=p.condition,
                           inpaint=p.inpaint, **options)
             traces.setdefault(w, []).append(list(stats.extra["rows_per_round"]))
-    best, predicted = choose_window(cost, traces)
+    overhead = sampler_overhead(schedule, spec, first, noises[0], windows, device=device)
+    best, predicted = choose_window(cost, traces, overhead)
     rounds = {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}
-    return best, {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds}
+    return best, {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds,
+                  "overhead_ms_per_round": overhead}
+
+
+@torch.inference_mode()
+def sampler_overhead(schedule: Any, spec: Any, problem: Problem, noise: tuple[torch.Tensor, torch.Tensor],
+                     windows: Sequence[int], *, reps: int = 3, device: torch.device | str = "cpu"
+                     ) -> dict[int, float]:
+    """``{window: ms}``: the sampler's own time per round, the model replaced by a free one.
+
+    The sampler runs on ``problem`` with a denoiser that returns zeros at no cost, so its
+    time per round is what the cost curve leaves out (scheduler arithmetic, the linear solve,
+    bookkeeping). Median of ``reps`` runs per window.
+    """
+    def free(x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    x_T, step_noise = (n.to(device) for n in noise)
+    out = {}
+    for w in windows:
+        options = {**spec.options, "window": int(w)}
+        per_round = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            _, stats = spec.family.sample(free, schedule, x_T, step_noise, condition=problem.condition,
+                                          inpaint=problem.inpaint, **options)
+            per_round.append((time.perf_counter() - t0) * 1000 / max(stats.rounds, 1))
+        out[int(w)] = statistics.median(per_round)
+    return out
 
 
 def tune_window(

@@ -47,6 +47,15 @@ class PolicyOutput(dict):
     warm: bool
 
 
+def _runs_sequentially(spec: SamplerConfig, schedule: Schedule, deadline: float | None) -> bool:
+    """Whether ``picard_sample`` runs ``spec`` as the sequential loop (window 1, no deadline, no round cap)."""
+    from para_policy.samplers import picard_sample
+
+    cap = spec.options.get("max_iterations")
+    return (spec.family.sample is picard_sample and spec.options.get("window") == 1 and deadline is None
+            and (cap is None or cap >= schedule.num_steps))
+
+
 def _positive_int(config: Mapping[str, Any], key: str) -> int:
     """``config[key]`` as an int >= 1, or a ``ValueError`` naming the key."""
     value = config[key]
@@ -511,6 +520,8 @@ class LowdimPolicy(nn.Module):
             elif (warm_start is None and init is None and spec.warm_start and self._warm is not None
                   and self._warm[0] == call_key):
                 guess = self._warm[1]
+            if guess is not None and _runs_sequentially(spec, schedule, deadline):
+                guess = None  # window 1 is the sequential loop, which never reads an initial iterate
             if guess is not None:
                 if prefix is not None:  # the frozen actions are known: the guess holds them exactly
                     guess = torch.where(known_mask(prefix[1]), prefix[0], guess)

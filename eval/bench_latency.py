@@ -428,15 +428,23 @@ def run_score(policy: LowdimPolicy, spec: SamplerConfig, name: str, folder: Path
             "computed": len(todo), "folder": str(folder)}
 
 
-def scores_for(policy: LowdimPolicy, rows: Sequence[dict[str, Any]], variants: Sequence[Variant],
-               args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+def spec_of(saved: Mapping[str, Any]) -> SamplerConfig:
+    """The :class:`SamplerConfig` of its ``as_dict()`` form (a json row's ``spec``)."""
+    return sampler_spec(saved["name"], scheduler=saved["scheduler"], num_inference_steps=saved["num_inference_steps"],
+                        warm_start=saved["warm_start"], **saved["options"])
+
+
+def scores_for(policy: LowdimPolicy, rows: Sequence[dict[str, Any]], args: argparse.Namespace, out: Path
+               ) -> dict[str, dict[str, Any]]:
     """The score of each schedule's sequential sampler and ``paradigms``, rolled out on eager.
 
-    ``paradigms`` once per window its backends resolved: a backend's rows differ from eager's
-    by rounding only, so its spec on eager stands for it.
+    ``rows``: :func:`summary_row`'s (each holds its sampler spec), so an earlier run's json can be
+    scored later (``--report-only ... --scores``). ``paradigms`` once per window its backends
+    resolved: a backend's rows differ from eager's by rounding only, so its spec on eager stands for it.
     """
-    specs = {score_name(v.schedule, v.name, v.spec.options.get("window")): v.spec for v in variants
-             if v.group == "schedule" and v.name in SCORED}
+    wanted = set(args.score_schedules or {r["schedule"] for r in rows})
+    specs = {score_name(r["schedule"], r["name"], r["window"]): spec_of(r["spec"]) for r in rows
+             if r["group"] == "schedule" and r["name"] in SCORED and r["schedule"] in wanted}
     scores = {}
     for name, spec in specs.items():
         print(f"score {name} ({args.score_episodes} episodes) ...", flush=True)
@@ -855,6 +863,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="add the closed-loop mean score of each schedule's sequential sampler and paradigms, "
                          "cached in <out>/scores/<name>/ (paradigms once per window its backends chose)")
     sc.add_argument("--score-episodes", type=int, default=50, help="episodes per score (default: 50)")
+    sc.add_argument("--score-schedules", nargs="+", default=None,
+                    help="schedules to score (default: all of --schedules; DDPM-100's rollouts are the slow ones)")
     sc.add_argument("--score-envs", type=int, default=8, help="envs rolled out side by side (default: 8)")
     sc.add_argument("--score-max-steps", type=int, default=PUSHT_MAX_STEPS,
                     help="steps per episode (default: PushT's %(default)s)")
@@ -905,7 +915,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report_only:
         data = json.loads(Path(args.report_only).read_text())
-        print(write_report(data, Path(args.report_only).parent))
+        out = Path(args.report_only).parent
+        if args.scores:  # add (or resume) scores of the earlier run's rows, without timing anything again
+            data["scores"] = {**data.get("scores", {}),
+                              **scores_for(load_policy(args.checkpoint), data["rows"], args, out)}
+        print(write_report(data, out))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -956,7 +970,7 @@ def main(argv: list[str] | None = None) -> None:
         ablations["per_sample_windows"] = per_sample_windows(eager, chunks, args.psw_batches, args.tolerance,
                                                              args.noise_seed, args.psw_reps)
     machine = machine_info()
-    scores = scores_for(eager, rows, variants, args, out) if args.scores else {}
+    scores = scores_for(eager, rows, args, out) if args.scores else {}
 
     calib_seed = smeta["calibration_seed"]
     episodes = sorted({c["episode"] for c in chunks})

@@ -140,6 +140,7 @@ class LowdimPolicy(nn.Module):
         self._schedules: dict[tuple[str, int], Schedule] = {}
         self._warm: tuple[tuple, torch.Tensor] | None = None  # (call key, next guess (B, T, D))
         self._fingerprint: str | None = None
+        self._resolved: dict[tuple[int, int], tuple[SamplerConfig, SamplerConfig]] = {}  # resolve()'s memo
 
     def _normalizer_fields(self) -> dict[str, Any]:
         """The normalizer's fields and their shapes (:class:`~para_policy.normalizer.LinearNormalizer`)."""
@@ -183,6 +184,7 @@ class LowdimPolicy(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._fingerprint = None
+        self._resolved.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _window_key(self, spec: SamplerConfig, batch_size: int) -> str:
@@ -204,6 +206,11 @@ class LowdimPolicy(nn.Module):
             return spec
         from para_policy.window import resolve_window
 
+        single = obs is not None and (torch.is_tensor(obs) or isinstance(obs, Mapping))
+        if obs is None or single:  # this spec object resolved before at this batch size: skip building its key
+            memo = self._resolved.get((id(spec), self.batch_size(obs) if single else batch_size))
+            if memo is not None and memo[0] is spec:
+                return memo[1]
         if obs is None:
             observations = None
         else:
@@ -213,7 +220,12 @@ class LowdimPolicy(nn.Module):
             batch_size = self.batch_size(observations[0])
         window, _ = resolve_window(self._window_key(spec, batch_size),
                                    lambda: self._tune(spec, observations, batch_size))
-        return spec.with_options(window=window)
+        resolved = spec.with_options(window=window)
+        if obs is None or single:
+            if len(self._resolved) > 64:
+                self._resolved.clear()
+            self._resolved[(id(spec), batch_size)] = (spec, resolved)
+        return resolved
 
     def window_tuning(self, spec: SamplerConfig | None = None, batch_size: int = 1) -> dict[str, Any] | None:
         """What resolving ``spec``'s ``window='auto'`` measured (window, cost curve, rounds), or None if not yet."""
@@ -240,6 +252,7 @@ class LowdimPolicy(nn.Module):
             raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
         obs = [self.observation_batch(o) for o in observations]
         auto = spec.with_options(window="auto")
+        self._resolved.clear()
         return resolve_window(self._window_key(auto, self.batch_size(obs[0])),
                               lambda: self._tune(auto, obs, None, reps), recalibrate=True)
 
@@ -265,6 +278,7 @@ class LowdimPolicy(nn.Module):
         from para_policy.inference import make_denoiser
 
         merged = {**self.inference, **settings}
+        self._resolved.clear()  # the window cache key holds the inference settings
         example = None
         if merged.get("backend", "eager") != "eager":  # the shapes of one call: ((T, D), condition (1, ...))
             with torch.inference_mode():

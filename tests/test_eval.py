@@ -408,8 +408,9 @@ def test_multirun_callback_is_configured():
     assert hydra_cfg["job"]["chdir"] is False
 
 
-@pytest.mark.parametrize("name,base", [("joblib_local", "joblib"), ("slurm_example", "submitit_slurm"),
-                                       ("ray_example", "ray")])
+@pytest.mark.parametrize("name,base", [("joblib_local", "joblib"), ("slurm", "submitit_slurm"),
+                                       ("submitit_processes", "submitit_local"), ("ray_local", "ray"),
+                                       ("ray_cluster", "ray")])
 def test_launcher_configs_extend_the_plugin_configs(name, base):
     cfg = yaml.safe_load((CONFIG_DIR / "hydra" / "launcher" / f"{name}.yaml").read_text())
     assert cfg["defaults"] == [base]

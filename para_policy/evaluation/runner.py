@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from para_policy.evaluation.cluster import ShardedRollouts, cluster_settings
 from para_policy.evaluation.config import (
     FLAT_KEY,
     ControllerSettings,
@@ -87,7 +88,7 @@ _BASELINE_CACHE: dict[str, tuple[list[dict[str, Any]], Path | None]] = {}
 #: the top-level keys of the eval config (configs/eval.yaml; ``inference`` is added with +inference.*)
 KNOWN_KEYS = frozenset({"task", "sampler", "logger", "checkpoint", "checkpoint_trust", "device", "threads", "seed",
                         "compare", "num_envs", "progress", "latency", "video", "resume_dir", "inference",
-                        "controller"})
+                        "controller", "cluster"})
 
 
 def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -347,6 +348,7 @@ def evaluate(
     task = task_settings(cfg)
     opts = _eval_settings(cfg)
     ctl = controller_settings(cfg, task)
+    shards = cluster_settings(cfg)  # +cluster=ray: the episodes on Ray workers (.cluster)
     if not cfg.get("checkpoint"):
         if task.checkpoint_asset is None:
             raise EvalConfigError(
@@ -409,6 +411,8 @@ def evaluate(
     from para_policy.evaluation.wandb_logger import make_logger
 
     logger = make_logger(resolved.get("logger"), resolved, out)
+    roll_out = _roll_out if shards is None else ShardedRollouts(shards, checkpoint=ckpt, task=task, opts=opts,
+                                                                trust_pickle=trust)
     exit_code = 1
     old_threads = torch.get_num_threads()
     if opts["threads"]:
@@ -451,8 +455,8 @@ def evaluate(
                     done[role].append(rec)
                     save_progress()
 
-                frames = _roll_out(policy, spec, task, todo, ctl, opts, role=role, on_episode=on_episode,
-                                   video_seed=task.seeds[0] if record_video else None)
+                frames = roll_out(policy, spec, task, todo, ctl, opts, role=role, on_episode=on_episode,
+                                  video_seed=task.seeds[0] if record_video else None)
             order = {s: i for i, s in enumerate(task.seeds)}
             done[role] = sorted((e for e in done[role] if e["seed"] in order), key=lambda e: order[e["seed"]])
             save_progress()
@@ -535,6 +539,8 @@ def evaluate(
         return results
     finally:
         torch.set_num_threads(old_threads)
+        if shards is not None:
+            roll_out.close()
         logger.finish(exit_code)
 
 

@@ -211,11 +211,7 @@ class LowdimPolicy(nn.Module):
             memo = self._resolved.get((id(spec), self.batch_size(obs) if single else batch_size))
             if memo is not None and memo[0] is spec:
                 return memo[1]
-        if obs is None:
-            observations = None
-        else:
-            single = torch.is_tensor(obs) or isinstance(obs, Mapping)
-            observations = [self.observation_batch(o) for o in ([obs] if single else obs)]
+        observations = None if obs is None else [self.observation_batch(o) for o in ([obs] if single else obs)]
         if observations:
             batch_size = self.batch_size(observations[0])
         window, _ = resolve_window(self._window_key(spec, batch_size),

@@ -143,6 +143,9 @@ def run_point(point: dict[str, Any], overrides: list[str], run_dir: Path) -> dic
         "steps_in_flight_fraction": ctl.get("steps_in_flight_fraction"),
         "delay_used_mean": ctl.get("delay_used_mean"), "delay_used_max": ctl.get("delay_used_max"),
         "chunk_latency_ms_p50": ctl.get("chunk_latency_ms_p50"),
+        "chunk_latency_ms_max": ctl.get("chunk_latency_ms_max"), "switches": ctl.get("switches"),
+        # controller.extend_plan / controller.deadline_ms (None where not set)
+        "extended_steps": ctl.get("extended_steps"), "deadline_misses": ctl.get("deadline_misses"),
         # the episodes run in this call (a resumed point only runs the missing ones)
         "episode_wall_s_mean": float(np.mean([e["wall_time_s"] for e in ok])) if ok else None,
         "wall_s": round(wall_s, 1), "run_dir": str(run_dir), "command": "python eval.py " + " ".join(overrides),
@@ -191,8 +194,14 @@ def format_markdown(rows: list[dict[str, Any]], realtime: dict[str, Any] | None,
         lines += ["", f"Real-time point: the env stepped every {1 / args.control_hz:g} s on a fixed grid, the "
                   "Controller sampling on its worker thread with the delay measured from this machine's latency "
                   f"(chunk latency p50 {_fmt(realtime['chunk_latency_ms_p50'], '{:.0f}')} ms, "
-                  f"{_fmt(realtime['late_steps'], '{}')} late steps). Not deterministic: it depends on the machine "
-                  "and its load."]
+                  f"max {_fmt(realtime.get('chunk_latency_ms_max'), '{:.0f}')} ms; "
+                  f"{_fmt(realtime['stalls'], '{}')} stalls in {_fmt(realtime.get('switches'), '{}')} switches; "
+                  f"{_fmt(realtime['late_steps'], '{}')} late steps"
+                  + ("" if realtime.get("extended_steps") is None else
+                     f"; {realtime['extended_steps']} steps ran the old plan past n_action_steps (extend_plan)")
+                  + ("" if realtime.get("deadline_misses") is None else
+                     f"; {realtime['deadline_misses']} chunks stopped at the deadline")
+                  + "). Not deterministic: it depends on the machine and its load."]
     return "\n".join(lines) + "\n"
 
 

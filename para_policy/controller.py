@@ -35,6 +35,13 @@ Picard sampling makes possible:
   are pulled toward the old plan before each step by those weights, which costs nothing. The
   frozen actions are imposed clean by default, or at each step's noise level
   (``prefix_mode='noised'``, RePaint's imposition).
+* **Running on past a late chunk** (``extend_plan=True``). A chunk is planned for its whole
+  horizon, but only its first ``n_action_steps`` actions are queued. When the queue runs out
+  and the next chunk is not ready, the robot runs the current chunk's plan past them, one step
+  at a time, instead of stopping (as LeRobot's asynchronous inference runs on through its whole
+  chunk); the late chunk takes over, time-aligned, when it arrives, and a stall happens only when
+  the plan runs out too. With ``mode='rtc'`` and soft masking those steps are the old plan the
+  new chunk was guided toward. Counted in ``stats()['extended_steps']``.
 * **Two clocks, one schedule.** ``clock='wall'``: a worker thread samples while ``act()``
   hands out queued actions, one inference at a time, ``d = ceil(1.25 · latency / period_s)``
   measured (or ``delay_steps`` fixed); when the queue runs dry ``act()`` waits and counts a
@@ -208,6 +215,9 @@ class Controller:
         soft_masking: ``mode='rtc'``: the old chunk's plan after the frozen actions guides the new
             chunk's next positions (``predict_action``'s ``guide_actions``); False: only the
             frozen actions are imposed (hard masking).
+        extend_plan: ``mode='async'`` / ``'rtc'``: when the queue runs out before the next chunk
+            is ready, run the current chunk's plan past its ``n_action_steps`` (up to its horizon)
+            instead of waiting. False (default): wait for the chunk (a stall).
         options: sampler options (``window``, ``tolerance``, ``max_iterations``,
             ``per_sample_windows``, ``linear_solve``, ``secant``, ``scheduler``,
             ``num_inference_steps``). ``window='auto'`` (the preset's) is resolved by
@@ -231,7 +241,7 @@ class Controller:
                  devices: Sequence[str | torch.device] | None = None, max_records: int = 100_000,
                  mode: str = "sync", delay_steps: int | None = None, clock: str = "wall",
                  period_s: float | None = None, prefix_mode: str = "clean", soft_masking: bool = True,
-                 **options: Any) -> None:
+                 extend_plan: bool = False, **options: Any) -> None:
         self.policy = policy
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
@@ -251,6 +261,11 @@ class Controller:
         if not isinstance(soft_masking, bool):
             raise ValueError(f"soft_masking must be True or False, got {soft_masking!r}")
         self.prefix_mode, self.soft_masking = prefix_mode, soft_masking
+        if not isinstance(extend_plan, bool):
+            raise ValueError(f"extend_plan must be True or False, got {extend_plan!r}")
+        if extend_plan and mode == "sync":
+            raise ValueError("extend_plan applies to mode='async' or 'rtc'; mode='sync' waits for every chunk")
+        self.extend_plan = extend_plan
         self.delay_steps, self.period_s = self._check_timing(mode, delay_steps, clock, period_s)
         if devices is not None:
             from para_policy.devices import use_devices
@@ -263,6 +278,7 @@ class Controller:
         self.records: deque[ChunkRecord] = deque(maxlen=int(max_records))
         self.act_latency_ms: deque[float] = deque(maxlen=int(max_records))
         self.steps_in_flight = 0  # act() calls that returned an action while a chunk was being sampled
+        self.extended_steps = 0  # act() calls that ran the current chunk's plan past n_action_steps (extend_plan)
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)  # for the measured delay
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: _InFlight | None = None
@@ -360,6 +376,7 @@ class Controller:
         self.records.clear()
         self.act_latency_ms.clear()
         self.steps_in_flight = 0
+        self.extended_steps = 0
 
     def close(self) -> None:
         """Stop the worker thread (``clock='wall'``), waiting for a chunk in flight and dropping it.
@@ -498,16 +515,39 @@ class Controller:
 
     # ---- mode='async' / 'rtc': one schedule for both clocks ------------------------------
     def _schedule(self) -> None:
-        """Start the next chunk when ``d`` actions are left; switch to it when the queue runs out."""
+        """Start the next chunk when ``d`` actions are left; switch to it when the queue runs out.
+
+        With ``extend_plan`` a queue that runs out before the chunk is ready gets the current
+        plan's action for this step instead (while the plan lasts), and so does a chunk that
+        arrives so late that its own queued actions are past.
+        """
         self._raise_if_failed()
         if self._in_flight is None and len(self.actions) <= self._delay():
             self._launch()
-        if not self.actions:
+        if not self.actions and not (self.extend_plan and not self._ready() and self._extend()):
             self._switch()
+            if not self.actions and self.extend_plan:
+                self._extend()
             if len(self.actions) <= self._delay():  # d >= n_action_steps - d: the next one starts at once
                 self._launch()
         if self._in_flight is not None:
             self.steps_in_flight += 1
+
+    def _ready(self) -> bool:
+        """Whether the chunk in flight is ready now (wall clock: sampled; steps clock: its ``d`` steps passed)."""
+        job = self._in_flight
+        if job is None or self._chunk is None:  # an episode's first chunk: there is no plan to run on
+            return True
+        return job.future.done() if job.future is not None else self.step >= job.start + job.delay
+
+    def _extend(self) -> bool:
+        """Queue the current plan's action for this step, if the plan reaches it (``extend_plan``)."""
+        k = self.step - self._chunk.start
+        if k >= self._chunk.plan.shape[0]:
+            return False
+        self.actions.append(self._chunk.plan[k])
+        self.extended_steps += 1
+        return True
 
     def _delay(self) -> int:
         """``d``: fixed, or ``ceil(LATENCY_HEADROOM · latency / period_s)`` over the last few chunks, in [1, H - 1]."""
@@ -522,14 +562,19 @@ class Controller:
         """Start sampling the chunk for this step's observations (``len(actions) <= d`` are left).
 
         ``rtc``: the queued actions, which all run before it is ready, are its frozen prefix, and
-        with ``soft_masking`` the current chunk's plan after them its guide. The warm-start guess
-        is the current chunk shifted by the steps since its observation.
+        with ``soft_masking`` the current chunk's plan after them its guide. With ``extend_plan``
+        the plan's actions after the queue that will run before it is ready (``d`` actions in
+        all) are frozen too. The warm-start guess is the current chunk shifted by the steps since
+        its observation.
         """
         t = self.step
         obs = {k: v[None] for k, v in self._observation_window(self._history()).items()}
         self._resolve_window(obs)
         d = self._delay()
         queued = list(self.actions)
+        if self.extend_plan and self._chunk is not None and len(queued) < d:  # what _extend will hand out
+            k = t - self._chunk.start + len(queued)
+            queued += list(self._chunk.plan[k: k + d - len(queued)].unbind(0))
         frozen = min(d, len(queued)) if self.mode == "rtc" else 0
         prefix = torch.stack(queued[:frozen])[None] if frozen else None  # (1, frozen, Da) raw
         guide = None
@@ -656,7 +701,8 @@ class Controller:
 
         The loop's schedule (from :meth:`act`'s chunks): ``mode``, ``clock``, ``delay_steps`` (as
         given), ``period_s``; ``delay_used`` (the ``d`` each chunk was started with),
-        ``steps_in_flight`` (actions handed out while a chunk was being sampled), ``stalls``
+        ``steps_in_flight`` (actions handed out while a chunk was being sampled), ``extended_steps``
+        (actions run from the current plan past its ``n_action_steps``, ``extend_plan``), ``stalls``
         (chunks the queue ran empty for; in ``mode='sync'`` every chunk after an episode's
         first), ``stall_wait_ms`` (how long ``act`` blocked on those), ``idle_steps`` (``clock='steps'``:
         control steps the robot would have stood still, ``start + d - switch`` summed over stalls;
@@ -689,6 +735,8 @@ class Controller:
             "period_s": self.period_s,
             "delay_used": _distribution([x.delay_steps for x in looped]),
             "steps_in_flight": self.steps_in_flight,
+            "extend_plan": self.extend_plan,
+            "extended_steps": self.extended_steps,
             "stalls": len(stalled),
             "stall_wait_ms": _distribution([x.wait_ms for x in stalled]),
             "idle_steps": sum(max(0, x.start_step + x.delay_steps - x.switch_step) for x in stalled)

@@ -66,7 +66,8 @@ def test_rtc_run_writes_the_controller_stats_per_episode_and_per_sampler(rtc_run
     assert on_disk["controller"] == results["controller"]
     assert results["controller"] | {"label": None} == {
         "mode": "rtc", "delay_steps": 2, "clock": "steps", "control_hz": None, "prefix_mode": "clean",
-        "soft_masking": True, "period_s": None, "deterministic": True, "label": None, "n_action_steps": 8}
+        "soft_masking": True, "deadline_ms": None, "extend_plan": False, "period_s": None, "deterministic": True,
+        "label": None, "n_action_steps": 8}
     for role in ("candidate", "baseline"):
         s = results["samplers"][role]
         for e in s["episodes"]:
@@ -187,6 +188,16 @@ def test_rtc_prefix_mode_and_soft_masking_reach_the_controllers_calls(ckpt, tmp_
     (["controller.mode=rtc", "controller.soft_masking=maybe"], r"controller.soft_masking must be true or false"),
     (["controller.mode=rtc", "controller.prefix_mode=noisy"],
      r"controller.prefix_mode must be 'clean' or 'noised', got 'noisy' \(did you mean 'noised'\?\)"),
+    (["controller.mode=rtc", "controller.delay_steps=2", "controller.deadline_ms=100"],
+     r"controller.deadline_ms=100 applies to controller.clock=wall only"),
+    (["controller.mode=rtc", "controller.clock=wall", "controller.deadline_ms=-5"],
+     r"controller.deadline_ms must be a number >= 0 \(ms per chunk\), got -5"),
+    (["controller.mode=rtc", "controller.clock=wall", "controller.deadline_ms=soon"],
+     r"controller.deadline_ms must be a number >= 0"),
+    (["controller.extend_plan=true"], r"controller.extend_plan=true applies to controller.mode=async or rtc"),
+    (["controller.mode=rtc", "controller.extend_plan=maybe"], r"controller.extend_plan must be true or false"),
+    (["sampler=sequential", "controller.mode=rtc", "controller.clock=wall", "controller.deadline_ms=100"],
+     r"controller.deadline_ms=100 needs a Picard sampler.*sampler=sequential runs every step"),
 ])
 def test_bad_controller_settings_stop_before_any_rollout(ckpt, tmp_path, monkeypatch, overrides, message):
     def no_rollouts(*a, **k):
@@ -202,11 +213,16 @@ def test_bad_controller_settings_stop_before_any_rollout(ckpt, tmp_path, monkeyp
 def test_settings_defaults_and_labels():
     cfg = compose_eval()
     assert dict(cfg.controller) == {"mode": "sync", "delay_steps": None, "clock": "steps", "control_hz": None,
-                                    "prefix_mode": None, "soft_masking": None}
+                                    "prefix_mode": None, "soft_masking": None, "deadline_ms": None,
+                                    "extend_plan": None}
     assert controller_settings(cfg) == ControllerSettings() and ControllerSettings().batched
     wall = controller_settings(compose_eval(["controller.mode=rtc", "controller.clock=wall"]))
     assert (wall.delay_steps, wall.control_hz, wall.period_s) == (None, 10.0, 0.1)  # PushT's fps
     assert wall.label() == "rtc wall 10 Hz d measured" and not wall.deterministic
+    timed = controller_settings(compose_eval(["controller.mode=rtc", "controller.clock=wall",
+                                              "controller.deadline_ms=250"]))
+    assert timed.deadline_ms == 250.0 and timed.label() == "rtc wall 10 Hz d measured deadline 250 ms"
+    assert timed.fingerprint() != wall.fingerprint() and "deadline_ms" not in wall.fingerprint()
     assert controller_settings(compose_eval(["controller.mode=async", "controller.delay_steps=4"])).label() == \
         "async d=4"
     rtc = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=2"]))
@@ -264,6 +280,42 @@ def test_wall_clock_run_at_a_generous_period_never_stalls(ckpt, tmp_path):
         assert e["wall_time_s"] >= 0.9 * 9 * 0.1  # stepped on the 10 Hz grid, not as fast as it can
     assert "real time, not deterministic" in (tmp_path / "summary.md").read_text()
     assert not [t for t in threading.enumerate() if t.name.startswith("para_policy-controller")]
+
+
+def test_wall_clock_deadline_stops_the_candidates_chunks_and_not_the_baselines(ckpt, tmp_path):
+    """A deadline of 0 ms: every candidate chunk stops after its first round (the Controller's minimum) and
+    is counted; the sequential baseline, which has no partial answer, runs every step without one."""
+    results = run_eval(ckpt, tmp_path, "sampler.tolerance=0", "task.episodes=1", "task.max_steps=12",
+                       "controller.mode=rtc", "controller.clock=wall", "controller.control_hz=10",
+                       "controller.deadline_ms=0", "latency.calls=0")
+    assert results["controller"]["deadline_ms"] == 0.0
+    cand, base = (results["samplers"][r] for r in ("candidate", "baseline"))
+    (ep,) = episodes(results)
+    assert ep["error"] is None and ep["n_chunks"] >= 2
+    assert ep["deadline_misses"] == ep["n_chunks"] and set(ep["rounds_per_chunk"]) == {1}
+    assert cand["controller"]["deadline_misses"] == ep["n_chunks"]
+    (bep,) = episodes(results, "baseline")
+    assert bep["deadline_misses"] == 0 and set(bep["rounds_per_chunk"]) == {10}  # the tiny policy's 10 steps
+    assert base["controller"]["deadline_misses"] == 0
+    assert "chunks stopped at the deadline" in (tmp_path / "summary.md").read_text()
+
+
+def test_extend_plan_in_the_evaluator_runs_on_where_a_late_chunk_would_idle(ckpt, tmp_path):
+    """Delay 6 of 8 on the steps clock: waiting idles the robot at every switch after the first; with
+    controller.extend_plan=true the old plan runs on and nothing idles. Counted per episode and in total."""
+    common = ["compare=false", "task.episodes=1", "task.max_steps=40", "controller.mode=rtc",
+              "controller.delay_steps=6", "latency.calls=0"]
+    waited = run_eval(ckpt, tmp_path / "wait", *common)
+    extended = run_eval(ckpt, tmp_path / "extend", *common, "controller.extend_plan=true")
+    w, e = waited["samplers"]["candidate"]["controller"], extended["samplers"]["candidate"]["controller"]
+    assert w["idle_steps"] > 0 and w["extended_steps"] is None
+    assert e["idle_steps"] == 0 and e["stalls"] == 0 and e["extended_steps"] > 0
+    assert episodes(extended)[0]["extended_steps"] == e["extended_steps"]
+    assert extended["controller"]["extend_plan"] is True
+    assert "steps run past n_action_steps (extend_plan)" in (tmp_path / "extend" / "summary.md").read_text()
+    settings = controller_settings(compose_eval(["controller.mode=rtc", "controller.delay_steps=6",
+                                                 "controller.extend_plan=true"]))
+    assert settings.label() == "rtc extend d=6" and settings.fingerprint()["extend_plan"] is True
 
 
 def test_wait_for_tick_stays_on_the_grid():

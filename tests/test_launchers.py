@@ -128,7 +128,7 @@ def test_submitit_local_sweep_matches_the_basic_launcher(ckpt, basic_sweep, tmp_
 
 
 # ---- one evaluation on Ray workers ---------------------------------------------------------------
-FAST = ["task.max_steps=48", "num_envs=1", "latency.calls=4", "latency.warmup=0", "logger=none", "progress=false",
+FAST = ["task.max_steps=32", "num_envs=1", "latency.calls=4", "latency.warmup=0", "logger=none", "progress=false",
         "threads=1", "video.enabled=false", "sampler=paradigms_published", "sampler.window=4"]
 
 
@@ -157,7 +157,7 @@ def test_bad_cluster_config_is_refused_before_anything_runs(ckpt, tmp_path, over
 
 
 def test_sharded_run_equals_one_process_and_survives_a_killed_worker(local_ray, ckpt, tmp_path, monkeypatch):
-    """6 episodes per sampler, one per unit, on 2 workers of a local Ray instance; the first worker to get its
+    """4 episodes per sampler, one per unit, on 2 workers of a local Ray instance; the first worker to get its
     second unit is killed as it gets it. Every seed is recorded once, and every episode, the latency-call
     rounds and the faithfulness equal the single-process run's."""
     ray = pytest.importorskip("ray")
@@ -165,7 +165,7 @@ def test_sharded_run_equals_one_process_and_survives_a_killed_worker(local_ray, 
 
     for key, value in ray_env().items():
         monkeypatch.setenv(key, value)
-    reference = run_eval(ckpt, tmp_path / "one", "task.episodes=6")
+    reference = run_eval(ckpt, tmp_path / "one", "task.episodes=4")
     runner._BASELINE_CACHE.clear()  # the sharded run rolls its baseline out on the workers too
     pools, dispatched = [], []
 
@@ -178,11 +178,11 @@ def test_sharded_run_equals_one_process_and_survives_a_killed_worker(local_ray, 
 
     monkeypatch.setattr(cluster.ShardedRollouts, "_dispatched", kill_the_third)
     out = tmp_path / "sharded"
-    sharded = run_eval(ckpt, out, "task.episodes=6", "+cluster=ray", "cluster.workers=2", "cluster.episodes_per_task=1")
+    sharded = run_eval(ckpt, out, "task.episodes=4", "+cluster=ray", "cluster.workers=2", "cluster.episodes_per_task=1")
     (pool,) = pools
     assert pool.restarts == 1, "the killed worker was not replaced"
-    # the candidate's 6 units and the killed one again, then the baseline's 6
-    assert len(dispatched) == 13 and dispatched[:7].count(dispatched[2]) == 2, dispatched
+    # the candidate's 4 units and the killed one again, then the baseline's 4
+    assert len(dispatched) == 9 and dispatched[:5].count(dispatched[2]) == 2, dispatched
     assert not ray.is_initialized(), "the local Ray instance was left running"
     seeds = reference["seeds"]
     progress = json.loads((out / "progress.json").read_text())
@@ -207,9 +207,9 @@ def test_sharded_run_resumes_and_gives_up_when_every_worker_dies(local_ray, ckpt
 
     for key, value in ray_env().items():
         monkeypatch.setenv(key, value)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address=cluster.LOOPBACK)  # one instance, both runs
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address=cluster.LOOPBACK)  # one instance, every run
     try:
-        sharded = ["+cluster=ray", "cluster.workers=2", "compare=false"]
+        sharded = ["+cluster=ray", "cluster.workers=1", "compare=false"]
         run_eval(ckpt, tmp_path / "a", "task.episodes=2", *sharded)
         ran = []
         monkeypatch.setattr(cluster.ShardedRollouts, "_dispatched", lambda self, actor, unit: ran.extend(unit))
@@ -225,7 +225,7 @@ def test_sharded_run_resumes_and_gives_up_when_every_worker_dies(local_ray, ckpt
         ran = []
         monkeypatch.setattr(cluster.ShardedRollouts, "_dispatched", kill_the_second)
         with pytest.raises(RuntimeError, match=r"every Ray worker died.*cluster.max_restarts=0"):
-            run_eval(ckpt, tmp_path / "c", "task.episodes=3", *sharded, "cluster.workers=1", "cluster.max_restarts=0",
+            run_eval(ckpt, tmp_path / "c", "task.episodes=3", *sharded, "cluster.max_restarts=0",
                      "cluster.episodes_per_task=1")
         progress = json.loads((tmp_path / "c" / "progress.json").read_text())
         assert [e["seed"] for e in progress["episodes"]["candidate"]] == resumed["seeds"][:1]

@@ -360,6 +360,62 @@ def test_fake_policy_schedule_and_reset_on_the_steps_clock():
     assert tuple(ctl.act(step_obs(0))) == (0, 0)
 
 
+def test_extend_plan_runs_the_old_plan_until_a_late_chunk_is_ready():
+    """Delay 6 of 8: after a switch 2 actions are queued and the next chunk needs 6 steps. Waiting, every
+    chunk after the second stalls; with extend_plan the old chunk's plan past its 8 actions runs instead,
+    step for step, and the late chunk takes over, time-aligned, when it is ready."""
+    runs = {}
+    for extend in (False, True):
+        ctl = Controller(step_policy(), mode="async", delay_steps=6, clock="steps", sampler="sequential",
+                         extend_plan=extend)
+        runs[extend] = ([tuple(ctl.act(step_obs(t))) for t in range(60)], ctl.stats(), list(ctl.records))
+    for acts, _, _ in runs.values():
+        assert all(s + j == t for t, (s, j) in enumerate(acts))  # every action is for the step it runs at
+    acts, waited, _ = runs[False]
+    assert waited["stalls"] > 0 and waited["idle_steps"] > 0 and waited["extended_steps"] == 0
+    assert max(j for _, j in acts) < H
+    acts, extended, records = runs[True]
+    assert extended["stalls"] == 0 and extended["idle_steps"] == 0 and extended["extend_plan"]
+    assert extended["extended_steps"] == sum(j >= H for _, j in acts) > 0
+    assert all(r.switch_step == r.start_step + 6 for r in records[1:])  # each took over when it was ready
+    current = {r.switch_step: r.start_step for r in records}
+    for t, (s, j) in enumerate(acts):  # an extended action is the plan of the chunk that was in the queue
+        if j >= H:
+            assert s == current[max(k for k in current if k <= t)]
+
+
+def test_extend_plan_freezes_the_plan_actions_that_run_before_the_chunk_is_ready():
+    """rtc, delay 6, extend_plan: a chunk started with 2 actions queued freezes those and the 4 plan actions
+    after them, the 6 that run before it takes over; every frozen action is the one executed at its step."""
+    policy = step_policy()
+    ctl = Controller(policy, mode="rtc", delay_steps=6, clock="steps", sampler="sequential", extend_plan=True)
+    acts = [tuple(ctl.act(step_obs(t))) for t in range(60)]
+    later = [(s, prefix) for s, prefix in policy.calls if s > 2]
+    assert later and all(prefix is not None and prefix.shape[1] == 6 for _, prefix in later)
+    for s, prefix in policy.calls[1:]:
+        for j in range(prefix.shape[1]):
+            if s + j < len(acts):
+                assert tuple(prefix[0, j].tolist()) == acts[s + j], (s, j)
+    assert ctl.stats()["extended_steps"] > 0 and ctl.stats()["stalls"] == 0
+
+
+def test_extend_plan_on_the_wall_clock_never_stalls_where_waiting_does():
+    """A chunk takes 6 control periods, the queue covers 2: waiting stalls at every switch; running on
+    through the plan (15 steps of it) covers the rest."""
+    for extend in (False, True):
+        policy = step_policy(latency=lambda: 0.06)
+        with Controller(policy, mode="rtc", delay_steps=2, period_s=0.01, sampler="sequential",
+                        extend_plan=extend) as ctl:
+            run_at_rate(ctl, 40, 0.01)
+            s = ctl.stats()
+        assert s["switches"] >= 2
+        if extend:
+            assert s["stalls"] == 0 and s["extended_steps"] >= 3 * s["switches"]
+        else:
+            assert s["stalls"] == s["switches"] and s["extended_steps"] == 0
+    assert not worker_threads()
+
+
 # ---- the wall clock ---------------------------------------------------------------------
 
 def test_wall_clock_with_a_fixed_delay_gives_the_steps_clock_actions():
@@ -480,6 +536,8 @@ def test_bad_settings_are_refused():
         (dict(mode="async"), "needs period_s"),
         (dict(mode="async", delay_steps=0), "delay_steps=0 with clock='wall'"),
         (dict(mode="rtc", period_s=0), "period_s must be a number > 0"),
+        (dict(extend_plan=True), "extend_plan applies to mode='async' or 'rtc'"),
+        (dict(mode="rtc", delay_steps=2, extend_plan="yes"), "extend_plan must be True or False"),
     ]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -258,7 +258,8 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
 
 CONTROLLER_MODES = ("sync", "async", "rtc")
 CONTROLLER_CLOCKS = ("steps", "wall")
-CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz", "prefix_mode", "soft_masking")
+CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz", "prefix_mode", "soft_masking", "deadline_ms",
+                   "extend_plan")
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,12 @@ class ControllerSettings:
         ``'noised'``: :class:`~para_policy.controller.Controller`'s ``prefix_mode``); None otherwise.
     soft_masking: ``mode='rtc'``: the old chunk's plan guides the positions after the frozen
         actions (the Controller's ``soft_masking``, default True); None otherwise.
+    extend_plan: ``mode='async'|'rtc'``: when the next chunk is late, run the current chunk's plan
+        past its ``n_action_steps`` instead of waiting (the Controller's ``extend_plan``).
+    deadline_ms: ``clock='wall'`` only: the candidate's time budget per chunk (the Controller's
+        ``deadline_ms``: no new round starts after it, and the chunk is the clean-sample estimate
+        of its first unfinished step). A Picard candidate only; the sequential baseline has no
+        partial answer to return and runs without one. None: no deadline.
     """
 
     mode: str = "sync"
@@ -290,6 +297,8 @@ class ControllerSettings:
     control_hz: float | None = None
     prefix_mode: str | None = None
     soft_masking: bool | None = None
+    deadline_ms: float | None = None
+    extend_plan: bool = False
 
     @property
     def batched(self) -> bool:
@@ -313,24 +322,35 @@ class ControllerSettings:
     def fingerprint(self) -> dict[str, Any] | None:
         """What a resumed run must share; None for today's protocol, so earlier run folders still resume.
 
-        ``prefix_mode`` and ``soft_masking`` only where they apply (rtc), so earlier async run
-        folders resume too.
+        ``prefix_mode`` and ``soft_masking`` only where they apply (rtc), ``deadline_ms`` and
+        ``extend_plan`` only where set, so earlier run folders resume too.
         """
         if self.batched:
             return None
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("prefix_mode", "soft_masking")}
+        return {k: v for k, v in asdict(self).items()
+                if (v is not None and v is not False) or k not in ("prefix_mode", "soft_masking", "deadline_ms",
+                                                                   "extend_plan")}
 
     def label(self) -> str:
         """Short name for progress bars and tables: ``sync``, ``rtc d=2``, ``rtc wall 10 Hz``."""
         if self.clock == "wall":
             delay = "" if self.mode == "sync" else (" d measured" if self.delay_steps is None
                                                     else f" d={self.delay_steps}")
-            return f"{self.mode}{self._prefix_label()} wall {self.control_hz:g} Hz{delay}"
+            deadline = "" if self.deadline_ms is None else f" deadline {self.deadline_ms:g} ms"
+            return f"{self.mode}{self._prefix_label()} wall {self.control_hz:g} Hz{delay}{deadline}"
         return self.mode if self.mode == "sync" else f"{self.mode}{self._prefix_label()} d={self.delay_steps}"
 
     def _prefix_label(self) -> str:
-        """How rtc imposes, where it is not the default: `` hard`` (no soft masking), `` noised``."""
-        return (" hard" if self.soft_masking is False else "") + (" noised" if self.prefix_mode == "noised" else "")
+        """Where it is not the default: `` hard`` (no soft masking), `` noised``, `` extend`` (extend_plan)."""
+        return ((" hard" if self.soft_masking is False else "") + (" noised" if self.prefix_mode == "noised" else "")
+                + (" extend" if self.extend_plan else ""))
+
+    def check_sampler(self, spec: SamplerConfig) -> None:
+        """Refuse a deadline for a candidate that cannot stop early (before anything is loaded)."""
+        if self.deadline_ms is not None and not spec.iterative:
+            raise EvalConfigError(f"controller.deadline_ms={self.deadline_ms:g} needs a Picard sampler (paradigms, "
+                                  f"paradigms_published, parataa, ...), whose rounds can stop at a deadline; "
+                                  f"sampler={spec.name} runs every step: drop controller.deadline_ms")
 
     def check_policy(self, n_action_steps: int) -> None:
         """Refuse a delay the policy's chunks cannot absorb (before any env is stepped)."""
@@ -397,18 +417,36 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
         hz = float(hz)
     elif clock == "wall":
         hz = float(task.fps) if task is not None else 10.0
+    extend = raw.get("extend_plan")
+    if extend is not None and not isinstance(extend, bool):
+        raise EvalConfigError(f"controller.extend_plan must be true or false, got {extend!r}")
+    if extend and mode == "sync":
+        raise EvalConfigError("controller.extend_plan=true applies to controller.mode=async or rtc (running the plan "
+                              "on while the next chunk is sampled); mode=sync waits for every chunk")
+    extend = bool(extend)
+    deadline = raw.get("deadline_ms")
+    if deadline is not None:
+        if clock != "wall":
+            raise EvalConfigError(f"controller.deadline_ms={deadline} applies to controller.clock=wall only: a "
+                                  "deadline stops sampling by the wall clock, so steps-clock results would depend on "
+                                  "the machine")
+        if (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)
+                or deadline < 0):
+            raise EvalConfigError(f"controller.deadline_ms must be a number >= 0 (ms per chunk), got {deadline!r}")
+        deadline = float(deadline)
     if mode == "sync":
         if delay not in (None, 0):
             raise EvalConfigError(f"controller.delay_steps={delay} applies to controller.mode=async or rtc; "
                                   "mode=sync waits for every chunk (delay 0)")
-        return ControllerSettings("sync", 0, clock, hz)
+        return ControllerSettings("sync", 0, clock, hz, deadline_ms=deadline)
     if clock == "steps":
-        return ControllerSettings(mode, 0 if delay is None else delay, clock, None, prefix, soft)
+        return ControllerSettings(mode, 0 if delay is None else delay, clock, None, prefix, soft,
+                                  extend_plan=extend)
     if delay == 0:
         raise EvalConfigError("controller.delay_steps=0 on controller.clock=wall would wait for every chunk (that is "
                               "mode=sync): set controller.delay_steps=null to measure the delay from this machine's "
                               "latency, or a fixed delay >= 1")
-    return ControllerSettings(mode, delay, clock, hz, prefix, soft)
+    return ControllerSettings(mode, delay, clock, hz, prefix, soft, deadline, extend)
 
 
 def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:

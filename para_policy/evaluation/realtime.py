@@ -41,10 +41,11 @@ from para_policy.policy import LowdimPolicy, PolicyOutput
 from para_policy.samplers import SamplerConfig
 
 #: per-episode Controller statistics added to a record (``switch_discontinuity_*`` in the task's action unit);
-#: ``idle_steps`` is None on the wall clock; the wall clock adds :data:`WALL_FIELDS`
+#: ``idle_steps`` is None on the wall clock; the wall clock adds :data:`WALL_FIELDS`, and ``controller.extend_plan``
+#: adds ``extended_steps``
 CONTROLLER_FIELDS = ("stalls", "switches", "switch_discontinuity_mean", "switch_discontinuity_max", "steps_in_flight",
                      "idle_steps", "delay_used_mean", "delay_used_max")
-WALL_FIELDS = ("late_steps", "stall_wait_ms_max", "chunk_latency_ms_p50", "chunk_latency_ms_max")
+WALL_FIELDS = ("late_steps", "stall_wait_ms_max", "chunk_latency_ms_p50", "chunk_latency_ms_max", "deadline_misses")
 
 
 class KeyedNoisePolicy:
@@ -90,14 +91,23 @@ class KeyedNoisePolicy:
 
 def make_controller(policy: LowdimPolicy | KeyedNoisePolicy, spec: SamplerConfig, settings: ControllerSettings,
                     seed: int = 0) -> Controller:
-    """The Controller ``settings`` describe, sampling with ``spec`` (whose window is already resolved)."""
+    """The Controller ``settings`` describe, sampling with ``spec`` (whose window is already resolved).
+
+    ``settings.deadline_ms`` applies to Picard samplers only: the sequential baseline runs every step.
+    """
+    deadline = settings.deadline_ms if spec.iterative else None
     return Controller(policy, sampler=spec, mode=settings.mode, clock=settings.clock, period_s=settings.period_s,
                       delay_steps=None if settings.mode == "sync" else settings.delay_steps, seed=seed,
-                      prefix_mode=settings.prefix_mode or "clean", soft_masking=settings.soft_masking is not False)
+                      prefix_mode=settings.prefix_mode or "clean", soft_masking=settings.soft_masking is not False,
+                      deadline_ms=deadline, extend_plan=settings.extend_plan)
 
 
-def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None) -> dict[str, Any]:
-    """An episode's :data:`CONTROLLER_FIELDS` (wall clock: and :data:`WALL_FIELDS`) from ``Controller.stats()``."""
+def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None,
+                      deadline_misses: int | None = None) -> dict[str, Any]:
+    """An episode's :data:`CONTROLLER_FIELDS` (wall clock: and :data:`WALL_FIELDS`) from ``Controller.stats()``.
+
+    ``deadline_misses``: the chunks that took over the queue and were stopped at the deadline.
+    """
     jump, delay = stats["switch_discontinuity"], stats["delay_used"]
     out: dict[str, Any] = {
         "stalls": int(stats["stalls"]),
@@ -109,10 +119,12 @@ def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None) -
         "delay_used_mean": delay["mean"],
         "delay_used_max": None if delay["max"] is None else int(delay["max"]),
     }
+    if stats.get("extend_plan"):
+        out["extended_steps"] = int(stats["extended_steps"])
     if stats["clock"] == "wall":
         out.update(late_steps=late_steps, stall_wait_ms_max=stats["stall_wait_ms"]["max"],
                    chunk_latency_ms_p50=stats["chunk_latency_ms"]["p50"],
-                   chunk_latency_ms_max=stats["chunk_latency_ms"]["max"])
+                   chunk_latency_ms_max=stats["chunk_latency_ms"]["max"], deadline_misses=deadline_misses)
     return out
 
 
@@ -214,7 +226,8 @@ def run_controller_rollouts(
             slot.chunk_obs = [o for o, _ in inputs]
             slot.chunk_guess = [g for _, g in inputs]
             rec = _episode_record(slot, error, record_obs and bool(inputs))
-            rec.update(controller_fields(controller.stats(), late if period is not None else None))
+            rec.update(controller_fields(controller.stats(), late if period is not None else None,
+                                         sum(r.deadline_hit for r in looped)))
             records[int(seed)] = rec
             if slot.frames is not None and error is None:
                 video = slot.frames

@@ -17,8 +17,8 @@
         latency {ms_per_chunk, ms_per_action, rounds_per_chunk, model_evals_per_chunk} | null,
         controller {episodes, stalls, stalls_per_episode, switches, switch_discontinuity_mean,
                     switch_discontinuity_max, steps_in_flight, steps_in_flight_fraction, idle_steps,
-                    delay_used_mean, delay_used_max[, late_steps, stall_wait_ms_max,
-                    chunk_latency_ms_p50, chunk_latency_ms_max]} | null }}
+                    delay_used_mean, delay_used_max, extended_steps[, late_steps, stall_wait_ms_max,
+                    chunk_latency_ms_p50, chunk_latency_ms_max, deadline_misses]} | null }}
                                              # 'controller' only where the run was not sync on the
                                              # steps clock (the batched loop); the episodes then
                                              # carry the Controller's per-episode statistics
@@ -80,6 +80,8 @@ CONTROLLER_ROWS: list[tuple[str, str, str]] = [
     ("idle steps (simulated)", "controller.idle_steps", "{:d}"),
     ("delay used mean (steps)", "controller.delay_used_mean", "{:.2f}"),
     ("late steps (wall clock)", "controller.late_steps", "{:d}"),
+    ("chunks stopped at the deadline", "controller.deadline_misses", "{:d}"),
+    ("steps run past n_action_steps (extend_plan)", "controller.extended_steps", "{:d}"),
 ]
 RATIO_KEYS: dict[str, str] = {
     "mean_score": "mean_score",
@@ -167,13 +169,15 @@ def summarize_controller(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any
         "steps_in_flight_fraction": total("steps_in_flight") / steps if steps else None,
         "idle_steps": total("idle_steps"),
         "delay_used_mean": sum(m * n for m, n in delays) / chunks if chunks else None,
+        "extended_steps": total("extended_steps") if any("extended_steps" in e for e in ok) else None,
         "delay_used_max": max((e["delay_used_max"] for e in ok if e.get("delay_used_max") is not None), default=None),
     }
     if any("late_steps" in e for e in ok):
         waits = [e["stall_wait_ms_max"] for e in ok if e.get("stall_wait_ms_max") is not None]
         p50 = [e["chunk_latency_ms_p50"] for e in ok if e.get("chunk_latency_ms_p50") is not None]
         lat_max = [e["chunk_latency_ms_max"] for e in ok if e.get("chunk_latency_ms_max") is not None]
-        out.update(late_steps=total("late_steps"), stall_wait_ms_max=max(waits) if waits else None,
+        out.update(late_steps=total("late_steps"), deadline_misses=total("deadline_misses"),
+                   stall_wait_ms_max=max(waits) if waits else None,
                    chunk_latency_ms_p50=float(np.median(p50)) if p50 else None,
                    chunk_latency_ms_max=max(lat_max) if lat_max else None)
     return out

@@ -348,6 +348,7 @@ def evaluate(
     task = task_settings(cfg)
     opts = _eval_settings(cfg)
     ctl = controller_settings(cfg, task)
+    ctl.check_sampler(candidate)
     shards = cluster_settings(cfg)  # +cluster=ray: the episodes on Ray workers (.cluster)
     if not cfg.get("checkpoint"):
         if task.checkpoint_asset is None:
@@ -589,6 +590,8 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
         "steps_in_flight_fraction": "controller.steps_in_flight_fraction",
         "idle_steps": "controller.idle_steps",
         "late_steps": "controller.late_steps",
+        "deadline_misses": "controller.deadline_misses",
+        "extended_steps": "controller.extended_steps",
     }
     for role, s in results["samplers"].items():
         for name, path in paths.items():

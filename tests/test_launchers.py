@@ -8,8 +8,9 @@
   results must equal a single-process run's, episode for episode, even when a worker is killed with
   ``ray.kill`` while it runs a unit; a bad cluster config is refused before anything runs.
 
-Everything uses the tiny random-weight policy of test_eval.py. Needs the ``[cluster]`` extra; the
-tests that run Ray or submitit skip without it.
+Everything uses the tiny random-weight policy of test_eval.py. Needs the ``[cluster]`` extra (part of
+``[test]``); the tests that run Ray or submitit skip without it, and the Ray ones where a local instance
+does not start.
 """
 
 from __future__ import annotations

@@ -102,12 +102,8 @@ def make_controller(policy: LowdimPolicy | KeyedNoisePolicy, spec: SamplerConfig
                       deadline_ms=deadline, extend_plan=settings.extend_plan)
 
 
-def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None,
-                      deadline_misses: int | None = None) -> dict[str, Any]:
-    """An episode's :data:`CONTROLLER_FIELDS` (wall clock: and :data:`WALL_FIELDS`) from ``Controller.stats()``.
-
-    ``deadline_misses``: the chunks that took over the queue and were stopped at the deadline.
-    """
+def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None) -> dict[str, Any]:
+    """An episode's :data:`CONTROLLER_FIELDS` (wall clock: and :data:`WALL_FIELDS`) from ``Controller.stats()``."""
     jump, delay = stats["switch_discontinuity"], stats["delay_used"]
     out: dict[str, Any] = {
         "stalls": int(stats["stalls"]),
@@ -124,7 +120,8 @@ def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None,
     if stats["clock"] == "wall":
         out.update(late_steps=late_steps, stall_wait_ms_max=stats["stall_wait_ms"]["max"],
                    chunk_latency_ms_p50=stats["chunk_latency_ms"]["p50"],
-                   chunk_latency_ms_max=stats["chunk_latency_ms"]["max"], deadline_misses=deadline_misses)
+                   chunk_latency_ms_max=stats["chunk_latency_ms"]["max"],
+                   deadline_misses=int(stats["deadline_misses"]))
     return out
 
 
@@ -226,8 +223,7 @@ def run_controller_rollouts(
             slot.chunk_obs = [o for o, _ in inputs]
             slot.chunk_guess = [g for _, g in inputs]
             rec = _episode_record(slot, error, record_obs and bool(inputs))
-            rec.update(controller_fields(controller.stats(), late if period is not None else None,
-                                         sum(r.deadline_hit for r in looped)))
+            rec.update(controller_fields(controller.stats(), late if period is not None else None))
             records[int(seed)] = rec
             if slot.frames is not None and error is None:
                 video = slot.frames

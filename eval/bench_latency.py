@@ -665,6 +665,7 @@ def to_markdown(data: dict[str, Any]) -> str:
     schedules = meta["schedules"]
     lines = ["# Latency per schedule on a recorded PushT control stream (batch 1)", "",
              f"Command: `{meta['command']}`", "",
+             *[f"Scores added by: `{c}`" + "\n" for c in meta.get("score_commands", [])],
              machine_line(meta["machine"], meta.get("load_before")) + f" Checkpoint: `{meta['checkpoint']}`.", "",
              f"Stream: {meta['n_chunks']} chunks from {meta['episodes']} PushT episodes (env seeds {meta['seeds']}) "
              f"rolled out with sequential DDPM-100; the windows were resolved on {meta['n_calibration_chunks']} chunks "
@@ -919,6 +920,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.scores:  # add (or resume) scores of the earlier run's rows, without timing anything again
             data["scores"] = {**data.get("scores", {}),
                               **scores_for(load_policy(args.checkpoint), data["rows"], args, out)}
+            command = "python eval/bench_latency.py " + " ".join(argv)
+            added = data["meta"].setdefault("score_commands", [])
+            if command not in added:
+                added.append(command)
         print(write_report(data, out))
         return
     if args.threads:

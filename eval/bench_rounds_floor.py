@@ -19,6 +19,13 @@ Rounds (sequential model calls per chunk) carry over to any hardware, so the que
    (T·D)×(T·D) matrix per step). No sampler can know that Jacobian before sampling (it costs
    T·D backward passes per step, and it is taken at the answer), so its rounds are a floor
    for the Picard family under the same convergence test and warm start, not a method.
+5. **Leads that a sampler could use** (issue 13's), each on the same noise and warm start:
+   richer Jacobians that *are* known before sampling, in the Newton iteration of 4: the mean
+   of each step's exact Jacobian over calibration chunks of other episodes (a fixed matrix per
+   step, found once, as a window is), and the previous chunk's exact Jacobians (a Broyden or
+   Anderson estimate of x0 over the window can at best approach these); and the default
+   sampler warm-started from the previous chunk's clean-sample prediction at *every* step,
+   shifted, instead of its final sample.
 
     python eval/bench_rounds_floor.py
     python eval/bench_rounds_floor.py --episodes 1 --max-chunks 3 --schedules ddim10 --out /tmp/floor.md
@@ -40,6 +47,7 @@ from para_policy.checkpoints import atomic_write
 from para_policy.evaluation.rollout import seed_for
 from para_policy.policy import LowdimPolicy, load_policy
 from para_policy.samplers import PRESETS, draw_noise, picard_sample, sampler_spec, shift_trajectory, warm_start_init
+from para_policy.samplers.picard import linear_recurrence
 from para_policy.schedule import Schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +58,7 @@ CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 OUT = ROOT / "eval" / "results" / "bench_rounds_floor.md"
 REPLAY_STREAM = 13  # noise-key stream of the replays
 SPREAD_STREAM = 17  # a second noise draw of the same observation
+CALIBRATION_STREAM = 19  # noise of the calibration chunks (mean Jacobians)
 
 
 def parse_schedule(name: str) -> tuple[str, int]:
@@ -62,15 +71,34 @@ def parse_schedule(name: str) -> tuple[str, int]:
 
 @torch.inference_mode()
 def sequential_states(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
-                      cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequential loop, keeping every step's input: ``(sample (1,T,D), inputs (S,T,D))``."""
-    x, inputs = x_T, []
+                      cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequential loop, keeping every step's input and clean-sample prediction.
+
+    Returns ``(sample (1,T,D), inputs (S,T,D), x0 predictions (S,T,D))``.
+    """
+    x, inputs, x0s = x_T, [], []
     for k in range(sched.num_steps):
         inputs.append(x[0])
         kr = torch.full((1,), k, dtype=torch.long)
         out = policy.denoise(x, sched.timesteps[kr], cond)
+        x0s.append(sched.predict_x0(x, kr, out)[0])
         x = sched.step_mean(x, kr, out) + sched.noise_std[k] * noise[:, k]
-    return x, torch.stack(inputs)
+    return x, torch.stack(inputs), torch.stack(x0s)
+
+
+@torch.inference_mode()
+def per_step_init(sched: Schedule, x0_steps: torch.Tensor, x_T: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """:func:`warm_start_init` with a clean-sample guess per step: ``x0_steps`` (S, T, D) → init (1, S, T, D).
+
+    Step ``k`` of the initial iterate takes its model output as implied by ``x0_steps[k]``.
+    """
+    S = sched.num_steps
+    x0 = x0_steps.clamp(-sched.clip_sample_range, sched.clip_sample_range) if sched.clip_sample else x0_steps
+    k = torch.arange(S)
+    zeros = torch.zeros_like(x0)
+    drive = sched.step_mean(zeros, k, sched.output_for_x0(zeros, k, x0))[None]
+    drive = drive + sched.noise_std.view(1, S, 1, 1).to(drive.dtype) * noise
+    return linear_recurrence(sched.linear_coeff().to(x_T.dtype)[None], x_T, drive)
 
 
 def step_jacobians(policy: LowdimPolicy, sched: Schedule, inputs: torch.Tensor, cond: torch.Tensor | None
@@ -130,9 +158,25 @@ def newton_rounds(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, nois
     return traj[S].view(1, T, D), rounds
 
 
+def calibrated_jacobians(policy: LowdimPolicy, sched: Schedule, chunks: list[dict[str, Any]], noise_seed: int
+                         ) -> torch.Tensor | None:
+    """``(S, TD, TD)``: each step's exact Jacobian, mean over the sequential samples of ``chunks`` (or None)."""
+    shape = policy.trajectory_shape(1)
+    total = None
+    for ch in chunks:
+        cond, _ = policy.conditioning(torch.from_numpy(ch["obs"])[None])
+        g = torch.Generator().manual_seed(seed_for(CALIBRATION_STREAM, noise_seed, ch["episode"], ch["chunk"]))
+        x_T, noise = draw_noise(sched, shape, g)
+        _, inputs, _ = sequential_states(policy, sched, x_T, noise, cond)
+        jac = step_jacobians(policy, sched, inputs, cond)
+        total = jac if total is None else total + jac
+    return None if total is None else total / len(chunks)
+
+
 def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: str, tolerance: float,
-            max_report_rounds: int, newton: bool, noise_seed: int) -> dict[str, Any]:
-    """Every measurement of the module docstring on one schedule."""
+            max_report_rounds: int, newton: bool, noise_seed: int,
+            calibration: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every measurement of the module docstring on one schedule (the Jacobian leads need ``newton``)."""
     from tqdm import tqdm
 
     kind, steps = parse_schedule(schedule_name)
@@ -147,23 +191,28 @@ def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: s
     def px(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((executed(a) - executed(b)).abs().max())
 
-    rec: dict[str, list] = {"guess": [], "spread": [], "rounds": [], "dev": [], "newton": [], "newton_dev": []}
+    mean_jac = calibrated_jacobians(policy, sched, calibration or [], noise_seed) if newton else None
+    rec: dict[str, list] = {key: [] for key in ("guess", "spread", "rounds", "dev", "newton", "newton_dev",
+                                                "x0_steps", "x0_steps_dev", "calibrated", "calibrated_dev",
+                                                "previous", "previous_dev")}
     per_round: dict[int, list[float]] = {r: [] for r in range(1, max_report_rounds + 1)}
-    previous: dict[int, torch.Tensor] = {}
+    previous: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     for ch in tqdm(chunks, desc=schedule_name, unit="chunk"):
         obs = torch.from_numpy(ch["obs"])[None]
         cond, _ = policy.conditioning(obs)
         g = torch.Generator().manual_seed(seed_for(REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
         x_T, noise = draw_noise(sched, shape, g)
-        ref, inputs = sequential_states(policy, sched, x_T, noise, cond)
+        ref, inputs, x0s = sequential_states(policy, sched, x_T, noise, cond)
+        jac = step_jacobians(policy, sched, inputs, cond) if newton else None
         before = previous.get(ch["episode"]) if ch["chunk"] > 0 else None
-        previous[ch["episode"]] = ref
+        previous[ch["episode"]] = (ref, x0s, jac)
         if before is None:  # the first chunk of an episode has no warm start: left out of every row
             continue
-        guess = shift_trajectory(before, Na)
+        before_ref, before_x0s, before_jac = before
+        guess = shift_trajectory(before_ref, Na)
         init = warm_start_init(sched, guess, x_T, noise)
         g2 = torch.Generator().manual_seed(seed_for(SPREAD_STREAM, noise_seed, ch["episode"], ch["chunk"]))
-        other, _ = sequential_states(policy, sched, *draw_noise(sched, shape, g2), cond)
+        other, _, _ = sequential_states(policy, sched, *draw_noise(sched, shape, g2), cond)
         rec["guess"].append(px(guess, ref))
         rec["spread"].append(px(other, ref))
         out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
@@ -175,13 +224,20 @@ def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: s
                 policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance, condition=cond, init=init,
                 max_iterations=r, **options)[0]
             per_round[r].append(px(early, ref))
+        step_init = per_step_init(sched, shift_trajectory(before_x0s, Na), x_T, noise)
+        out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
+                                   condition=cond, init=step_init, **options)
+        rec["x0_steps"].append(stats.rounds)
+        rec["x0_steps_dev"].append(px(out, ref))
         if newton:
-            jac = step_jacobians(policy, sched, inputs, cond)
-            out, rounds = newton_rounds(policy, sched, x_T, noise, cond, jac, init, tolerance)
-            rec["newton"].append(rounds)
-            rec["newton_dev"].append(px(out, ref))
+            for key, linearization in (("newton", jac), ("calibrated", mean_jac), ("previous", before_jac)):
+                if linearization is None:
+                    continue
+                out, rounds = newton_rounds(policy, sched, x_T, noise, cond, linearization, init, tolerance)
+                rec[key].append(rounds)
+                rec[key + "_dev"].append(px(out, ref))
     return {"schedule": schedule_name, "S": S, "chunks": len(rec["rounds"]), "records": rec,
-            "per_round": per_round}
+            "per_round": per_round, "calibration_chunks": len(calibration or []) if newton else 0}
 
 
 def mean_max(values: list[float]) -> str:
@@ -222,7 +278,31 @@ def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "chunk, so the first round starts tens of pixels off and the iteration, not the guess, has to close "
         "the gap. The Newton floor uses each step's exact Jacobian at the answer (an oracle): the Picard "
         "family with this warm start and this convergence test does not go below it.",
+        "",
+        "## Leads a sampler could use",
+        "",
+        f"Same chunks, noise and convergence test. Mean Jacobian: each step's exact Jacobian averaged over "
+        f"{meta['calibration']}, fixed before sampling (as a window is), in the Newton iteration of the floor. "
+        "Previous chunk's Jacobian: that chunk's exact Jacobians at its own sequential sample, in the same "
+        "iteration (what a Broyden or Anderson estimate carried over from the previous chunk could at best "
+        "know). Per-step warm start: the default sampler started from the previous chunk's clean-sample "
+        "prediction at every step, shifted, instead of its final sample. Rounds mean / max; deviation (px) "
+        "mean / max over chunks.",
+        "",
+        "| schedule | default rounds | default dev | per-step warm start rounds | its dev | mean Jacobian rounds "
+        "| its dev | previous chunk's Jacobian rounds | its dev | Newton floor rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def rounds(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} / {max(values)}" if values else "not run"
+
+    for res in results:
+        rec = res["records"]
+        lines.append(
+            f"| {res['schedule']} | {rounds(rec['rounds'])} | {mean_max(rec['dev'])} | {rounds(rec['x0_steps'])} | "
+            f"{mean_max(rec['x0_steps_dev'])} | {rounds(rec['calibrated'])} | {mean_max(rec['calibrated_dev'])} | "
+            f"{rounds(rec['previous'])} | {mean_max(rec['previous_dev'])} | {rounds(rec['newton'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=3, help="episodes of the observation stream")
     parser.add_argument("--max-chunks", type=int, default=6, help="chunks per episode at most")
     parser.add_argument("--seed-start", type=int, default=100000, help="env seed of the first episode")
+    parser.add_argument("--calibration-episodes", type=int, default=3,
+                        help="episodes (other env seeds) whose Jacobians are averaged for the mean-Jacobian lead")
+    parser.add_argument("--calibration-seed-start", type=int, default=100020,
+                        help="env seed of the first calibration episode")
     parser.add_argument("--schedules", nargs="+", default=["ddpm100", "ddim16", "ddim10"])
     parser.add_argument("--tolerance", type=float, default=float(PRESETS["paradigms"]["options"]["tolerance"]))
     parser.add_argument("--report-rounds", type=int, default=4, help="deviation after 1 … this many rounds")
@@ -245,16 +329,27 @@ def main(argv: list[str] | None = None) -> None:
         parse_schedule(name)
     torch.set_num_threads(args.threads)
     policy = load_policy(args.checkpoint)
+    seeds = set(range(args.seed_start, args.seed_start + args.episodes))
+    calibration_seeds = range(args.calibration_seed_start, args.calibration_seed_start + args.calibration_episodes)
+    if not args.no_newton and seeds & set(calibration_seeds):
+        raise SystemExit("--calibration-seed-start: the calibration episodes must not share env seeds with the "
+                         f"replayed ones ({args.seed_start}-{args.seed_start + args.episodes - 1})")
     chunks = record_stream(policy, args.episodes, args.max_chunks, args.seed_start, 10, args.noise_seed)
+    calibration = [] if args.no_newton else record_stream(
+        policy, args.calibration_episodes, args.max_chunks, args.calibration_seed_start, 10, args.noise_seed)
     results = [measure(policy, chunks, name, args.tolerance, args.report_rounds, not args.no_newton,
-                       args.noise_seed) for name in args.schedules]
+                       args.noise_seed, calibration) for name in args.schedules]
     try:
         shown = Path(args.checkpoint).resolve().relative_to(ROOT)
     except ValueError:
         shown = Path(args.checkpoint)
+    last_calibration = args.calibration_seed_start + args.calibration_episodes - 1
     meta = {"command": "python eval/bench_rounds_floor.py " + " ".join(argv), "checkpoint": shown,
             "episodes": args.episodes, "seeds": f"{args.seed_start}-{args.seed_start + args.episodes - 1}",
-            "max_chunks": args.max_chunks, "tolerance": args.tolerance}
+            "max_chunks": args.max_chunks, "tolerance": args.tolerance,
+            "calibration": (f"{len(calibration)} chunks of {args.calibration_episodes} other episodes (env seeds "
+                            f"{args.calibration_seed_start}-{last_calibration})"
+                            if calibration else "no calibration chunks (--no-newton)")}
     md = to_markdown(results, meta)
     atomic_write(args.out, lambda p: Path(p).write_text(md))
     print(md)

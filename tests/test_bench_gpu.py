@@ -91,6 +91,17 @@ def test_bench_latency_tiny_run_reports_each_schedule_and_caches_its_scores(eval
     # the report re-renders from its JSON alone
     bench.main(["--report-only", str(out / "bench_latency.json")])
     assert (out / "bench_latency.md").read_text() == md
+    # scores added to it later (here from the cache) are said so, with their command, once
+    later = ["--report-only", str(out / "bench_latency.json"), "--scores", "--score-episodes", "1",
+             "--score-max-steps", "24", "--score-envs", "1"]
+    bench.main(later)
+    bench.main(later)
+    added = (out / "bench_latency.md").read_text()
+    assert added.count("Scores added by: `python eval/bench_latency.py --report-only") == 1
+    rescored = json.loads((out / "bench_latency.json").read_text())["scores"]
+    assert {n: sc["mean_score"] for n, sc in rescored.items()} == {
+        n: sc["mean_score"] for n, sc in data["scores"].items()}
+    assert all(sc["computed"] == 0 for sc in rescored.values())  # from the cache
 
     # a rerun reuses a cached score; another setting recomputes it
     from para_policy.evaluation import rollout

@@ -116,7 +116,8 @@ def step_jacobians(policy: LowdimPolicy, sched: Schedule, inputs: torch.Tensor, 
             out = policy.denoise(x[None], sched.timesteps[kr], cond)
             return (sched.step_mean(x[None], kr, out) - a[k] * x[None])[0]
 
-        mats.append(jacrev(g)(inputs[k].clone()).reshape(T * D, T * D))
+        with torch.no_grad():  # no graph back to the weights (it would keep every step's activations)
+            mats.append(jacrev(g)(inputs[k].clone()).reshape(T * D, T * D).detach())
     return torch.stack(mats)
 
 

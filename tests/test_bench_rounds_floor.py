@@ -65,6 +65,7 @@ def test_newton_iteration_keeps_the_sequential_fixed_point_for_exact_and_for_wro
     _, inputs, _ = floor.sequential_states(policy, sched, x_T, noise, cond)
     exact = floor.step_jacobians(policy, sched, inputs, cond)
     assert exact.shape == (S, ref[0].numel(), ref[0].numel()) and bool(exact.abs().sum() > 0)
+    assert not exact.requires_grad  # no graph kept back to the weights
     wrong = 0.5 * exact.flip(0)  # another step's Jacobian, scaled: a poor linearization
     for jac in (exact, wrong, torch.zeros_like(exact)):
         out, rounds = floor.newton_rounds(policy, sched, x_T, noise, cond, jac, None, 0.0)

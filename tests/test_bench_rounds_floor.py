@@ -68,9 +68,10 @@ def test_newton_iteration_keeps_the_sequential_fixed_point_for_exact_and_for_wro
     assert not exact.requires_grad  # no graph kept back to the weights
     wrong = 0.5 * exact.flip(0)  # another step's Jacobian, scaled: a poor linearization
     for jac in (exact, wrong, torch.zeros_like(exact)):
-        out, rounds = floor.newton_rounds(policy, sched, x_T, noise, cond, jac, None, 0.0)
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
-        assert 1 <= rounds <= S
+        for secant in (False, True):
+            out, rounds = floor.newton_rounds(policy, sched, x_T, noise, cond, jac, None, 0.0, secant)
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+            assert 1 <= rounds <= S
     # the exact Jacobian at the answer converges in fewer rounds than the linear solve alone (J = 0)
     loose = {name: floor.newton_rounds(policy, sched, x_T, noise, cond, jac, None, 0.02)[1]
              for name, jac in (("exact", exact), ("none", torch.zeros_like(exact)))}
@@ -84,7 +85,7 @@ def test_floor_benchmark_reports_every_lead(floor, tmp_path):
     md = out.read_text()
     assert "## Leads a sampler could use" in md
     row = next(line for line in md.splitlines() if line.startswith("| ddim8 |") and "not run" not in line
-               and line.count("|") == 11)
+               and line.count("|") == 13)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert all(cells[1:]), row  # every lead measured
     with pytest.raises(SystemExit, match="calibration"):

@@ -22,10 +22,11 @@ Rounds (sequential model calls per chunk) carry over to any hardware, so the que
 5. **Leads that a sampler could use** (issue 13's), each on the same noise and warm start:
    richer Jacobians that *are* known before sampling, in the Newton iteration of 4: the mean
    of each step's exact Jacobian over calibration chunks of other episodes (a fixed matrix per
-   step, found once, as a window is), and the previous chunk's exact Jacobians (a Broyden or
-   Anderson estimate of x0 over the window can at best approach these); and the default
-   sampler warm-started from the previous chunk's clean-sample prediction at *every* step,
-   shifted, instead of its final sample.
+   step, found once, as a window is: ``mean_step_jacobians``), and the previous chunk's exact
+   Jacobians (a Broyden or Anderson estimate of x0 over the window can at best approach these);
+   the default sampler with that mean Jacobian in its solve (``picard_sample(jacobian=...)``,
+   its secant on what the Jacobian leaves over); and the default sampler warm-started from the
+   previous chunk's clean-sample prediction at *every* step, shifted, instead of its final sample.
 
     python eval/bench_rounds_floor.py
     python eval/bench_rounds_floor.py --episodes 1 --max-chunks 3 --schedules ddim10 --out /tmp/floor.md
@@ -46,7 +47,16 @@ import torch
 from para_policy.checkpoints import atomic_write
 from para_policy.evaluation.rollout import seed_for
 from para_policy.policy import LowdimPolicy, load_policy
-from para_policy.samplers import PRESETS, draw_noise, picard_sample, sampler_spec, shift_trajectory, warm_start_init
+from para_policy.samplers import (
+    PRESETS,
+    draw_noise,
+    mean_step_jacobians,
+    picard_sample,
+    sampler_spec,
+    shift_trajectory,
+    step_jacobians,
+    warm_start_init,
+)
 from para_policy.samplers.picard import linear_recurrence
 from para_policy.schedule import Schedule
 
@@ -101,48 +111,23 @@ def per_step_init(sched: Schedule, x0_steps: torch.Tensor, x_T: torch.Tensor, no
     return linear_recurrence(sched.linear_coeff().to(x_T.dtype)[None], x_T, drive)
 
 
-def step_jacobians(policy: LowdimPolicy, sched: Schedule, inputs: torch.Tensor, cond: torch.Tensor | None
-                   ) -> torch.Tensor:
-    """``(S, TD, TD)``: the Jacobian of each step's nonlinear part ``g_k(x) = step_mean − a_k x`` at ``inputs[k]``."""
-    from torch.func import jacrev
-
-    S, T, D = inputs.shape
-    a = sched.linear_coeff()
-    mats = []
-    for k in range(S):
-        kr = torch.full((1,), k, dtype=torch.long)
-
-        def g(x: torch.Tensor, k: int = k, kr: torch.Tensor = kr) -> torch.Tensor:
-            out = policy.denoise(x[None], sched.timesteps[kr], cond)
-            return (sched.step_mean(x[None], kr, out) - a[k] * x[None])[0]
-
-        with torch.no_grad():  # no graph back to the weights (it would keep every step's activations)
-            mats.append(jacrev(g)(inputs[k].clone()).reshape(T * D, T * D).detach())
-    return torch.stack(mats)
-
-
 @torch.inference_mode()
 def newton_rounds(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
-                  cond: torch.Tensor | None, jac: torch.Tensor, init: torch.Tensor | None, tolerance: float,
-                  secant: bool = False) -> tuple[torch.Tensor, int]:
+                  cond: torch.Tensor | None, jac: torch.Tensor, init: torch.Tensor | None, tolerance: float
+                  ) -> tuple[torch.Tensor, int]:
     """Picard at a full window with step ``k`` linearized by ``jac[k]``: ``x_{k+1} = (a_k + J_k) x_k + h_k``.
 
     Same fixed point and the same convergence test as :func:`picard_sample` (change of each
-    point within ``tolerance · σ_k``, the window sliding past leading converged points).
-    ``secant``: also move the slope ``μ_k`` of what ``J_k`` leaves over (``g_k(x) − J_k x``)
-    along the step's last change into the solve, as the default's secant does with ``J = 0``
-    (kept within ±0.5). Returns ``(sample (1,T,D), rounds)``.
+    point within ``tolerance · σ_k``, the window sliding past leading converged points), without
+    its secant. Returns ``(sample (1,T,D), rounds)``.
     """
     S, (_, T, D) = sched.num_steps, x_T.shape
     a = sched.linear_coeff()
-    eye = torch.eye(T * D)
-    coeff = a.view(S, 1, 1) * eye + jac
+    coeff = a.view(S, 1, 1) * torch.eye(T * D) + jac
     threshold = tolerance ** 2 * sched.test_variance()
     traj = torch.empty(S + 1, T * D)
     traj[0] = x_T.reshape(-1)
     traj[1:] = x_T.reshape(-1) if init is None else init.reshape(S, T * D)
-    seen_x, seen_r = torch.zeros(S, T * D), torch.zeros(S, T * D)
-    seen = torch.zeros(S, dtype=torch.bool)
     begin, rounds = 0, 0
     while begin < S:
         rounds += 1
@@ -151,17 +136,11 @@ def newton_rounds(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, nois
         rows = x_in.view(-1, T, D)
         out = policy.denoise(rows, sched.timesteps[ks], None if cond is None else cond.expand(len(ks), -1))
         g = (sched.step_mean(rows, ks, out) - a[ks].view(-1, 1, 1) * rows).reshape(len(ks), -1)
-        rest = g - torch.einsum("kij,kj->ki", jac[ks], x_in)  # what the linearization leaves over
-        mu = torch.zeros(len(ks))
-        if secant:
-            dx, dr = x_in - seen_x[ks], rest - seen_r[ks]
-            dx2 = dx.pow(2).sum(-1)
-            mu = torch.where(seen[ks] & (dx2 > 0), (dr * dx).sum(-1) / dx2.clamp(min=1e-30), 0.0).clamp(-0.5, 0.5)
-            seen_x[ks], seen_r[ks], seen[ks] = x_in, rest, True
-        h = rest - mu[:, None] * x_in + (sched.noise_std[ks].view(-1, 1, 1) * noise[0, ks]).reshape(len(ks), -1)
+        h = g + (sched.noise_std[ks].view(-1, 1, 1) * noise[0, ks]).reshape(len(ks), -1)
+        h = h - torch.einsum("kij,kj->ki", jac[ks], x_in)
         x, new = traj[begin].clone(), torch.empty_like(x_in)
         for i, k in enumerate(ks.tolist()):
-            x = (coeff[k] + mu[i] * eye) @ x + h[i]
+            x = coeff[k] @ x + h[i]
             new[i] = x
         converged = (new - traj[ks + 1]).pow(2).mean(-1) <= threshold[ks]
         converged[0] = True
@@ -172,17 +151,18 @@ def newton_rounds(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, nois
 
 def calibrated_jacobians(policy: LowdimPolicy, sched: Schedule, chunks: list[dict[str, Any]], noise_seed: int
                          ) -> torch.Tensor | None:
-    """``(S, TD, TD)``: each step's exact Jacobian, mean over the sequential samples of ``chunks`` (or None)."""
+    """``(S, TD, TD)``: :func:`mean_step_jacobians` over the sequential samples of ``chunks`` (None: no chunks)."""
+    if not chunks:
+        return None
     shape = policy.trajectory_shape(1)
-    total = None
+    conds, x_Ts, noises = [], [], []
     for ch in chunks:
-        cond, _ = policy.conditioning(torch.from_numpy(ch["obs"])[None])
+        conds.append(policy.conditioning(torch.from_numpy(ch["obs"])[None])[0])
         g = torch.Generator().manual_seed(seed_for(CALIBRATION_STREAM, noise_seed, ch["episode"], ch["chunk"]))
         x_T, noise = draw_noise(sched, shape, g)
-        _, inputs, _ = sequential_states(policy, sched, x_T, noise, cond)
-        jac = step_jacobians(policy, sched, inputs, cond)
-        total = jac if total is None else total + jac
-    return None if total is None else total / len(chunks)
+        x_Ts.append(x_T)
+        noises.append(noise)
+    return mean_step_jacobians(policy.denoise, sched, torch.cat(x_Ts), torch.cat(noises), torch.cat(conds))
 
 
 def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: str, tolerance: float,
@@ -216,7 +196,7 @@ def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: s
         g = torch.Generator().manual_seed(seed_for(REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
         x_T, noise = draw_noise(sched, shape, g)
         ref, inputs, x0s = sequential_states(policy, sched, x_T, noise, cond)
-        jac = step_jacobians(policy, sched, inputs, cond) if newton else None
+        jac = step_jacobians(policy.denoise, sched, inputs, cond) if newton else None
         before = previous.get(ch["episode"]) if ch["chunk"] > 0 else None
         previous[ch["episode"]] = (ref, x0s, jac)
         if before is None:  # the first chunk of an episode has no warm start: left out of every row
@@ -243,12 +223,15 @@ def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: s
         rec["x0_steps"].append(stats.rounds)
         rec["x0_steps_dev"].append(px(out, ref))
         if newton:
-            for key, linearization, secant in (("newton", jac, False), ("calibrated", mean_jac, False),
-                                               ("calibrated_secant", mean_jac, True),
-                                               ("previous", before_jac, False)):
+            if mean_jac is not None:  # the sampler itself: picard_sample(jacobian=...) with the preset's secant
+                out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
+                                           condition=cond, init=init, jacobian=mean_jac, **options)
+                rec["calibrated_secant"].append(stats.rounds)
+                rec["calibrated_secant_dev"].append(px(out, ref))
+            for key, linearization in (("newton", jac), ("calibrated", mean_jac), ("previous", before_jac)):
                 if linearization is None:
                     continue
-                out, rounds = newton_rounds(policy, sched, x_T, noise, cond, linearization, init, tolerance, secant)
+                out, rounds = newton_rounds(policy, sched, x_T, noise, cond, linearization, init, tolerance)
                 rec[key].append(rounds)
                 rec[key + "_dev"].append(px(out, ref))
     return {"schedule": schedule_name, "S": S, "chunks": len(rec["rounds"]), "records": rec,
@@ -300,8 +283,8 @@ def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['calibration']}, fixed before sampling (as a window is), in the Newton iteration of the floor. "
         "Previous chunk's Jacobian: that chunk's exact Jacobians at its own sequential sample, in the same "
         "iteration (what a Broyden or Anderson estimate carried over from the previous chunk could at best "
-        "know). Mean Jacobian + secant: the mean Jacobian, with the slope of what it leaves over along each "
-        "step's last change (the default's secant, one number per step) moved into the solve as well. "
+        "know). Mean Jacobian + secant: the default sampler with the mean Jacobian in its solve "
+        "(`picard_sample(jacobian=...)`), its secant estimating the slope of what that Jacobian leaves over. "
         "Per-step warm start: the default sampler started from the previous chunk's clean-sample "
         "prediction at every step, shifted, instead of its final sample. Rounds mean / max; deviation (px) "
         "mean / max over chunks.",

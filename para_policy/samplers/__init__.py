@@ -1,6 +1,7 @@
 """Samplers: plain functions ``(denoiser, schedule, x_T, noise, **options) -> (sample, stats)``, and their registry."""
 
 from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, diffuse_known, draw_noise
+from para_policy.samplers.jacobians import mean_step_jacobians, step_jacobians
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.registry import (
     FAMILIES,
@@ -27,10 +28,12 @@ __all__ = [
     "apply_inpaint",
     "diffuse_known",
     "draw_noise",
+    "mean_step_jacobians",
     "picard_sample",
     "sampler_spec",
     "sequential_sample",
     "shift_trajectory",
+    "step_jacobians",
     "taa_sample",
     "warm_start_init",
 ]

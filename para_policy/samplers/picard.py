@@ -96,6 +96,25 @@ def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor,
     return out
 
 
+def matrix_recurrence(m: torch.Tensor, x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """All of ``x_{w+1} = m_w x_w + g_w`` for w = 0 … W−1 from ``x_0``, with a matrix per step.
+
+    Args:
+        m: ``(B, W, N, N)`` with N = T·D (the flattened trajectory); x0: ``(B, T, D)``;
+        g: ``(B, W, T, D)``.
+    Returns:
+        ``(B, W, T, D)``: ``x_1 … x_W``, by a scan of W batched matrix-vector products.
+    """
+    B, W = m.shape[:2]
+    x = x0.reshape(B, -1, 1)
+    drive = g.reshape(B, W, -1, 1)
+    out = torch.empty_like(drive)
+    for w in range(W):
+        x = torch.baddbmm(drive[:, w], m[:, w], x)
+        out[:, w] = x
+    return out.view_as(g)
+
+
 @torch.inference_mode()
 def picard_sample(
     denoiser: Denoiser,
@@ -115,6 +134,7 @@ def picard_sample(
     accelerator: Accelerator | None = None,
     linear_solve: bool = False,
     secant: bool = False,
+    jacobian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Sample with Picard iterations; tolerance 0 reproduces :func:`sequential_sample`.
 
@@ -178,6 +198,14 @@ def picard_sample(
             crawls one step per round; with it the change goes through in the same round.
             Same fixed point for any ``μ`` (tolerance 0 is still exact); steps entering
             the window with no history use ``μ = 0``.
+        jacobian: with ``linear_solve``, ``(S, T·D, T·D)``: a fixed linearization ``J_k`` of each
+            step's nonlinear part ``g_k(x) = c_k x0(x)`` (e.g. its exact Jacobian averaged over
+            calibration samples, :func:`~para_policy.samplers.jacobians.mean_step_jacobians`),
+            moved into the solve as a matrix: ``x_{k+1} = (a_k + J_k) x_k + (g_k(x_k) − J_k x_k) +
+            σ_k z_k``, solved over the window by :func:`matrix_recurrence`. The secant's
+            one number then estimates the slope of what ``J_k`` leaves over (kept within ±0.5:
+            it corrects ``J_k``, it does not replace it). Same fixed point for any ``J_k``
+            (tolerance 0 is still exact). Not with soft inpaint weights.
         accelerator: a per-round hook (:class:`Accelerator`), e.g. ParaTAA's.
     Returns:
         ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S; ``stats.extra``
@@ -228,6 +256,15 @@ def picard_sample(
         seen_x = torch.zeros((B, S, T, D), device=device, dtype=x_T.dtype)
         seen_g = torch.zeros((B, S, T, D), device=device, dtype=x_T.dtype)
         seen = torch.zeros((B, S), dtype=torch.bool, device=device)
+    jac = None
+    if jacobian is not None:
+        if lin is None:
+            raise ValueError("jacobian needs linear_solve=True (it linearizes the linear solve's nonlinear part)")
+        if tuple(jacobian.shape) != (S, T * D, T * D):
+            raise ValueError(f"jacobian must have shape (S, T*D, T*D) = {(S, T * D, T * D)}, "
+                             f"got {tuple(jacobian.shape)}")
+        jac = jacobian.to(device=device, dtype=x_T.dtype)
+        eye = torch.eye(T * D, device=device, dtype=x_T.dtype)
     begin = torch.zeros(B, dtype=torch.long)  # x[b, begin[b]] is final
     done_round = torch.zeros(B, dtype=torch.long)
     offsets = torch.arange(W)
@@ -236,6 +273,9 @@ def picard_sample(
     known = None if inpaint is None else known_mask(inpaint[1])[:, None]  # (B, 1, T, D), for the convergence test
     soft = inpaint is not None and inpaint[1].dtype != torch.bool and bool(((inpaint[1] > 0) & (inpaint[1] < 1)).any())
     keep = keep_factors((1.0 - inpaint[1]).to(x_T.dtype), x_T.dtype) if soft else None  # for the linear solve
+    if soft and jac is not None:
+        raise ValueError("jacobian cannot be combined with soft inpaint weights (0 < weight < 1); "
+                         "use a bool mask or leave jacobian out")
     free_count = None if known is None else (~known).sum(dim=(-1, -2)).clamp(min=1)  # (B, 1)
     rounds = 0
     model_evals = 0
@@ -282,6 +322,8 @@ def picard_sample(
             # (soft inpaint weights w: x_k enters x_{k+1} as a_k (1 - w) x_k, solved exactly as well)
             keep_rows = 1.0 if keep is None else keep.factors[dev_b]
             g = sched.step_mean(x_in, dev_k, model_output) - lin[dev_k].view(-1, 1, 1) * keep_rows * x_rows
+            if jac is not None:  # what the fixed linearization leaves over
+                g = g - (jac[dev_k] @ x_rows.reshape(-1, T * D, 1)).view_as(g)
             coeff = torch.where(valid_dev, lin[k_dev], 1.0)  # (B, W)
             if secant:
                 # g_k(x) ≈ g_k(x') + μ_k (x − x') along the step's last change: move μ_k x into
@@ -293,12 +335,20 @@ def picard_sample(
                 dx2 = dx.pow(2).sum(dim=(-1, -2))
                 has_slope = seen[dev_b, dev_k] & (dx2 > 0)
                 mu = torch.where(has_slope, (dg * dx).sum(dim=(-1, -2)) / dx2.clamp(min=1e-30), 0.0)
-                mu = torch.minimum(mu.clamp(min=0.0), 1.0 - lin[dev_k])  # solved coefficient within [a_k, 1]
+                if jac is None:
+                    mu = torch.minimum(mu.clamp(min=0.0), 1.0 - lin[dev_k])  # solved coefficient within [a_k, 1]
+                else:
+                    mu = mu.clamp(-0.5, 0.5)
                 seen_x[dev_b, dev_k], seen_g[dev_b, dev_k], seen[dev_b, dev_k] = x_rows, g, True
                 g = g - mu.view(-1, 1, 1) * keep_rows * x_rows
                 coeff = coeff.index_put((dev_b, dev_w), coeff[dev_b, dev_w] + mu)
             drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
-            new = linear_recurrence(coeff, base, drift, keep)
+            if jac is None:
+                new = linear_recurrence(coeff, base, drift, keep)
+            else:  # slots past the end carry x unchanged (identity, no drive)
+                mats = eye.expand(B, W, T * D, T * D).clone()
+                mats[dev_b, dev_w] = coeff[dev_b, dev_w].view(-1, 1, 1) * eye + jac[dev_k]
+                new = matrix_recurrence(mats, base, drift)
         change = (new - old).pow(2)
         if known is None:
             error = change.mean(dim=(-1, -2))  # (B, W)

@@ -90,3 +90,20 @@ def test_floor_benchmark_reports_every_lead(floor, tmp_path):
     with pytest.raises(SystemExit, match="calibration"):
         floor.main(["--episodes", "1", "--calibration-seed-start", "100000", "--schedules", "ddim8",
                     "--out", str(tmp_path / "x.md")])
+
+
+def test_bench_jacobian_reports_each_variant(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        bench = importlib.import_module("bench_jacobian")
+    finally:
+        sys.path.remove(str(ROOT / "eval"))
+    md = bench.main(["--episodes", "1", "--replay-chunks", "2", "--calibration-episodes", "1", "--max-chunks", "1",
+                     "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "bj.md")])
+    assert (tmp_path / "bj.md").read_text() == md and "Mean Jacobian from 1 chunks" in md
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "×" in line}
+    assert set(rows) == {"default", "zero Jacobian", "mean Jacobian"}
+    with pytest.raises(SystemExit, match="calibration"):
+        bench.main(["--calibration-seed-start", "100000", "--out", str(tmp_path / "x.md")])

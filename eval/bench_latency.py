@@ -758,26 +758,35 @@ def _pyplot() -> Any:
 
 
 def plot_latency_vs_score(rows: Sequence[dict[str, Any]], scores: Mapping[str, Any], path: Path) -> Path | None:
-    """Mean score against median ms per chunk, one labeled marker per (schedule, sampler, backend)."""
+    """Mean score against median ms per chunk, one marker per (schedule, sampler, backend), keyed in a legend.
+
+    Colour: schedule; marker: sampler (o sequential, ^ ``paradigms``); filled: eager, hollow: another backend.
+    """
     points = [(r, row_score(scores, r)) for r in rows if row_score(scores, r) is not None]
     if not points:
         return None
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(dict.fromkeys(r["schedule"] for r, _ in points))}
-    offsets = ((4, 3), (4, -9), (-4, 9), (-4, -3))  # labels of equal scores apart
-    for i, (r, score) in enumerate(points):
+    for r, score in points:
         filled = r["runtime"] == REFERENCE_BACKEND
-        ax.scatter(r["ms_p50"], score, marker="o" if r["name"] == "sequential" else "^", s=40,
+        ax.scatter(r["ms_p50"], score, marker="o" if r["name"] == "sequential" else "^", s=45,
                    color=colors[r["schedule"]] if filled else "none", edgecolors=colors[r["schedule"]])
-        ax.annotate(f"{schedule_label(r['schedule'])} {r['name']} ({r['runtime']})", (r["ms_p50"], score),
-                    textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=6,
-                    ha="left" if offsets[i % len(offsets)][0] > 0 else "right")
+    backends = sorted({r["runtime"] for r, _ in points} - {REFERENCE_BACKEND})
+    handles = [Line2D([], [], marker="s", linestyle="", color=c, label=schedule_label(s)) for s, c in colors.items()]
+    handles += [Line2D([], [], marker="o", linestyle="", color="gray", label="sequential"),
+                Line2D([], [], marker="^", linestyle="", color="gray", label="paradigms"),
+                Line2D([], [], marker="o", linestyle="", color="gray", label=REFERENCE_BACKEND + " (filled)")]
+    if backends:
+        handles.append(Line2D([], [], marker="o", linestyle="", color="none", markeredgecolor="gray",
+                              label=", ".join(backends) + " (hollow)"))
+    ax.legend(handles=handles, fontsize=7, loc="best", frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("ms per chunk (median, batch 1)")
     ax.set_ylabel("mean score (closed loop)")
-    ax.set_title("PushT, shipped policy: latency against score (o sequential, ^ paradigms; hollow: not eager)",
-                 fontsize=8)
+    ax.set_title("PushT, shipped policy: latency against closed-loop score, per schedule", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=130))
     plt.close(fig)

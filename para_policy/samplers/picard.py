@@ -345,9 +345,8 @@ def picard_sample(
             drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
             if jac is None:
                 new = linear_recurrence(coeff, base, drift, keep)
-            else:  # slots past the end carry x unchanged (identity, no drive)
-                mats = eye.expand(B, W, T * D, T * D).clone()
-                mats[dev_b, dev_w] = coeff[dev_b, dev_w].view(-1, 1, 1) * eye + jac[dev_k]
+            else:  # slots past the end carry x unchanged (coefficient 1, no Jacobian, no drive)
+                mats = coeff.view(B, W, 1, 1) * eye + jac[k_dev] * valid_dev.view(B, W, 1, 1)
                 new = matrix_recurrence(mats, base, drift)
         change = (new - old).pow(2)
         if known is None:

@@ -31,10 +31,9 @@ sliding are Picard's.
 Faithfulness at a given tolerance: the test bounds the change F would still make, not
 the error. Plain Picard stops far inside that bound (its errors shrink by a factor per
 round, so the last change dwarfs what is left); the extrapolated iterates stop about at
-it. Measured on PushT (DDPM-100, window 100, tolerance 0.1): final per-step errors up
-to ~0.1 of tolerance·σ_k for Picard, up to ~1.0 of it for TAA, so TAA's actions deviate
-from the sequential ones by ~10× more at the same tolerance (still ≤ a few pixels);
-compare the two at equal deviation (``eval/bench_rounds.py``), not equal tolerance.
+it. So at the same tolerance TAA's actions deviate further from the sequential ones than
+Picard's: compare the two at equal deviation (``eval/bench_rounds.py``, docs/benchmarks.md),
+not equal tolerance.
 
 Every step keeps its own history, counted from the round it entered the window (a step
 stays in the window until it is final), so a slot has at least as much history as any

@@ -25,8 +25,10 @@ Rounds (sequential model calls per chunk) carry over to any hardware, so the que
    step, found once, as a window is: ``mean_step_jacobians``), and the previous chunk's exact
    Jacobians (a Broyden or Anderson estimate of x0 over the window can at best approach these);
    the default sampler with that mean Jacobian in its solve (``picard_sample(jacobian=...)``,
-   its secant on what the Jacobian leaves over); and the default sampler warm-started from the
-   previous chunk's clean-sample prediction at *every* step, shifted, instead of its final sample.
+   its secant on what the Jacobian leaves over), and with the mean Jacobian's diagonal only (a
+   per-entry slope); and the default sampler warm-started from the previous chunk's clean-sample
+   prediction at *every* step, shifted, instead of its final sample. Also: where the mean
+   Jacobian's weight sits (diagonal, within an action channel, within a time step).
 
     python eval/bench_rounds_floor.py
     python eval/bench_rounds_floor.py --episodes 1 --max-chunks 3 --schedules ddim10 --out /tmp/floor.md
@@ -111,42 +113,32 @@ def per_step_init(sched: Schedule, x0_steps: torch.Tensor, x_T: torch.Tensor, no
     return linear_recurrence(sched.linear_coeff().to(x_T.dtype)[None], x_T, drive)
 
 
-@torch.inference_mode()
-def newton_rounds(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+def newton_sample(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
                   cond: torch.Tensor | None, jac: torch.Tensor, init: torch.Tensor | None, tolerance: float
                   ) -> tuple[torch.Tensor, int]:
-    """Picard at a full window with step ``k`` linearized by ``jac[k]``: ``x_{k+1} = (a_k + J_k) x_k + h_k``.
+    """The Newton iteration: :func:`picard_sample` at a full window, step ``k`` linearized by ``jac[k]``.
 
-    Same fixed point and the same convergence test as :func:`picard_sample` (change of each
-    point within ``tolerance · σ_k``, the window sliding past leading converged points), without
-    its secant. Returns ``(sample (1,T,D), rounds)``.
+    ``x_{k+1} = (a_k + J_k) x_k + h_k`` solved over the window (``linear_solve``, ``jacobian``),
+    without the secant. Returns ``(sample (1,T,D), rounds)``.
     """
-    S, (_, T, D) = sched.num_steps, x_T.shape
-    a = sched.linear_coeff()
-    coeff = a.view(S, 1, 1) * torch.eye(T * D) + jac
-    threshold = tolerance ** 2 * sched.test_variance()
-    traj = torch.empty(S + 1, T * D)
-    traj[0] = x_T.reshape(-1)
-    traj[1:] = x_T.reshape(-1) if init is None else init.reshape(S, T * D)
-    begin, rounds = 0, 0
-    while begin < S:
-        rounds += 1
-        ks = torch.arange(begin, S)
-        x_in = traj[ks]
-        rows = x_in.view(-1, T, D)
-        out = policy.denoise(rows, sched.timesteps[ks], None if cond is None else cond.expand(len(ks), -1))
-        g = (sched.step_mean(rows, ks, out) - a[ks].view(-1, 1, 1) * rows).reshape(len(ks), -1)
-        h = g + (sched.noise_std[ks].view(-1, 1, 1) * noise[0, ks]).reshape(len(ks), -1)
-        h = h - torch.einsum("kij,kj->ki", jac[ks], x_in)
-        x, new = traj[begin].clone(), torch.empty_like(x_in)
-        for i, k in enumerate(ks.tolist()):
-            x = coeff[k] @ x + h[i]
-            new[i] = x
-        converged = (new - traj[ks + 1]).pow(2).mean(-1) <= threshold[ks]
-        converged[0] = True
-        traj[ks + 1] = new
-        begin += int(converged.long().cumprod(0).sum())
-    return traj[S].view(1, T, D), rounds
+    out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=sched.num_steps, tolerance=tolerance,
+                               condition=cond, init=init, linear_solve=True, jacobian=jac)
+    return out, stats.rounds
+
+
+def weight_shares(jac: torch.Tensor, action_dim: int) -> dict[str, float]:
+    """Where a Jacobian's weight sits: share of its squared Frobenius norm by structure.
+
+    ``jac`` (S, T·D, T·D) over the flattened trajectory (entry ``t·D + d``): ``diagonal``
+    (each entry on itself, what a per-entry secant could capture), ``channel`` (entries of the
+    same dimension ``d`` at any time), ``time step`` (entries of the same ``t``).
+    """
+    N = jac.shape[-1]
+    t, d = torch.arange(N) // action_dim, torch.arange(N) % action_dim
+    total = float(jac.pow(2).sum())
+    masks = {"diagonal": torch.eye(N, dtype=torch.bool), "channel": d[:, None] == d[None],
+             "time step": t[:, None] == t[None]}
+    return {name: float(jac.pow(2)[:, mask].sum()) / total for name, mask in masks.items()}
 
 
 def calibrated_jacobians(policy: LowdimPolicy, sched: Schedule, chunks: list[dict[str, Any]], noise_seed: int
@@ -184,10 +176,11 @@ def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: s
         return float((executed(a) - executed(b)).abs().max())
 
     mean_jac = calibrated_jacobians(policy, sched, calibration or [], noise_seed) if newton else None
+    mean_diag = None if mean_jac is None else torch.diag_embed(torch.diagonal(mean_jac, dim1=1, dim2=2))
     rec: dict[str, list] = {key: [] for key in ("guess", "spread", "rounds", "dev", "newton", "newton_dev",
                                                 "x0_steps", "x0_steps_dev", "calibrated", "calibrated_dev",
-                                                "calibrated_secant", "calibrated_secant_dev", "previous",
-                                                "previous_dev")}
+                                                "calibrated_secant", "calibrated_secant_dev", "diagonal",
+                                                "diagonal_dev", "previous", "previous_dev")}
     per_round: dict[int, list[float]] = {r: [] for r in range(1, max_report_rounds + 1)}
     previous: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     for ch in tqdm(chunks, desc=schedule_name, unit="chunk"):
@@ -223,19 +216,24 @@ def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: s
         rec["x0_steps"].append(stats.rounds)
         rec["x0_steps_dev"].append(px(out, ref))
         if newton:
-            if mean_jac is not None:  # the sampler itself: picard_sample(jacobian=...) with the preset's secant
+            # the sampler itself: picard_sample(jacobian=...) with the preset's secant, with the mean
+            # Jacobian and with its diagonal only (a per-entry slope)
+            for key, linearization in (("calibrated_secant", mean_jac), ("diagonal", mean_diag)):
+                if linearization is None:
+                    continue
                 out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
-                                           condition=cond, init=init, jacobian=mean_jac, **options)
-                rec["calibrated_secant"].append(stats.rounds)
-                rec["calibrated_secant_dev"].append(px(out, ref))
+                                           condition=cond, init=init, jacobian=linearization, **options)
+                rec[key].append(stats.rounds)
+                rec[key + "_dev"].append(px(out, ref))
             for key, linearization in (("newton", jac), ("calibrated", mean_jac), ("previous", before_jac)):
                 if linearization is None:
                     continue
-                out, rounds = newton_rounds(policy, sched, x_T, noise, cond, linearization, init, tolerance)
+                out, rounds = newton_sample(policy, sched, x_T, noise, cond, linearization, init, tolerance)
                 rec[key].append(rounds)
                 rec[key + "_dev"].append(px(out, ref))
     return {"schedule": schedule_name, "S": S, "chunks": len(rec["rounds"]), "records": rec,
-            "per_round": per_round, "calibration_chunks": len(calibration or []) if newton else 0}
+            "per_round": per_round, "calibration_chunks": len(calibration or []) if newton else 0,
+            "shares": None if mean_jac is None else weight_shares(mean_jac, policy.trajectory_shape(1)[-1])}
 
 
 def mean_max(values: list[float]) -> str:
@@ -285,14 +283,15 @@ def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "iteration (what a Broyden or Anderson estimate carried over from the previous chunk could at best "
         "know). Mean Jacobian + secant: the default sampler with the mean Jacobian in its solve "
         "(`picard_sample(jacobian=...)`), its secant estimating the slope of what that Jacobian leaves over. "
-        "Per-step warm start: the default sampler started from the previous chunk's clean-sample "
-        "prediction at every step, shifted, instead of its final sample. Rounds mean / max; deviation (px) "
-        "mean / max over chunks.",
+        "Its diagonal + secant: the same with only the mean Jacobian's diagonal (a fixed slope per entry and "
+        "step, the most a per-entry secant could know in advance). Per-step warm start: the default sampler "
+        "started from the previous chunk's clean-sample prediction at every step, shifted, instead of its "
+        "final sample. Rounds mean / max; deviation (px) mean / max over chunks.",
         "",
         "| schedule | default rounds | default dev | per-step warm start rounds | its dev | mean Jacobian rounds "
-        "| its dev | mean Jacobian + secant rounds | its dev | previous chunk's Jacobian rounds | its dev "
-        "| Newton floor rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| its dev | mean Jacobian + secant rounds | its dev | its diagonal + secant rounds | its dev "
+        "| previous chunk's Jacobian rounds | its dev | Newton floor rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def rounds(values: list[float]) -> str:
@@ -304,7 +303,22 @@ def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {res['schedule']} | {rounds(rec['rounds'])} | {mean_max(rec['dev'])} | {rounds(rec['x0_steps'])} | "
             f"{mean_max(rec['x0_steps_dev'])} | {rounds(rec['calibrated'])} | {mean_max(rec['calibrated_dev'])} | "
             f"{rounds(rec['calibrated_secant'])} | {mean_max(rec['calibrated_secant_dev'])} | "
+            f"{rounds(rec['diagonal'])} | {mean_max(rec['diagonal_dev'])} | "
             f"{rounds(rec['previous'])} | {mean_max(rec['previous_dev'])} | {rounds(rec['newton'])} |")
+    shared = [res for res in results if res.get("shares")]
+    if shared:
+        lines += [
+            "",
+            "Where the mean Jacobian's weight sits (share of its squared Frobenius norm over all steps): on the "
+            "diagonal (an entry on itself), within one action channel (the same action dimension at any time "
+            "of the trajectory), within one time step (the action dimensions of the same time).",
+            "",
+            "| schedule | diagonal | within one channel | within one time step |",
+            "|---|---|---|---|",
+        ]
+        for res in shared:
+            sh = res["shares"]
+            lines.append(f"| {res['schedule']} | {sh['diagonal']:.3f} | {sh['channel']:.3f} | {sh['time step']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -68,13 +68,28 @@ def test_newton_iteration_keeps_the_sequential_fixed_point_for_exact_and_for_wro
     assert not exact.requires_grad  # no graph kept back to the weights
     wrong = 0.5 * exact.flip(0)  # another step's Jacobian, scaled: a poor linearization
     for jac in (exact, wrong, torch.zeros_like(exact)):
-        out, rounds = floor.newton_rounds(policy, sched, x_T, noise, cond, jac, None, 0.0)
+        out, rounds = floor.newton_sample(policy, sched, x_T, noise, cond, jac, None, 0.0)
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
         assert 1 <= rounds <= S
     # the exact Jacobian at the answer converges in fewer rounds than the linear solve alone (J = 0)
-    loose = {name: floor.newton_rounds(policy, sched, x_T, noise, cond, jac, None, 0.02)[1]
+    loose = {name: floor.newton_sample(policy, sched, x_T, noise, cond, jac, None, 0.02)[1]
              for name, jac in (("exact", exact), ("none", torch.zeros_like(exact)))}
     assert loose["exact"] < loose["none"] <= S
+
+
+def test_weight_shares_match_closed_forms(floor):
+    T, D = 16, 2
+    N = T * D
+    ones = torch.ones((3, N, N))  # every entry on every entry: shares are the fractions of pairs
+    shares = floor.weight_shares(ones, D)
+    assert shares == pytest.approx({"diagonal": 1 / N, "channel": 1 / D, "time step": D / N})
+    assert floor.weight_shares(torch.eye(N).expand(3, N, N), D) == pytest.approx(
+        {"diagonal": 1.0, "channel": 1.0, "time step": 1.0})
+    # entry t*D + d reads entry t*D + (1 - d): the other channel at the same time
+    swap = torch.zeros((1, N, N))
+    idx = torch.arange(N)
+    swap[0, idx, idx ^ 1] = 2.0
+    assert floor.weight_shares(swap, D) == pytest.approx({"diagonal": 0.0, "channel": 0.0, "time step": 1.0})
 
 
 def test_floor_benchmark_reports_every_lead(floor, tmp_path):
@@ -84,9 +99,12 @@ def test_floor_benchmark_reports_every_lead(floor, tmp_path):
     md = out.read_text()
     assert "## Leads a sampler could use" in md
     row = next(line for line in md.splitlines() if line.startswith("| ddim8 |") and "not run" not in line
-               and line.count("|") == 13)
+               and line.count("|") == 15)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert all(cells[1:]), row  # every lead measured
+    shares = next(line for line in md.splitlines() if line.startswith("| ddim8 |") and line.count("|") == 5)
+    diagonal, channel, time_step = (float(c) for c in shares.strip("|").split("|")[1:])
+    assert 0 < diagonal <= min(channel, time_step) <= 1  # the diagonal lies within both
     with pytest.raises(SystemExit, match="calibration"):
         floor.main(["--episodes", "1", "--calibration-seed-start", "100000", "--schedules", "ddim8",
                     "--out", str(tmp_path / "x.md")])

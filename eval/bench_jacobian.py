@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from para_policy.checkpoints import atomic_write
+from para_policy.evaluation.latency import distribution
 from para_policy.policy import load_policy
 from para_policy.samplers import (
     PRESETS,
@@ -49,11 +50,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 STREAM = ROOT / "eval" / "results" / "bench_latency_schedules" / "stream.json"
 OUT = ROOT / "eval" / "results" / "bench_jacobian.md"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -105,7 +101,8 @@ def main(argv: list[str] | None = None) -> str:
             res[name]["rounds"].append(stats.rounds)
             res[name]["evals"].append(stats.model_evals)
             previous[name][ch["episode"]] = out
-    base = statistics.median(res["default"]["ms"])
+    ms = {name: distribution(r["ms"]) for name, r in res.items()}
+    base = ms["default"]["p50"]
     lines = ["# `picard_sample(jacobian=...)` on this machine (DDPM-100, batch 1, eager)", "",
              f"Command: `{' '.join(['python eval/bench_jacobian.py', *argv])}`", "",
              f"Mean Jacobian from {len(calib)} chunks of {args.calibration_episodes} other episodes (env seeds "
@@ -116,8 +113,8 @@ def main(argv: list[str] | None = None) -> str:
              "| variant | ms/chunk p50 | p95 | p50 vs default | rounds mean | max | model evals mean |",
              "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
-        p50 = statistics.median(r["ms"])
-        lines.append(f"| {name} | {p50:.0f} | {percentile(r['ms'], 0.95):.0f} | {base / p50:.2f}× | "
+        p50 = ms[name]["p50"]
+        lines.append(f"| {name} | {p50:.0f} | {ms[name]['p95']:.0f} | {base / p50:.2f}× | "
                      f"{statistics.mean(r['rounds']):.2f} | {max(r['rounds'])} | {statistics.mean(r['evals']):.0f} |")
     md = "\n".join(lines) + "\n"
     atomic_write(args.out, lambda p: Path(p).write_text(md))

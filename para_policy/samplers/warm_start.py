@@ -10,8 +10,8 @@ the step recurrence with the denoiser's x0 prediction replaced by the guess,
 
 which costs no model call. With x0 fixed every step is affine in x, so all S steps are
 one :func:`~para_policy.samplers.picard.linear_recurrence` (one batched matrix product,
-not a loop of S small steps). Where the guess is right, the iterate is already the fixed point and the window slides
-through at once.
+not a loop of S small steps). Where the guess is right, the iterate is already the fixed
+point and the window slides through at once.
 """
 
 from __future__ import annotations

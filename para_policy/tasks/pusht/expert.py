@@ -76,9 +76,9 @@ def pose_error(pos: tuple[float, float] | np.ndarray, angle: float) -> float:
 class PhysicsModel:
     """A private gym-pusht physics world used to predict the outcome of an action sequence.
 
-    Each rollout builds a fresh pymunk space (cheap next to the rollout) so no contact cache leaks between candidates;
-    the PD control law and substeps are copied from ``PushTEnv.step`` with the same floating point
-    operations, so out-of-contact start states are reproduced exactly.
+    Each rollout builds a fresh pymunk space (cheap next to the rollout) so no contact cache leaks
+    between candidates; the PD control law and substeps are copied from ``PushTEnv.step`` with
+    the same floating point operations, so out-of-contact start states are reproduced exactly.
     """
 
     def __init__(self) -> None:

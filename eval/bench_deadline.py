@@ -103,7 +103,7 @@ def main() -> None:
             r = rows[d]
             r["mean_px"].append(float(dist.mean()))
             r["max_px"].append(float(dist.max()))
-            r["hit"].append(float(out.stats.extra["deadline_hit"]))
+            r["hit"].append(float(out.stats.deadline_hit))
             r["rounds"].append(float(out.stats.rounds))
             r["ms"].append(ms)
             r["warm"].append(float(out.warm))

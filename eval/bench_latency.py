@@ -170,7 +170,7 @@ def backend_policies(checkpoint: str | Path, backends: Sequence[str], device: st
         if backend != REFERENCE_BACKEND and importlib.util.find_spec("onnxruntime") is None:
             skipped[backend] = "onnxruntime is not importable"
             continue
-        policy = load_policy(checkpoint, device=device)
+        policy = load_policy(checkpoint, device=device, backend="eager")
         if backend != REFERENCE_BACKEND:
             try:
                 configure_inference(policy, backend=backend)
@@ -290,7 +290,7 @@ def run_call(policies: Mapping[str, LowdimPolicy], v: Variant, ch: dict[str, Any
     ms = (time.perf_counter() - t0) * 1e3
     stats = out.stats
     v.previous[ch["episode"]] = out.trajectory.clone()
-    rows = stats.extra.get("rows_per_round") or [1] * int(stats.rounds)  # the sequential loop: one row a step
+    rows = stats.rows_per_round or [1] * int(stats.rounds)  # the sequential loop: one row a step
     return {"episode": ch["episode"], "chunk": ch["chunk"], "ms": ms, "rounds": int(stats.rounds),
             "model_evals": int(stats.model_evals), "warm": out.warm, "rows_per_round": [int(r) for r in rows],
             "action": action[0].numpy()}
@@ -928,7 +928,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.report_only).parent
         if args.scores:  # add (or resume) scores of the earlier run's rows, without timing anything again
             data["scores"] = {**data.get("scores", {}),
-                              **scores_for(load_policy(args.checkpoint), data["rows"], args, out)}
+                              **scores_for(load_policy(args.checkpoint, backend="eager"), data["rows"], args, out)}
             command = "python eval/bench_latency.py " + " ".join(argv)
             added = data["meta"].setdefault("score_commands", [])
             if command not in added:

@@ -59,7 +59,7 @@ from para_policy.samplers import (
     step_jacobians,
     warm_start_init,
 )
-from para_policy.samplers.picard import linear_recurrence
+from para_policy.samplers.solves import linear_recurrence
 from para_policy.schedule import Schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -169,6 +169,24 @@ def _all_tensors(observation: Any) -> bool:
     return isinstance(observation, torch.Tensor)
 
 
+def generator_on(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """``generator`` if it draws on ``device``, else a new generator there seeded from ``generator``'s next draw.
+
+    Why: the policy draws its noise on its own device with the controller's generator, which
+    must live there too, and a policy can be moved after the controller was made. Seeded from
+    a draw of the old generator, the noise stays a function of the controller's seed and of
+    the draws before the move, and does not restart the old stream.
+    """
+    device = torch.device(device)
+    have = generator.device
+    if have.type == device.type and (device.index is None or have.index in (None, device.index)):
+        return generator
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=have)[0])
+    moved = torch.Generator(device=device)
+    moved.manual_seed(seed)
+    return moved
+
+
 def _distribution(values: Sequence[float]) -> dict[str, float | None]:
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0:
@@ -192,6 +210,8 @@ class Controller:
             asynchronous modes with ``clock='steps'``, whose results must not depend on the machine).
         seed: seeds the controller's own noise generator (fresh noise for every chunk;
             the same seed and observations give the same actions). None: a random seed.
+            The generator lives on the policy's device and follows it when the policy is
+            moved (:func:`generator_on`).
         devices: evaluate the UNet on several devices (:func:`para_policy.devices.use_devices`).
         max_records: how many chunk records and ``act`` latencies :meth:`stats` keeps (the
             most recent; older ones are dropped so a long-running loop stays bounded).
@@ -473,6 +493,7 @@ class Controller:
         frozen = {} if prefix is None else {"prefix_actions": prefix, "prefix_mode": self.prefix_mode}
         if guide is not None:
             frozen["guide_actions"] = guide
+        self.generator = generator_on(self.generator, self.policy.device)  # the policy may have moved
         out = self.policy.predict_action(obs, generator=self.generator, warm_start=warm, deadline=deadline,
                                          sampler=self.spec, **frozen)
         return out, (time.perf_counter() - start) * 1000
@@ -484,7 +505,7 @@ class Controller:
             rounds=int(stats.rounds),
             model_evals=int(stats.model_evals),
             converged=bool(stats.all_converged),
-            deadline_hit=bool(stats.extra.get("deadline_hit", False)),
+            deadline_hit=bool(stats.deadline_hit),
             overrun=self.deadline_ms is not None and latency_ms > self.deadline_ms,
             warm=out.warm,
         )

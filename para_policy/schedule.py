@@ -19,7 +19,7 @@ other than ``leading`` is mishandled there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,18 +56,29 @@ class Schedule:
     clip_sample: bool
     clip_sample_range: float
     eta: float = 0.0
+    _copies: dict = field(default_factory=dict, compare=False, repr=False)  # device -> Schedule, by to()
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
     def to(self, device: torch.device | str) -> Schedule:
-        """The same schedule with its tensors on ``device``."""
-        moved = {
-            name: getattr(self, name).to(device)
-            for name in ("timesteps", "alpha_t", "alpha_prev", "noise_std", "draws_noise", "variance")
-        }
-        return Schedule(**{**self.__dict__, **moved})
+        """The same schedule with its tensors on ``device``; copied once per device, then cached.
+
+        Samplers call this on every call: a copy per call would be several host-to-device
+        transfers before every chunk.
+        """
+        device = torch.device(device)
+        if device == self.timesteps.device:
+            return self
+        key = str(device)
+        if key not in self._copies:
+            moved = {
+                name: getattr(self, name).to(device)
+                for name in ("timesteps", "alpha_t", "alpha_prev", "noise_std", "draws_noise", "variance")
+            }
+            self._copies[key] = Schedule(**{**self.__dict__, **moved, "_copies": {}})
+        return self._copies[key]
 
     def step_mean(self, x: torch.Tensor, k: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """The scheduler's step without noise, for rows at any steps.

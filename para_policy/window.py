@@ -9,7 +9,7 @@ property of the machine and the model, not a constant.
 
 Method: the **cost curve** ``c(n)`` (median ms of one denoiser call on ``n`` rows) is
 measured once; each candidate window is run on a few calibration chunks, which gives
-its rows per round (``stats.extra['rows_per_round']``, independent of the machine);
+its rows per round (``stats.rows_per_round``, independent of the machine);
 the predicted latency of a chunk is ``Σ_rounds c(rows)``, with ``c`` interpolated
 linearly between measured batch sizes. The window with the lowest mean prediction wins;
 window 1, the sequential loop, is a candidate, so the choice is never predicted slower than
@@ -207,7 +207,7 @@ def calibrate_window(
         for p, (x_T, noise) in zip(problems, noises, strict=True):
             _, stats = fn(denoiser, schedule, x_T.to(device), noise.to(device), condition=p.condition,
                           inpaint=p.inpaint, **options)
-            traces.setdefault(w, []).append(list(stats.extra["rows_per_round"]))
+            traces.setdefault(w, []).append(list(stats.rows_per_round))
     overhead = sampler_overhead(schedule, spec, first, noises[0], windows, device=device)
     best, predicted = choose_window(cost, traces, overhead)
     rounds = {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}
@@ -229,14 +229,19 @@ def sampler_overhead(schedule: Any, spec: Any, problem: Problem, noise: tuple[to
         return torch.zeros_like(x)
 
     x_T, step_noise = (n.to(device) for n in noise)
+    cuda = torch.device(device).type == "cuda"
     out = {}
     for w in windows:
         options = {**spec.options, "window": int(w)}
         per_round = []
         for _ in range(reps):
+            if cuda:  # the clock reads after the device finished: its queue holds the sampler's kernels
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             _, stats = spec.family.sample(free, schedule, x_T, step_noise, condition=problem.condition,
                                           inpaint=problem.inpaint, **options)
+            if cuda:
+                torch.cuda.synchronize(device)
             per_round.append((time.perf_counter() - t0) * 1000 / max(stats.rounds, 1))
         out[int(w)] = statistics.median(per_round)
     return out
@@ -281,23 +286,37 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def window_key(model_id: str, spec: Any, schedule: Any, batch_size: int, device: Any, denoiser_id: str = "") -> str:
     """The cache key of a resolved window: policy, sampler options, schedule, batch size, device, machine."""
     options = {k: v for k, v in spec.options.items() if k != "window"}
-    machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
     return json.dumps({"model": model_id, "denoiser": denoiser_id, "family": spec.family.sample.__name__,
                        "options": options, "schedule": [schedule.kind, schedule.num_steps],
-                       "batch": int(batch_size), "device": str(device), "machine": machine}, sort_keys=True)
+                       "batch": int(batch_size), "device": device_label(device), "machine": machine_id()},
+                      sort_keys=True)
 
 
-def cache_path() -> Path | None:
+def device_label(device: Any) -> str:
+    """``str(device)``, with the GPU's name for a CUDA device (``'cuda:0'`` alone does not say which GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def machine_id() -> dict[str, Any]:
+    """What a timing measured here depends on, beyond the model: processor, CPU count, torch threads and version."""
+    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def cache_path(name: str = CACHE_FILE) -> Path | None:
     """The window cache file, ``$PARA_POLICY_CACHE_DIR/windows.json`` (default folder ``~/.cache/para_policy``).
 
-    None when the variable is ``off`` (or empty): windows are then cached in this process only.
+    ``name``: another file of the same folder (``backend='auto'``'s cost curves live in
+    ``backends.json``). None when the variable is ``off`` (or empty): kept in this process only.
     """
     folder = os.environ.get(CACHE_ENV)
     if folder is not None and folder.strip().lower() in ("", "off", "0", "none"):
         return None
     base = Path(folder) if folder else Path(os.path.expanduser("~")) / ".cache" / "para_policy"
-    return base / CACHE_FILE
+    return base / name
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -306,6 +325,26 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def read_cache_entry(path: Path | None, key: str) -> Any:
+    """The entry stored under ``key`` in the JSON cache file ``path`` (None if absent, unreadable or no file)."""
+    return None if path is None else _read_cache(path).get(key)
+
+
+def store_cache_entry(path: Path | None, key: str, entry: Any) -> None:
+    """Store ``entry`` under ``key`` in ``path`` (atomically; other keys kept); a read-only folder only logs."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)
+        data[key] = entry
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home keeps the in-process cache
+        log.warning("cannot write the cache %s: %s", path, e)
 
 
 def cached_window(key: str) -> dict[str, Any] | None:
@@ -348,14 +387,5 @@ def resolve_window(key: str, tune: Callable[[], tuple[int, dict[str, Any]]], *,
     _MEMORY[key] = {**entry, "source": "measured"}
     log.info("window auto -> %d (measured in %.1f s; predicted ms %s)", window, entry["tuning_s"],
              ", ".join(f"w{w}: {ms:.0f}" for w, ms in info["predicted_ms"].items()))
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data = _read_cache(path)
-            data[key] = {k: v for k, v in entry.items() if k != "source"}
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, path)
-        except OSError as e:  # a read-only home keeps the in-process cache
-            log.warning("cannot write the window cache %s: %s", path, e)
+    store_cache_entry(path, key, {k: v for k, v in entry.items() if k != "source"})
     return int(window), {**entry, "source": "measured"}

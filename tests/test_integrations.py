@@ -133,16 +133,16 @@ def test_patched_lerobot_policy_warm_starts_in_a_loop_and_reset_forgets():
     warm = []
     for i, c in enumerate(conds):
         out = policy.diffusion.conditional_sample(2, global_cond=c, generator=torch.Generator().manual_seed(i))
-        warm.append(policy.para_stats.extra["warm"])
+        warm.append(policy.para_stats.warm)
         assert torch.allclose(out, refs[i], atol=1e-4)  # tolerance 0: the warm start changes nothing
     assert warm == [False, True, True]
     policy.queue = [1]
     policy.reset()  # the original reset still runs, and the warm start is forgotten
     assert policy.queue == []
     policy.diffusion.conditional_sample(2, global_cond=conds[0])
-    assert not policy.para_stats.extra["warm"]
+    assert not policy.para_stats.warm
     policy.diffusion.conditional_sample(3, global_cond=torch.randn(3, OBS_DIM * TO))  # new batch shape: cold
-    assert not policy.para_stats.extra["warm"]
+    assert not policy.para_stats.warm
     unpatch(policy)
     assert "reset" not in vars(policy)
 

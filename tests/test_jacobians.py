@@ -7,7 +7,7 @@ import torch
 from conftest import dp_ddim, dp_ddpm
 
 from para_policy.samplers import draw_noise, mean_step_jacobians, picard_sample, sequential_sample
-from para_policy.samplers.picard import linear_recurrence, matrix_recurrence
+from para_policy.samplers.solves import linear_recurrence, matrix_recurrence
 from para_policy.schedule import make_schedule
 
 T, D = 8, 3

@@ -50,7 +50,8 @@ def test_every_path_builds_the_same_spec_for_a_name(tmp_path):
     assert vars(dp)["_para_patch"].spec == expected
     unpatch(dp)
     assert sampler_spec("paradigms").options == {"window": "auto", "tolerance": 0.02, "max_iterations": None,
-                                                 "per_sample_windows": True, "linear_solve": True, "secant": True}
+                                                 "per_sample_windows": True, "linear_solve": True, "secant": True,
+                                                 "round_shape": "compact", "compile_round": False}
     assert sampler_spec("paradigms").warm_start and not sampler_spec("paradigms_published").warm_start
     assert sampler_spec("parataa").options["memory"] == 3 and set(PRESETS) == {
         "paradigms", "paradigms_published", "parataa", "sequential"}
@@ -156,13 +157,13 @@ def test_patched_policy_in_a_loop_warm_starts_and_matches_the_original_at_tolera
     before = run(dp)
     patch(dp, window=8, tolerance=0.0)
     patched = run(dp)
-    assert dp.para_stats.extra["warm"]
+    assert dp.para_stats.warm
     for a, b in zip(patched, before, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
     dp.reset()  # DiffusionPolicy's reset() forgets the previous chunk
     torch.manual_seed(0)
     dp.predict_action({"obs": stream[0]})
-    assert not dp.para_stats.extra["warm"]
+    assert not dp.para_stats.warm
     unpatch(dp)
     assert "reset" not in vars(dp) and "conditional_sample" not in vars(dp)
 

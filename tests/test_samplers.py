@@ -206,7 +206,7 @@ def test_deadline_returns_flagged_iterate(denoiser):
     schedule = make_schedule(dp_ddpm(), 100)
     x_T, noise = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(0))
     out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter())
-    assert stats.rounds == 1 and stats.extra["deadline_hit"] and not stats.converged.any()  # one round always runs
+    assert stats.rounds == 1 and stats.deadline_hit and not stats.converged.any()  # one round always runs
     # what it returns is the clean sample predicted from x_T at the first step (closed form), not x_T or a noisy x_k
     with torch.inference_mode():
         k0 = torch.zeros(1, dtype=torch.long)
@@ -227,7 +227,7 @@ def test_deadline_returns_flagged_iterate(denoiser):
     assert st.rounds == 1 and not st.all_converged
     assert (warm - ref).abs().max() < 0.1 * (out - ref).abs().max()
     out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter() + 60)
-    assert stats.all_converged and not stats.extra["deadline_hit"]
+    assert stats.all_converged and not stats.deadline_hit
 
 
 def test_init_rows_warm_starts_some_samples_and_leaves_the_others_cold(denoiser):
@@ -272,7 +272,7 @@ def test_linear_coeff_is_the_x_coefficient_of_a_step_with_x0_fixed(make, steps, 
 
 
 def test_linear_recurrence_matches_a_loop():
-    from para_policy.samplers.picard import keep_factors, linear_recurrence
+    from para_policy.samplers.solves import keep_factors, linear_recurrence
 
     g = torch.Generator().manual_seed(1)
     a = torch.rand(2, 6, generator=g)

@@ -157,7 +157,7 @@ def test_patched_transformer_policy_matches_its_own_loop_at_tolerance_0():
     before = run()
     patch(policy, window=20, tolerance=0.0)  # the paradigms preset, exact
     after = run()
-    assert policy.para_stats.extra["warm"] and policy.para_stats.rounds <= 20
+    assert policy.para_stats.warm and policy.para_stats.rounds <= 20
     for a, b in zip(after, before, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     unpatch(policy)

@@ -82,7 +82,7 @@ def test_rows_per_round_account_for_every_model_evaluation():
     x_T, noise = draw_noise(schedule, (2, 8, 3), torch.Generator().manual_seed(5))
     cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
     _, stats = picard_sample(denoiser, schedule, x_T, noise, window=16, tolerance=0.1, condition=cond)
-    rows = stats.extra["rows_per_round"]
+    rows = stats.rows_per_round
     assert len(rows) == stats.rounds and sum(rows) == stats.model_evals
     assert max(rows) <= 2 * 16
     assert predict_latency({1: 1.0, 32: 32.0}, rows) == pytest.approx(stats.model_evals)
@@ -132,7 +132,7 @@ def test_window_1_is_the_sequential_loop_and_auto_picks_it_when_batches_are_expe
     cond = torch.randn(2, 4)
     ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond)
     out, stats = picard_sample(denoiser, schedule, x_T, noise, condition=cond, window=1, tolerance=0.5)
-    assert torch.equal(out, ref) and stats.rounds == 20 and stats.extra["rows_per_round"] == [2] * 20
+    assert torch.equal(out, ref) and stats.rounds == 20 and stats.rows_per_round == [2] * 20
     spec = sampler_spec("paradigms", tolerance=0.1)
     # a cost curve with no batching gain and a fixed cost per round: sequential (1 row a round) wins
     steep = {1: 1.0, 2: 2.5, 8: 12.0, 16: 30.0, 20: 40.0, 40: 90.0}

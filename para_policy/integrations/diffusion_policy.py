@@ -514,7 +514,7 @@ class SamplingPatch:
                                                **kwargs)
             if spec.warm_start:
                 self._warm = (call_key, shift_trajectory(sample, self.n_action_steps))
-        stats.extra["warm"] = "init" in kwargs
+        stats.warm = "init" in kwargs
         self.stats, self.last_spec = stats, spec
         vars(self.owner)["para_stats"] = stats
         # samplers run in inference mode; a clone made here is an ordinary tensor, so caller code
@@ -547,6 +547,23 @@ class SamplingPatch:
         vars(self.owner).pop("para_stats", None)
 
 
+def in_model_dtype(denoiser: Callable[..., torch.Tensor], model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``denoiser`` with ``x`` (N, T, D) and a float condition in ``model``'s parameter dtype, its output in ``x``'s.
+
+    The samplers keep their state in float32 while a patched object's network may be cast to
+    bfloat16 or float16 (or run under autocast, whose output dtype is autocast's): the network
+    sees only its own dtype, the sampler only its own. No-op casts at float32.
+    """
+    weights = next(model.parameters()).dtype
+
+    def cast(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        if c is not None and c.is_floating_point():
+            c = c.to(weights)
+        return denoiser(x.to(weights), t, c).to(x.dtype)
+
+    return cast
+
+
 def _step_kwargs(kwargs: Mapping[str, Any]) -> float:
     """DiffusionPolicy passes ``**kwargs`` on to ``scheduler.step``; only DDIM's ``eta`` is understood."""
     unknown = sorted(set(kwargs) - {"eta"})
@@ -567,7 +584,11 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
     local_cond=None, global_cond=None, generator=None, **kwargs) -> (B,T,D)``: it draws
     ``x_T`` and the step noise from ``generator`` (or torch's global RNG) in the original
     loop's order, so a seed gives the same sample as before patching (up to ``tolerance``).
-    Stats of the last call are in ``policy.para_stats``. With the ``paradigms`` preset each
+    Precision: ``x_T``, the noise, the sampler's state and the returned sample are float32
+    (float64 if ``condition_data`` is) whatever the network's dtype; each network call gets its
+    input and conditioning in the network's parameter dtype (:func:`in_model_dtype`), so a
+    policy cast to bfloat16 or run under ``torch.autocast`` samples with the sampler's
+    arithmetic at float32. Stats of the last call are in ``policy.para_stats``. With the ``paradigms`` preset each
     call warm-starts from the previous one (same batch shape), shifted by
     ``policy.n_action_steps``; ``policy.reset()`` forgets it. Undo with :func:`unpatch`.
     """
@@ -586,8 +607,9 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
         eta = _step_kwargs(kwargs)
         model = policy.model
         schedule = state.schedule(policy.noise_scheduler, policy.num_inference_steps, eta)
+        sample_dtype = torch.promote_types(condition_data.dtype, torch.float32)  # DP's dtype when it is float32
         x_T, noise = draw_noise(schedule, tuple(condition_data.shape), generator,
-                                device=condition_data.device, dtype=condition_data.dtype)
+                                device=condition_data.device, dtype=sample_dtype)
         if transformer:
             condition = cond
 
@@ -600,12 +622,14 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
                 return model(x, t, local_cond=None, global_cond=c)
         else:  # rows carry their batch index; both conditionings are gathered by it
             condition = torch.arange(condition_data.shape[0], device=condition_data.device)
+            weights = next(model.parameters()).dtype
+            local = local_cond.to(weights)
+            glob = None if global_cond is None else global_cond.to(weights)
 
             def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-                return model(x, t, local_cond=local_cond[c],
-                             global_cond=None if global_cond is None else global_cond[c])
-        inpaint = (condition_data, condition_mask.to(torch.bool))
-        return state.run(denoiser, schedule, x_T, noise, condition, inpaint, model)
+                return model(x, t, local_cond=local[c], global_cond=None if glob is None else glob[c])
+        inpaint = (condition_data.to(sample_dtype), condition_mask.to(torch.bool))
+        return state.run(in_model_dtype(denoiser, model), schedule, x_T, noise, condition, inpaint, model)
 
     state.install(conditional_sample)
     return policy

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -30,17 +32,62 @@ class SampleStats:
     model_evals: denoiser rows evaluated, summed over rounds (the total compute).
     converged: ``(B,)`` whether each sample met the tolerance everywhere.
     rounds_per_sample: ``(B,)`` the round at which each sample finished.
+    deadline_hit: whether a deadline stopped the sampler before every sample finished.
+    rows_per_round: the denoiser's batch size in each round (what each round cost).
+    warm: whether the call started from a warm-start guess (set by the caller that built it).
     """
 
     rounds: int
     model_evals: int
     converged: torch.Tensor
     rounds_per_sample: torch.Tensor
-    extra: dict = field(default_factory=dict)
+    deadline_hit: bool = False
+    rows_per_round: list[int] = field(default_factory=list)
+    warm: bool = False
 
     @property
     def all_converged(self) -> bool:
         return bool(self.converged.all())
+
+
+Sampler = TypeVar("Sampler", bound=Callable[..., Any])
+
+
+def float32_state(sample: Sampler) -> Sampler:
+    """Run a sampler's own arithmetic in float32 (or ``x_T``'s dtype if wider), the model as the caller set it.
+
+    A bf16 or fp16 model (``policy.half()``), or a caller under ``torch.autocast``, must not
+    change the sampler's state: prefix sums, linear solves and convergence tests in half
+    precision drift, and mixing dtypes in index writes fails. So ``x_T`` and ``noise`` are
+    taken in float32, autocast is switched off for the sampler's own operations, and the
+    denoiser is called under the caller's autocast state with its output cast to the state's
+    dtype. The denoiser casts its input to its weights' dtype itself
+    (:meth:`para_policy.policy.LowdimPolicy.denoise`). With a float32 model outside autocast
+    nothing changes.
+    """
+
+    @functools.wraps(sample)
+    def run(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor | None = None,
+            **options: Any) -> Any:
+        dtype = torch.promote_types(x_T.dtype, torch.float32)
+        device_type = x_T.device.type
+        noise = None if noise is None else noise.to(dtype)
+        if not torch.is_autocast_enabled(device_type):
+
+            def model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+                return denoiser(x, t, c).to(dtype)
+
+            return sample(model, schedule, x_T.to(dtype), noise, **options)
+        caller = torch.get_autocast_dtype(device_type)
+
+        def autocast_model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            with torch.autocast(device_type, dtype=caller):
+                return denoiser(x, t, c).to(dtype)
+
+        with torch.autocast(device_type, enabled=False):
+            return sample(autocast_model, schedule, x_T.to(dtype), noise, **options)
+
+    return run  # type: ignore[return-value]
 
 
 #: ``(data, mask)``: the known entries of the trajectory. ``mask`` (B, T, D): bool (DiffusionPolicy's
@@ -65,15 +112,32 @@ def draw_noise(
     ``step`` draws noise (DDPM: every ``t > 0``). Drawing them here in that order from
     the same generator reproduces its samples exactly.
 
+    A generator on another device than ``device`` (a CPU generator for a CUDA policy) draws
+    on its own device (:func:`noise_device`) and the draws are moved to ``device``: torch
+    refuses a generator of another device, and this way one seeded CPU generator gives the
+    same noise whichever device the policy is on.
+
     Returns:
         ``x_T`` of ``shape`` (B, T, D) and ``noise`` (B, S, T, D) of standard normal draws,
-        zero at steps that draw none.
+        zero at steps that draw none, on ``device``.
     """
-    x_T = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    noise = torch.zeros((shape[0], schedule.num_steps, *shape[1:]), device=device, dtype=dtype)
+    where = noise_device(generator, device)
+    x_T = torch.randn(shape, generator=generator, device=where, dtype=dtype)
+    noise = torch.zeros((shape[0], schedule.num_steps, *shape[1:]), device=where, dtype=dtype)
     for k in torch.nonzero(schedule.draws_noise.cpu()).flatten().tolist():
-        noise[:, k] = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    return x_T, noise
+        noise[:, k] = torch.randn(shape, generator=generator, device=where, dtype=dtype)
+    return x_T.to(device), noise.to(device)
+
+
+def noise_device(generator: torch.Generator | None, device: torch.device | str) -> torch.device:
+    """Where :func:`draw_noise` draws: ``device``, or the generator's own device when it is another one."""
+    device = torch.device(device)
+    if generator is None:
+        return device
+    have = generator.device
+    if have.type == device.type and (device.index is None or have.index in (None, device.index)):
+        return device
+    return have
 
 
 def check_inputs(

@@ -7,19 +7,27 @@ The sequential loop is the recursion ``x_{k+1} = f_k(x_k) + s_k`` over steps
     x_{k+1} = x_b + Σ_{j=b}^{k} (f_j(x_j) + s_j − x_j)
 
 for any fixed ``x_b``. Picard iteration guesses all ``x_j`` in a window, evaluates every
-``f_j`` in one batched model call, and recomputes the window with prefix sums. The first
-point after ``x_b`` is exact after one round, so the window always advances; points whose
-change in a round is within ``tolerance`` (measured in units of that step's noise scale)
-count as converged and the window slides past them.
-
-Each batch element keeps its own window (``per_sample_windows=True``): an easy sample
+``f_j`` in one batched model call, and recomputes the window (a *solve*,
+:mod:`para_policy.samplers.solves`). The first point after ``x_b`` is exact after one round,
+so the window always advances; points whose change in a round is within ``tolerance``
+(measured in units of that step's noise scale) count as converged and the window slides past
+them. Each batch element keeps its own window (``per_sample_windows=True``): an easy sample
 finishes and drops out of the batched call instead of waiting for the hardest.
+
+Layout: :class:`RoundSetup` holds what one call fixes (denoiser, schedule tensors, options),
+:class:`WindowState` the device tensors a round updates in place, :func:`picard_round` is one
+round (window geometry, one model call, the solve, the convergence test, the slide) and
+:func:`picard_sample` the host loop around it. A round reads nothing back to the host and
+copies nothing to the device; the loop reads each sample's window start once per round
+(the stop test, and in the compacting shape the row count of the next call).
 """
 
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -30,92 +38,325 @@ from para_policy.samplers.common import (
     apply_inpaint,
     check_inputs,
     check_options,
+    float32_state,
     impose,
     known_mask,
 )
 from para_policy.samplers.sequential import sequential_sample
+from para_policy.samplers.solves import (
+    KeepFactors,
+    SecantMemory,
+    keep_factors,
+    linear_recurrence,
+    matrix_recurrence,
+    prefix_sum,
+    secant_slopes,
+)
 from para_policy.schedule import Schedule
+
+ROUND_SHAPES = ("compact", "fixed")
 
 
 class Accelerator(Protocol):
     """A per-round hook of :func:`picard_sample` (e.g. Anderson acceleration).
 
-    ``step(round, k (B,W), valid (B,W), new (B,W,T,D), old (B,W,T,D), own_lead (B,))``
+    ``step(round () long tensor, k (B,W), valid (B,W), new (B,W,T,D), old (B,W,T,D), own_lead (B,))``
     returns the values to store for the window; slots up to ``own_lead`` must keep
     ``new`` (exact given the converged prefix), so the window still advances every round.
+    Device tensors only, no host reads: it runs inside the round.
     """
 
-    def step(self, rnd: int, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
+    def step(self, rnd: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
              plain_upto: torch.Tensor) -> torch.Tensor: ...
 
 
-class KeepFactors(NamedTuple):
-    """Per-entry factors of the linear solve's coefficients, with their distinct values found once per call.
+@dataclass
+class RoundSetup:
+    """What one sampling call fixes for all its rounds (device tensors, built once).
 
-    ``factors`` (B, T, D): the part of an entry a soft inpaint mask leaves to the iterate
-    (``1 - weight``); ``levels``: each distinct factor and the (B, 1, T, D) indicator of where it stands.
+    ``scaled_noise`` (B, S, T, D) is ``σ_k z_k``; ``lin`` (S,) the linear solve's ``a_k``
+    (None: ParaDiGMS's prefix sums); ``threshold`` (S,) ``tolerance² · σ_k²``; ``jac`` (S, N, N)
+    or None; ``known`` (B, 1, T, D) the inpaint entries left out of the test, ``free_count``
+    (B, 1) their complement's size; ``keep`` a soft mask's factors; ``secant`` the slope memory.
+    ``offsets`` (W,), ``batch`` (B,) and ``grid_b``/``grid_w`` (B·W,) are index constants.
     """
 
-    factors: torch.Tensor
-    levels: list[tuple[float, torch.Tensor]]
+    denoiser: Denoiser
+    schedule: Schedule
+    window: int
+    scaled_noise: torch.Tensor
+    threshold: torch.Tensor
+    lin: torch.Tensor | None
+    jac: torch.Tensor | None
+    condition: torch.Tensor | None
+    inpaint: Inpaint | None
+    known: torch.Tensor | None
+    free_count: torch.Tensor | None
+    keep: KeepFactors | None
+    secant: SecantMemory | None
+    accelerator: Accelerator | None
+    per_sample_windows: bool
+    offsets: torch.Tensor
+    batch: torch.Tensor
+    grid_b: torch.Tensor
+    grid_w: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.num_steps
 
 
-def keep_factors(factors: torch.Tensor, dtype: torch.dtype) -> KeepFactors:
-    """:class:`KeepFactors` for ``factors`` (B, T, D) (one host sync, outside the rounds)."""
-    return KeepFactors(factors, [(value, (factors == value).to(dtype)[:, None])
-                                 for value in torch.unique(factors).tolist()])
+@dataclass
+class WindowState:
+    """The device tensors a round updates in place.
 
-
-def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor,
-                      keep: KeepFactors | None = None) -> torch.Tensor:
-    """All of ``x_{w+1} = a_w · keep · x_w + g_w`` for w = 0 … W−1 at once, from ``x_0``.
-
-    Args:
-        a: ``(B, W)`` coefficients; x0: ``(B, T, D)``; g: ``(B, W, T, D)``;
-        keep: per-entry factors of every coefficient (None: 1), :func:`keep_factors`.
-    Returns:
-        ``(B, W, T, D)``: ``x_1 … x_W``. Computed as ``Σ_j (Π_{i=j+1}^{w} a_i) keep^{w-j} g'_j``
-        with a (B, W, W) matrix of partial products (no division, so a coefficient of 0 is
-        fine), once per distinct value of ``keep``.
+    ``traj`` (B, S + 2, T, D): ``x_0 … x_S`` and a scratch slot ``S + 1`` that slots past
+    the end write to; ``begin`` (B,): ``x_begin`` is final; ``filled`` (B,): the last index
+    holding a computed value (cold start: later slots read as that value); ``done_round``
+    (B,): the round each sample finished in; ``round`` (): rounds run so far.
     """
-    B, W = a.shape
-    upper = torch.ones((B, W, W), dtype=a.dtype, device=a.device)
-    mask = torch.triu(torch.ones((W, W), dtype=torch.bool, device=a.device), diagonal=1)
-    upper = torch.where(mask, a[:, None, :].expand(B, W, W), upper)  # [j, i] = a_i for i > j
-    prods = torch.tril(upper.cumprod(dim=2).transpose(1, 2))  # [w, j] = Π_{i=j+1}^{w} a_i, w ≥ j
-    g = g.clone()
-    if keep is None:
-        g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * x0
-        return torch.einsum("bwj,bjtd->bwtd", prods, g)
-    g[:, 0] = g[:, 0] + a[:, 0].view(B, 1, 1) * keep.factors * x0
-    steps = torch.arange(W, device=a.device)
-    gap = (steps[:, None] - steps[None, :]).clamp(min=0).to(a.dtype)  # [w, j] = w - j
-    out = torch.zeros_like(g)
-    for value, share in keep.levels:
-        out += torch.einsum("bwj,bjtd->bwtd", prods * torch.pow(value, gap), g * share)
-    return out
+
+    traj: torch.Tensor
+    begin: torch.Tensor
+    filled: torch.Tensor
+    done_round: torch.Tensor
+    round: torch.Tensor
 
 
-def matrix_recurrence(m: torch.Tensor, x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """All of ``x_{w+1} = m_w x_w + g_w`` for w = 0 … W−1 from ``x_0``, with a matrix per step.
+@dataclass
+class RoundRows:
+    """The rows one round evaluated: sample ``b``, slot ``w``, step ``k`` (R,), input and output (R, T, D)."""
 
-    Args:
-        m: ``(B, W, N, N)`` with N = T·D (the flattened trajectory); x0: ``(B, T, D)``;
-        g: ``(B, W, T, D)``.
-    Returns:
-        ``(B, W, T, D)``: ``x_1 … x_W``, by a scan of W batched matrix-vector products.
+    b: torch.Tensor
+    w: torch.Tensor
+    k: torch.Tensor
+    x_in: torch.Tensor
+    output: torch.Tensor
+
+
+def _scatter(setup: RoundSetup, b: torch.Tensor, w: torch.Tensor, values: torch.Tensor,
+             valid_rows: torch.Tensor | None) -> torch.Tensor:
+    """Row values (R, ...) placed at their window slots, ``(B, W, ...)``; 0 at slots without a valid row."""
+    if valid_rows is not None:
+        values = torch.where(valid_rows.view(-1, *([1] * (values.dim() - 1))), values, 0.0)
+    out = values.new_zeros((setup.batch.shape[0], setup.window, *values.shape[1:]))
+    return out.index_put((b, w), values)
+
+
+def _linear_solve(setup: RoundSetup, b: torch.Tensor, w: torch.Tensor, k_rows: torch.Tensor,
+                  slot_rows: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, valid_rows: torch.Tensor | None,
+                  x_rows: torch.Tensor, mean: torch.Tensor, noise_rows: torch.Tensor, base: torch.Tensor
+                  ) -> torch.Tensor:
+    """The window's new iterate with each step's linear part solved exactly (``linear_solve``).
+
+    Step k is ``x_{k+1} = a_k x_k + g_k(x_k) + σ_k z_k``; with ``g_k`` held at this round's
+    value (minus the secant's ``μ_k x`` and the fixed Jacobian's ``J_k x``, which move into the
+    solve) the window is a linear recurrence (:func:`linear_recurrence`,
+    :func:`matrix_recurrence`). Slots past the end carry ``x`` unchanged (coefficient 1, no drive).
     """
-    B, W = m.shape[:2]
-    x = x0.reshape(B, -1, 1)
-    drive = g.reshape(B, W, -1, 1)
-    out = torch.empty_like(drive)
-    for w in range(W):
-        x = torch.baddbmm(drive[:, w], m[:, w], x)
-        out[:, w] = x
-    return out.view_as(g)
+    lin, keep = setup.lin, setup.keep
+    keep_rows = 1.0 if keep is None else keep.factors[b]
+    g = mean - lin[k_rows].view(-1, 1, 1) * keep_rows * x_rows
+    if setup.jac is not None:  # what the fixed linearization leaves over
+        g = g - (setup.jac[k_rows] @ x_rows.flatten(1)[..., None]).view_as(g)
+    coeff = torch.where(valid, lin[k], 1.0)  # (B, W)
+    if setup.secant is not None:
+        low, high = (0.0, 1.0 - lin[k_rows]) if setup.jac is None else (-0.5, 0.5)
+        known_rows = None if setup.known is None else setup.known[b, 0]
+        mu = secant_slopes(setup.secant, b, slot_rows, x_rows, g, known_rows, low, high)
+        g = g - mu.view(-1, 1, 1) * keep_rows * x_rows
+        coeff = coeff + _scatter(setup, b, w, mu, valid_rows)
+    drive = _scatter(setup, b, w, g + noise_rows, valid_rows)
+    if setup.jac is None:
+        return linear_recurrence(coeff, base, drive, keep)
+    eye = torch.eye(setup.jac.shape[-1], device=coeff.device, dtype=coeff.dtype)
+    mats = coeff[..., None, None] * eye + setup.jac[k] * valid[..., None, None]
+    return matrix_recurrence(mats, base, drive)
+
+
+def _converged_lead(setup: RoundSetup, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor,
+                    old: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` each window's leading converged slots: mean squared change within ``tolerance² σ_k²``.
+
+    Slot 0 always counts (``x_{b+1}`` from the final ``x_b`` is exact), slots past the end too.
+    Known inpaint entries are re-imposed before they are read, so only the others must settle.
+    """
+    change = (new - old).pow(2)
+    if setup.known is None:
+        error = change.mean(dim=(-1, -2))  # (B, W)
+    else:
+        error = change.masked_fill(setup.known, 0.0).sum(dim=(-1, -2)) / setup.free_count
+    converged = (error <= setup.threshold[k]) | ~valid
+    converged[:, 0] = True
+    return converged.to(torch.long).cumprod(dim=1).sum(dim=1)
+
+
+def _slide(setup: RoundSetup, state: WindowState, own_lead: torch.Tensor) -> None:
+    """Move each unfinished window past its converged slots (in place)."""
+    S = setup.steps
+    begin = state.begin
+    active = begin < S
+    if setup.per_sample_windows:
+        lead = own_lead
+    else:  # the batch waits for its slowest sample
+        lead = torch.where(active, own_lead, setup.window).amin().expand_as(own_lead)
+    new_begin = torch.where(active, (begin + lead).clamp(max=S), begin)
+    state.filled.copy_(torch.where(active, torch.maximum(state.filled, (begin + setup.window).clamp(max=S)),
+                                   state.filled))
+    state.done_round.copy_(torch.where(active & (new_begin == S), state.round, state.done_round))
+    begin.copy_(new_begin)
+
+
+def picard_round(setup: RoundSetup, state: WindowState, rows: int | None = None) -> RoundRows:
+    """One Picard round, in place on ``state``: one batched model call, the solve, the test, the slide.
+
+    ``rows``: the number of window slots inside the trajectory, known to the host from the
+    last stop test (the compacting shape evaluates just those); None evaluates all ``B·W``
+    slots (the fixed shape: invalid slots compute on a clamped step and are masked, their
+    writes go to scratch slots).
+    No host reads and no host-to-device copies, so the fixed shape compiles with
+    ``torch.compile(fullgraph=True)`` and can be captured as one CUDA graph.
+    """
+    S, W, sched = setup.steps, setup.window, setup.schedule
+    state.round.add_(1)
+    k = state.begin[:, None] + setup.offsets  # (B, W) step indices
+    valid = k < S
+    k = k.clamp(max=S - 1)
+    slot = torch.where(valid, k, S)  # where a slot's step-keyed state lives (S: scratch)
+    if rows is None:
+        b, w, valid_rows = setup.grid_b, setup.grid_w, valid.flatten()
+    else:
+        flat = torch.nonzero_static(valid.flatten(), size=rows)[:, 0]
+        b, w, valid_rows = flat.div(W, rounding_mode="floor"), flat.remainder(W), None
+    k_rows, slot_rows = k[b, w], slot[b, w]
+    filled = state.filled[:, None]
+    x_rows = state.traj[b, torch.minimum(k, filled)[b, w]]  # (R, T, D)
+    x_in = x_rows
+    if setup.inpaint is not None:
+        data, mask = setup.inpaint
+        x_in = impose(x_rows, data[b, k_rows] if data.dim() == 4 else data[b], mask[b])
+    output = setup.denoiser(x_in, sched.timesteps[k_rows], None if setup.condition is None else setup.condition[b])
+    base = state.traj[setup.batch, state.begin]  # (B, T, D)
+    old = state.traj[setup.batch[:, None], torch.minimum(k + 1, filled)]  # (B, W, T, D): the iterate
+    mean = sched.step_mean(x_in, k_rows, output)
+    noise_rows = setup.scaled_noise[b, k_rows]
+    if setup.lin is None:
+        new = prefix_sum(base, _scatter(setup, b, w, mean + noise_rows - x_rows, valid_rows))
+    else:
+        new = _linear_solve(setup, b, w, k_rows, slot_rows, k, valid, valid_rows, x_rows, mean, noise_rows, base)
+    own_lead = _converged_lead(setup, k, valid, new, old)
+    if setup.accelerator is not None:
+        new = setup.accelerator.step(state.round, k, valid, new, old, own_lead)
+    state.traj[b, slot_rows + 1] = new[b, w]
+    _slide(setup, state, own_lead)
+    return RoundRows(b, w, k_rows, x_in, output)
+
+
+_compiled_rounds: dict[str, Callable[..., RoundRows]] = {}
+
+
+def compiled_round(backend: str = "inductor") -> Callable[..., RoundRows]:
+    """:func:`picard_round` through ``torch.compile(fullgraph=True)``, built once per process and backend.
+
+    ``fullgraph=True`` makes a graph break an error: on a GPU a break is a host sync or a
+    Python branch on tensor data, so a round that compiles whole is one that can be captured.
+    ``backend='eager'`` checks exactly that (dynamo traces the whole round) without generating code.
+    """
+    if backend not in _compiled_rounds:
+        _compiled_rounds[backend] = torch.compile(picard_round, fullgraph=True, dynamic=False, backend=backend)
+    return _compiled_rounds[backend]
+
+
+def _setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor, window: int,
+           tolerance: float, condition: torch.Tensor | None, inpaint: Inpaint | None,
+           accelerator: Accelerator | None, per_sample_windows: bool, linear_solve: bool, secant: bool,
+           jacobian: torch.Tensor | None) -> RoundSetup:
+    """Check the solve options and build a call's :class:`RoundSetup` (host reads allowed here)."""
+    B, T, D = x_T.shape
+    S = schedule.num_steps
+    device, dtype = x_T.device, x_T.dtype
+    if secant and not linear_solve:
+        raise ValueError("secant=True needs linear_solve=True (it refines the linear solve's coefficient)")
+    if jacobian is not None:
+        if not linear_solve:
+            raise ValueError("jacobian needs linear_solve=True (it linearizes the linear solve's nonlinear part)")
+        if tuple(jacobian.shape) != (S, T * D, T * D):
+            raise ValueError(f"jacobian must have shape (S, T*D, T*D) = {(S, T * D, T * D)}, "
+                             f"got {tuple(jacobian.shape)}")
+    sched = schedule.to(device)
+    known = free_count = keep = None
+    if inpaint is not None:
+        mask = inpaint[1] if inpaint[1].dtype == torch.bool else inpaint[1].to(dtype)
+        inpaint = (inpaint[0].to(dtype), mask)
+        known = known_mask(mask)[:, None]  # (B, 1, T, D)
+        free_count = (~known).sum(dim=(-1, -2)).clamp(min=1)  # (B, 1)
+        if mask.dtype != torch.bool and bool(((mask > 0) & (mask < 1)).any()):
+            if jacobian is not None:
+                raise ValueError("jacobian cannot be combined with soft inpaint weights (0 < weight < 1); "
+                                 "use a bool mask or leave jacobian out")
+            keep = keep_factors(1.0 - mask, dtype) if linear_solve else None
+    W = min(window, S)
+    batch = torch.arange(B, device=device)
+    return RoundSetup(
+        denoiser=denoiser, schedule=sched, window=W,
+        scaled_noise=noise * sched.noise_std.view(1, S, 1, 1).to(dtype),
+        threshold=float(tolerance) ** 2 * sched.test_variance().to(torch.float32),
+        lin=sched.linear_coeff().to(dtype) if linear_solve else None,
+        jac=None if jacobian is None else jacobian.to(device=device, dtype=dtype),
+        condition=condition, inpaint=inpaint, known=known, free_count=free_count, keep=keep,
+        secant=SecantMemory.empty((B, T, D), S, device, dtype) if secant else None,
+        accelerator=accelerator, per_sample_windows=per_sample_windows,
+        offsets=torch.arange(W, device=device), batch=batch,
+        grid_b=batch.repeat_interleave(W), grid_w=torch.arange(W, device=device).repeat(B))
+
+
+def _initial_state(x_T: torch.Tensor, steps: int, init: torch.Tensor | None, init_rows: torch.Tensor | None
+                   ) -> WindowState:
+    """The trajectory before round 1: ``x_T``, and ``init`` (x_1 … x_S) for the samples that start warm."""
+    B, T, D = x_T.shape
+    S = steps
+    device = x_T.device
+    if init is not None and tuple(init.shape) != (B, S, T, D):
+        raise ValueError(f"init must have shape (B, S, T, D) = {(B, S, T, D)}, got {tuple(init.shape)}")
+    if init is None and init_rows is not None:
+        raise ValueError("init_rows needs init")
+    if init_rows is not None and (tuple(init_rows.shape) != (B,) or init_rows.dtype != torch.bool):
+        raise ValueError(f"init_rows must be a bool tensor of shape ({B},), got "
+                         f"{init_rows.dtype} {tuple(init_rows.shape)}")
+    traj = torch.zeros((B, S + 2, T, D), device=device, dtype=x_T.dtype)
+    traj[:, 0] = x_T
+    filled = torch.zeros(B, dtype=torch.long, device=device)
+    if init is not None:
+        traj[:, 1: S + 1] = init  # cold rows never read past their own computed points
+        warm = torch.ones(B, dtype=torch.bool, device=device) if init_rows is None else init_rows.to(device)
+        filled = torch.where(warm, S, filled)
+    zeros = torch.zeros(B, dtype=torch.long, device=device)
+    return WindowState(traj, zeros, filled, zeros.clone(), torch.zeros((), dtype=torch.long, device=device))
+
+
+def _finish(setup: RoundSetup, state: WindowState, last: RoundRows | None, finished_all: bool) -> torch.Tensor:
+    """``(B, T, D)`` the samples; an unfinished one (deadline, round cap) gets a clean estimate.
+
+    The end of its iterate where that spans the whole trajectory (a warm start, or a window that
+    reached the end), else the clean sample the last round predicted at its first unfinished step
+    from that step's final input (every unfinished sample ran in the last round); clipped as the
+    scheduler clips. Never a noisy iterate.
+    """
+    S, sched = setup.steps, setup.schedule
+    final = state.traj[setup.batch, state.filled]
+    if last is not None and not finished_all:
+        first = (last.w == 0).nonzero(as_tuple=True)[0]  # after the rounds: a host read is fine
+        x0_estimate = torch.zeros_like(final)
+        x0_estimate[last.b[first]] = sched.predict_x0(last.x_in[first], last.k[first], last.output[first])
+        estimate = torch.where((state.filled == S).view(-1, 1, 1), final, x0_estimate)
+        if sched.clip_sample:
+            estimate = estimate.clamp(-sched.clip_sample_range, sched.clip_sample_range)
+        final = torch.where((state.begin == S).view(-1, 1, 1), final, estimate)
+    return apply_inpaint(final, setup.inpaint, None)
 
 
 @torch.inference_mode()
+@float32_state
 def picard_sample(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -135,6 +376,8 @@ def picard_sample(
     linear_solve: bool = False,
     secant: bool = False,
     jacobian: torch.Tensor | None = None,
+    round_shape: str = "compact",
+    compile_round: bool = False,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Sample with Picard iterations; tolerance 0 reproduces :func:`sequential_sample`.
 
@@ -174,7 +417,7 @@ def picard_sample(
             makes the batch wait for its slowest sample (ParaDiGMS as published).
         deadline: a ``time.perf_counter()`` instant; no new round starts after it (the
             first round always runs), and unfinished samples return their clean-sample
-            estimate (see ``max_iterations``); ``stats.extra['deadline_hit']`` says so.
+            estimate (see ``max_iterations``); ``stats.deadline_hit`` says so.
         linear_solve: iterate on the predicted clean sample only. Each step is
             ``x_{k+1} = a_k x_k + c_k x0(x_k) + σ_k z_k`` (``a_k`` from
             :meth:`Schedule.linear_coeff`); ParaDiGMS's sums treat the whole step as
@@ -207,188 +450,56 @@ def picard_sample(
             it corrects ``J_k``, it does not replace it). Same fixed point for any ``J_k``
             (tolerance 0 is still exact). Not with soft inpaint weights.
         accelerator: a per-round hook (:class:`Accelerator`), e.g. ParaTAA's.
+        round_shape: ``'compact'`` evaluates only the window slots inside the trajectory (fewer
+            rows as samples finish: cheaper where rows cost compute, as on a CPU);
+            ``'fixed'`` evaluates every slot of every sample's window, ``B·W`` rows each round,
+            finished slots masked: the same result, shapes fixed per (B, W), so the round
+            compiles whole and can be captured as one CUDA graph (:func:`picard_round`).
+        compile_round: run the round through ``torch.compile(fullgraph=True)`` (needs
+            ``round_shape='fixed'``); compiled once per process and shapes.
     Returns:
-        ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S; ``stats.extra``
-        has ``deadline_hit``, ``rows_per_round`` (the denoiser's batch size in each
-        round, what a round costs: see :func:`para_policy.window.predict_latency`) and
-        ``window_start_per_round`` (the first non-final step after each round, the
-        slowest sample's: how the window slid).
+        ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S; ``stats.deadline_hit``;
+        ``stats.rows_per_round`` (the denoiser's batch size in each round, what a round costs:
+        see :func:`para_policy.window.predict_latency`).
     """
     noise = check_inputs(schedule, x_T, noise, condition, inpaint)
     max_iterations = check_options(schedule, window, tolerance, max_iterations)
-    B, T, D = x_T.shape
+    if round_shape not in ROUND_SHAPES:
+        raise ValueError(f"round_shape must be one of {list(ROUND_SHAPES)}, got {round_shape!r}")
+    if compile_round and round_shape != "fixed":
+        raise ValueError("compile_round=True needs round_shape='fixed' (the compacting round's row count "
+                         "changes every round)")
+    B = x_T.shape[0]
     S = schedule.num_steps
-    W = min(window, S)
-    device = x_T.device
-    if init is not None and tuple(init.shape) != (B, S, T, D):
-        raise ValueError(f"init must have shape (B, S, T, D) = {(B, S, T, D)}, got {tuple(init.shape)}")
-    sched = schedule.to(device)
-    if W == 1 and max_iterations >= S and deadline is None and accelerator is None:
+    if min(window, S) == 1 and max_iterations >= S and deadline is None and accelerator is None:
         # a window of one step is the sequential recursion (each round computes the next step from a
         # final point, so no guess is ever read): run the loop itself, without Picard's bookkeeping
         sample, stats = sequential_sample(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint)
-        stats.extra.update(deadline_hit=False, rows_per_round=[B] * S, window_start_per_round=list(range(1, S + 1)))
+        stats.rows_per_round = [B] * S
         return sample, stats
-
-    # traj[:, j] is x_j, j = 0 … S; filled[b] is the last index holding a computed value
-    # (cold start: later slots read as that value, so new window slots start from it).
-    traj = torch.empty((B, S + 1, T, D), device=device, dtype=x_T.dtype)
-    traj[:, 0] = x_T
-    filled = torch.zeros(B, dtype=torch.long)
-    if init is not None:
-        traj[:, 1:] = init  # cold rows never read past their own computed points
-        if init_rows is None:
-            filled[:] = S
-        else:
-            if tuple(init_rows.shape) != (B,) or init_rows.dtype != torch.bool:
-                raise ValueError(f"init_rows must be a bool tensor of shape ({B},), got "
-                                 f"{init_rows.dtype} {tuple(init_rows.shape)}")
-            filled[init_rows.cpu()] = S
-    elif init_rows is not None:
-        raise ValueError("init_rows needs init")
-    scaled_noise = noise * sched.noise_std.view(1, S, 1, 1).to(noise.dtype)
-    lin = sched.linear_coeff().to(x_T.dtype) if linear_solve else None  # (S,)
-    threshold = float(tolerance) ** 2 * sched.test_variance().to(torch.float32)  # (S,)
-    if secant:
-        if lin is None:
-            raise ValueError("secant=True needs linear_solve=True (it refines the linear solve's coefficient)")
-        # each step's last model input and nonlinear part, for the secant slope
-        seen_x = torch.zeros((B, S, T, D), device=device, dtype=x_T.dtype)
-        seen_g = torch.zeros((B, S, T, D), device=device, dtype=x_T.dtype)
-        seen = torch.zeros((B, S), dtype=torch.bool, device=device)
-    jac = None
-    if jacobian is not None:
-        if lin is None:
-            raise ValueError("jacobian needs linear_solve=True (it linearizes the linear solve's nonlinear part)")
-        if tuple(jacobian.shape) != (S, T * D, T * D):
-            raise ValueError(f"jacobian must have shape (S, T*D, T*D) = {(S, T * D, T * D)}, "
-                             f"got {tuple(jacobian.shape)}")
-        jac = jacobian.to(device=device, dtype=x_T.dtype)
-        eye = torch.eye(T * D, device=device, dtype=x_T.dtype)
-    begin = torch.zeros(B, dtype=torch.long)  # x[b, begin[b]] is final
-    done_round = torch.zeros(B, dtype=torch.long)
-    offsets = torch.arange(W)
-    batch_index = torch.arange(B, device=device)[:, None].expand(B, W)
-    drift = torch.empty((B, W, T, D), device=device, dtype=x_T.dtype)  # reused every round
-    known = None if inpaint is None else known_mask(inpaint[1])[:, None]  # (B, 1, T, D), for the convergence test
-    soft = inpaint is not None and inpaint[1].dtype != torch.bool and bool(((inpaint[1] > 0) & (inpaint[1] < 1)).any())
-    keep = keep_factors((1.0 - inpaint[1]).to(x_T.dtype), x_T.dtype) if soft else None  # for the linear solve
-    if soft and jac is not None:
-        raise ValueError("jacobian cannot be combined with soft inpaint weights (0 < weight < 1); "
-                         "use a bool mask or leave jacobian out")
-    free_count = None if known is None else (~known).sum(dim=(-1, -2)).clamp(min=1)  # (B, 1)
-    rounds = 0
-    model_evals = 0
+    setup = _setup(denoiser, schedule, x_T, noise, window, tolerance, condition, inpaint, accelerator,
+                   per_sample_windows, linear_solve, secant, jacobian)
+    state = _initial_state(x_T, S, None if init is None else init.to(x_T.dtype), init_rows)
+    step = compiled_round() if compile_round else picard_round
+    W = setup.window
+    rounds = model_evals = 0
     rows_per_round: list[int] = []
-    window_start_per_round: list[int] = []
     deadline_hit = False
-    last_round: tuple | None = None  # the last round's rows, inputs and outputs, for an early stop's estimate
-    while rounds < max_iterations and bool((begin < S).any()):
+    last: RoundRows | None = None
+    begins = [0] * B
+    while rounds < max_iterations and any(start < S for start in begins):
         if deadline is not None and rounds > 0 and time.perf_counter() >= deadline:  # one round always runs
             deadline_hit = True
             break
         rounds += 1
-        k = begin[:, None] + offsets  # (B, W) step indices
-        valid = k < S
-        k = k.clamp(max=S - 1)
-        read = torch.minimum(k, filled[:, None])
-        read_next = torch.minimum(k + 1, filled[:, None])
-        rows_b, rows_w = valid.nonzero(as_tuple=True)
-        rows_k = k[rows_b, rows_w]
-        # every host-to-device copy of the round before the model call: on a GPU a copy
-        # queued behind the model's kernels would stall the host until they finish
-        dev_b, dev_w, dev_k, k_dev = rows_b.to(device), rows_w.to(device), rows_k.to(device), k.to(device)
-        valid_dev, read_next_dev = valid.to(device), read_next.to(device)
-        base = traj[torch.arange(B, device=device), begin.to(device)]  # (B, T, D)
-        old = traj[batch_index, read_next_dev]  # (B, W, T, D): the iterate before this round
-
-        x_rows = traj[dev_b, read[rows_b, rows_w].to(device)]  # (R, T, D)
-        x_in = x_rows
-        if inpaint is not None:
-            known_rows = inpaint[0][dev_b, dev_k] if inpaint[0].dim() == 4 else inpaint[0][dev_b]
-            x_in = impose(x_rows, known_rows, inpaint[1][dev_b])
-        cond_rows = None if condition is None else condition[dev_b]
-        model_output = denoiser(x_in, sched.timesteps[dev_k], cond_rows)
-        model_evals += int(rows_b.shape[0])
-        rows_per_round.append(int(rows_b.shape[0]))
-        last_round = (rows_b, rows_w, x_in, dev_k, model_output)
-
-        drift.zero_()
-        if lin is None:
-            drift[dev_b, dev_w] = sched.step_mean(x_in, dev_k, model_output) + scaled_noise[dev_b, dev_k] - x_rows
-            new = base[:, None] + drift.cumsum(dim=1)  # (B, W, T, D): x_{k+1} for each slot
-        else:
-            # x_{k+1} = a_k x_k + g_k(x_k) + σ_k z_k, g_k = c_k · x0(x_k) the nonlinear part
-            # (soft inpaint weights w: x_k enters x_{k+1} as a_k (1 - w) x_k, solved exactly as well)
-            keep_rows = 1.0 if keep is None else keep.factors[dev_b]
-            g = sched.step_mean(x_in, dev_k, model_output) - lin[dev_k].view(-1, 1, 1) * keep_rows * x_rows
-            if jac is not None:  # what the fixed linearization leaves over
-                g = g - (jac[dev_k] @ x_rows.reshape(-1, T * D, 1)).view_as(g)
-            coeff = torch.where(valid_dev, lin[k_dev], 1.0)  # (B, W)
-            if secant:
-                # g_k(x) ≈ g_k(x') + μ_k (x − x') along the step's last change: move μ_k x into
-                # the linear solve (same fixed point for any μ_k)
-                dx = x_rows - seen_x[dev_b, dev_k]
-                dg = g - seen_g[dev_b, dev_k]
-                if known is not None:  # known entries do not reach the model: slope of the others
-                    dx = dx.masked_fill(known[dev_b, 0], 0.0)
-                dx2 = dx.pow(2).sum(dim=(-1, -2))
-                has_slope = seen[dev_b, dev_k] & (dx2 > 0)
-                mu = torch.where(has_slope, (dg * dx).sum(dim=(-1, -2)) / dx2.clamp(min=1e-30), 0.0)
-                if jac is None:
-                    mu = torch.minimum(mu.clamp(min=0.0), 1.0 - lin[dev_k])  # solved coefficient within [a_k, 1]
-                else:
-                    mu = mu.clamp(-0.5, 0.5)
-                seen_x[dev_b, dev_k], seen_g[dev_b, dev_k], seen[dev_b, dev_k] = x_rows, g, True
-                g = g - mu.view(-1, 1, 1) * keep_rows * x_rows
-                coeff = coeff.index_put((dev_b, dev_w), coeff[dev_b, dev_w] + mu)
-            drift[dev_b, dev_w] = g + scaled_noise[dev_b, dev_k]
-            if jac is None:
-                new = linear_recurrence(coeff, base, drift, keep)
-            else:  # slots past the end carry x unchanged (coefficient 1, no Jacobian, no drive)
-                mats = coeff.view(B, W, 1, 1) * eye + jac[k_dev] * valid_dev.view(B, W, 1, 1)
-                new = matrix_recurrence(mats, base, drift)
-        change = (new - old).pow(2)
-        if known is None:
-            error = change.mean(dim=(-1, -2))  # (B, W)
-        else:  # known entries are re-imposed before they are read: only the others must settle
-            error = change.masked_fill(known, 0.0).sum(dim=(-1, -2)) / free_count
-        converged = (error <= threshold[k_dev]).cpu()  # the round's one host sync
-
-        converged |= ~valid
-        converged[:, 0] = True  # x_{b+1} from the final x_b is exact
-        own_lead = converged.to(torch.long).cumprod(dim=1).sum(dim=1)  # leading converged points
-        if accelerator is not None:
-            new = accelerator.step(rounds, k_dev, valid_dev, new, old, own_lead.to(device))
-        traj[dev_b, dev_k + 1] = new[dev_b, dev_w]
-        active = begin < S
-        lead = own_lead if per_sample_windows else torch.full_like(own_lead, int(own_lead[active].min()))
-        filled = torch.where(active, torch.maximum(filled, (begin + W).clamp(max=S)), filled)
-        new_begin = torch.where(active, (begin + lead).clamp(max=S), begin)
-        done_round = torch.where(active & (new_begin == S), rounds, done_round)
-        begin = new_begin
-        window_start_per_round.append(int(begin[active].min()) if bool(active.any()) else S)
-
-    finished = begin == S
-    final = traj[torch.arange(B, device=device), filled.to(device)]
-    if last_round is not None and not bool(finished.all()):
-        # an unfinished sample returns a clean estimate, never a noisy iterate: the end of its iterate
-        # where that spans the whole trajectory (a warm start, or a window that reached the end), else
-        # the clean sample the last round predicted at its first unfinished step from that step's final
-        # input (every unfinished sample ran in the last round); clipped as the scheduler clips
-        rows_b, rows_w, x_in, dev_k, model_output = last_round
-        first = (rows_w == 0).nonzero(as_tuple=True)[0]  # host indices: no device sync
-        x0_estimate = torch.zeros_like(final)
-        f = first.to(device)
-        x0_estimate[rows_b[first].to(device)] = sched.predict_x0(x_in[f], dev_k[f], model_output[f])
-        estimate = torch.where((filled == S).to(device).view(B, 1, 1), final, x0_estimate)
-        if sched.clip_sample:
-            estimate = estimate.clamp(-sched.clip_sample_range, sched.clip_sample_range)
-        final = torch.where(finished.to(device).view(B, 1, 1), final, estimate)
-    final = apply_inpaint(final, inpaint, None)
-    done_round = torch.where(finished, done_round, rounds)
+        rows = B * W if round_shape == "fixed" else sum(min(W, S - start) for start in begins if start < S)
+        last = step(setup, state, None if round_shape == "fixed" else rows)
+        model_evals += rows
+        rows_per_round.append(rows)
+        begins = state.begin.tolist()  # the round's one host read: the stop test and the next row count
+    finished = state.begin == S
+    final = _finish(setup, state, last, all(start == S for start in begins))
     return final, SampleStats(
-        rounds=rounds, model_evals=model_evals, converged=finished, rounds_per_sample=done_round,
-        extra={"deadline_hit": deadline_hit, "rows_per_round": rows_per_round,
-               "window_start_per_round": window_start_per_round},
-    )
+        rounds=rounds, model_evals=model_evals, converged=finished.cpu(),
+        rounds_per_sample=torch.where(finished, state.done_round, rounds).cpu(),
+        deadline_hit=deadline_hit, rows_per_round=rows_per_round)

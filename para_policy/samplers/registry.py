@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from para_policy.samplers.picard import picard_sample
+from para_policy.samplers.picard import ROUND_SHAPES, picard_sample
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.samplers.taa import taa_sample
 from para_policy.schedule import Schedule, ddim_from, make_schedule
@@ -69,7 +69,8 @@ class PicardOptions:
     window: steps refined per round, an integer >= 1 or ``'auto'`` (chosen from this
     machine's cost curve when the sampler first runs, :mod:`para_policy.window`);
     tolerance: finite, >= 0 (0 = exact); max_iterations: None (= number of steps) or >= 1;
-    secant needs linear_solve.
+    secant needs linear_solve; round_shape: ``'compact'`` or ``'fixed'``; compile_round needs
+    ``round_shape='fixed'``.
     """
 
     window: int | str = 16
@@ -78,6 +79,8 @@ class PicardOptions:
     per_sample_windows: bool = True
     linear_solve: bool = False
     secant: bool = False
+    round_shape: str = "compact"
+    compile_round: bool = False
 
     def __post_init__(self) -> None:
         if self.window != "auto":
@@ -88,10 +91,15 @@ class PicardOptions:
         object.__setattr__(self, "tolerance", float(self.tolerance))
         if self.max_iterations is not None:
             _check_int("max_iterations", self.max_iterations, 1)
-        for flag in ("per_sample_windows", "linear_solve", "secant"):
+        for flag in ("per_sample_windows", "linear_solve", "secant", "compile_round"):
             _check_bool(flag, getattr(self, flag))
         if self.secant and not self.linear_solve:
             raise SamplerOptionError("secant=True needs linear_solve=True (it refines the linear solve)", "secant")
+        if self.round_shape not in ROUND_SHAPES:
+            raise SamplerOptionError(f"round_shape must be one of {list(ROUND_SHAPES)}, got {self.round_shape!r}",
+                                     "round_shape")
+        if self.compile_round and self.round_shape != "fixed":
+            raise SamplerOptionError("compile_round=True needs round_shape='fixed'", "compile_round")
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,13 @@ from para_policy.samplers.common import (
     SampleStats,
     apply_inpaint,
     check_inputs,
+    float32_state,
 )
 from para_policy.schedule import Schedule
 
 
 @torch.inference_mode()
+@float32_state
 def sequential_sample(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -41,6 +43,8 @@ def sequential_sample(
         ``(sample (B, T, D), stats)`` with ``rounds = S``.
     """
     noise = check_inputs(schedule, x_T, noise, condition, inpaint)
+    if inpaint is not None:
+        inpaint = (inpaint[0].to(x_T.dtype), inpaint[1] if inpaint[1].dtype == torch.bool else inpaint[1].to(x_T.dtype))
     B = x_T.shape[0]
     schedule = schedule.to(x_T.device)
     x = x_T

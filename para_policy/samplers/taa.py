@@ -53,6 +53,7 @@ from para_policy.samplers.common import (
     Denoiser,
     Inpaint,
     SampleStats,
+    float32_state,
 )
 from para_policy.samplers.picard import picard_sample
 from para_policy.schedule import Schedule
@@ -86,14 +87,18 @@ class TriangularAnderson:
                  device: torch.device, dtype: torch.dtype) -> None:
         B, T, D = shape
         S = schedule.num_steps
+        self.steps = S
         self.memory = memory
         self.ridge = float(ridge)
         self.weights = slot_weights(schedule, T * D).to(device)  # (S,)
-        self.x = torch.zeros((B, S, memory + 1, T, D), device=device, dtype=dtype)
+        # step S is a scratch step: slots past the trajectory's end write there, nobody reads it
+        self.x = torch.zeros((B, S + 1, memory + 1, T, D), device=device, dtype=dtype)
         self.r = torch.zeros_like(self.x)
-        self.seen = torch.zeros((B, S), device=device, dtype=torch.long)
+        self.seen = torch.zeros((B, S + 1), device=device, dtype=torch.long)
+        ring = torch.arange(memory + 1, device=device)
+        self.orders = (ring[:, None] - ring[None, :]) % (memory + 1)  # [slot] = ring slots, newest first
 
-    def step(self, rnd: int, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
+    def step(self, rnd: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor, old: torch.Tensor,
              plain_upto: torch.Tensor) -> torch.Tensor:
         """Record round ``rnd`` and return the next iterate of every slot, ``(B, W, T, D)``.
 
@@ -105,26 +110,27 @@ class TriangularAnderson:
                 (the converged prefix and the first unconverged slot, whose value is then
                 exact up to the tolerance); later slots are extrapolated.
         """
-        b, w = valid.nonzero(as_tuple=True)
         residual = torch.where(valid[..., None, None], new - old, 0.0)
         slot = rnd % (self.memory + 1)
-        self.x[b, k[b, w], slot] = old[b, w]
-        self.r[b, k[b, w], slot] = residual[b, w]
-        self.seen[b, k[b, w]] += 1
+        b = torch.arange(k.shape[0], device=k.device)[:, None]
+        step = torch.where(valid, k, self.steps)  # (B, W); slots past the end record into the scratch step
+        self.x[b, step, slot] = old
+        self.r[b, step, slot] = residual
+        self.seen[b, step] += 1
         dX, dR, m = self.differences(rnd, k)
         weight = torch.where(valid, self.weights[k], 0.0)
         correction = anderson_correction(dX, dR, m, residual, weight, self.ridge)
         mix = torch.arange(k.shape[1], device=k.device)[None, :] > plain_upto[:, None]
         return torch.where(mix[..., None, None], new - correction, new)
 
-    def differences(self, rnd: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def differences(self, rnd: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ΔX, ΔR, m)`` for the window ``k`` (B, W) after round ``rnd`` was recorded.
 
         ΔX, ΔR: ``(B, W, memory, T, D)``, newest difference first
         (``ΔX[..., i, :, :] = x^{n−i} − x^{n−i−1}``); m: ``(B, W)`` how many are valid.
         """
         M = self.memory
-        order = torch.tensor([(rnd - i) % (M + 1) for i in range(M + 1)], device=k.device)
+        order = self.orders[rnd % (M + 1)]
         b = torch.arange(k.shape[0], device=k.device)[:, None]
         x = self.x[b, k][:, :, order]  # (B, W, M+1, T, D), newest first
         r = self.r[b, k][:, :, order]
@@ -166,6 +172,7 @@ def anderson_correction(
 
 
 @torch.inference_mode()
+@float32_state
 def taa_sample(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -185,12 +192,14 @@ def taa_sample(
     secant: bool = False,
     memory: int = 3,
     ridge: float = 1e-3,
+    round_shape: str = "compact",
+    compile_round: bool = False,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard sampling with triangular Anderson acceleration; tolerance 0 reproduces the sequential sample.
 
     Arguments and stats are :func:`para_policy.samplers.picard_sample`'s (same window,
     tolerance, convergence test, per-sample windows, ``init`` / ``init_rows`` warm start,
-    ``linear_solve``, ``secant`` and ``deadline``), plus:
+    ``linear_solve``, ``secant``, ``deadline``, ``round_shape`` and ``compile_round``), plus:
 
     Args:
         memory: how many past iterate differences each slot mixes (2–5 are sensible;
@@ -201,8 +210,7 @@ def taa_sample(
             once they are much smaller than the tolerance. 0 disables it (a singular
             system then falls back to a plain Picard step for that slot).
     Returns:
-        ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S;
-        ``stats.extra`` has ``deadline_hit``.
+        ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S; ``stats.deadline_hit``.
     """
     check_taa_options(memory, ridge)
     if x_T.dim() != 3:
@@ -212,4 +220,5 @@ def taa_sample(
                          max_iterations=max_iterations, condition=condition, inpaint=inpaint, init=init,
                          init_rows=init_rows,
                          per_sample_windows=per_sample_windows, deadline=deadline, accelerator=anderson,
-                         linear_solve=linear_solve, secant=secant)
+                         linear_solve=linear_solve, secant=secant, round_shape=round_shape,
+                         compile_round=compile_round)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from para_policy.samplers.picard import linear_recurrence
+from para_policy.samplers.solves import linear_recurrence
 from para_policy.schedule import Schedule
 
 

@@ -12,6 +12,7 @@ from conftest import MLPDenoiser, dp_ddim, dp_ddpm
 
 from para_policy import load_policy
 from para_policy.samplers import draw_noise, picard_sample, sequential_sample, taa_sample
+from para_policy.samplers.captured import CapturedPicard, CapturedSequential
 from para_policy.samplers.host_sync import HostSyncCounter
 from para_policy.samplers.picard import _initial_state, _setup, compiled_round, picard_round
 from para_policy.samplers.warm_start import warm_start_init
@@ -168,3 +169,31 @@ def test_sampler_state_stays_float32(name, sample, opts):
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         # tolerance 0 follows the sequential loop under the same precision up to rounding
         assert (out - seq).abs().max() <= 0.05 + 0.5 * (seq - ref).abs().max()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none here)")
+
+
+@pytest.mark.parametrize("capture", [False, pytest.param(True, marks=CUDA)])
+@pytest.mark.parametrize("mask", [None, "soft"])
+def test_captured_samplers_equal_the_eager_ones(capture, mask):
+    """Static buffers reused across calls with new inputs: the eager fixed round's and the loop's results."""
+    device = "cuda" if capture else "cpu"
+    model = MLPDenoiser().to(device)
+    sched = make_schedule(dp_ddpm(), 20)
+    loop = CapturedSequential(model, sched, capture=capture)
+    rounds = CapturedPicard(model, sched, window=5, tolerance=0.05, linear_solve=True, secant=True, capture=capture)
+    for seed in range(3):
+        _, x_T, noise, cond, inpaint = inputs(steps=20, kind="ddpm", mask=mask)
+        g = torch.Generator().manual_seed(seed)
+        x_T, noise = draw_noise(sched, (B, T, D), g)
+        x_T, noise, cond = x_T.to(device), noise.to(device), cond.to(device)
+        inpaint = None if inpaint is None else tuple(v.to(device) for v in inpaint)
+        ref, _ = sequential_sample(model, sched, x_T, noise, condition=cond, inpaint=inpaint)
+        out, stats = loop(x_T, noise, condition=cond, inpaint=inpaint)
+        assert torch.allclose(out, ref, atol=1e-6) and stats.rounds == 20
+        eager, es = picard_sample(model, sched, x_T, noise, condition=cond, inpaint=inpaint, window=5, tolerance=0.05,
+                                  linear_solve=True, secant=True, round_shape="fixed")
+        out, stats = rounds(x_T, noise, condition=cond, inpaint=inpaint)
+        assert stats.rounds == es.rounds and torch.allclose(out, eager, atol=1e-6)
+    assert len(loop.graphs) == 1 and len(rounds.graphs) == 1  # one capture, replayed with each call's inputs

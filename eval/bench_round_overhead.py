@@ -1,0 +1,188 @@
+"""What a Picard round costs outside the model, and what compiling the round does, on this machine.
+
+On a GPU a round is worth one model call only if the host does not wait on the device inside it
+and launches few kernels besides the model's. This counts, per round and for every sampler
+variant, the host syncs, host-to-device copies and torch operations outside the model
+(:class:`~para_policy.samplers.host_sync.HostSyncCounter`), and times the chunk and its share
+outside the model on the shipped PushT policy, replaying a recorded control stream (batch 1,
+each variant warm-started from its own previous chunk as ``paradigms`` is in a control loop, the
+same noise for every variant of a chunk, variants interleaved chunk by chunk).
+
+Variants: ``sequential`` (eager, and with the model ``torch.compile``'d), ``paradigms`` with
+compacting rounds (eager, and with the model compiled) and with fixed-shape rounds (eager, and
+the whole round compiled with ``fullgraph=True``: model and bookkeeping). Compiling takes
+minutes on a CPU; ``--no-compile`` leaves those variants out.
+
+    python eval/bench_round_overhead.py                      # writes eval/results/bench_round_overhead.{md,json}
+    python eval/bench_round_overhead.py --chunks 4 --no-compile --out /tmp/overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_latency as bl  # noqa: E402
+import torch  # noqa: E402
+
+from para_policy import load_policy  # noqa: E402
+from para_policy.checkpoints import atomic_write  # noqa: E402
+from para_policy.evaluation.latency import distribution  # noqa: E402
+from para_policy.samplers import draw_noise, sampler_spec, shift_trajectory  # noqa: E402
+from para_policy.samplers.host_sync import HostSyncCounter  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
+STREAM = ROOT / "eval" / "results" / "bench_latency_schedules" / "stream.json"
+SCHEDULES = {"ddpm100": ("ddpm", 100, 100), "ddim10": ("ddim", 10, 10)}  # kind, steps, window
+#: name -> (policy: 'eager' | 'compiled model', sampler preset, options)
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "sequential": ("eager", "sequential", {}),
+    "sequential, model compiled": ("compiled model", "sequential", {}),
+    "paradigms compact": ("eager", "paradigms", {}),
+    "paradigms compact, model compiled": ("compiled model", "paradigms", {}),
+    "paradigms fixed": ("eager", "paradigms", {"round_shape": "fixed"}),
+    "paradigms fixed, round compiled": ("eager", "paradigms", {"round_shape": "fixed", "compile_round": True}),
+}
+
+
+class Timed:
+    """The policy's denoiser, timed: how much of a chunk the model calls take."""
+
+    def __init__(self, denoise: Any) -> None:
+        self.denoise, self.ms = denoise, 0.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.denoise(x, t, c)
+        self.ms += (time.perf_counter() - start) * 1e3
+        return out
+
+
+def run_chunk(policy: Any, spec: Any, obs: torch.Tensor, key: int, guess: torch.Tensor | None) -> Any:
+    x_T, noise = draw_noise(policy.schedule_for(spec), policy.trajectory_shape(1), torch.Generator().manual_seed(key))
+    warm = {} if not spec.iterative else {"warm_start": False if guess is None else guess}
+    return policy.predict_action({"obs": obs}, sampler=spec, x_T=x_T, noise=noise, **warm)
+
+
+def measure(policies: dict[str, Any], specs: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts (one pass) and interleaved timings (a second pass) of every variant over ``chunks``."""
+    rows = {name: {"rounds": [], "syncs": [], "copies": [], "ops": [], "ms": [], "outside_ms": []} for name in specs}
+    for counting in (True, False):
+        guesses: dict[str, torch.Tensor | None] = dict.fromkeys(specs)
+        for i, chunk in enumerate(chunks):
+            obs = torch.as_tensor(chunk["obs"])[None]
+            names = list(specs) if i % 2 == 0 else list(specs)[::-1]
+            for name in names:
+                policy = policies[VARIANTS[name][0]]
+                guess = None if chunk["chunk"] == 0 else guesses[name]
+                wrap = HostSyncCounter() if counting else Timed(policy.denoise)
+                policy.denoise = wrap.wrap(policy.denoise) if counting else wrap
+                try:
+                    start = time.perf_counter()
+                    if counting:
+                        with wrap:
+                            out = run_chunk(policy, specs[name], obs, 1000 + i, guess)
+                    else:
+                        out = run_chunk(policy, specs[name], obs, 1000 + i, guess)
+                    total = (time.perf_counter() - start) * 1e3
+                finally:
+                    del policy.denoise
+                guesses[name] = shift_trajectory(out.trajectory, policy.n_action_steps)
+                r = rows[name]
+                if counting:
+                    between = wrap.between or [wrap.after]
+                    r["rounds"].append(out.stats.rounds)
+                    for field in ("syncs", "copies", "ops"):
+                        r[field].append(statistics.mean(getattr(c, field) for c in between))
+                else:
+                    r["ms"].append(total)
+                    r["outside_ms"].append((total - wrap.ms) / out.stats.rounds)
+    return rows
+
+
+def summarize(rows: dict[str, Any]) -> dict[str, Any]:
+    base = distribution(rows["sequential"]["ms"])["p50"]
+    out = {}
+    for name, r in rows.items():
+        ms = distribution(r["ms"])
+        out[name] = {"rounds_mean": statistics.mean(r["rounds"]), "syncs_per_round": statistics.mean(r["syncs"]),
+                     "copies_per_round": statistics.mean(r["copies"]), "ops_per_round": statistics.mean(r["ops"]),
+                     "outside_model_ms_per_round_p50": distribution(r["outside_ms"])["p50"],
+                     "ms_p50": ms["p50"], "ms_p95": ms["p95"], "speedup_p50_vs_sequential": base / ms["p50"]}
+    return out
+
+
+def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = ["# Per-round overhead and compiled rounds (CPU)", "",
+             f"`{meta['command']}`; {meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s); "
+             f"{meta['chunks']} chunks of the recorded PushT stream at batch 1, warm-started per variant, "
+             "variants interleaved chunk by chunk. Counts are per round, between two model calls (the sequential "
+             "loop: per step): host syncs (device-to-host reads), host-to-device copies, torch operations "
+             "outside the model. 'outside ms' is a round's wall time minus its model call.", ""]
+    for schedule, res in results.items():
+        lines += [f"## {schedule} (window {meta['windows'][schedule]})", "",
+                  "| variant | rounds | syncs | copies | ops | outside ms/round p50 | ms/chunk p50 | p95 "
+                  "| vs sequential p50 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, s in res.items():
+            lines.append(f"| {name} | {s['rounds_mean']:.2f} | {s['syncs_per_round']:.2f} | "
+                         f"{s['copies_per_round']:.2f} | {s['ops_per_round']:.0f} | "
+                         f"{s['outside_model_ms_per_round_p50']:.2f} | {s['ms_p50']:.1f} | {s['ms_p95']:.1f} | "
+                         f"{s['speedup_p50_vs_sequential']:.2f}× |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunks", type=int, default=16, help="chunks of the recorded stream to replay (default 16)")
+    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled variants (minutes to compile)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                    help=f"variants to run (default all: {', '.join(VARIANTS)}); 'sequential' is always run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    chunks, _ = bl.load_stream(STREAM)
+    chunks = chunks[: args.chunks]
+    names = [n for n in VARIANTS if (n == "sequential" or n in args.variants)
+             and not (args.no_compile and "compiled" in n)]
+    policies = {"eager": load_policy(CHECKPOINT, sampler="sequential", backend="eager")}
+    if any(VARIANTS[n][0] == "compiled model" for n in names):
+        policies["compiled model"] = load_policy(CHECKPOINT, sampler="sequential", backend="eager")
+        policies["compiled model"].set_inference(compile=True)
+    results, windows = {}, {}
+    for schedule in args.schedules:
+        kind, steps, window = SCHEDULES[schedule]
+        windows[schedule] = window
+        specs = {}
+        for name in names:
+            _, preset, options = VARIANTS[name]
+            extra = {} if preset == "sequential" else {"window": window, **options}
+            specs[name] = sampler_spec(preset, scheduler=kind, num_inference_steps=steps, **extra)
+        print(f"{schedule}: {len(chunks)} chunks x {len(specs)} variants (compiling first where asked)", flush=True)
+        results[schedule] = summarize(measure(policies, specs, chunks))
+    meta = {"command": "python eval/bench_round_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": f"{os.cpu_count()}-core {os.uname().machine}", "torch": torch.__version__,
+            "threads": args.threads, "chunks": len(chunks), "windows": windows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "bench_round_overhead.json",
+                 lambda p: Path(p).write_text(json.dumps({"meta": meta, "results": results}, indent=1)))
+    text = markdown(results, meta)
+    atomic_write(args.out / "bench_round_overhead.md", lambda p: Path(p).write_text(text))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

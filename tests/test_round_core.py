@@ -11,6 +11,7 @@ import torch
 from conftest import MLPDenoiser, dp_ddim, dp_ddpm
 
 from para_policy import load_policy
+from para_policy.cuda_graphs import WeightsWatch
 from para_policy.samplers import draw_noise, picard_sample, sequential_sample, taa_sample
 from para_policy.samplers.captured import CapturedPicard, CapturedSequential
 from para_policy.samplers.host_sync import HostSyncCounter
@@ -181,9 +182,12 @@ def test_captured_samplers_equal_the_eager_ones(capture, mask):
     device = "cuda" if capture else "cpu"
     model = MLPDenoiser().to(device)
     sched = make_schedule(dp_ddpm(), 20)
-    loop = CapturedSequential(model, sched, capture=capture)
-    rounds = CapturedPicard(model, sched, window=5, tolerance=0.05, linear_solve=True, secant=True, capture=capture)
-    for seed in range(3):
+    loop = CapturedSequential(model, sched, capture=capture, weights_changed=WeightsWatch(model).changed)
+    rounds = CapturedPicard(model, sched, window=5, tolerance=0.05, linear_solve=True, secant=True, capture=capture,
+                            weights_changed=WeightsWatch(model).changed)
+    for seed in range(4):
+        if seed == 3:  # new weights (an EMA swap, a load): the graphs must read them, not the old addresses
+            model.load_state_dict(MLPDenoiser(seed=1).state_dict(), assign=True)
         _, x_T, noise, cond, inpaint = inputs(steps=20, kind="ddpm", mask=mask)
         g = torch.Generator().manual_seed(seed)
         x_T, noise = draw_noise(sched, (B, T, D), g)

@@ -17,7 +17,10 @@ first call; every call builds its inputs as the eager sampler would and copies t
 (:func:`copy_into`), so a replay computes what the eager code computes on the same inputs.
 Graphs are keyed by the call's shapes and options and captured on the first call with that
 key (capture it before a control loop starts, in the thread that will sample: capturing
-while another thread allocates on the device fails).
+while another thread allocates on the device fails). A graph reads the weights at the
+addresses they had at capture: pass ``weights_changed`` (e.g.
+``para_policy.cuda_graphs.WeightsWatch(model).changed``) and every graph is dropped and
+captured again after the weights are replaced or written.
 
 ``capture=False`` runs the same static buffers eagerly instead of replaying a graph: the
 buffer plumbing, which is what could go wrong here, is then checkable on a CPU.
@@ -119,8 +122,10 @@ class CapturedSequential:
     Call: ``(x_T (B,T,D), noise (B,S,T,D) | None, condition=None, inpaint=None) -> (sample, stats)``.
     """
 
-    def __init__(self, denoiser: Denoiser, schedule: Schedule, capture: bool = True) -> None:
+    def __init__(self, denoiser: Denoiser, schedule: Schedule, capture: bool = True,
+                 weights_changed: Callable[[], bool] | None = None) -> None:
         self.denoiser, self.schedule, self.capture = denoiser, schedule, capture
+        self.weights_changed = weights_changed
         self.graphs: dict[tuple, tuple[_Graph, dict[str, Any]]] = {}
 
     def _body(self, static: dict[str, Any]) -> Callable[[], torch.Tensor]:
@@ -145,6 +150,8 @@ class CapturedSequential:
         fresh = {"x_T": x_T, "noise": noise, "condition": condition, "inpaint": inpaint,
                  "steps": torch.arange(S, device=x_T.device).repeat_interleave(B).view(S, B)}
         key = _key(x_T, noise, condition, *(inpaint or (None, None)))
+        if self.weights_changed is not None and self.weights_changed():
+            self.graphs.clear()
         if key not in self.graphs:
             static = {k: _clone(v) for k, v in fresh.items()}
             self.graphs[key] = (_Graph(self._body(static), x_T.device, self.capture), static)
@@ -174,18 +181,21 @@ class CapturedPicard:
     Args:
         denoiser: the model call to capture (plain PyTorch: not itself a graph replay); its
             output is cast to the state's dtype.
-        schedule: the schedule; ``capture``: False runs the static buffers eagerly (CPU checks).
+        schedule: the schedule; ``capture``: False runs the static buffers eagerly (CPU checks);
+        weights_changed: as :class:`CapturedSequential`'s.
     Call: ``(x_T, noise, condition=, inpaint=, init=, init_rows=, deadline=) -> (sample, stats)``.
     """
 
     def __init__(self, denoiser: Denoiser, schedule: Schedule, *, window: int = 16, tolerance: float = 0.1,
                  max_iterations: int | None = None, per_sample_windows: bool = True, linear_solve: bool = False,
-                 secant: bool = False, jacobian: torch.Tensor | None = None, capture: bool = True) -> None:
+                 secant: bool = False, jacobian: torch.Tensor | None = None, capture: bool = True,
+                 weights_changed: Callable[[], bool] | None = None) -> None:
         self.max_iterations = check_options(schedule, window, tolerance, max_iterations)
         self.schedule, self.capture = schedule, capture
         self.options = dict(window=window, tolerance=tolerance, per_sample_windows=per_sample_windows,
                             linear_solve=linear_solve, secant=secant)
         self.jacobian = jacobian
+        self.weights_changed = weights_changed
         self.denoiser = lambda x, t, c: denoiser(x, t, c).to(x.dtype)
         self.graphs: dict[tuple, tuple[_Graph, RoundSetup, WindowState]] = {}
 
@@ -198,6 +208,8 @@ class CapturedPicard:
         return setup, _initial_state(x_T, self.schedule.num_steps, init, init_rows)
 
     def _graph(self, setup: RoundSetup, state: WindowState, key: tuple) -> tuple[_Graph, RoundSetup, WindowState]:
+        if self.weights_changed is not None and self.weights_changed():
+            self.graphs.clear()
         if key not in self.graphs:
             import copy
 

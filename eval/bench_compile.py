@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    eager = load_policy(args.checkpoint)
-    compiled = configure_inference(load_policy(args.checkpoint), compile=True)
+    eager = load_policy(args.checkpoint, backend="eager")
+    compiled = configure_inference(load_policy(args.checkpoint, backend="eager"), compile=True)
     env = make_env()
     obs = [torch.from_numpy(np.stack([env.reset(seed=s)[0]] * eager.n_obs_steps).astype(np.float32))[None]
            for s in range(100000, 100000 + args.episodes)]

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Run eval/bench_gpu.py on whatever machine this is: a CUDA device if torch sees one, else the CPU fallback.
+# On CUDA it measures cost curves, the honest baseline (the sequential loop captured whole as one CUDA
+# graph against `paradigms` with captured rounds, eager against graphs, fp32 against bf16, per schedule,
+# with each round's own cost beside the model call's) and the per-schedule replay; see eval/bench_gpu.py.
 #
-#   bash eval/bench_gpu.sh [bench_gpu.py options]      e.g. --out "$OUT" on a lent GPU machine, --quick for a smoke run
+#   bash eval/bench_gpu.sh --out "$OUT"                on a lent GPU machine (carry .whl), everything
+#   bash eval/bench_gpu.sh [bench_gpu.py options]      e.g. --parts captured, --quick for a smoke run
 #   bash eval/bench_gpu.sh --download-wheels           here (PyPI reachable): the wheels a bare GPU machine lacks
 #
 # A bare GPU machine is offline: nothing can be installed from a registry there. So this script

@@ -92,11 +92,14 @@ class ImagePolicy(LowdimPolicy):
         return self.check_obs({k: (v[None] if single else v) for k, v in obs.items()})
 
     def zero_observation(self, batch_size: int) -> dict[str, torch.Tensor]:
-        return {key: torch.zeros((batch_size, self.n_obs_steps, *shape), device=self.device, dtype=self.dtype)
+        return {key: torch.zeros((batch_size, self.n_obs_steps, *shape), device=self.device, dtype=self.sample_dtype)
                 for key, (shape, _) in self.obs_keys.items()}
 
     def check_obs(self, obs: Any) -> dict[str, torch.Tensor]:
-        """``{key: (B, To, *shape)}`` as tensors on the policy's device; ``ValueError`` naming what is wrong."""
+        """``{key: (B, To, *shape)}`` on the policy's device in :attr:`sample_dtype`; ``ValueError`` if wrong.
+
+        Normalized at that precision; :meth:`conditioning` casts the encoder's input to its dtype.
+        """
         expected = {k: f"(B, To, {', '.join(map(str, s))})" for k, (s, _) in self.obs_keys.items()}
         if not isinstance(obs, Mapping):
             raise ValueError(f"observations must be a dict {expected}, got {type(obs).__name__}")
@@ -126,17 +129,22 @@ class ImagePolicy(LowdimPolicy):
             batch = x.shape[0]
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{key} contains NaN or inf")
-            out[key] = x.to(device=self.device, dtype=self.dtype)
+            out[key] = x.to(device=self.device, dtype=self.sample_dtype)
         return out
 
     def conditioning(self, obs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
-        """``(global_cond (B, To·F), None)``: the encoder's features of each of the first To steps."""
+        """``(global_cond (B, To·F), None)``: the encoder's features of each of the first To steps.
+
+        Normalized in the observations' dtype, encoded in the encoder's parameter dtype, and
+        handed on in the UNet's :attr:`dtype` (no-op casts when all are float32).
+        """
         B, To = self.batch_size(obs), self.n_obs_steps
+        encoder_dtype = next(self.obs_encoder.parameters(), torch.empty(0, dtype=self.dtype)).dtype
         flat = {}
         for key in self.obs_keys:
             x = self.normalizer.normalize(self.normalizer_fields[key], obs[key][:, :To])
-            flat[key] = x.reshape(B * To, *x.shape[2:])
-        return self.obs_encoder(flat).reshape(B, -1), None
+            flat[key] = x.reshape(B * To, *x.shape[2:]).to(encoder_dtype)
+        return self.obs_encoder(flat).reshape(B, -1).to(self.dtype), None
 
     # ---- LeRobot's queue semantics ----------------------------------------------------
     def reset(self) -> None:

@@ -10,9 +10,12 @@ makes one call cheap lives here, behind options that default to plain eager fp32
   ``torch.compile(model, dynamic=True)``, compiled on first call (tens of seconds on CPU);
   dynamic shapes, so a new row count does not recompile.
 * ``cuda_graphs=True``: on a CUDA device, each call is padded to a bucket of row counts
-  (powers of two) and replayed from a CUDA graph captured once per bucket, which removes
-  the per-kernel launch cost that dominates small Picard rounds on a GPU. On any other
-  device it warns once and runs eagerly (nothing to capture).
+  (powers of two) and replayed from a CUDA graph captured per bucket, which removes the
+  per-kernel launch cost that dominates small Picard rounds on a GPU
+  (:mod:`para_policy.cuda_graphs`: captured when configured, recaptured when the weights
+  change). On any other device it warns once and runs eagerly (nothing to capture). Not
+  with ``devices``. On CUDA, fp32 calls run with TF32 off (exactness does not depend on
+  the rows per call).
 * ``backend='onnxruntime'``: the model exported to ONNX and run by ONNX Runtime on the CPU
   (:class:`~para_policy.onnx_backend.OnnxDenoiser`, the ``[onnx]`` extra): far less
   per-call overhead than eager PyTorch at a few rows, the same outputs up to float rounding.
@@ -20,7 +23,11 @@ makes one call cheap lives here, behind options that default to plain eager fp32
   when the denoiser was built (:class:`RowDispatchDenoiser`), since ONNX Runtime wins at the
   one-row calls of sequential sampling and eager can win at the wide calls of Picard rounds.
   Both are CPU fp32 only, so they refuse ``precision='bf16'``, ``compile``, ``cuda_graphs``
-  and ``devices``.
+  and ``devices``. ``auto``'s cost curves are cached per machine and network architecture
+  (``backends.json`` beside the window cache), so only the first build on a machine times them.
+* ``backend='default'``: what :func:`default_backend` picks for the model where it is, the one
+  place that decides (``load_policy``'s default): ``auto`` for a CPU fp32 model with the
+  ``[onnx]`` extra installed, eager otherwise; ``$PARA_POLICY_BACKEND`` overrides it per process.
 
 :func:`make_denoiser` composes them with several devices (:mod:`para_policy.devices`);
 :func:`configure_inference` sets them on a policy (:meth:`LowdimPolicy.set_inference`).
@@ -28,7 +35,13 @@ makes one call cheap lives here, behind options that default to plain eager fp32
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import logging
+import os
 import statistics
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,11 +49,24 @@ from typing import Any
 import torch
 from torch import nn
 
+# CudaGraphDenoiser, bucket_for and pad_rows lived here first: importable from both modules
+from para_policy.cuda_graphs import CudaGraphDenoiser, ExactFp32Denoiser, bucket_for, pad_rows  # noqa: F401
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 BACKENDS = ("eager", "onnxruntime", "auto")
+#: ``backend='default'``: resolved by :func:`default_backend` to one of :data:`BACKENDS`
+DEFAULT_BACKEND = "default"
+#: environment variable: what ``backend='default'`` resolves to in this process (one of :data:`BACKENDS`)
+BACKEND_ENV = "PARA_POLICY_BACKEND"
+#: file of ``backend='auto'``'s cost curves, in the window cache's folder (:func:`para_policy.window.cache_path`)
+CURVES_FILE = "backends.json"
+log = logging.getLogger("para_policy.inference")
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 #: ``((T, D), condition (1, ...) | None)``: the shapes of one denoiser call
 Example = tuple[Sequence[int], torch.Tensor | None]
+#: ``cuda_graphs``: the rows up to which graphs are captured when the denoiser is built
+#: (DiffusionPolicy's 100 steps in one window of one sample; a policy passes its own step count)
+DEFAULT_CAPTURE_ROWS = 128
 
 
 def check_inference_options(compile: bool | str = False, precision: str = "fp32", cuda_graphs: bool = False,
@@ -52,9 +78,13 @@ def check_inference_options(compile: bool | str = False, precision: str = "fp32"
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be true or false, got {cuda_graphs!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend != "eager":
+    if backend not in (*BACKENDS, DEFAULT_BACKEND):
+        raise ValueError(f"backend must be one of {[*BACKENDS, DEFAULT_BACKEND]}, got {backend!r}")
+    if cuda_graphs and devices is not None:  # the replicas' threads and streams cannot run inside one capture
+        raise ValueError("cuda_graphs=True cannot be combined with devices=[...]: a CUDA graph is captured on one "
+                         "device and stream, and the replicas run on their own streams and threads; use "
+                         "cuda_graphs=True on one device, or devices=[...] without cuda_graphs")
+    if backend not in ("eager", DEFAULT_BACKEND):  # 'default' picks eager for eager-only features
         eager_only = {"precision='bf16'": precision != "fp32", "compile": bool(compile),
                       "cuda_graphs": cuda_graphs, "devices": devices is not None}
         clash = [name for name, on in eager_only.items() if on]
@@ -63,66 +93,49 @@ def check_inference_options(compile: bool | str = False, precision: str = "fp32"
                              f"{', '.join(clash)} (eager PyTorch features): use backend='eager' for them")
 
 
-def bucket_for(rows: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``rows`` (buckets sorted ascending); ``rows`` itself past the largest."""
-    for b in buckets:
-        if b >= rows:
-            return int(b)
-    return int(rows)
+def default_backend(model: nn.Module, *, compile: bool | str = False, precision: str = "fp32",
+                    cuda_graphs: bool = False, devices: Sequence[Any] | None = None) -> tuple[str, str]:
+    """``(backend, why)``: what ``backend='default'`` runs ``model`` on; the one place that decides.
 
+    Why a default other than eager: at the one-row calls of sequential sampling ONNX Runtime is
+    several times cheaper than eager PyTorch on a CPU, and ``'auto'`` keeps eager where it wins
+    (wide Picard rounds), so a user who never heard of backends gets the fastest measured runtime.
+    In order:
 
-def pad_rows(t: torch.Tensor, size: int) -> torch.Tensor:
-    """``t`` (n, ...) padded to ``size`` rows by repeating its last row (rows are independent in the UNet)."""
-    n = t.shape[0]
-    if n == size:
-        return t
-    return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])], dim=0)
-
-
-class CudaGraphDenoiser:
-    """Replay ``fn`` from CUDA graphs captured per row-count bucket (inputs padded to the bucket).
-
-    Args:
-        fn: the denoiser to capture; called with static tensors during capture.
-        buckets: row counts to capture (default powers of two up to 4096); calls with more
-            rows than the largest bucket run eagerly.
+    1. eager where an eager-only setting is on (``precision='bf16'``, ``compile``, ``cuda_graphs``,
+       ``devices``): the user asked for a PyTorch feature;
+    2. ``$PARA_POLICY_BACKEND`` when set to one of :data:`BACKENDS` (a process-wide choice; the
+       test suite pins ``eager``);
+    3. on a CUDA device, eager (captured CUDA graphs are the candidate there: return them from
+       this branch once measured faster);
+    4. ``'auto'`` for a float32 model on the CPU when onnxruntime and onnx are importable;
+    5. eager otherwise (another device or dtype, or the ``[onnx]`` extra missing).
     """
+    eager_only = {"precision='bf16'": precision != "fp32", "compile": bool(compile), "cuda_graphs": bool(cuda_graphs),
+                  "devices": devices is not None}
+    clash = [name for name, on in eager_only.items() if on]
+    if clash:
+        return "eager", f"{', '.join(clash)} run on eager PyTorch only"
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced not in ("", DEFAULT_BACKEND):
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: must be one of {list(BACKENDS)} (or unset)")
+        return forced, f"{BACKEND_ENV}={forced}"
+    param = next(model.parameters(), None)
+    device = torch.device("cpu") if param is None else param.device
+    if device.type == "cuda":  # the hook for captured CUDA graphs (CudaGraphDenoiser) once they are measured faster
+        return "eager", "a CUDA model runs on eager PyTorch"
+    from para_policy.onnx_backend import check_exportable
 
-    def __init__(self, fn: DenoiseFn, buckets: Sequence[int] | None = None) -> None:
-        self.fn = fn
-        self.buckets = sorted(int(b) for b in (buckets or [2 ** i for i in range(13)]))
-        self.graphs: dict[tuple, tuple[Any, tuple[torch.Tensor, ...], torch.Tensor]] = {}
-
-    def _capture(self, key: tuple, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> None:
-        static = (x.clone(), t.clone(), None if c is None else c.clone())
-        stream = torch.cuda.Stream(x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs requires
-                self.fn(*static)
-        torch.cuda.current_stream(x.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.fn(*static)
-        self.graphs[key] = (graph, static, out)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        n = x.shape[0]
-        size = bucket_for(n, self.buckets)
-        if size > self.buckets[-1]:
-            return self.fn(x, t, condition)
-        xp, tp = pad_rows(x, size), pad_rows(t, size)
-        cp = None if condition is None else pad_rows(condition, size)
-        key = (size, x.dtype, x.device, None if cp is None else tuple(cp.shape[1:]))
-        if key not in self.graphs:
-            self._capture(key, xp, tp, cp)
-        graph, (sx, st, sc), out = self.graphs[key]
-        sx.copy_(xp)
-        st.copy_(tp)
-        if sc is not None:
-            sc.copy_(cp)
-        graph.replay()
-        return out[:n].clone()
+    try:
+        check_exportable(model)
+    except ValueError:
+        dtypes = sorted({str(p.dtype) for p in model.parameters()})
+        return "eager", f"ONNX Runtime runs CPU float32 models only; this one is on {device} in {', '.join(dtypes)}"
+    missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        return "eager", f"{' and '.join(missing)} not installed (pip install 'para_policy[onnx]' for ONNX Runtime)"
+    return "auto", "a CPU float32 model with onnxruntime installed: per row count, the faster of eager and ONNX Runtime"
 
 
 class RowDispatchDenoiser:
@@ -194,8 +207,13 @@ def _non_eager(model: nn.Module, backend: str, eager: DenoiseFn, example: Exampl
         raise ValueError("backend='auto' measures both backends on one call's shapes: pass "
                          "example=((T, D), condition (1, ...) | None)")
     check_exportable(model)
-    try:
-        onnx = OnnxDenoiser(model, condition_kw=condition_kw, example=example)
+    curves = None
+    if backend == "auto":
+        assert example is not None
+        key = _curves_key(model, example, condition_kw)
+        curves = _cached_curves(key)
+    try:  # with cached curves the graph is exported on its first call, not now
+        onnx = OnnxDenoiser(model, condition_kw=condition_kw, example=example if curves is None else None)
     except MissingExtraError as e:
         if backend == "onnxruntime":
             raise
@@ -204,13 +222,64 @@ def _non_eager(model: nn.Module, backend: str, eager: DenoiseFn, example: Exampl
     if backend == "onnxruntime":
         return onnx
     assert example is not None
-    return RowDispatchDenoiser.measure({"eager": eager, "onnxruntime": onnx}, example)
+    backends = {"eager": eager, "onnxruntime": onnx}
+    if curves is not None:
+        return RowDispatchDenoiser(backends, curves)
+    t0 = time.perf_counter()
+    dispatch = RowDispatchDenoiser.measure(backends, example)
+    from para_policy import window
+
+    path = window.cache_path(CURVES_FILE)
+    window.store_cache_entry(path, key, dispatch.curves)
+    log.info("backend='auto': eager and ONNX Runtime timed in %.1f s (ONNX Runtime for %s rows)%s",
+             time.perf_counter() - t0, [n for n, b in dispatch.choice.items() if b == "onnxruntime"],
+             "" if path is None else f"; cached in {path}")
+    return dispatch
+
+
+def _curves_key(model: nn.Module, example: Example, condition_kw: str) -> str:
+    """The cache key of ``auto``'s cost curves: the architecture (weight names, shapes and dtypes; not
+    their values, which do not change a call's cost), one call's shapes, the row counts timed, the
+    machine and the onnxruntime version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from para_policy import window
+
+    arch = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        arch.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    try:
+        ort = version("onnxruntime")
+    except PackageNotFoundError:
+        ort = None
+    condition = example[1]
+    return json.dumps({"model": arch.hexdigest()[:20], "sample": list(example[0]), "condition_kw": condition_kw,
+                       "condition": None if condition is None else list(condition.shape[1:]),
+                       "rows": sorted(int(n) for n in window.DEFAULT_BATCHES), "machine": window.machine_id(),
+                       "onnxruntime": ort}, sort_keys=True)
+
+
+def _cached_curves(key: str) -> dict[str, dict[int, float]] | None:
+    """``{backend: {rows: ms}}`` stored under ``key`` in ``backends.json``, or None (absent or malformed)."""
+    from para_policy import window
+
+    path = window.cache_path(CURVES_FILE)
+    entry = window.read_cache_entry(path, key)
+    try:
+        curves = {str(b): {int(n): float(ms) for n, ms in c.items()} for b, c in entry.items()}
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if set(curves) != {"eager", "onnxruntime"} or len({tuple(sorted(c)) for c in curves.values()}) != 1 \
+            or not curves["eager"]:
+        return None
+    log.info("backend='auto': cost curves of this machine and architecture from %s", path)
+    return curves
 
 
 def make_denoiser(model: nn.Module, *, compile: bool | str = False, precision: str = "fp32",
                   cuda_graphs: bool = False, devices: Sequence[str | torch.device] | None = None,
                   backend: str = "eager", example: Example | None = None,
-                  condition_kw: str = "global_cond") -> DenoiseFn:
+                  condition_kw: str = "global_cond", capture_rows: int = DEFAULT_CAPTURE_ROWS) -> DenoiseFn:
     """The denoiser callable over ``model``: the one place where the inference wrappers are composed.
 
     From the inside out: the model (``torch.compile``'d when asked), called under bf16
@@ -222,22 +291,41 @@ def make_denoiser(model: nn.Module, *, compile: bool | str = False, precision: s
     (:class:`~para_policy.onnx_backend.OnnxDenoiser`, exported now when ``example`` gives the
     shapes of one call, ``((T, D), condition (1, ...) | None)``, else on the first call);
     ``backend='auto'`` measures eager and ONNX Runtime on ``example`` now (a few seconds) and
-    dispatches each call by its row count (:class:`RowDispatchDenoiser`); without onnxruntime
-    installed it warns and returns the eager denoiser.
+    dispatches each call by its row count (:class:`RowDispatchDenoiser`), or reads the curves
+    this machine measured before for the same architecture and shapes (``backends.json``) and
+    exports on the first call; without onnxruntime installed it warns and returns the eager
+    denoiser. ``backend='default'``: the one :func:`default_backend` picks for ``model``.
+
+    On a CUDA device: with ``precision='fp32'`` every call runs with TF32 off
+    (:class:`~para_policy.cuda_graphs.ExactFp32Denoiser`), so its rounding does not depend on
+    the rows per call and tolerance 0 reproduces the sequential sample. With ``cuda_graphs``
+    and ``example``, the graphs of every row-count bucket up to ``capture_rows`` rows are
+    captured now (:class:`~para_policy.cuda_graphs.CudaGraphDenoiser`), for trajectories in
+    the sampler's dtype (float32, or float64 for a float64 network); larger buckets are
+    captured on first use, with a warning.
     """
     check_inference_options(compile, precision, cuda_graphs, backend, devices)
+    if backend == DEFAULT_BACKEND:
+        backend = default_backend(model, compile=compile, precision=precision, cuda_graphs=cuda_graphs,
+                                  devices=devices)[0]
     dtype = PRECISIONS[precision]
 
     def single(net: nn.Module) -> DenoiseFn:
+        module = net  # its parameters' dtype, read per call: the network may be cast after this is built
         if compile:
             net = torch.compile(net, dynamic=True, **({"mode": compile} if isinstance(compile, str) else {}))
 
         def denoise(x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+            # the sampler's state (float32) in, the network's own dtype for the call, x's dtype out;
+            # no-op casts when they match
+            weights = next(module.parameters()).dtype
+            if condition is not None and condition.is_floating_point():
+                condition = condition.to(weights)
             kw = {} if condition is None else {condition_kw: condition}
             if dtype is None:
-                return net(x, t, **kw)
+                return net(x.to(weights), t, **kw).to(x.dtype)
             with torch.autocast(device_type=x.device.type, dtype=dtype):
-                out = net(x, t, **kw)
+                out = net(x.to(weights), t, **kw)
             return out.to(x.dtype)
 
         return denoise
@@ -250,13 +338,17 @@ def make_denoiser(model: nn.Module, *, compile: bool | str = False, precision: s
         fn: DenoiseFn = ReplicatedDenoiser(model, devices, wrap=single)
     else:
         fn = single(model)
+    param = next(model.parameters())
+    if param.device.type == "cuda" and dtype is None:
+        fn = ExactFp32Denoiser(fn)
     if cuda_graphs:
-        dev = next(model.parameters()).device
-        if dev.type != "cuda":
-            warnings.warn(f"cuda_graphs needs a CUDA device; the model is on {dev}, so it runs eagerly",
+        if param.device.type != "cuda":
+            warnings.warn(f"cuda_graphs needs a CUDA device; the model is on {param.device}, so it runs eagerly",
                           stacklevel=2)
         else:
-            return CudaGraphDenoiser(fn)
+            sample_dtype = torch.promote_types(param.dtype, torch.float32)
+            return CudaGraphDenoiser(fn, model=model, example=example, dtypes=(sample_dtype,),
+                                     capture_rows=capture_rows)
     return fn
 
 
@@ -264,8 +356,9 @@ def configure_inference(policy: Any, *, compile: bool | str = False, precision: 
                         cuda_graphs: bool = False, backend: str = "eager") -> Any:
     """Set how ``policy``'s UNet runs (:meth:`LowdimPolicy.set_inference`); all defaults restore the plain model.
 
-    ``backend``: ``'eager'`` (PyTorch), ``'onnxruntime'`` or ``'auto'`` (per row count; see
-    :func:`make_denoiser`). Keeps the policy's ``devices`` setting
+    ``backend``: ``'eager'`` (PyTorch), ``'onnxruntime'``, ``'auto'`` (per row count; see
+    :func:`make_denoiser`) or ``'default'`` (:func:`default_backend`'s pick, re-made when the
+    policy moves to another device or dtype). Keeps the policy's ``devices`` setting
     (:func:`para_policy.devices.use_devices`). Returns the policy.
     """
     check_inference_options(compile, precision, cuda_graphs, backend)

@@ -14,6 +14,11 @@ processors) ``2 (x - min) / d - 1`` and back ``(y + 1) / 2 · d + min``, ``d = m
 an exact zero replaced by ``eps``; ``mode='min_max_eps'`` (LeRobot <= 0.3's normalization
 buffers) ``(x - min) / (max - min + eps) · 2 - 1`` and back ``(y + 1) / 2 · (max - min) + min``;
 ``mode='identity'``. ``eps`` is per field, default :data:`LEROBOT_EPS`.
+
+The statistics stay float32 (or wider) when the module is cast to half precision
+(``policy.to(torch.bfloat16)``, ``.half()``): that cast is meant for the network, and statistics
+rounded to bfloat16's 8-bit mantissa would move every raw action by up to 2^-9 of its range,
+an error no sampler can undo.
 """
 
 from __future__ import annotations
@@ -95,6 +100,19 @@ class LinearNormalizer(nn.Module):
     def __init__(self, dims: Mapping[str, int | Sequence[int] | Mapping[str, Any]]) -> None:
         super().__init__()
         self.params_dict = nn.ModuleDict({key: _FieldParams(*field_spec(spec)) for key, spec in dims.items()})
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LinearNormalizer:
+        """``Module._apply`` with casts to float16 / bfloat16 kept at float32 (or the tensor's wider dtype).
+
+        Device moves and casts to float32 or float64 apply as usual (module docstring: why).
+        """
+        def keep_precision(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype in (torch.float16, torch.bfloat16):
+                return t.to(device=out.device, dtype=torch.promote_types(t.dtype, torch.float32))
+            return out
+
+        return super()._apply(keep_precision, recurse)
 
     @torch.no_grad()
     def fit(

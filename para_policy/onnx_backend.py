@@ -83,7 +83,9 @@ def export_onnx(model: nn.Module, sample_shape: Sequence[int], condition_shape: 
     graph.eval()  # inference graph (no dropout); the exporters restore the wrapper's mode, this the model's
     # PyTorch's fused transformer-layer kernels have no ONNX form: trace the plain layers
     torch.backends.mha.set_fastpath_enabled(False)
-    with warnings.catch_warnings(), torch.no_grad():
+    # the graph ONNX Runtime runs is float32: a caller's torch.autocast (predict_action under autocast
+    # exports on a new shape) would trace half-precision casts into it, which the runtime refuses
+    with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
         warnings.simplefilter("ignore")  # tracer and deprecation warnings about the model's shape checks
         try:
             return _export(graph, args, names)

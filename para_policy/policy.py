@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +36,8 @@ log = logging.getLogger("para_policy.policy")
 class PolicyOutput(dict):
     """``predict_action``'s result: DiffusionPolicy's dict of tensors, plus the call's sampling record.
 
-    Items: ``'action'`` (B, n_action_steps, Da), ``'action_pred'`` (B, T, Da). Attributes:
+    Items: ``'action'`` (B, n_action_steps, Da), ``'action_pred'`` (B, T, Da), both in the
+    policy's :attr:`~LowdimPolicy.sample_dtype` (float32 whatever the network's dtype). Attributes:
     ``stats`` (:class:`~para_policy.samplers.SampleStats`), ``trajectory`` (the normalized
     clean sample, (B, T, D)), ``spec`` (the :class:`SamplerConfig` it ran, window resolved),
     ``warm`` (whether it started from a warm-start guess).
@@ -45,6 +47,16 @@ class PolicyOutput(dict):
     trajectory: torch.Tensor
     spec: SamplerConfig
     warm: bool
+
+
+class _Refused:
+    """The denoiser of a policy moved where its inference settings cannot run: every call raises why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        raise ValueError(self.reason)
 
 
 def _runs_sequentially(spec: SamplerConfig, schedule: Schedule, deadline: float | None) -> bool:
@@ -137,6 +149,7 @@ class LowdimPolicy(nn.Module):
         self.last_trajectory: torch.Tensor | None = None  # normalized (B, T, D) of the last call
         self.inference: dict[str, Any] = {}  # how the denoiser runs (set_inference)
         self._denoiser: Any = None  # the wrapped denoiser, None = the plain model
+        self.backend_choice: tuple[str, str] | None = None  # (backend, why) when backend='default' picked it
         self._schedules: dict[tuple[str, int], Schedule] = {}
         self._warm: tuple[tuple, torch.Tensor] | None = None  # (call key, next guess (B, T, D))
         self._fingerprint: str | None = None
@@ -270,20 +283,78 @@ class LowdimPolicy(nn.Module):
         the plain model. The wrappers are composed in one place,
         :func:`para_policy.inference.make_denoiser`. ``backend='onnxruntime'`` / ``'auto'``
         export (and ``'auto'`` times) the network now, on this policy's call shapes.
+        ``backend='default'`` (:func:`~para_policy.inference.default_backend`) stays the request:
+        later settings and moves (``.to(device)``) pick again; :attr:`backend_choice` says what it picked.
         """
-        from para_policy.inference import make_denoiser
+        from para_policy.inference import DEFAULT_BACKEND, default_backend, make_denoiser
 
         merged = {**self.inference, **settings}
         self._resolved.clear()  # the window cache key holds the inference settings
+        choice = None
+        if settings.get("backend", DEFAULT_BACKEND if self.backend_choice else None) == DEFAULT_BACKEND:
+            choice = default_backend(self.model, **{k: v for k, v in merged.items() if k != "backend"})
+            merged["backend"] = choice[0]
+            log.info("backend='default' -> %r: %s", *choice)
+        self.backend_choice = choice
         example = None
-        if merged.get("backend", "eager") != "eager":  # the shapes of one call: ((T, D), condition (1, ...))
+        # the shapes of one call, ((T, D), condition (1, ...)): ONNX exports and CUDA graphs are made now
+        if merged.get("backend", "eager") != "eager" or merged.get("cuda_graphs"):
             with torch.inference_mode():
                 example = (self.trajectory_shape(1)[1:], self.conditioning(self.zero_observation(1))[0])
-        self._denoiser = make_denoiser(self.model, condition_kw=self.condition_kw, example=example, **merged)
+        # CUDA graphs up front for the widest call of one sample: a window of every step
+        rows = max(self.num_inference_steps, self.schedule_for(self.sampler).num_steps)
+        self._denoiser = make_denoiser(self.model, condition_kw=self.condition_kw, example=example,
+                                       capture_rows=rows, **merged)
         self.inference = {k: v for k, v in merged.items() if v not in (None, False, "fp32", "eager")}
-        if not self.inference:
+        if not self.inference and self.device.type != "cuda":  # on CUDA: the TF32-off wrapper (make_denoiser)
             self._denoiser = None
         return self
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> LowdimPolicy:
+        """``.to()``, ``.cuda()``, ``.half()`` and the like; then a backend ``'default'`` picked is picked
+        again where it no longer fits (ONNX Runtime for a model moved to a GPU), and a denoiser built for
+        another device is built again for this one (CUDA graphs captured, TF32 off on CUDA; settings that
+        cannot run here raise on the next call, naming them)."""
+        params = self._modules.get("model")
+        first = None if params is None else next(params.parameters(), None)
+        before = None if first is None else (first.device, first.dtype)
+        super()._apply(fn, *args, **kwargs)
+        stale = False
+        choice = getattr(self, "backend_choice", None)
+        if choice is not None:
+            from para_policy.inference import default_backend
+
+            stale = default_backend(self.model, **{k: v for k, v in self.inference.items() if k != "backend"})[0] \
+                != choice[0]
+        moved = before is not None and (self.device, self.dtype) != before and (
+            bool(getattr(self, "inference", None)) or getattr(self, "_denoiser", None) is not None
+            or self.device.type == "cuda")
+        if stale or moved:
+            self._rebuild_denoiser(before)
+        return self
+
+    def _rebuild_denoiser(self, before: tuple[torch.device, torch.dtype] | None) -> None:
+        """:meth:`set_inference` with the current settings after a move; what cannot run here is refused per call."""
+        try:
+            self.set_inference()
+        except ValueError as e:
+            where = "" if before is None else f" from {before[0]} ({before[1]})"
+            reason = (f"the policy moved{where} to {self.device} ({self.dtype}), where its inference settings "
+                      f"{self.inference} cannot run: {e}")
+            warnings.warn(reason, stacklevel=3)
+            self._denoiser = _Refused(reason)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and pickle keep: all but the denoiser wrappers, which :meth:`__setstate__`
+        builds again (ONNX Runtime sessions do not pickle, and a copied closure would run the original's network)."""
+        state = super().__getstate__()
+        state["_denoiser"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.inference or self.device.type == "cuda":
+            self.set_inference()
 
     # ---- observations → conditioning ------------------------------------------------
     def observation_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -306,7 +377,7 @@ class LowdimPolicy(nn.Module):
 
     def zero_observation(self, batch_size: int) -> torch.Tensor:
         """Zero observations of ``batch_size`` (what the window is tuned on when no observation is given)."""
-        return torch.zeros((batch_size, self.n_obs_steps, self.obs_dim), device=self.device, dtype=self.dtype)
+        return torch.zeros((batch_size, self.n_obs_steps, self.obs_dim), device=self.device, dtype=self.sample_dtype)
 
     @staticmethod
     def batch_size(obs: Any) -> int:
@@ -315,7 +386,11 @@ class LowdimPolicy(nn.Module):
         return int(first.shape[0])
 
     def check_obs(self, obs: Any) -> torch.Tensor:
-        """``obs`` as a (B, To, Do) tensor on the policy's device; ``ValueError`` naming what is wrong."""
+        """``obs`` as a (B, To, Do) tensor on the policy's device in :attr:`sample_dtype`; ``ValueError`` if wrong.
+
+        Not the network's dtype: observations are normalized at float32 (the normalizer keeps its
+        statistics there), and :meth:`conditioning` casts the network's input to its own dtype.
+        """
         if not isinstance(obs, torch.Tensor):
             obs = torch.as_tensor(np.asarray(obs))
         if obs.dtype == torch.bool or obs.is_complex() or not (obs.is_floating_point() or obs.dtype in (
@@ -328,7 +403,7 @@ class LowdimPolicy(nn.Module):
             )
         if not bool(torch.isfinite(obs).all()):
             raise ValueError("obs contains NaN or inf")
-        return obs.to(device=self.device, dtype=self.dtype)
+        return obs.to(device=self.device, dtype=self.sample_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -336,7 +411,19 @@ class LowdimPolicy(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The network's parameter dtype (what the denoiser casts its input to)."""
         return next(self.model.parameters()).dtype
+
+    @property
+    def sample_dtype(self) -> torch.dtype:
+        """The dtype of everything around the network: observations, ``x_T`` and noise, known entries, actions.
+
+        float32 for a bfloat16, float16 or float32 network (float64 for a float64 one): the
+        samplers keep their iterate, trajectory and convergence test in it, and only the
+        denoiser's calls run in :attr:`dtype`, so ``policy.to(torch.bfloat16)`` rounds the
+        network's arithmetic, not the sampler's.
+        """
+        return torch.promote_types(self.dtype, torch.float32)
 
     @property
     def action_start(self) -> int:
@@ -354,12 +441,14 @@ class LowdimPolicy(nn.Module):
     def conditioning(self, obs: torch.Tensor) -> tuple[torch.Tensor | None, tuple | None]:
         """``(condition | None, inpaint (data, mask) | None)`` for raw obs (B, To, Do).
 
-        The condition is the UNet's ``global_cond`` (B, To·Do) or the transformer's ``cond`` (B, To, Do).
+        The condition is the UNet's ``global_cond`` (B, To·Do) or the transformer's ``cond`` (B, To, Do),
+        in the network's :attr:`dtype` (it goes only to the network); the inpainting data, which
+        the sampler imposes on its iterate, stays in the observations' dtype (:attr:`sample_dtype`).
         """
         nobs = self.normalizer.normalize("obs", obs[:, : self.n_obs_steps])
         B = obs.shape[0]
         if self.obs_as_global_cond:  # the UNet's flat global_cond, the transformer's (B, To, Do) tokens
-            return (nobs.reshape(B, -1) if self.model_type == "unet" else nobs), None
+            return (nobs.reshape(B, -1) if self.model_type == "unet" else nobs).to(self.dtype), None
         shape = self.trajectory_shape(B)
         data = torch.zeros(shape, device=obs.device, dtype=obs.dtype)
         mask = torch.zeros(shape, device=obs.device, dtype=torch.bool)
@@ -385,7 +474,7 @@ class LowdimPolicy(nn.Module):
                 raise ValueError("guide_actions continue frozen prefix_actions: pass d >= 1 prefix actions")
             return None
         start, Da = self.action_start, self.action_dim
-        data = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        data = torch.zeros(shape, device=self.device, dtype=self.sample_dtype)
         mask = torch.zeros(shape, device=self.device, dtype=torch.bool)
         data[:, start: start + d, :Da] = self.normalizer.normalize("action", p)
         mask[:, start: start + d, :Da] = True
@@ -394,9 +483,9 @@ class LowdimPolicy(nn.Module):
         guide = self._raw_actions(guide_actions, "guide_actions", shape[0], "m")
         first, m = start + d, guide.shape[1]
         n = max(0, min(m, shape[1] - first))
-        weights = mask.to(self.dtype)
+        weights = mask.to(self.sample_dtype)
         if n:
-            c = (m - torch.arange(n, device=self.device, dtype=self.dtype)) / (m + 1)
+            c = (m - torch.arange(n, device=self.device, dtype=self.sample_dtype)) / (m + 1)
             data[:, first: first + n, :Da] = self.normalizer.normalize("action", guide[:, :n])
             weights[:, first: first + n, :Da] = (c * torch.expm1(c) / math.expm1(1.0)).view(1, n, 1)
         return data, weights
@@ -413,16 +502,42 @@ class LowdimPolicy(nn.Module):
         if not (a.is_floating_point() or a.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
                                                      torch.uint8)):
             raise ValueError(f"{name} must hold real numbers, got {a.dtype}")
-        a = a.to(device=self.device, dtype=self.dtype)
+        a = a.to(device=self.device, dtype=self.sample_dtype)
         if not bool(torch.isfinite(a).all()):
             raise ValueError(f"{name} contains NaN or inf")
         return a
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, global_cond: torch.Tensor | None) -> torch.Tensor:
-        """The denoiser callable handed to samplers (through the wrappers of :meth:`set_inference`)."""
-        if self._denoiser is not None:
+        """The denoiser callable handed to samplers (through the wrappers of :meth:`set_inference`).
+
+        ``x`` (N, T, D) in the sampler's dtype (float32) → the network's prediction (N, T, D) in
+        ``x``'s dtype: ``x`` and the conditioning are cast to the network's :attr:`dtype` for the
+        call, and its output (that dtype, or autocast's) back, so a network cast to bfloat16 or
+        run under ``torch.autocast`` never sees, nor returns, another dtype than its own. Both
+        casts are no-ops when the dtypes already match.
+        """
+        if self._denoiser is not None:  # make_denoiser's wrappers cast the same way
             return self._denoiser(x, t, global_cond)
-        return self.model(x, t, **{self.condition_kw: global_cond})
+        dtype = self.dtype
+        if global_cond is not None and global_cond.is_floating_point():
+            global_cond = global_cond.to(dtype)
+        return self.model(x.to(dtype), t, **{self.condition_kw: global_cond}).to(x.dtype)
+
+    def _initial_noise(self, schedule: Schedule, shape: tuple[int, int, int], generator: torch.Generator | None,
+                       x_T: torch.Tensor | None, noise: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x_T (B, T, D), noise (B, S, T, D) | None)`` in :attr:`sample_dtype`: drawn, or the caller's cast.
+
+        Drawn from ``generator`` in DiffusionPolicy's order when ``x_T`` is None; a caller's tensors
+        (e.g. drawn in the network's dtype) join the sampler's dtype, so a warm-start guess built on
+        them is not rounded to it.
+        """
+        if x_T is None:
+            if noise is not None:
+                raise ValueError("pass x_T together with noise")
+            return draw_noise(schedule, shape, generator, device=self.device, dtype=self.sample_dtype)
+        cast = {"device": self.device, "dtype": self.sample_dtype}
+        return x_T.to(**cast), None if noise is None else noise.to(**cast)
 
     # ---- inference ----------------------------------------------------------------
     @torch.inference_mode()
@@ -502,10 +617,7 @@ class LowdimPolicy(nn.Module):
         if guide_actions is not None and prefix_actions is None:
             raise ValueError("guide_actions continue frozen prefix_actions: pass both")
         prefix = None if prefix_actions is None else self.prefix_inpaint(prefix_actions, shape, guide_actions)
-        if x_T is None:
-            if noise is not None:
-                raise ValueError("pass x_T together with noise")
-            x_T, noise = draw_noise(schedule, shape, generator, device=self.device, dtype=self.dtype)
+        x_T, noise = self._initial_noise(schedule, shape, generator, x_T, noise)
         if prefix is not None:
             imposed = prefix[1] if prefix[1].dtype == torch.bool else prefix[1] > 0
             known = prefix
@@ -613,7 +725,8 @@ class LowdimPolicy(nn.Module):
 
 
 def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradigms",
-                device: str | torch.device = "cpu", *, trust_pickle: bool = False, **options: Any) -> LowdimPolicy:
+                device: str | torch.device = "cpu", *, trust_pickle: bool = False, backend: str = "default",
+                **options: Any) -> LowdimPolicy:
     """Load a policy checkpoint and choose its sampler.
 
     Reads para_policy's own ``.safetensors`` checkpoints (no pickled code), DiffusionPolicy
@@ -625,9 +738,15 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
     a restricted unpickler that refuses any global beyond tensors, the OmegaConf config and
     plain data, before it runs; ``trust_pickle=True`` unpickles fully (files you trust only).
     ``sampler`` and ``options`` go to :meth:`LowdimPolicy.set_sampler` (default: the
-    ``paradigms`` preset, the fastest measured setting).
+    ``paradigms`` preset, the fastest measured setting). ``backend`` goes to
+    :meth:`LowdimPolicy.set_inference`: ``'default'`` is the fastest runtime installed for the
+    device (:func:`~para_policy.inference.default_backend`: ONNX Runtime per row count on a CPU
+    with the ``[onnx]`` extra, eager PyTorch otherwise or with ``PARA_POLICY_BACKEND=eager``).
     """
     from para_policy.checkpoints import load_checkpoint
+    from para_policy.inference import check_inference_options
+
+    check_inference_options(backend=backend)
 
     if os.path.isdir(path):
         from para_policy.integrations.lerobot_checkpoint import read_lerobot_directory
@@ -668,4 +787,5 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
             f"unexpected keys {result.unexpected_keys[:10]}"
         )
     policy.to(device).eval()
-    return policy.set_sampler(sampler, **options)
+    policy.set_sampler(sampler, **options)
+    return policy.set_inference(backend=backend) if backend != "eager" else policy

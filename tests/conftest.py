@@ -59,6 +59,17 @@ def _window_cache_outside_home(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _eager_by_default():
+    """``backend='default'`` is eager in tests (and their subprocesses): the fastest runtime's export and timing
+    would add seconds to every ``load_policy``; tests/test_default_backend.py unsets it to test that default."""
+    from para_policy import inference
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(inference.BACKEND_ENV, "eager")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_window_cache(tmp_path, monkeypatch):
     """Every test resolves window='auto' afresh, into its own cache file."""

@@ -27,9 +27,10 @@ def eval_module(monkeypatch):
 
 def test_bench_gpu_cpu_fallback_writes_cost_curves_per_network_and_rounds_per_schedule(tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": ""}
+    # the captured part runs the first of its schedules only (reduced sizes): DDIM-4, the cheapest
     proc = subprocess.run(["bash", str(ROOT / "eval" / "bench_gpu.sh"), "--quick", "--out", str(tmp_path),
-                           "--schedules", *STEPS, "--threads", "1"], env=env, capture_output=True, text=True,
-                          timeout=240)
+                           "--schedules", *STEPS, "--captured-schedules", "ddim4", "ddim8", "--threads", "1"],
+                          env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     md = (tmp_path / "bench_gpu.md").read_text()
     data = json.loads((tmp_path / "bench_gpu.json").read_text())
@@ -51,6 +52,34 @@ def test_bench_gpu_cpu_fallback_writes_cost_curves_per_network_and_rounds_per_sc
         assert f"### {label}" in md and f"| {label} | sequential | fp32 |" in md  # measured and predicted tables
         # the default-size network costs more per call, so its predicted chunks take longer
         assert all(r["predicted_ms"]["default"] > r["predicted_ms"]["shipped"] > 0 for r in rows)
+    check_captured_part(data, md)
+
+
+def check_captured_part(data, md):
+    """The captured part on the CPU: the first schedule only, static buffers run eagerly, every variant's row."""
+    part = data["captured"]
+    assert part["capture"] is False and list(part["schedules"]) == ["ddim4"] and part["n_chunks"] == 2
+    res = part["schedules"]["ddim4"]
+    assert res["windows"] == [4] and res["failed"] == {}  # 'full' and 16, clipped to the 4 steps
+    rows = {r["key"]: r for r in res["rows"]}
+    assert len(rows) == 8 and all(r["chunks"] == 2 for r in rows.values())
+    for p in ("fp32", "bf16"):
+        for execution in ("eager", "captured"):
+            seq, par = rows[f"sequential | {execution} | {p}"], rows[f"paradigms | {execution} | {p} | w4"]
+            assert seq["rounds_mean"] == seq["rounds_max"] == 4
+            assert 1 <= par["rounds_mean"] <= par["rounds_max"] <= 4 and par["warm_chunks"] == 1
+            assert all(0 <= r["dev_max_px"] < 5 and r["ms_p50"] > 0 for r in (seq, par))
+    assert rows["sequential | eager | fp32"]["dev_max_px"] == 0
+    assert rows["sequential | captured | fp32"]["dev_max_px"] < 1e-3  # the same loop on static buffers
+    assert res["best"]["speedup_p50"] > 0
+    costs = {c["key"]: c for c in res["round_cost"]}
+    assert set(costs) == {k for k in rows if " | captured | " in k}
+    assert all(c["rows"] == (4 if c["sampler"] == "paradigms" else 1) and c["unit_ms"] > 0 and c["model_ms"] > 0
+               for c in costs.values())
+    assert "## The honest GPU baseline" in md and "`capture=False`" in md
+    assert "| DDIM-4 | sequential, captured whole, fp32 | " in md
+    assert "| DDIM-4 | `paradigms`, captured rounds (fixed), bf16, window 4 | " in md
+    assert "### The round's own cost beside the model's" in md and "| DDIM-4 | `paradigms` round | fp32 | 4 | " in md
 
 
 def test_bench_gpu_skips_what_does_not_fit_the_time_budget(eval_module, tmp_path):
@@ -58,9 +87,12 @@ def test_bench_gpu_skips_what_does_not_fit_the_time_budget(eval_module, tmp_path
     data = bench.main(["--quick", "--out", str(tmp_path), "--schedules", "ddim8", "--time-budget-s", "0",
                        "--device", "cpu"])
     assert data["schedules"]["ddim8"] == {"skipped": "skipped: time budget"}
+    assert data["captured"]["schedules"]["ddim8"] == {"skipped": "skipped: time budget"}
     assert data["cost"]["shipped"]["fp32"] == "skipped: time budget"
     md = (tmp_path / "bench_gpu.md").read_text()
     assert "schedule ddim8: skipped, time budget of 0 s" in md and "| DDIM-8 | skipped: time budget |" in md
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--captured-windows", "full", "0"])
 
 
 def test_bench_latency_tiny_run_reports_each_schedule_and_caches_its_scores(eval_module, tmp_path, monkeypatch):

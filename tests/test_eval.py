@@ -103,7 +103,7 @@ def test_default_config_composes_with_the_issue_defaults():
     published = sampler_config(compose_eval(["sampler=paradigms_published"]).sampler)
     assert published.name == "paradigms_published" and published.options == {
         "window": 16, "tolerance": 0.1, "max_iterations": None, "per_sample_windows": False, "linear_solve": False,
-        "secant": False}
+        "secant": False, "round_shape": "compact", "compile_round": False}
     assert not published.warm_start and published == sampler_spec("paradigms_published")
 
 

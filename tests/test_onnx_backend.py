@@ -201,13 +201,16 @@ def test_missing_onnxruntime_names_the_extra_and_auto_falls_back(monkeypatch):
 
 
 def test_evaluator_checks_the_backend(ckpt, tmp_path):  # noqa: F811
-    with pytest.raises(EvalConfigError, match=r"inference: backend must be one of \['eager', 'onnxruntime', 'auto'\]"):
+    with pytest.raises(EvalConfigError, match=r"inference: backend must be one of \['eager', 'onnxruntime', 'auto', "
+                       r"'default'\]"):
         run_eval(ckpt, tmp_path, "+inference.backend=tensorrt")
     with pytest.raises(EvalConfigError, match="cannot be combined with precision='bf16'"):
         run_eval(ckpt, tmp_path, "+inference.backend=onnxruntime", "+inference.precision=bf16")
     settings = runner._eval_settings(compose_eval(["+inference.backend=onnxruntime"]))
     assert settings["inference"]["backend"] == "onnxruntime"
-    assert "backend" not in runner._eval_settings(compose_eval())["inference"]  # eager runs keep their fingerprint
+    opts = runner._eval_settings(compose_eval(["+inference.backend=eager"]))
+    applied, note = runner._configure_inference(load_policy(ckpt, backend="eager"), opts)
+    assert "backend" not in applied and "backend eager" in note  # eager runs keep their fingerprint
 
 
 def test_image_policy_runs_its_unet_on_onnxruntime():

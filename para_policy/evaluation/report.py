@@ -8,6 +8,7 @@
     machine {torch, torch_threads, cpu_count, platform, processor, load_avg}
     controller {mode, delay_steps, clock, control_hz, prefix_mode, soft_masking, period_s, deterministic,
                 label, n_action_steps}
+    inference {backend, compile, precision, cuda_graphs, note}   # how the denoiser ran, for both samplers
     samplers {role: {                        # role: 'candidate' (the chosen sampler), 'baseline'
         name, spec {name, scheduler, num_inference_steps, options}, schedule {kind, num_steps},
         n_episodes, n_failed, mean_score, success_rate, mean_length,
@@ -267,6 +268,9 @@ def format_markdown(results: Mapping[str, Any]) -> str:
                      if ctl.get("prefix_mode") else "")
                   + f"clock={ctl.get('clock')}" + (f", {ctl.get('control_hz'):g} Hz" if ctl.get("control_hz") else "")
                   + ")" + ("" if ctl.get("deterministic") else ": real time, not deterministic"))
+    inference = results.get("inference")
+    if inference:
+        md.append(f"- inference: {inference.get('note') or 'backend ' + str(inference.get('backend'))}")
     if results.get("overrides"):
         md.append(f"- overrides: `{' '.join(results['overrides'])}`")
     md += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]

@@ -109,11 +109,9 @@ def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise EvalConfigError(f"inference has unknown keys {unknown}; "
                               "known: ['backend', 'compile', 'cuda_graphs', 'precision']")
-    backend = inference.get("backend") or "eager"
     inference = {"compile": inference.get("compile") or False, "precision": inference.get("precision") or "fp32",
-                 "cuda_graphs": bool(inference.get("cuda_graphs") or False)}
-    if backend != "eager":  # only then: eager runs keep the fingerprint (and resume) of earlier runs
-        inference["backend"] = backend
+                 "cuda_graphs": bool(inference.get("cuda_graphs") or False),
+                 "backend": inference.get("backend") or "default"}  # resolved by _configure_inference
     try:
         check_inference_options(**inference)
     except ValueError as e:
@@ -134,6 +132,32 @@ def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _configure_inference(policy: LowdimPolicy, opts: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Apply the run's inference settings to ``policy``, which both samplers share; ``(settings, note)``.
+
+    The settings come back with ``backend='default'`` resolved (:func:`~para_policy.inference.default_backend`),
+    so the fingerprint, the Ray workers and ``results.json`` hold the backend that ran, and the
+    sequential baseline runs on the candidate's backend: the headline ratio is against the fastest
+    sequential sampler. ``backend`` is left out when eager, so eager runs keep the fingerprint (and
+    resume) of earlier runs. The note says what runs and why, for the log and ``summary.md``.
+    """
+    old_threads = torch.get_num_threads()
+    if opts["threads"]:  # ONNX Runtime's threads and backend='auto''s timings: the run's
+        torch.set_num_threads(opts["threads"])
+    try:
+        configure_inference(policy, **opts["inference"])
+    except ValueError as e:  # e.g. backend='onnxruntime' with device=cuda
+        raise EvalConfigError(f"inference: {e}") from None
+    finally:
+        torch.set_num_threads(old_threads)
+    backend = policy.inference.get("backend", "eager")
+    applied = {k: v for k, v in opts["inference"].items() if k != "backend"}
+    if backend != "eager":
+        applied["backend"] = backend
+    why = policy.backend_choice[1] if policy.backend_choice else f"inference.backend={opts['inference']['backend']}"
+    return applied, f"backend {backend} for the candidate and the sequential baseline ({why})"
+
+
 def load_checked_policy(path: Path, task: TaskSettings, device: str, trust_pickle: bool = False) -> LowdimPolicy:
     """Load the checkpoint and refuse one made for another observation or action size."""
     from para_policy.policy import load_policy
@@ -143,8 +167,8 @@ def load_checked_policy(path: Path, task: TaskSettings, device: str, trust_pickl
             f"checkpoint not found: {path}. Pass checkpoint=<path to a para_policy .safetensors policy, a "
             "DiffusionPolicy .ckpt or a LeRobot policy directory> "
             f"(train one with `python train.py task={task.name}`)")
-    try:
-        policy = load_policy(path, device=device, trust_pickle=trust_pickle)
+    try:  # eager until the run's inference settings are applied (_configure_inference), under its threads
+        policy = load_policy(path, device=device, trust_pickle=trust_pickle, backend="eager")
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise EvalConfigError(f"cannot load checkpoint {path}: {e}") from None
     wanted = policy.observation_shapes()
@@ -366,15 +390,8 @@ def evaluate(
         raise EvalConfigError(f"checkpoint_trust must be true or false, got {trust!r}")
     policy = load_checked_policy(ckpt, task, opts["device"], trust)
     ctl.check_policy(policy.n_action_steps)
-    old_threads = torch.get_num_threads()
-    if opts["threads"]:  # ONNX Runtime's threads and backend='auto''s timings: the run's
-        torch.set_num_threads(opts["threads"])
-    try:
-        configure_inference(policy, **opts["inference"])  # both samplers run the same denoiser
-    except ValueError as e:  # e.g. backend='onnxruntime' with device=cuda
-        raise EvalConfigError(f"inference: {e}") from None
-    finally:
-        torch.set_num_threads(old_threads)
+    opts["inference"], inference_note = _configure_inference(policy, opts)
+    print(f"inference: {inference_note}")
     _check_env(task)
     try:
         schedule = policy.schedule_for(candidate)
@@ -430,7 +447,7 @@ def evaluate(
                 old = sorted((resume_dir / "videos").glob(f"{role}_{spec.name}_seed{task.seeds[0]}.*"))
                 previous_video = old[0] if old and opts["video"] else None
             cache_key = json.dumps({"checkpoint": fingerprint["checkpoint"], "task": fingerprint["task"],
-                                    "noise_seed": opts["seed"], "spec": spec_dict(spec),
+                                    "noise_seed": opts["seed"], "spec": spec_dict(spec), "inference": opts["inference"],
                                     "controller": ctl.fingerprint()}, sort_keys=True)
             if todo and role == "baseline" and cache_key in _BASELINE_CACHE:
                 cached_eps, cached_video = _BASELINE_CACHE[cache_key]
@@ -505,6 +522,8 @@ def evaluate(
             "noise_seed": opts["seed"],
             "overrides": list(overrides or []),
             "controller": {**ctl.as_dict(), "label": ctl.label(), "n_action_steps": policy.n_action_steps},
+            "inference": {**opts["inference"], "backend": opts["inference"].get("backend", "eager"),
+                          "note": inference_note},
             "samplers": samplers,
             "comparison": comparison(samplers, faith),
             "latency_method": {"n_calls": len(picked), "warmup": opts["latency_warmup"], "batch_size": 1,

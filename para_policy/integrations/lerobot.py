@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from para_policy.integrations.diffusion_policy import SamplingPatch
+from para_policy.integrations.diffusion_policy import SamplingPatch, in_model_dtype
 from para_policy.samplers import draw_noise, sampler_spec
 from para_policy.schedule import Schedule
 
@@ -58,7 +58,9 @@ def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> An
     takes ``(batch_size, global_cond (B, G) | None = None, generator=None, noise (B, horizon,
     action_dim) | None = None)`` and returns ``(B, horizon, action_dim)``; it draws ``x_T`` (unless
     ``noise`` is given) and the step noise from ``generator`` or torch's global RNG in LeRobot's
-    order, so seeded runs reproduce (up to ``tolerance``). Stats of the last call are in
+    order, so seeded runs reproduce (up to ``tolerance``). ``x_T``, the noise, the sampler's
+    state and the result are float32 whatever the UNet's dtype (a given ``noise`` is cast to it);
+    the UNet's calls run in its own dtype. Stats of the last call are in
     ``policy.para_stats``. With the ``paradigms`` preset each call warm-starts from the
     previous one shifted by ``config.n_action_steps`` (LeRobot's ``select_action`` executes
     that many actions between calls); ``policy.reset()`` forgets it. Undo with
@@ -79,7 +81,7 @@ def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> An
                            generator: torch.Generator | None = None,
                            noise: torch.Tensor | None = None) -> torch.Tensor:
         param = next(model.parameters())
-        device, dtype = param.device, param.dtype
+        device, dtype = param.device, torch.promote_types(param.dtype, torch.float32)  # the sampler's dtype
         shape = (int(batch_size), int(model.config.horizon), _action_dim(model.config))
         schedule = state.schedule(model.noise_scheduler, model.num_inference_steps)
         if noise is None:
@@ -95,7 +97,7 @@ def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> An
         def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
             return unet(x, t, global_cond=c)
 
-        return state.run(denoiser, schedule, x_T, step_noise, global_cond, None, unet)
+        return state.run(in_model_dtype(denoiser, unet), schedule, x_T, step_noise, global_cond, None, unet)
 
     state.install(conditional_sample)
     return policy

@@ -11,6 +11,12 @@ The attention masks are saved buffers (``mask``, ``memory_mask``), as in Diffusi
 its checkpoints load with ``strict=True``. The layers are PyTorch's own
 ``TransformerEncoderLayer`` / ``TransformerDecoderLayer`` (pre-norm, GELU, batch first).
 
+Whether ``mask`` is the causal mask is known when it is built or loaded (:attr:`mask_is_causal`)
+and passed to the encoder / decoder as ``is_causal``: left to them, they would detect it on every
+forward by comparing the mask with a causal one and reading the answer on the host
+(``bool((mask == causal).all())``), a device sync per call that is illegal inside a CUDA graph
+capture. The layers receive the same arguments as after that detection, so the outputs are the same.
+
 Shapes: ``forward(sample (B, T, input_dim), timestep (B,) | scalar, cond (B, To, cond_dim) | None)
 -> (B, T, output_dim)``.
 """
@@ -26,6 +32,18 @@ from para_policy.models.unet1d import SinusoidalPosEmb
 def _additive(mask: Tensor) -> Tensor:
     """A bool "may attend" mask as the float mask PyTorch adds to attention logits (0 / -inf)."""
     return torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+
+
+def is_causal_mask(mask: Tensor | None) -> bool:
+    """Whether ``mask`` (T, T) is PyTorch's causal mask (0 on and below the diagonal, -inf above), read on the host.
+
+    What ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` detect per forward when not told
+    (``torch.nn.modules.transformer._detect_is_causal_mask``); computed once here instead.
+    """
+    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1] or mask.is_meta:
+        return False
+    causal = nn.Transformer.generate_square_subsequent_mask(mask.shape[0], device=mask.device, dtype=mask.dtype)
+    return bool((mask == causal).all())
 
 
 class TransformerForDiffusion(nn.Module):
@@ -73,6 +91,8 @@ class TransformerForDiffusion(nn.Module):
         memory = causal_attn and time_as_cond and obs_as_cond
         self.register_buffer("memory_mask", _additive(steps[:, None] >= torch.arange(T_cond)[None, :] - 1)
                              if memory else None)
+        #: whether ``mask`` is causal (it is as built; a loaded ``mask`` is checked in _load_from_state_dict)
+        self.mask_is_causal = bool(causal_attn)
         self.ln_f = nn.LayerNorm(n_emb)
         self.head = nn.Linear(n_emb, output_dim)
         self.T, self.T_cond, self.horizon = T, T_cond, horizon
@@ -88,7 +108,7 @@ class TransformerForDiffusion(nn.Module):
         if self.encoder_only:
             x = torch.cat([time_token, tokens], dim=1)
             x = self.drop(x + self.pos_emb[:, : x.shape[1]])
-            x = self.encoder(src=x, mask=self.mask)[:, 1:]
+            x = self.encoder(src=x, mask=self.mask, is_causal=self._is_causal())[:, 1:]
         else:
             memory = time_token
             if self.obs_as_cond:
@@ -97,5 +117,17 @@ class TransformerForDiffusion(nn.Module):
                 memory = torch.cat([memory, self.cond_obs_emb(cond)], dim=1)
             memory = self.encoder(self.drop(memory + self.cond_pos_emb[:, : memory.shape[1]]))
             x = self.drop(tokens + self.pos_emb[:, : tokens.shape[1]])
-            x = self.decoder(tgt=x, memory=memory, tgt_mask=self.mask, memory_mask=self.memory_mask)
+            x = self.decoder(tgt=x, memory=memory, tgt_mask=self.mask, memory_mask=self.memory_mask,
+                             tgt_is_causal=self._is_causal())
         return self.head(self.ln_f(x))
+
+    def _is_causal(self) -> bool | None:
+        """The ``is_causal`` hint for ``self.mask``: None without a mask (nothing to detect), else
+        :attr:`mask_is_causal`."""
+        return None if self.mask is None else self.mask_is_causal
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        mask = state_dict.get(prefix + "mask")
+        if torch.is_tensor(mask) and not mask.is_meta:  # a checkpoint's own mask: check it once, on load
+            self.mask_is_causal = is_causal_mask(mask)

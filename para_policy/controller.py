@@ -88,6 +88,7 @@ import torch
 
 from para_policy.policy import PREFIX_MODES, LowdimPolicy, PolicyOutput
 from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
+from para_policy.window import tuned_spec
 
 MODES = ("sync", "async", "rtc")
 CLOCKS = ("wall", "steps")
@@ -366,7 +367,7 @@ class Controller:
             raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
         obs = [self._observation_window(o) for o in observations]
         window, info = self.policy.calibrate(obs, self.spec, reps=reps)
-        self.spec = self.spec.with_options(window=window)
+        self.spec = tuned_spec(self.spec, window, info)
         self.window_tuning = info
         return window
 

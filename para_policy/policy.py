@@ -217,7 +217,7 @@ class LowdimPolicy(nn.Module):
         spec = self.sampler if spec is None else spec
         if not spec.window_is_auto:
             return spec
-        from para_policy.window import resolve_window
+        from para_policy.window import resolve_window, tuned_spec
 
         single = obs is not None and (torch.is_tensor(obs) or isinstance(obs, Mapping))
         if obs is None or single:  # this spec object resolved before at this batch size: skip building its key
@@ -227,9 +227,9 @@ class LowdimPolicy(nn.Module):
         observations = None if obs is None else [self.observation_batch(o) for o in ([obs] if single else obs)]
         if observations:
             batch_size = self.batch_size(observations[0])
-        window, _ = resolve_window(self._window_key(spec, batch_size),
-                                   lambda: self._tune(spec, observations, batch_size))
-        resolved = spec.with_options(window=window)
+        window, info = resolve_window(self._window_key(spec, batch_size),
+                                      lambda: self._tune(spec, observations, batch_size))
+        resolved = tuned_spec(spec, window, info)
         if obs is None or single:
             if len(self._resolved) > 64:
                 self._resolved.clear()

@@ -180,7 +180,11 @@ def calibrate_window(
         cost: a cost curve measured before (``{rows: ms}``); measured now when None.
         device: where the calibration tensors live (the denoiser's device).
     Returns:
-        ``(window, info)``; info has ``cost``, ``predicted_ms`` and ``rounds`` per window.
+        ``(window, info)``; info has ``cost``, ``predicted_ms`` and ``rounds`` per window, and
+        ``round_shape``: with ``round_shape='auto'`` both shapes are candidates (the fixed one
+        evaluates ``B·W`` rows every round, the same rounds), each with its own measured
+        bookkeeping per round, and the cheaper prediction wins (``predicted_ms_fixed`` has the
+        fixed shape's predictions).
     """
     from para_policy.samplers import draw_noise
 
@@ -202,17 +206,42 @@ def calibrate_window(
     noises = [draw_noise(schedule, p.shape, g) for p in problems]
     traces: dict[int, list[list[int]]] = {}
     fn = spec.family.sample
+    shape = spec.options.get("round_shape", "compact")
     for w in windows:
-        options = {**spec.options, "window": w}
+        options = {**spec.options, "window": w, **({"round_shape": "compact"} if shape == "auto" else {})}
         for p, (x_T, noise) in zip(problems, noises, strict=True):
             _, stats = fn(denoiser, schedule, x_T.to(device), noise.to(device), condition=p.condition,
                           inpaint=p.inpaint, **options)
             traces.setdefault(w, []).append(list(stats.rows_per_round))
-    overhead = sampler_overhead(schedule, spec, first, noises[0], windows, device=device)
+    compact = spec.with_options(round_shape="compact") if shape == "auto" else spec
+    overhead = sampler_overhead(schedule, compact, first, noises[0], windows, device=device)
     best, predicted = choose_window(cost, traces, overhead)
     rounds = {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}
-    return best, {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds,
-                  "overhead_ms_per_round": overhead}
+    info = {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds, "overhead_ms_per_round": overhead,
+            "round_shape": "compact" if shape == "auto" else shape}
+    if shape == "auto":  # the fixed shape: the same rounds, every slot evaluated, its own bookkeeping
+        wide = [w for w in windows if w > 1]  # window 1 is the sequential loop in either shape
+        if wide:
+            fixed = {w: [[B * w] * len(run) for run in traces[w]] for w in wide}
+            fixed_overhead = sampler_overhead(schedule, spec.with_options(round_shape="fixed"), first, noises[0],
+                                              wide, device=device)
+            best_fixed, predicted_fixed = choose_window(cost, fixed, fixed_overhead)
+            info.update(predicted_ms_fixed=predicted_fixed, overhead_ms_per_round_fixed=fixed_overhead)
+            if predicted_fixed[best_fixed] < predicted[best]:
+                best, info["round_shape"] = best_fixed, "fixed"
+    return best, info
+
+
+def tuned_spec(spec: Any, window: int, info: Mapping[str, Any] | None = None) -> Any:
+    """``spec`` with what tuning chose: the window, and the round shape where it was ``'auto'``.
+
+    The one way every path (policy, Controller, evaluator, patches) turns a resolved window
+    into the spec it samples with.
+    """
+    changes: dict[str, Any] = {"window": int(window)}
+    if spec.options.get("round_shape") == "auto":
+        changes["round_shape"] = (info or {}).get("round_shape") or "compact"
+    return spec.with_options(**changes)
 
 
 @torch.inference_mode()
@@ -355,7 +384,9 @@ def cached_window(key: str) -> dict[str, Any] | None:
 
 def _int_keys(entry: dict[str, Any]) -> dict[str, Any]:
     """JSON's string keys of the per-size / per-window tables back to ints."""
-    return {k: ({int(n): v for n, v in val.items()} if k in ("cost", "predicted_ms", "rounds") and
+    tables = ("cost", "predicted_ms", "rounds", "overhead_ms_per_round", "predicted_ms_fixed",
+              "overhead_ms_per_round_fixed")
+    return {k: ({int(n): v for n, v in val.items()} if k in tables and
                 isinstance(val, dict) else val) for k, val in entry.items()}
 
 

@@ -201,3 +201,35 @@ def test_captured_samplers_equal_the_eager_ones(capture, mask):
         out, stats = rounds(x_T, noise, condition=cond, inpaint=inpaint)
         assert stats.rounds == es.rounds and torch.allclose(out, eager, atol=1e-6)
     assert len(loop.graphs) == 1 and len(rounds.graphs) == 1  # one capture, replayed with each call's inputs
+
+
+def test_window_auto_chooses_the_round_shape(monkeypatch):
+    """``round_shape='auto'``: both shapes predicted from the cost curve and each one's bookkeeping; cheaper wins."""
+    from para_policy import window as win
+    from para_policy.samplers import SamplerOptionError, sampler_spec
+
+    den = MLPDenoiser()
+    sched, x_T, noise, cond, _ = inputs(steps=20, kind="ddpm")
+    spec = sampler_spec("paradigms", round_shape="auto")
+    problems = [win.Problem((B, T, D), cond)]
+    linear = {n: float(n) for n in (1, 2, 4, 8, 16, 32, 64)}  # every row costs: compacting wins
+    window, info = win.calibrate_window(den, sched, spec, problems, (1, 4, 16), cost=linear, reps=1)
+    assert info["round_shape"] == "compact" and set(info["predicted_ms_fixed"]) == {4, 16}
+    assert all(info["predicted_ms_fixed"][w] > info["predicted_ms"][w] for w in (4, 16))
+    resolved = win.tuned_spec(spec, window, info)
+    assert resolved.options["round_shape"] == "compact" and resolved.options["window"] == window
+
+    # rows free, and the fixed shape's rounds far cheaper to run (as when a GPU replays them captured)
+    flat = {n: 1.0 for n in linear}
+    real = win.sampler_overhead
+    monkeypatch.setattr(win, "sampler_overhead", lambda schedule, spec, *a, **k: {
+        w: (0.0 if spec.options["round_shape"] == "fixed" else 50.0) for w in real(schedule, spec, *a, **k)})
+    window, info = win.calibrate_window(den, sched, spec, problems, (1, 4, 16), cost=flat, reps=1)
+    assert info["round_shape"] == "fixed" and window in (4, 16)
+    out, stats = picard_sample(den, sched, x_T, noise, condition=cond,
+                               **win.tuned_spec(spec, window, info).options)
+    assert stats.rows_per_round == [B * window] * stats.rounds
+    with pytest.raises(SamplerOptionError, match="needs window='auto'"):
+        sampler_spec("paradigms", window=8, round_shape="auto")
+    with pytest.raises(ValueError, match="round_shape"):
+        picard_sample(den, sched, x_T, noise, round_shape="auto")

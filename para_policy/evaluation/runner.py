@@ -75,6 +75,7 @@ from para_policy.evaluation.rollout import make_task_env, run_rollouts, stack_hi
 from para_policy.inference import check_inference_options, configure_inference
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig
+from para_policy.window import tuned_spec
 
 PROGRESS_FILE = "progress.json"
 RESULTS_FILE = "results.json"
@@ -317,11 +318,12 @@ def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSetting
     """
     if resume_dir is not None and (resume_dir / PROGRESS_FILE).is_file():
         saved = json.loads((resume_dir / PROGRESS_FILE).read_text())
-        window = saved.get("fingerprint", {}).get("samplers", {}).get("candidate", {}).get("options", {}).get("window")
+        ran = saved.get("fingerprint", {}).get("samplers", {}).get("candidate", {}).get("options", {})
+        window = ran.get("window")
         if isinstance(window, int) and not isinstance(window, bool):
-            tuning = dict(saved.get("window_tuning") or {"window": window})
+            tuning = dict(saved.get("window_tuning") or {"window": window, "round_shape": ran.get("round_shape")})
             print(f"window auto -> {window} (the window the resumed run's episodes used)")
-            return spec.with_options(window=window), {**tuning, "source": f"resumed from {resume_dir}"}
+            return tuned_spec(spec, window, tuning), {**tuning, "source": f"resumed from {resume_dir}"}
     env = make_task_env(task)
     shapes = policy.observation_shapes()
     try:
@@ -341,7 +343,8 @@ def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSetting
         torch.set_num_threads(old_threads)
     source = info.get("source", "measured")
     how = f"measured in {info.get('tuning_s', 0):.0f} s" if source == "measured" else f"cached in {source}"
-    print(f"window auto -> {resolved.options['window']} ({how}; predicted ms " +
+    shape = f", {resolved.options['round_shape']} rounds" if spec.options.get("round_shape") == "auto" else ""
+    print(f"window auto -> {resolved.options['window']}{shape} ({how}; predicted ms " +
           ", ".join(f"w{w}: {ms:.0f}" for w, ms in (info.get("predicted_ms") or {}).items()) + ")")
     return resolved, info
 

@@ -487,16 +487,23 @@ class SamplingPatch:
         """The spec with ``window='auto'`` resolved for this model, schedule and batch (cached)."""
         if not self.spec.window_is_auto:
             return self.spec
-        from para_policy.window import Problem, calibrate_window, model_fingerprint, resolve_window, window_key
+        from para_policy.window import (
+            Problem,
+            calibrate_window,
+            model_fingerprint,
+            resolve_window,
+            tuned_spec,
+            window_key,
+        )
 
         if self._model_id is None:
             self._model_id = model_fingerprint(model)
         device = next(model.parameters()).device
         key = window_key(self._model_id, self.spec, schedule, shape[0], device, "{}")  # "{}": the plain model
         problem = Problem(shape, condition, inpaint)
-        window, _ = resolve_window(key, lambda: calibrate_window(
+        window, info = resolve_window(key, lambda: calibrate_window(
             denoiser, schedule, self.spec.with_options(warm_start=False), [problem], device=device))
-        return self.spec.with_options(window=window)
+        return tuned_spec(self.spec, window, info)
 
     def run(self, denoiser: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
             condition: torch.Tensor | None, inpaint: tuple | None, model: torch.nn.Module) -> torch.Tensor:

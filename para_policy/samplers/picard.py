@@ -465,7 +465,8 @@ def picard_sample(
     noise = check_inputs(schedule, x_T, noise, condition, inpaint)
     max_iterations = check_options(schedule, window, tolerance, max_iterations)
     if round_shape not in ROUND_SHAPES:
-        raise ValueError(f"round_shape must be one of {list(ROUND_SHAPES)}, got {round_shape!r}")
+        raise ValueError(f"round_shape must be one of {list(ROUND_SHAPES)}, got {round_shape!r} ('auto' is "
+                         "resolved with window='auto' by the policy, para_policy.window.tuned_spec)")
     if compile_round and round_shape != "fixed":
         raise ValueError("compile_round=True needs round_shape='fixed' (the compacting round's row count "
                          "changes every round)")

@@ -69,7 +69,8 @@ class PicardOptions:
     window: steps refined per round, an integer >= 1 or ``'auto'`` (chosen from this
     machine's cost curve when the sampler first runs, :mod:`para_policy.window`);
     tolerance: finite, >= 0 (0 = exact); max_iterations: None (= number of steps) or >= 1;
-    secant needs linear_solve; round_shape: ``'compact'`` or ``'fixed'``; compile_round needs
+    secant needs linear_solve; round_shape: ``'compact'``, ``'fixed'`` or ``'auto'`` (chosen with
+    the window from the measured cost of both, so only with ``window='auto'``); compile_round needs
     ``round_shape='fixed'``.
     """
 
@@ -95,8 +96,11 @@ class PicardOptions:
             _check_bool(flag, getattr(self, flag))
         if self.secant and not self.linear_solve:
             raise SamplerOptionError("secant=True needs linear_solve=True (it refines the linear solve)", "secant")
-        if self.round_shape not in ROUND_SHAPES:
-            raise SamplerOptionError(f"round_shape must be one of {list(ROUND_SHAPES)}, got {self.round_shape!r}",
+        if self.round_shape not in (*ROUND_SHAPES, "auto"):
+            raise SamplerOptionError(f"round_shape must be one of {[*ROUND_SHAPES, 'auto']}, got "
+                                     f"{self.round_shape!r}", "round_shape")
+        if self.round_shape == "auto" and self.window != "auto":
+            raise SamplerOptionError("round_shape='auto' is chosen together with the window: it needs window='auto'",
                                      "round_shape")
         if self.compile_round and self.round_shape != "fixed":
             raise SamplerOptionError("compile_round=True needs round_shape='fixed'", "compile_round")

@@ -324,7 +324,7 @@ def make_denoiser(model: nn.Module, *, compile: bool | str = False, precision: s
             kw = {} if condition is None else {condition_kw: condition}
             if dtype is None:
                 return net(x.to(weights), t, **kw).to(x.dtype)
-            with torch.autocast(device_type=x.device.type, dtype=dtype):
+            with torch.autocast(device_type=x.device.type, dtype=dtype, cache_enabled=False):  # capturable
                 out = net(x.to(weights), t, **kw)
             return out.to(x.dtype)
 

@@ -23,6 +23,7 @@ from torch import nn
 from para_policy.models import ConditionalUnet1D, TransformerForDiffusion
 from para_policy.normalizer import LinearNormalizer
 from para_policy.samplers import SampleStats, diffuse_known, draw_noise, shift_trajectory, warm_start_init
+from para_policy.samplers.captured import captured_sampler, run_captured
 from para_policy.samplers.common import known_mask
 from para_policy.samplers.registry import SamplerConfig, build_schedule, sampler_spec, schedule_key
 from para_policy.schedule import Schedule, build_scheduler
@@ -151,6 +152,7 @@ class LowdimPolicy(nn.Module):
         self._denoiser: Any = None  # the wrapped denoiser, None = the plain model
         self.backend_choice: tuple[str, str] | None = None  # (backend, why) when backend='default' picked it
         self._schedules: dict[tuple[str, int], Schedule] = {}
+        self._captured: dict[str, Any] = {}  # captured_sampler's, per spec and schedule
         self._warm: tuple[tuple, torch.Tensor] | None = None  # (call key, next guess (B, T, D))
         self._fingerprint: str | None = None
         self._resolved: dict[tuple[int, int], tuple[SamplerConfig, SamplerConfig]] = {}  # resolve()'s memo
@@ -306,9 +308,32 @@ class LowdimPolicy(nn.Module):
         self._denoiser = make_denoiser(self.model, condition_kw=self.condition_kw, example=example,
                                        capture_rows=rows, **merged)
         self.inference = {k: v for k, v in merged.items() if v not in (None, False, "fp32", "eager")}
+        self._captured = {}
         if not self.inference and self.device.type != "cuda":  # on CUDA: the TF32-off wrapper (make_denoiser)
             self._denoiser = None
         return self
+
+    def captured_sampler(self, spec: SamplerConfig, schedule: Schedule) -> Any:
+        """On CUDA with ``cuda_graphs``: the captured form of ``spec`` (None: it has none, or not on CUDA).
+
+        The sequential loop captured whole, or Picard's ``round_shape='fixed'`` rounds captured one
+        graph per (B, W), model and bookkeeping together
+        (:func:`~para_policy.samplers.captured.captured_sampler`), over the plain network with this
+        policy's precision (a graph cannot hold the denoiser's own graphs); captured on the first
+        call of each shape, so call once before a control loop starts; recaptured when the weights change.
+        """
+        if not self.inference.get("cuda_graphs") or self.device.type != "cuda":
+            return None
+        key = json.dumps([spec.as_dict(), schedule.kind, schedule.num_steps], sort_keys=True, default=str)
+        if key not in self._captured:
+            from para_policy.cuda_graphs import WeightsWatch
+            from para_policy.inference import make_denoiser
+
+            plain = make_denoiser(self.model, precision=self.inference.get("precision", "fp32"),
+                                  condition_kw=self.condition_kw)
+            self._captured[key] = captured_sampler(spec, schedule, plain,
+                                                   weights_changed=WeightsWatch(self.model).changed)
+        return self._captured[key]
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> LowdimPolicy:
         """``.to()``, ``.cuda()``, ``.half()`` and the like; then a backend ``'default'`` picked is picked
@@ -349,6 +374,7 @@ class LowdimPolicy(nn.Module):
         builds again (ONNX Runtime sessions do not pickle, and a copied closure would run the original's network)."""
         state = super().__getstate__()
         state["_denoiser"] = None
+        state["_captured"] = {}  # CUDA graphs do not copy; captured again on the first call
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -655,8 +681,12 @@ class LowdimPolicy(nn.Module):
         elif init is not None or isinstance(warm_start, torch.Tensor) or deadline is not None \
                 or warm_rows is not None:
             raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
-        sample, stats = spec.family.sample(self.denoise, schedule, x_T, noise, condition=global_cond,
-                                           inpaint=inpaint, **kwargs)
+        captured = self.captured_sampler(spec, schedule)
+        if captured is not None:
+            sample, stats = run_captured(captured, x_T, noise, global_cond, inpaint, kwargs)
+        else:
+            sample, stats = spec.family.sample(self.denoise, schedule, x_T, noise, condition=global_cond,
+                                               inpaint=inpaint, **kwargs)
         if not bool(torch.isfinite(sample).all()):
             ranges = ", ".join(f"{k} {v.min().item():.3g} to {v.max().item():.3g}" for k, v in
                                (obs.items() if isinstance(obs, Mapping) else [("obs", obs)]))

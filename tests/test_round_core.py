@@ -233,3 +233,42 @@ def test_window_auto_chooses_the_round_shape(monkeypatch):
         sampler_spec("paradigms", window=8, round_shape="auto")
     with pytest.raises(ValueError, match="round_shape"):
         picard_sample(den, sched, x_T, noise, round_shape="auto")
+
+
+def test_captured_form_of_a_spec():
+    """``captured_sampler``: the spec's own options baked in; the same samples as the plain sampler function."""
+    from para_policy.samplers import sampler_spec
+    from para_policy.samplers.captured import captured_sampler, run_captured
+
+    den = MLPDenoiser()
+    sched, x_T, noise, cond, inpaint = inputs(steps=20, kind="ddpm", mask="bool")
+    init = warm_start_init(sched, torch.zeros(B, T, D), x_T, noise)
+    assert captured_sampler(sampler_spec("paradigms", window=4), sched, den, capture=False) is None  # compacting
+    assert captured_sampler(sampler_spec("parataa"), sched, den, capture=False) is None
+    for spec, call in ((sampler_spec("sequential"), {}),
+                       (sampler_spec("paradigms", window=4, round_shape="fixed"), {"init": init, "deadline": None})):
+        captured = captured_sampler(spec, sched, den, capture=False)
+        options = {**spec.options, **call}
+        ref, ref_stats = spec.family.sample(den, sched, x_T, noise, condition=cond, inpaint=inpaint, **options)
+        out, stats = run_captured(captured, x_T, noise, cond, inpaint, options)
+        assert torch.equal(out, ref) and stats.rounds == ref_stats.rounds
+
+
+@CUDA
+def test_policy_samples_from_captured_graphs_on_cuda():
+    """``cuda_graphs`` on CUDA: the sequential loop and fixed rounds run captured, as the eager samplers would."""
+    policy = load_policy(SHIPPED, sampler="sequential", backend="eager").cuda()
+    obs = {"obs": torch.randn(1, policy.n_obs_steps, policy.obs_dim).cuda()}
+    plain = {}
+    for name, options in (("sequential", {}), ("paradigms", {"window": 10, "round_shape": "fixed", "tolerance": 0.0})):
+        spec_options = dict(scheduler="ddim", num_inference_steps=10, **options)
+        plain[name] = policy.predict_action(obs, sampler=name, generator=torch.Generator("cuda").manual_seed(0),
+                                            warm_start=False if options else None, **spec_options)
+    policy.set_inference(cuda_graphs=True)
+    for name, options in (("sequential", {}), ("paradigms", {"window": 10, "round_shape": "fixed", "tolerance": 0.0})):
+        spec_options = dict(scheduler="ddim", num_inference_steps=10, **options)
+        for _ in range(2):  # captured on the first call, replayed on the second
+            out = policy.predict_action(obs, sampler=name, generator=torch.Generator("cuda").manual_seed(0),
+                                        warm_start=False if options else None, **spec_options)
+            assert torch.allclose(out["action"], plain[name]["action"], atol=1e-4)
+    assert len(policy._captured) == 2

@@ -249,3 +249,40 @@ class CapturedPicard:
             rounds=rounds, model_evals=rounds * B * W, converged=finished.cpu(),
             rounds_per_sample=torch.where(finished, static_state.done_round, rounds).cpu(),
             deadline_hit=deadline_hit, rows_per_round=[B * W] * rounds)
+
+
+#: the per-call arguments a captured Picard sampler takes (the rest of a spec's options are baked in)
+CALL_OPTIONS = ("init", "init_rows", "deadline")
+
+
+def captured_sampler(spec: Any, schedule: Schedule, denoiser: Denoiser, *, capture: bool = True,
+                     weights_changed: Callable[[], bool] | None = None
+                     ) -> CapturedSequential | CapturedPicard | None:
+    """The captured form of a sampler spec (:class:`~para_policy.samplers.SamplerConfig`), or None if it has none.
+
+    ``sequential`` → :class:`CapturedSequential`; the Picard family with ``round_shape='fixed'``
+    (and not ``compile_round``) → :class:`CapturedPicard` with the spec's options. Others
+    (compacting rounds, whose row count changes every round; ParaTAA) have no captured form.
+    """
+    from para_policy.samplers.picard import picard_sample
+    from para_policy.samplers.sequential import sequential_sample
+
+    if spec.family.sample is sequential_sample:
+        return CapturedSequential(denoiser, schedule, capture=capture, weights_changed=weights_changed)
+    o = spec.options
+    if spec.family.sample is not picard_sample or o.get("round_shape") != "fixed" or o.get("compile_round"):
+        return None
+    return CapturedPicard(denoiser, schedule, window=o["window"], tolerance=o["tolerance"],
+                          max_iterations=o["max_iterations"], per_sample_windows=o["per_sample_windows"],
+                          linear_solve=o["linear_solve"], secant=o["secant"], capture=capture,
+                          weights_changed=weights_changed)
+
+
+def run_captured(sampler: CapturedSequential | CapturedPicard, x_T: torch.Tensor, noise: torch.Tensor | None,
+                 condition: torch.Tensor | None, inpaint: Inpaint | None, options: dict[str, Any]
+                 ) -> tuple[torch.Tensor, SampleStats]:
+    """Call a :func:`captured_sampler` with a plain sampler's arguments (``options``: the spec's and per-call ones)."""
+    if isinstance(sampler, CapturedSequential):
+        return sampler(x_T, noise, condition=condition, inpaint=inpaint)
+    return sampler(x_T, noise, condition=condition, inpaint=inpaint,
+                   **{k: options[k] for k in CALL_OPTIONS if options.get(k) is not None})

@@ -272,3 +272,23 @@ def test_policy_samples_from_captured_graphs_on_cuda():
                                         warm_start=False if options else None, **spec_options)
             assert torch.allclose(out["action"], plain[name]["action"], atol=1e-4)
     assert len(policy._captured) == 2
+
+
+def test_noise_drawn_in_one_call():
+    """``draw_noise(batched=True)``: one draw (x_T and every step's noise), zero where the scheduler draws none."""
+    from torch.overrides import TorchFunctionMode
+
+    class Draws(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Draws.calls += func is torch.randn
+            return func(*args, **(kwargs or {}))
+
+    sched = make_schedule(dp_ddpm(), 20)
+    with Draws():
+        x_T, noise = draw_noise(sched, (B, T, D), torch.Generator().manual_seed(0), batched=True)
+    assert Draws.calls == 1
+    draws = torch.randn((21, B, T, D), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x_T, draws[0]) and noise.shape == (B, 20, T, D)
+    assert torch.equal(noise[:, :-1], draws[1:-1].transpose(0, 1)) and not noise[:, -1].any()  # DDPM: t = 0 draws none

@@ -105,12 +105,16 @@ def draw_noise(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    *,
+    batched: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``x_T`` and the per-step noise in the order of the sequential loop.
 
     DiffusionPolicy draws ``x_T`` first, then one tensor per step whose scheduler
     ``step`` draws noise (DDPM: every ``t > 0``). Drawing them here in that order from
-    the same generator reproduces its samples exactly.
+    the same generator reproduces its samples exactly. ``batched=True`` draws everything
+    in one call instead (one kernel on a GPU, not one per step): the same distribution,
+    other numbers than DiffusionPolicy's for the same seed.
 
     A generator on another device than ``device`` (a CPU generator for a CUDA policy) draws
     on its own device (:func:`noise_device`) and the draws are moved to ``device``: torch
@@ -122,6 +126,11 @@ def draw_noise(
         zero at steps that draw none, on ``device``.
     """
     where = noise_device(generator, device)
+    if batched:
+        S = schedule.num_steps
+        draws = torch.randn((S + 1, *shape), generator=generator, device=where, dtype=dtype)
+        noise = draws[1:] * schedule.draws_noise.to(device=where, dtype=dtype).view(S, 1, 1, 1)
+        return draws[0].to(device), noise.transpose(0, 1).contiguous().to(device)
     x_T = torch.randn(shape, generator=generator, device=where, dtype=dtype)
     noise = torch.zeros((shape[0], schedule.num_steps, *shape[1:]), device=where, dtype=dtype)
     for k in torch.nonzero(schedule.draws_noise.cpu()).flatten().tolist():

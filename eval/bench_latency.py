@@ -261,7 +261,7 @@ def replay_noise(policy: LowdimPolicy, spec: SamplerConfig, key: Sequence[int]) 
     """
     seed = int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
     x_T, noise = draw_noise(policy.schedule_for(spec), policy.trajectory_shape(1), torch.Generator().manual_seed(seed))
-    return x_T.to(policy.device, policy.dtype), noise.to(policy.device, policy.dtype)
+    return x_T.to(policy.device, policy.sample_dtype), noise.to(policy.device, policy.sample_dtype)
 
 
 def _sync(device: torch.device) -> None:

@@ -118,7 +118,7 @@ def time_samplers(
         if observations:
             obs0 = batch_one(observations[0])
             x_T, noise = call_noise(first, sample_shape, [(LATENCY_STREAM, noise_seed, -1, 0)],
-                                    policy.device, policy.dtype)
+                                    policy.device, policy.sample_dtype)
             for _ in range(max(0, int(warmup))):
                 for role in roles:
                     policy.predict_action(obs0, x_T=x_T, noise=noise, sampler=specs[role], warm_start=False)
@@ -126,7 +126,7 @@ def time_samplers(
         for i, obs in enumerate(bar):
             o = batch_one(obs, policy.device)
             x_T, noise = call_noise(first, sample_shape, [(LATENCY_STREAM, noise_seed, i, 0)],
-                                    policy.device, policy.dtype)
+                                    policy.device, policy.sample_dtype)
             guess = None if guesses is None or guesses[i] is None else torch.as_tensor(guesses[i])[None]
             order = roles if i % 2 == 0 else roles[::-1]
             for role in order:

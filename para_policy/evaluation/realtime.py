@@ -80,7 +80,8 @@ class KeyedNoisePolicy:
         """``policy.predict_action`` on ``{key: (1, To, *shape)}`` with this chunk's keyed ``x_T`` and noise."""
         del generator  # replaced by the keyed noise
         key = (ROLLOUT_STREAM, self._noise_seed, self._episode_seed, self.chunk)
-        x_T, noise = call_noise(self._schedule, self._sample_shape, [key], self._policy.device, self._policy.dtype)
+        x_T, noise = call_noise(self._schedule, self._sample_shape, [key], self._policy.device,
+                                self._policy.sample_dtype)
         self.chunk += 1
         if self._record:
             window = {k: v[0].detach().cpu().numpy().astype(np.float32) for k, v in obs_dict.items()}

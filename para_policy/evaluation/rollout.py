@@ -315,7 +315,7 @@ def run_rollouts(
         windows = [stack_history(s.history) for s in batch]
         obs = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in shapes}  # (B, To, *shape)
         keys = [(ROLLOUT_STREAM, noise_seed, s.seed, s.chunk) for s in batch]
-        x_T, noise = call_noise(schedule, sample_shape, keys, policy.device, policy.dtype)
+        x_T, noise = call_noise(schedule, sample_shape, keys, policy.device, policy.sample_dtype)
         warm: dict[str, Any] = {"warm_start": False}  # this loop keeps each env's guess itself
         if spec.warm_start and any(s.guess is not None for s in batch):
             rows = torch.tensor([s.guess is not None for s in batch])

@@ -418,37 +418,17 @@ def picard_sample(
         deadline: a ``time.perf_counter()`` instant; no new round starts after it (the
             first round always runs), and unfinished samples return their clean-sample
             estimate (see ``max_iterations``); ``stats.deadline_hit`` says so.
-        linear_solve: iterate on the predicted clean sample only. Each step is
-            ``x_{k+1} = a_k x_k + c_k x0(x_k) + σ_k z_k`` (``a_k`` from
-            :meth:`Schedule.linear_coeff`); ParaDiGMS's sums treat the whole step as
-            unknown, so an error in ``x_j`` reaches every later step undamped, and near the
-            end of sampling, where ``a_k`` is far from 1, the window advances about one
-            step per round. Solving the linear part exactly over the window
-            (:func:`linear_recurrence`) leaves only ``x0(x)`` to iterate on, which a trained
-            denoiser makes nearly independent of small changes of ``x``. Same fixed point
-            (tolerance 0 still gives the sequential sample), far fewer rounds; errors stop
-            later relative to the change, so use a smaller tolerance for the same deviation
-            (``eval/bench_latency.py``).
-        secant: with ``linear_solve``, also move the part of ``c_k x0(x)`` that changes
-            with ``x`` into the linear solve: per step, the slope ``μ_k`` of the
-            nonlinear part along its last change (``<Δg, Δx> / <Δx, Δx>`` between the
-            step's last two model inputs, a one-number secant (Barzilai–Borwein) estimate of
-            its Jacobian) makes the solved coefficient ``a_k + μ_k``, kept within
-            ``[a_k, 1]``: between the linear solve's (μ = 0) and the published sums'
-            (coefficient 1), so the solved recurrence never amplifies.
-            Near the end of sampling ``x0(x)`` follows ``x`` almost one to one, so without
-            it a change of ``x_k`` reaches ``x_{k+1}`` only a round later and the window
-            crawls one step per round; with it the change goes through in the same round.
-            Same fixed point for any ``μ`` (tolerance 0 is still exact); steps entering
-            the window with no history use ``μ = 0``.
+        linear_solve: solve each step's linear part ``a_k x_k`` exactly over the window and
+            iterate only on the clean-sample prediction (:func:`~para_policy.samplers.solves.linear_recurrence`,
+            whose docstring says why): same fixed point, far fewer rounds; errors stop later
+            relative to the change, so use a smaller tolerance for the same deviation.
+        secant: with ``linear_solve``, also move a one-number slope of ``x0(x)`` per step into
+            the solve (:func:`~para_policy.samplers.solves.secant_slopes`); same fixed point.
         jacobian: with ``linear_solve``, ``(S, T·D, T·D)``: a fixed linearization ``J_k`` of each
-            step's nonlinear part ``g_k(x) = c_k x0(x)`` (e.g. its exact Jacobian averaged over
-            calibration samples, :func:`~para_policy.samplers.jacobians.mean_step_jacobians`),
-            moved into the solve as a matrix: ``x_{k+1} = (a_k + J_k) x_k + (g_k(x_k) − J_k x_k) +
-            σ_k z_k``, solved over the window by :func:`matrix_recurrence`. The secant's
-            one number then estimates the slope of what ``J_k`` leaves over (kept within ±0.5:
-            it corrects ``J_k``, it does not replace it). Same fixed point for any ``J_k``
-            (tolerance 0 is still exact). Not with soft inpaint weights.
+            step's nonlinear part (e.g. :func:`~para_policy.samplers.jacobians.mean_step_jacobians`)
+            solved as a matrix (:func:`~para_policy.samplers.solves.matrix_recurrence`); the
+            secant then estimates what ``J_k`` leaves over (within ±0.5). Same fixed point. Not
+            with soft inpaint weights.
         accelerator: a per-round hook (:class:`Accelerator`), e.g. ParaTAA's.
         round_shape: ``'compact'`` evaluates only the window slots inside the trajectory (fewer
             rows as samples finish: cheaper where rows cost compute, as on a CPU);
@@ -482,19 +462,29 @@ def picard_sample(
                    per_sample_windows, linear_solve, secant, jacobian)
     state = _initial_state(x_T, S, None if init is None else init.to(x_T.dtype), init_rows)
     step = compiled_round() if compile_round else picard_round
-    W = setup.window
+    return _run_rounds(setup, state, step, round_shape == "fixed", max_iterations, deadline)
+
+
+def _run_rounds(setup: RoundSetup, state: WindowState, step: Callable[..., RoundRows], fixed: bool,
+                max_iterations: int, deadline: float | None) -> tuple[torch.Tensor, SampleStats]:
+    """The host loop: rounds until every window reached the end (or the cap, or the deadline).
+
+    The one host read per round is each sample's window start: the stop test, and the
+    compacting round's next row count.
+    """
+    B, S, W = state.begin.shape[0], setup.steps, setup.window
     rounds = model_evals = 0
     rows_per_round: list[int] = []
     deadline_hit = False
     last: RoundRows | None = None
-    begins = [0] * B
+    begins = state.begin.tolist()
     while rounds < max_iterations and any(start < S for start in begins):
         if deadline is not None and rounds > 0 and time.perf_counter() >= deadline:  # one round always runs
             deadline_hit = True
             break
         rounds += 1
-        rows = B * W if round_shape == "fixed" else sum(min(W, S - start) for start in begins if start < S)
-        last = step(setup, state, None if round_shape == "fixed" else rows)
+        rows = B * W if fixed else sum(min(W, S - start) for start in begins if start < S)
+        last = step(setup, state, None if fixed else rows)
         model_evals += rows
         rows_per_round.append(rows)
         begins = state.begin.tolist()  # the round's one host read: the stop test and the next row count

@@ -58,6 +58,13 @@ def linear_recurrence(a: torch.Tensor, x0: torch.Tensor, g: torch.Tensor,
                       keep: KeepFactors | None = None) -> torch.Tensor:
     """All of ``x_{w+1} = a_w · keep · x_w + g_w`` for w = 0 … W−1 at once, from ``x_0``.
 
+    Why (``linear_solve``): every step is ``x_{k+1} = a_k x_k + c_k x0(x_k) + σ_k z_k`` (``a_k``
+    from :meth:`~para_policy.schedule.Schedule.linear_coeff`). ParaDiGMS's sums treat the whole
+    step as unknown, so an error in ``x_j`` reaches every later step undamped, and near the end
+    of sampling, where ``a_k`` is far from 1, the window advances about one step per round.
+    Solving the linear part exactly over the window leaves only ``x0(x)`` to iterate on, which a
+    trained denoiser makes nearly independent of small changes of ``x``.
+
     Args:
         a: ``(B, W)`` coefficients; x0: ``(B, T, D)``; g: ``(B, W, T, D)``;
         keep: per-entry factors of every coefficient (None: 1), :func:`keep_factors`.
@@ -129,6 +136,13 @@ def secant_slopes(memory: SecantMemory, b: torch.Tensor, k: torch.Tensor, x: tor
     A one-number (Barzilai–Borwein) estimate of ``∂g_k/∂x`` between the step's last two model
     inputs, moved into the solve as ``x_{k+1} = (a_k + μ_k) x_k + (g_k(x_k) − μ_k x_k) + σ_k z_k``
     (same fixed point for any μ). Records this round's ``(x, g)`` in ``memory`` (in place).
+
+    Why (``secant``): near the end of sampling ``x0(x)`` follows ``x`` almost one to one, so with
+    ``x0`` held fixed a change of ``x_k`` reaches ``x_{k+1}`` only a round later and the window
+    crawls one step per round; with the slope in the solve it goes through in the same round.
+    Kept within ``[0, 1 − a_k]`` (the solved coefficient between the linear solve's and the
+    published sums'), so the solved recurrence never amplifies; with a fixed Jacobian within
+    ±0.5 (it corrects ``J_k``, it does not replace it). A step with no history uses μ = 0.
 
     Args:
         b, k: ``(R,)`` each row's sample and step (k = S for a row past the end: the scratch step).

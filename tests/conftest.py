@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 # Tiny test models run fastest on one thread, and far slower on two when the cores are busy.
 torch.set_num_threads(1)
@@ -22,6 +22,11 @@ def dp_ddim(**overrides) -> DDIMScheduler:
     """DiffusionPolicy's DDIM scheduler config (same betas, set_alpha_to_one, steps_offset 0)."""
     cfg = dict(DP_BETAS, clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon")
     return DDIMScheduler(**{**cfg, **overrides})
+
+
+def dp_dpm(**overrides) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ on DiffusionPolicy's PushT betas, diffusers' defaults otherwise (order 2, dpmsolver++)."""
+    return DPMSolverMultistepScheduler(**{**DP_BETAS, **overrides})
 
 
 class MLPDenoiser(torch.nn.Module):
@@ -42,6 +47,31 @@ class MLPDenoiser(torch.nn.Module):
         c = torch.zeros(B, self.cond_dim) if condition is None else condition
         h = torch.cat([x, (t.float() / 100)[:, None, None].expand(B, T, 1), c[:, None, :].expand(B, T, -1)], -1)
         return self.net(h)
+
+
+class CleanDenoiser(torch.nn.Module):
+    """An :class:`MLPDenoiser` made to behave like a trained model: its clean sample is bounded.
+
+    ``x0 = tanh(net(x, t, c))``, returned as the scheduler's ``prediction_type`` expects with
+    ``ᾱ_t`` (epsilon ``(x − √ᾱ x0)/√(1 − ᾱ)``, v ``(√ᾱ x − x0)/√(1 − ᾱ)``). A raw network's
+    epsilon at ``ᾱ ≈ 1e-7`` implies clean samples in the thousands; unclipped solvers
+    (DPM-Solver) then compare float32 roundoff of such values, not their arithmetic.
+    """
+
+    def __init__(self, scheduler, seed: int = 0) -> None:
+        super().__init__()
+        self.net = MLPDenoiser(seed=seed)
+        self.alphas_cumprod = scheduler.alphas_cumprod.clone()
+        self.prediction_type = scheduler.config.prediction_type
+
+    def forward(self, x, t, condition=None):
+        x0 = torch.tanh(self.net(x, t, condition))
+        if self.prediction_type == "sample":
+            return x0
+        a = self.alphas_cumprod[t.long()].view(-1, 1, 1)
+        if self.prediction_type == "epsilon":
+            return (x - a**0.5 * x0) / (1 - a) ** 0.5
+        return (a**0.5 * x - x0) / (1 - a) ** 0.5
 
 
 @pytest.fixture

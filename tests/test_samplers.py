@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import MLPDenoiser, dp_ddim, dp_ddpm
+from conftest import CleanDenoiser, MLPDenoiser, dp_ddim, dp_ddpm, dp_dpm
 
 from para_policy.samplers import draw_noise, picard_sample, sequential_sample
 from para_policy.schedule import make_schedule
@@ -500,3 +500,53 @@ def test_soft_weights_outside_zero_one_are_refused(denoiser, weights, message):
     w[0, 0, 0] = weights
     with pytest.raises(ValueError, match=message):
         sequential_sample(denoiser, schedule, x_T, noise, inpaint=(torch.zeros_like(w), w))
+
+
+DPM_CONFIGS = [
+    ("dpm++2-10", dict(solver_order=2), 10),
+    ("dpm++3-16", dict(solver_order=3), 16),
+    ("sde-dpm++2-10", dict(solver_order=2, algorithm_type="sde-dpmsolver++"), 10),
+    ("sde-dpm++3-10-v", dict(solver_order=3, algorithm_type="sde-dpmsolver++", prediction_type="v_prediction"), 10),
+    ("dpm++3-8-sample", dict(solver_order=3, prediction_type="sample"), 8),
+]
+# Spacings (karras, leading, trailing) change the schedule, not the loop: tests/test_schedule.py checks them step by
+# step. Over a whole trajectory the random MLP amplifies last-bit differences (karras: up to 9e-6 on some seeds).
+
+
+@pytest.mark.parametrize("name,overrides,steps", DPM_CONFIGS, ids=[c[0] for c in DPM_CONFIGS])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sequential_reproduces_diffusion_policy_on_dpm_solver(name, overrides, steps, masked):
+    """DiffusionPolicy's loop over DPMSolverMultistepScheduler.step, same seed: the same actions."""
+    shape = (3, SHAPE_T, SHAPE_D)
+    denoiser = CleanDenoiser(dp_dpm(**overrides))
+    cond = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    inpaint = make_inpaint(3) if masked else None
+    ref, _ = diffusion_policy_loop(denoiser, dp_dpm(**overrides), steps, shape, seed=11, condition=cond,
+                                   inpaint=inpaint)
+    schedule = make_schedule(dp_dpm(**overrides), steps)
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(11))
+    ours, stats = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
+    assert (ours - ref).abs().max() < 1e-5
+    assert stats.rounds == steps
+
+
+def test_picard_refuses_a_multistep_schedule(denoiser):
+    schedule = make_schedule(dp_dpm(solver_order=2), 10)
+    x_T, _ = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="not yet"):
+        picard_sample(denoiser, schedule, x_T, window=4, tolerance=0.0)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+def test_picard_tolerance_zero_on_first_order_dpm_solver_equals_sequential(algorithm):
+    """solver_order=1 is a one-step schedule: Picard's solves run on it unchanged."""
+    schedule = make_schedule(dp_dpm(solver_order=1, algorithm_type=algorithm), 10)
+    denoiser = CleanDenoiser(dp_dpm())
+    shape = (2, SHAPE_T, SHAPE_D)
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(5))
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond)
+    for linear_solve in (False, True):
+        ours, stats = picard_sample(denoiser, schedule, x_T, noise, window=4, tolerance=0.0, condition=cond,
+                                    linear_solve=linear_solve)
+        assert (ours - ref).abs().max() < 5e-5 and stats.all_converged

@@ -51,7 +51,7 @@ from para_policy.samplers.picard import (
     _setup,
     picard_round,
 )
-from para_policy.schedule import Schedule
+from para_policy.schedule import Schedule, require_single_step
 
 
 def copy_into(static: Any, fresh: Any) -> None:
@@ -124,6 +124,7 @@ class CapturedSequential:
 
     def __init__(self, denoiser: Denoiser, schedule: Schedule, capture: bool = True,
                  weights_changed: Callable[[], bool] | None = None) -> None:
+        require_single_step(schedule, "the captured sequential loop")
         self.denoiser, self.schedule, self.capture = denoiser, schedule, capture
         self.weights_changed = weights_changed
         self.graphs: dict[tuple, tuple[_Graph, dict[str, Any]]] = {}

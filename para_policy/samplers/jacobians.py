@@ -13,7 +13,7 @@ import torch
 
 from para_policy.samplers.common import Denoiser, check_inputs
 from para_policy.samplers.sequential import sequential_sample
-from para_policy.schedule import Schedule
+from para_policy.schedule import Schedule, require_single_step
 
 
 def step_jacobians(denoiser: Denoiser, schedule: Schedule, inputs: torch.Tensor,
@@ -26,6 +26,7 @@ def step_jacobians(denoiser: Denoiser, schedule: Schedule, inputs: torch.Tensor,
     """
     from torch.func import jacrev
 
+    require_single_step(schedule, "step_jacobians")
     S, T, D = inputs.shape
     if S != schedule.num_steps:
         raise ValueError(f"inputs must have one row per step ({schedule.num_steps}), got {S}")

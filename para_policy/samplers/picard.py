@@ -52,7 +52,7 @@ from para_policy.samplers.solves import (
     prefix_sum,
     secant_slopes,
 )
-from para_policy.schedule import Schedule
+from para_policy.schedule import Schedule, require_single_step
 
 ROUND_SHAPES = ("compact", "fixed")
 
@@ -272,6 +272,7 @@ def _setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: tor
            accelerator: Accelerator | None, per_sample_windows: bool, linear_solve: bool, secant: bool,
            jacobian: torch.Tensor | None) -> RoundSetup:
     """Check the solve options and build a call's :class:`RoundSetup` (host reads allowed here)."""
+    require_single_step(schedule, "Picard sampling")
     B, T, D = x_T.shape
     S = schedule.num_steps
     device, dtype = x_T.device, x_T.dtype

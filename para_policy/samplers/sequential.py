@@ -34,10 +34,13 @@ def sequential_sample(
 
     Args:
         denoiser: ``(x (B,T,D), t (B,), condition) -> (B,T,D)``.
-        schedule: from :func:`para_policy.schedule.make_schedule`.
+        schedule: from :func:`para_policy.schedule.make_schedule`; a multistep one
+            (DPM-Solver++, ``order = m > 1``) keeps the last ``m`` clean-sample predictions and
+            steps with ``x_{k+1} = a_k x_k + Σ_j b_{k,j} x0(x_{k−j}) + σ_k z_k``
+            (:meth:`~para_policy.schedule.MultistepSchedule.step_from_x0`).
         x_T: ``(B, T, D)`` initial noise.
         noise: ``(B, S, T, D)`` standard normal per-step noise (see ``draw_noise``);
-            may be omitted for deterministic schedules (DDIM, eta = 0).
+            may be omitted for deterministic schedules (DDIM with eta = 0, dpmsolver++).
         condition: ``(B, ...)`` passed to the denoiser as is.
     Returns:
         ``(sample (B, T, D), stats)`` with ``rounds = S``.
@@ -48,11 +51,18 @@ def sequential_sample(
     B = x_T.shape[0]
     schedule = schedule.to(x_T.device)
     x = x_T
+    x0s = None  # multistep schedules: (B, ≤ m, T, D) clean-sample predictions, newest first
     for k in range(schedule.num_steps):
         x = apply_inpaint(x, inpaint, k)
         k_rows = torch.full((B,), k, dtype=torch.long, device=x.device)
         model_output = denoiser(x, schedule.timesteps[k_rows], condition)
-        x = schedule.step_mean(x, k_rows, model_output) + schedule.noise_std[k] * noise[:, k]
+        if schedule.order == 1:
+            mean = schedule.step_mean(x, k_rows, model_output)
+        else:
+            x0 = schedule.predict_x0(x, k_rows, model_output)[:, None]
+            x0s = x0 if x0s is None else torch.cat([x0, x0s[:, : schedule.order - 1]], dim=1)
+            mean = schedule.step_from_x0(x, k_rows, x0s)
+        x = mean + schedule.noise_std[k] * noise[:, k]
     x = apply_inpaint(x, inpaint, None)
     S = schedule.num_steps
     return x, SampleStats(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from para_policy.samplers.solves import linear_recurrence
-from para_policy.schedule import Schedule
+from para_policy.schedule import Schedule, require_single_step
 
 
 @torch.inference_mode()
@@ -32,6 +32,7 @@ def warm_start_init(schedule: Schedule, x0_guess: torch.Tensor, x_T: torch.Tenso
     """
     if x0_guess.shape != x_T.shape:
         raise ValueError(f"x0_guess must have the shape of x_T {tuple(x_T.shape)}, got {tuple(x0_guess.shape)}")
+    require_single_step(schedule, "warm_start_init")
     S = schedule.num_steps
     B = x_T.shape[0]
     sched = schedule.to(x_T.device)

@@ -73,19 +73,35 @@ def run_chunk(policy: Any, spec: Any, obs: torch.Tensor, key: int, guess: torch.
     return policy.predict_action({"obs": obs}, sampler=spec, x_T=x_T, noise=noise, **warm)
 
 
+def warm_up(policies: dict[str, Any], specs: dict[str, Any], chunks: list[dict[str, Any]]) -> None:
+    """Every variant on a few chunks, untimed: compilation (minutes on a CPU) stays out of the timings."""
+    for name, spec in specs.items():
+        guess = None
+        for i, chunk in enumerate(chunks[:3]):
+            policy = policies[VARIANTS[name][0]]
+            out = run_chunk(policy, spec, torch.as_tensor(chunk["obs"])[None], 1000 + i, guess)
+            guess = shift_trajectory(out.trajectory, policy.n_action_steps)
+
+
 def measure(policies: dict[str, Any], specs: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts (one pass) and interleaved timings (a second pass) of every variant over ``chunks``."""
-    rows = {name: {"rounds": [], "syncs": [], "copies": [], "ops": [], "ms": [], "outside_ms": []} for name in specs}
+    warm_up(policies, specs, chunks)
+    rows = {name: {"rounds": [], "syncs": [], "copies": [], "ops": [], "ms": [], "outside_ms": []}
+            for name in specs}
     for counting in (True, False):
         guesses: dict[str, torch.Tensor | None] = dict.fromkeys(specs)
         for i, chunk in enumerate(chunks):
             obs = torch.as_tensor(chunk["obs"])[None]
             names = list(specs) if i % 2 == 0 else list(specs)[::-1]
             for name in names:
+                if counting and "compiled" in name:  # the counter cannot see inside compiled code
+                    continue
                 policy = policies[VARIANTS[name][0]]
                 guess = None if chunk["chunk"] == 0 else guesses[name]
+                whole = "round compiled" in name  # the model runs inside the compiled round: not timed apart
                 wrap = HostSyncCounter() if counting else Timed(policy.denoise)
-                policy.denoise = wrap.wrap(policy.denoise) if counting else wrap
+                if not whole:
+                    policy.denoise = wrap.wrap(policy.denoise) if counting else wrap
                 try:
                     start = time.perf_counter()
                     if counting:
@@ -95,17 +111,19 @@ def measure(policies: dict[str, Any], specs: dict[str, Any], chunks: list[dict[s
                         out = run_chunk(policy, specs[name], obs, 1000 + i, guess)
                     total = (time.perf_counter() - start) * 1e3
                 finally:
-                    del policy.denoise
+                    if not whole:
+                        del policy.denoise
                 guesses[name] = shift_trajectory(out.trajectory, policy.n_action_steps)
                 r = rows[name]
                 if counting:
                     between = wrap.between or [wrap.after]
-                    r["rounds"].append(out.stats.rounds)
                     for field in ("syncs", "copies", "ops"):
                         r[field].append(statistics.mean(getattr(c, field) for c in between))
                 else:
+                    r["rounds"].append(out.stats.rounds)
                     r["ms"].append(total)
-                    r["outside_ms"].append((total - wrap.ms) / out.stats.rounds)
+                    if not whole:
+                        r["outside_ms"].append((total - wrap.ms) / out.stats.rounds)
     return rows
 
 
@@ -114,9 +132,13 @@ def summarize(rows: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, r in rows.items():
         ms = distribution(r["ms"])
-        out[name] = {"rounds_mean": statistics.mean(r["rounds"]), "syncs_per_round": statistics.mean(r["syncs"]),
-                     "copies_per_round": statistics.mean(r["copies"]), "ops_per_round": statistics.mean(r["ops"]),
-                     "outside_model_ms_per_round_p50": distribution(r["outside_ms"])["p50"],
+        counted = bool(r["syncs"])
+        out[name] = {"rounds_mean": statistics.mean(r["rounds"]),
+                     "syncs_per_round": statistics.mean(r["syncs"]) if counted else None,
+                     "copies_per_round": statistics.mean(r["copies"]) if counted else None,
+                     "ops_per_round": statistics.mean(r["ops"]) if counted else None,
+                     "outside_model_ms_per_round_p50":
+                         distribution(r["outside_ms"])["p50"] if r["outside_ms"] else None,
                      "ms_p50": ms["p50"], "ms_p95": ms["p95"], "speedup_p50_vs_sequential": base / ms["p50"]}
     return out
 
@@ -127,16 +149,20 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"{meta['chunks']} chunks of the recorded PushT stream at batch 1, warm-started per variant, "
              "variants interleaved chunk by chunk. Counts are per round, between two model calls (the sequential "
              "loop: per step): host syncs (device-to-host reads), host-to-device copies, torch operations "
-             "outside the model. 'outside ms' is a round's wall time minus its model call.", ""]
+             "outside the model (not counted inside compiled code: '—'). 'outside ms' is a round's wall "
+             "time minus its model call ('—' where the model runs inside the compiled round).", ""]
     for schedule, res in results.items():
         lines += [f"## {schedule} (window {meta['windows'][schedule]})", "",
                   "| variant | rounds | syncs | copies | ops | outside ms/round p50 | ms/chunk p50 | p95 "
                   "| vs sequential p50 |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, s in res.items():
-            lines.append(f"| {name} | {s['rounds_mean']:.2f} | {s['syncs_per_round']:.2f} | "
-                         f"{s['copies_per_round']:.2f} | {s['ops_per_round']:.0f} | "
-                         f"{s['outside_model_ms_per_round_p50']:.2f} | {s['ms_p50']:.1f} | {s['ms_p95']:.1f} | "
+            def num(key: str, fmt: str, s: dict = s) -> str:
+                return "—" if s[key] is None else format(s[key], fmt)
+
+            lines.append(f"| {name} | {num('rounds_mean', '.2f')} | {num('syncs_per_round', '.2f')} | "
+                         f"{num('copies_per_round', '.2f')} | {num('ops_per_round', '.0f')} | "
+                         f"{num('outside_model_ms_per_round_p50', '.2f')} | {s['ms_p50']:.1f} | {s['ms_p95']:.1f} | "
                          f"{s['speedup_p50_vs_sequential']:.2f}× |")
         lines.append("")
     return "\n".join(lines)

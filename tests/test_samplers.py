@@ -530,11 +530,36 @@ def test_sequential_reproduces_diffusion_policy_on_dpm_solver(name, overrides, s
     assert stats.rounds == steps
 
 
-def test_picard_refuses_a_multistep_schedule(denoiser):
-    schedule = make_schedule(dp_dpm(solver_order=2), 10)
-    x_T, _ = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="not yet"):
-        picard_sample(denoiser, schedule, x_T, window=4, tolerance=0.0)
+MULTISTEP = [("dpm2", dict(solver_order=2)), ("dpm3", dict(solver_order=3)),
+             ("sde2", dict(solver_order=2, algorithm_type="sde-dpmsolver++")),
+             ("dpm3-sample", dict(solver_order=3, prediction_type="sample"))]
+
+
+@pytest.mark.parametrize("name,overrides", MULTISTEP, ids=[m[0] for m in MULTISTEP])
+@pytest.mark.parametrize("solve", [{}, {"linear_solve": True, "secant": True}], ids=["prefix_sum", "linear_secant"])
+@pytest.mark.parametrize("shape_name", ["compact", "fixed"])
+def test_picard_tolerance_zero_on_multistep_dpm_solver_equals_sequential(name, overrides, solve, shape_name):
+    """ParaDPMSolver: steps that read earlier steps' predictions; tolerance 0 is the sequential sample."""
+    from para_policy.samplers import taa_sample, warm_start_init
+
+    schedule = make_schedule(dp_dpm(**overrides), 10)
+    denoiser = CleanDenoiser(dp_dpm(**overrides))
+    shape = (2, SHAPE_T, SHAPE_D)
+    cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    inpaint = make_inpaint(2)
+    x_T, noise = draw_noise(schedule, shape, torch.Generator().manual_seed(5))
+    ref, _ = sequential_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint)
+    init = warm_start_init(schedule, torch.zeros(shape), x_T, noise)
+    for window, extra in ((4, {}), (10, {"init": init, "init_rows": torch.tensor([True, False])})):
+        out, stats = picard_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint, window=window,
+                                   tolerance=0.0, round_shape=shape_name, **solve, **extra)
+        assert (out - ref).abs().max() < 1e-5 and stats.rounds <= 10
+    fast, stats = picard_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint, window=10,
+                                tolerance=0.1, round_shape=shape_name, **solve)
+    assert stats.rounds <= 10 and (fast - ref).abs().max() < 0.1
+    if not solve and shape_name == "compact":
+        out, _ = taa_sample(denoiser, schedule, x_T, noise, condition=cond, inpaint=inpaint, window=10, tolerance=0.0)
+        assert (out - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])

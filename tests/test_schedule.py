@@ -193,7 +193,8 @@ def test_dpm_x0_drive_is_every_step_at_once():
 
 
 def test_dpm_one_step_consumers_refuse_higher_orders():
-    """Order 1 is a one-step schedule (step_mean works); order 2 refuses step_mean and one-step samplers."""
+    """Order 1 is a one-step schedule (step_mean works); order 2 refuses step_mean and the one-step consumers
+    (the captured loop, the Jacobians)."""
     first = make_schedule(dp_dpm(solver_order=1), 10)
     x, out = torch.randn(2, 8, 3), torch.randn(2, 8, 3)
     rows = torch.full((2,), 4, dtype=torch.long)

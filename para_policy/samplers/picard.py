@@ -52,7 +52,7 @@ from para_policy.samplers.solves import (
     prefix_sum,
     secant_slopes,
 )
-from para_policy.schedule import Schedule, require_single_step
+from para_policy.schedule import Schedule
 
 ROUND_SHAPES = ("compact", "fixed")
 
@@ -79,6 +79,8 @@ class RoundSetup:
     or None; ``known`` (B, 1, T, D) the inpaint entries left out of the test, ``free_count``
     (B, 1) their complement's size; ``keep`` a soft mask's factors; ``secant`` the slope memory.
     ``offsets`` (W,), ``batch`` (B,) and ``grid_b``/``grid_w`` (B·W,) are index constants.
+    ``x0_memory`` (B, S + 1, T, D): on a multistep schedule (DPM-Solver++ of order m > 1), each
+    step's latest clean-sample prediction, which later steps read (slot S: scratch); else None.
     """
 
     denoiser: Denoiser
@@ -100,6 +102,7 @@ class RoundSetup:
     batch: torch.Tensor
     grid_b: torch.Tensor
     grid_w: torch.Tensor
+    x0_memory: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -174,6 +177,24 @@ def _linear_solve(setup: RoundSetup, b: torch.Tensor, w: torch.Tensor, k_rows: t
     return matrix_recurrence(mats, base, drive)
 
 
+def _step_means(setup: RoundSetup, b: torch.Tensor, k_rows: torch.Tensor, slot_rows: torch.Tensor,
+                x_in: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``(R, T, D)`` each row's step without noise, ``f_k = a_k x_k + Σ_j b_{k,j} x0(x_{k−j})``.
+
+    One-step schedules (DDPM, DDIM): :meth:`Schedule.step_mean`. Multistep ones (DPM-Solver++,
+    m > 1): this round's predictions are recorded first, so a row reads its window's earlier
+    slots as evaluated now and the steps before the window as last evaluated (final there: the
+    window only slides past converged points), which keeps tolerance 0 exact.
+    """
+    sched = setup.schedule
+    if setup.x0_memory is None:
+        return sched.step_mean(x_in, k_rows, output)
+    memory = setup.x0_memory
+    memory[b, slot_rows] = sched.predict_x0(x_in, k_rows, output)
+    x0s = torch.stack([memory[b, (k_rows - j).clamp(min=0)] for j in range(sched.order)], dim=1)  # (R, m, T, D)
+    return sched.step_from_x0(x_in, k_rows, x0s)
+
+
 def _converged_lead(setup: RoundSetup, k: torch.Tensor, valid: torch.Tensor, new: torch.Tensor,
                     old: torch.Tensor) -> torch.Tensor:
     """``(B,)`` each window's leading converged slots: mean squared change within ``tolerance² σ_k²``.
@@ -238,7 +259,7 @@ def picard_round(setup: RoundSetup, state: WindowState, rows: int | None = None)
     output = setup.denoiser(x_in, sched.timesteps[k_rows], None if setup.condition is None else setup.condition[b])
     base = state.traj[setup.batch, state.begin]  # (B, T, D)
     old = state.traj[setup.batch[:, None], torch.minimum(k + 1, filled)]  # (B, W, T, D): the iterate
-    mean = sched.step_mean(x_in, k_rows, output)
+    mean = _step_means(setup, b, k_rows, slot_rows, x_in, output)
     noise_rows = setup.scaled_noise[b, k_rows]
     if setup.lin is None:
         new = prefix_sum(base, _scatter(setup, b, w, mean + noise_rows - x_rows, valid_rows))
@@ -272,7 +293,6 @@ def _setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: tor
            accelerator: Accelerator | None, per_sample_windows: bool, linear_solve: bool, secant: bool,
            jacobian: torch.Tensor | None) -> RoundSetup:
     """Check the solve options and build a call's :class:`RoundSetup` (host reads allowed here)."""
-    require_single_step(schedule, "Picard sampling")
     B, T, D = x_T.shape
     S = schedule.num_steps
     device, dtype = x_T.device, x_T.dtype
@@ -281,6 +301,9 @@ def _setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: tor
     if jacobian is not None:
         if not linear_solve:
             raise ValueError("jacobian needs linear_solve=True (it linearizes the linear solve's nonlinear part)")
+        if schedule.order > 1:
+            raise ValueError("jacobian linearizes a one-step schedule; this one reads earlier steps' predictions "
+                             f"(order {schedule.order})")
         if tuple(jacobian.shape) != (S, T * D, T * D):
             raise ValueError(f"jacobian must have shape (S, T*D, T*D) = {(S, T * D, T * D)}, "
                              f"got {tuple(jacobian.shape)}")
@@ -308,7 +331,8 @@ def _setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: tor
         secant=SecantMemory.empty((B, T, D), S, device, dtype) if secant else None,
         accelerator=accelerator, per_sample_windows=per_sample_windows,
         offsets=torch.arange(W, device=device), batch=batch,
-        grid_b=batch.repeat_interleave(W), grid_w=torch.arange(W, device=device).repeat(B))
+        grid_b=batch.repeat_interleave(W), grid_w=torch.arange(W, device=device).repeat(B),
+        x0_memory=torch.zeros((B, S + 1, T, D), device=device, dtype=dtype) if schedule.order > 1 else None)
 
 
 def _initial_state(x_T: torch.Tensor, steps: int, init: torch.Tensor | None, init_rows: torch.Tensor | None

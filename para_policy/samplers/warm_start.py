@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from para_policy.samplers.solves import linear_recurrence
-from para_policy.schedule import Schedule, require_single_step
+from para_policy.schedule import Schedule
 
 
 @torch.inference_mode()
@@ -32,18 +32,20 @@ def warm_start_init(schedule: Schedule, x0_guess: torch.Tensor, x_T: torch.Tenso
     """
     if x0_guess.shape != x_T.shape:
         raise ValueError(f"x0_guess must have the shape of x_T {tuple(x_T.shape)}, got {tuple(x0_guess.shape)}")
-    require_single_step(schedule, "warm_start_init")
     S = schedule.num_steps
     B = x_T.shape[0]
     sched = schedule.to(x_T.device)
     x0 = x0_guess.clamp(-sched.clip_sample_range, sched.clip_sample_range) if sched.clip_sample else x0_guess
     # with x0 fixed each step is affine in x: x_{k+1} = a_k x_k + b_k + σ_k z_k, with
     # b_k the step from x = 0; all S steps at once (one matrix product, not S small ones)
-    k = torch.arange(S, device=x_T.device).repeat_interleave(B)
-    zeros = torch.zeros((S * B, *x_T.shape[1:]), device=x_T.device, dtype=x_T.dtype)
-    x0_rows = x0.repeat(S, *([1] * (x0.dim() - 1)))
-    drive = sched.step_mean(zeros, k, sched.output_for_x0(zeros, k, x0_rows)).view(S, B, *x_T.shape[1:])
-    drive = drive.transpose(0, 1)  # (B, S, T, D)
+    if sched.order > 1:  # a multistep schedule: every step's weighted predictions, all equal to the guess
+        drive = sched.x0_drive(x0[:, None].expand(B, S, *x_T.shape[1:]))
+    else:
+        k = torch.arange(S, device=x_T.device).repeat_interleave(B)
+        zeros = torch.zeros((S * B, *x_T.shape[1:]), device=x_T.device, dtype=x_T.dtype)
+        x0_rows = x0.repeat(S, *([1] * (x0.dim() - 1)))
+        drive = sched.step_mean(zeros, k, sched.output_for_x0(zeros, k, x0_rows)).view(S, B, *x_T.shape[1:])
+        drive = drive.transpose(0, 1)  # (B, S, T, D)
     if noise is not None:
         drive = drive + sched.noise_std.view(1, S, 1, 1).to(drive.dtype) * noise
     a = sched.linear_coeff().to(x_T.dtype).expand(B, S)

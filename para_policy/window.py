@@ -315,8 +315,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def window_key(model_id: str, spec: Any, schedule: Any, batch_size: int, device: Any, denoiser_id: str = "") -> str:
     """The cache key of a resolved window: policy, sampler options, schedule, batch size, device, machine."""
     options = {k: v for k, v in spec.options.items() if k != "window"}
+    sched = [schedule.kind, schedule.num_steps, *([schedule.order] if schedule.order > 1 else [])]  # + DPM's order
     return json.dumps({"model": model_id, "denoiser": denoiser_id, "family": spec.family.sample.__name__,
-                       "options": options, "schedule": [schedule.kind, schedule.num_steps],
+                       "options": options, "schedule": sched,
                        "batch": int(batch_size), "device": device_label(device), "machine": machine_id()},
                       sort_keys=True)
 

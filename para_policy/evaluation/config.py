@@ -11,7 +11,7 @@ Config shape (``configs/eval.yaml`` composes it)::
     task         env_id, obs_type, obs_dim (flat observations) or obs_shapes (dict observations:
                  ``{key: shape}``, e.g. PushT's image task), action_dim, episodes, seed_start,
                  max_steps, fps, checkpoint_asset (null: the task ships no policy)
-    sampler      name (a preset), scheduler, num_inference_steps, warm_start and the
+    sampler      name (a preset), scheduler, num_inference_steps, solver_order, warm_start and the
                  preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
     controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz,
@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from para_policy.policy import PREFIX_MODES
 from para_policy.samplers import SamplerConfig, SamplerOptionError, sampler_spec
+from para_policy.samplers.registry import DPM_SCHEDULERS
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_RESOLVER = "para_policy.asset"
@@ -253,7 +254,8 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
 
     Comparing ParaDDIM with 100-step DDPM would measure the schedule, not the sampler.
     """
-    return sampler_spec("sequential", scheduler=schedule_kind, num_inference_steps=num_steps)
+    order = candidate.solver_order if schedule_kind in DPM_SCHEDULERS else None  # the same DPM-Solver++ order
+    return sampler_spec("sequential", scheduler=schedule_kind, num_inference_steps=num_steps, solver_order=order)
 
 
 CONTROLLER_MODES = ("sync", "async", "rtc")

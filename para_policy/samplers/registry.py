@@ -13,8 +13,9 @@ sampler is chosen rather than at the first call. Every path builds its spec with
 * **Presets** are named settings of a family (:data:`PRESETS`): ``paradigms`` is the
   fastest measured setting, ``paradigms_published`` ParaDiGMS as published, ``parataa``
   ParaTAA, ``sequential`` the reference loop.
-* **The schedule** (``scheduler='ddpm'|'ddim'``, ``num_inference_steps``) is orthogonal:
-  any preset runs on any schedule; ``None`` means the checkpoint's own.
+* **The schedule** (``scheduler='ddpm'|'ddim'|'dpmsolver++'|'sde-dpmsolver++'``,
+  ``num_inference_steps``, ``solver_order`` for DPM-Solver++) is orthogonal: any preset runs on
+  any schedule; ``None`` means the checkpoint's own.
 
 A spec (:class:`SamplerConfig`) holds the preset name, the schedule choice, the
 complete validated options of its family and ``warm_start``.
@@ -31,7 +32,7 @@ from typing import Any
 from para_policy.samplers.picard import ROUND_SHAPES, picard_sample
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.samplers.taa import taa_sample
-from para_policy.schedule import Schedule, ddim_from, make_schedule
+from para_policy.schedule import Schedule, ddim_from, dpm_from, make_schedule
 
 
 class SamplerOptionError(ValueError):
@@ -156,7 +157,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sequential": {"family": "sequential", "warm_start": False, "options": {}},
 }
 DEFAULT_SAMPLER = "paradigms"
-SCHEDULERS = (None, "ddpm", "ddim")
+#: the :class:`SamplerConfig` fields besides ``name`` and ``options`` (the schedule choice, warm start)
+SPEC_FIELDS = ("scheduler", "num_inference_steps", "warm_start", "solver_order")
+#: the DPM-Solver++ schedulers (diffusers' ``DPMSolverMultistepScheduler`` ``algorithm_type``)
+DPM_SCHEDULERS = ("dpmsolver++", "sde-dpmsolver++")
+SCHEDULERS = (None, "ddpm", "ddim", *DPM_SCHEDULERS)
+#: ``solver_order`` of a DPM-Solver++ schedule derived from a DDPM or DDIM scheduler
+DEFAULT_SOLVER_ORDER = 2
 #: names earlier releases accepted, and what they are now
 RENAMED = {
     "paraddpm": "sampler='paradigms_published', scheduler='ddpm'",
@@ -173,10 +180,14 @@ class SamplerConfig:
     values, then the family's defaults). Every field is checked here, so a spec that
     exists is one that runs.
 
-    name: a key of :data:`PRESETS`; scheduler: ``'ddpm'`` / ``'ddim'`` / None (the
-    checkpoint's); num_inference_steps: >= 1 or None (the checkpoint's); options: the
-    family's complete options as a dict (``{}`` for sequential); warm_start: start each
-    call from the previous call's trajectory (iterative families only; None: the preset's).
+    name: a key of :data:`PRESETS`; scheduler: ``'ddpm'`` / ``'ddim'`` / ``'dpmsolver++'`` /
+    ``'sde-dpmsolver++'`` / None (the checkpoint's); num_inference_steps: >= 1 or None (the
+    checkpoint's); options: the family's complete options as a dict (``{}`` for sequential);
+    warm_start: start each call from the previous call's trajectory (iterative families only;
+    None: the preset's); solver_order: DPM-Solver++'s order, 1–3, only with a DPM scheduler
+    (None: the checkpoint's when its scheduler is DPM-Solver++, else
+    :data:`DEFAULT_SOLVER_ORDER`; with ``scheduler=None`` it is checked against the
+    checkpoint's scheduler when the schedule is built).
     """
 
     name: str = "sequential"
@@ -184,6 +195,7 @@ class SamplerConfig:
     num_inference_steps: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     warm_start: bool | None = None
+    solver_order: int | None = None
 
     def __post_init__(self) -> None:
         if self.name in RENAMED:
@@ -191,9 +203,19 @@ class SamplerConfig:
         if self.name not in PRESETS:
             raise SamplerOptionError(f"unknown sampler {self.name!r}; expected one of {sorted(PRESETS)}")
         if self.scheduler not in SCHEDULERS:
-            raise SamplerOptionError(f"unknown scheduler {self.scheduler!r}; expected 'ddpm', 'ddim' or None")
+            raise SamplerOptionError(f"unknown scheduler {self.scheduler!r}; expected one of "
+                                     f"{[s for s in SCHEDULERS if s]} or None")
         if self.num_inference_steps is not None:
             _check_int("num_inference_steps", self.num_inference_steps, 1)
+        if self.solver_order is not None:
+            if isinstance(self.solver_order, bool) or not isinstance(self.solver_order, int) \
+                    or not 1 <= self.solver_order <= 3:
+                raise SamplerOptionError(f"solver_order must be 1, 2 or 3, got {self.solver_order!r}",
+                                         "solver_order")
+            if self.scheduler is not None and self.scheduler not in DPM_SCHEDULERS:
+                raise SamplerOptionError(f"solver_order is DPM-Solver++'s order: it needs scheduler="
+                                         f"{' or '.join(map(repr, DPM_SCHEDULERS))}, not {self.scheduler!r}",
+                                         "solver_order")
         preset = PRESETS[self.name]
         family = FAMILIES[preset["family"]]
         given = dict(self.options)
@@ -230,22 +252,23 @@ class SamplerConfig:
         return self.options.get("window") == "auto"
 
     def with_options(self, **changes: Any) -> SamplerConfig:
-        """This spec with some options (or ``warm_start``, ``scheduler``, ``num_inference_steps``) changed."""
-        fields = {k: changes.pop(k) for k in ("scheduler", "num_inference_steps", "warm_start") if k in changes}
+        """This spec with some options (or ``warm_start``, ``scheduler``, ``num_inference_steps``,
+        ``solver_order``) changed."""
+        fields = {k: changes.pop(k) for k in SPEC_FIELDS if k in changes}
         return dataclasses.replace(self, options={**self.options, **changes}, **fields)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (what results files and fingerprints record)."""
         return {"name": self.name, "scheduler": self.scheduler, "num_inference_steps": self.num_inference_steps,
-                "options": dict(self.options), "warm_start": self.warm_start}
+                "options": dict(self.options), "warm_start": self.warm_start, "solver_order": self.solver_order}
 
 
 def sampler_spec(sampler: str | SamplerConfig | Mapping[str, Any] | None = DEFAULT_SAMPLER,
                  **options: Any) -> SamplerConfig:
     """The one constructor of sampler specs: a preset name (or a spec, or a mapping) plus options.
 
-    ``options`` may hold the family's options, ``scheduler``, ``num_inference_steps`` and
-    ``warm_start``; they override the preset's values. A mapping is read as
+    ``options`` may hold the family's options, ``scheduler``, ``num_inference_steps``,
+    ``solver_order`` and ``warm_start``; they override the preset's values. A mapping is read as
     ``{'name': ..., **options}`` (a Hydra ``sampler`` group; ``None`` values mean "the
     preset's"). Given a spec, ``options`` change it. Raises :class:`SamplerOptionError`
     (a ``ValueError``) naming what was wrong and what was expected.
@@ -266,35 +289,76 @@ def sampler_spec(sampler: str | SamplerConfig | Mapping[str, Any] | None = DEFAU
     else:
         raise SamplerOptionError(f"sampler must be a name, a SamplerConfig or a mapping, got {type(sampler).__name__}")
     opts = dict(options)
-    fields = {k: opts.pop(k) for k in ("scheduler", "num_inference_steps", "warm_start") if k in opts}
+    fields = {k: opts.pop(k) for k in SPEC_FIELDS if k in opts}
     return SamplerConfig(name, options=opts, **fields)
 
 
 def scheduler_kind(scheduler: Any) -> str:
-    """``'ddim'`` for a diffusers DDIMScheduler, ``'ddpm'`` otherwise."""
-    return "ddim" if type(scheduler).__name__ == "DDIMScheduler" else "ddpm"
+    """``'ddim'`` for a diffusers DDIMScheduler, its ``algorithm_type`` (``'dpmsolver++'`` /
+    ``'sde-dpmsolver++'``) for a DPMSolverMultistepScheduler, ``'ddpm'`` otherwise."""
+    name = type(scheduler).__name__
+    if name == "DDIMScheduler":
+        return "ddim"
+    if name == "DPMSolverMultistepScheduler":
+        return str(scheduler.config.get("algorithm_type", "dpmsolver++"))
+    return "ddpm"
+
+
+def _ddpm_from(scheduler: Any) -> Any:
+    """The DDPM scheduler of a DPM-Solver++ scheduler's betas and prediction type (no clipping, as DPM-Solver)."""
+    from diffusers import DDPMScheduler
+
+    cfg = scheduler.config
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                         beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
+                         trained_betas=cfg.get("trained_betas"), clip_sample=False,
+                         prediction_type=cfg.prediction_type)
 
 
 def build_schedule(spec: SamplerConfig, scheduler: Any, default_steps: int, eta: float = 0.0,
                    own: Callable[[], Any] | None = None) -> Schedule:
     """The :class:`Schedule` ``spec`` runs on, from the policy's diffusers ``scheduler``.
 
-    ``spec.scheduler`` None keeps the scheduler's own kind; ``'ddim'`` on a DDPM-trained
-    policy uses its DDIM twin (:func:`~para_policy.schedule.ddim_from`); DDPM cannot be
-    derived from DDIM. ``own`` makes a fresh copy of the policy's scheduler (default: the
-    scheduler itself, whose timesteps :func:`make_schedule` sets).
+    ``spec.scheduler`` None keeps the scheduler's own kind; ``'ddim'`` on a DDPM- or
+    DPM-Solver-trained policy uses its DDIM twin (:func:`~para_policy.schedule.ddim_from`);
+    ``'dpmsolver++'`` / ``'sde-dpmsolver++'`` on a DDPM- or DDIM-trained policy its DPM-Solver++
+    twin (:func:`~para_policy.schedule.dpm_from`, order ``spec.solver_order`` or
+    :data:`DEFAULT_SOLVER_ORDER`), on a DPM-Solver-trained one the policy's own scheduler (with
+    ``solver_order`` / ``algorithm_type`` changed if asked); ``'ddpm'`` on a DPM-Solver-trained
+    policy a DDPM scheduler of its betas. DDPM cannot be derived from DDIM. ``solver_order``
+    on a non-DPM schedule is refused. ``own`` makes a fresh copy of the policy's scheduler
+    (default: the scheduler itself, whose timesteps :func:`make_schedule` sets).
     """
-    kind, steps = schedule_key(spec, scheduler, default_steps)
-    if kind == scheduler_kind(scheduler):
+    kind, steps, order = schedule_key(spec, scheduler, default_steps)
+    own_kind = scheduler_kind(scheduler)
+    if spec.solver_order is not None and kind not in DPM_SCHEDULERS:
+        raise SamplerOptionError(f"solver_order is DPM-Solver++'s order, but the schedule is {kind!r} (the "
+                                 "policy's scheduler); choose scheduler='dpmsolver++' or drop solver_order",
+                                 "solver_order")
+    if kind in DPM_SCHEDULERS:
+        if own_kind in DPM_SCHEDULERS:
+            sched = own() if own is not None else scheduler
+            if (own_kind, sched.config.solver_order) != (kind, order):
+                sched = type(sched).from_config(sched.config, solver_order=order, algorithm_type=kind)
+        else:
+            sched = dpm_from(scheduler, solver_order=order, algorithm_type=kind)
+    elif kind == own_kind:
         sched = own() if own is not None else scheduler
     elif kind == "ddim":
         sched = ddim_from(scheduler)
+    elif own_kind in DPM_SCHEDULERS:
+        sched = _ddpm_from(scheduler)
     else:
         raise SamplerOptionError("a DDPM schedule cannot be derived from a DDIM-trained policy's scheduler; "
                                  "use scheduler='ddim'")
     return make_schedule(sched, steps, eta=float(eta) if kind == "ddim" else 0.0)
 
 
-def schedule_key(spec: SamplerConfig, scheduler: Any, default_steps: int) -> tuple[str, int]:
-    """``(kind, steps)`` of the schedule ``spec`` runs on (a cache key)."""
-    return spec.scheduler or scheduler_kind(scheduler), int(spec.num_inference_steps or default_steps)
+def schedule_key(spec: SamplerConfig, scheduler: Any, default_steps: int) -> tuple[str, int, int | None]:
+    """``(kind, steps, solver_order)`` of the schedule ``spec`` runs on (a cache key; order None unless DPM)."""
+    kind = spec.scheduler or scheduler_kind(scheduler)
+    order = None
+    if kind in DPM_SCHEDULERS:
+        own = scheduler.config.get("solver_order") if scheduler_kind(scheduler) in DPM_SCHEDULERS else None
+        order = int(spec.solver_order or own or DEFAULT_SOLVER_ORDER)
+    return kind, int(spec.num_inference_steps or default_steps), order

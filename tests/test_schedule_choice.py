@@ -29,7 +29,7 @@ def test_dpm_spec_builds_and_records_its_order():
     with pytest.raises(SamplerOptionError, match="solver_order must be 1, 2 or 3"):
         sampler_spec("sequential", scheduler="dpmsolver++", solver_order=4)
     policy = small_policy()  # DDPM-trained: solver_order with the checkpoint's scheduler is refused when built
-    with pytest.raises(SamplerOptionError, match="solver_order is DPM-Solver\\+\\+'s order, but the schedule is 'ddpm'"):
+    with pytest.raises(SamplerOptionError, match="order, but the schedule is 'ddpm'"):
         policy.set_sampler("sequential", solver_order=2)
 
 
@@ -38,11 +38,13 @@ def test_dpm_on_a_ddpm_trained_policy_paradigms_at_tolerance_0_equals_sequential
     obs = {"obs": obs_stream(1, batch=2)[0]}
     common = dict(scheduler="dpmsolver++", num_inference_steps=10)
     seq = policy.predict_action(obs, generator=torch.Generator().manual_seed(0),
-                                sampler=sampler_spec("sequential", **common)).action
+                                sampler=sampler_spec("sequential", **common))["action"]
     par = policy.predict_action(obs, generator=torch.Generator().manual_seed(0),
                                 sampler=sampler_spec("paradigms", window=10, tolerance=0.0, warm_start=False,
-                                                     **common)).action
-    assert torch.isfinite(seq).all() and (par - seq).abs().max() < 1e-4
+                                                     **common))["action"]
+    # the untrained net's clean-sample predictions are large and DPM-Solver does not clip them: the actions
+    # reach ~1e6, so "equal" is float32 rounding relative to their scale
+    assert torch.isfinite(seq).all() and (par - seq).abs().max() <= 1e-5 * seq.abs().max()
     schedule = policy.schedule_for(sampler_spec("sequential", **common))
     assert isinstance(schedule, MultistepSchedule) and (schedule.kind, schedule.order) == ("dpmsolver++", 2)
     three = policy.schedule_for(sampler_spec("sequential", solver_order=3, **common))

@@ -69,6 +69,24 @@ def _runs_sequentially(spec: SamplerConfig, schedule: Schedule, deadline: float 
             and (cap is None or cap >= schedule.num_steps))
 
 
+def _with_prefix(inpaint: tuple | None, prefix: tuple, prefix_mode: str, schedule: Schedule,
+                 x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The known entries of a call with frozen ``prefix`` actions, merged with an inpainting policy's observations.
+
+    The observation entries are imposed clean, as DiffusionPolicy imposes them; the frozen actions
+    clean or (``prefix_mode='noised'``) at each step's noise level; a guide pulls toward the clean plan.
+    """
+    imposed = prefix[1] if prefix[1].dtype == torch.bool else prefix[1] > 0
+    known = prefix
+    if inpaint is not None:
+        mask = prefix[1] | inpaint[1] if prefix[1].dtype == torch.bool else \
+            torch.maximum(prefix[1], inpaint[1].to(prefix[1]))
+        known = (torch.where(imposed, prefix[0], inpaint[0]), mask)
+    if prefix_mode == "noised":
+        known = (diffuse_known(schedule, known[0], known_mask(prefix[1]), x_T.to(known[0])), known[1])
+    return known
+
+
 def _positive_int(config: Mapping[str, Any], key: str) -> int:
     """``config[key]`` as an int >= 1, or a ``ValueError`` naming the key."""
     value = config[key]
@@ -645,42 +663,10 @@ class LowdimPolicy(nn.Module):
         prefix = None if prefix_actions is None else self.prefix_inpaint(prefix_actions, shape, guide_actions)
         x_T, noise = self._initial_noise(schedule, shape, generator, x_T, noise)
         if prefix is not None:
-            imposed = prefix[1] if prefix[1].dtype == torch.bool else prefix[1] > 0
-            known = prefix
-            if inpaint is not None:  # an inpainting policy's observation entries: known, imposed clean
-                mask = prefix[1] | inpaint[1] if prefix[1].dtype == torch.bool else \
-                    torch.maximum(prefix[1], inpaint[1].to(prefix[1]))
-                known = (torch.where(imposed, prefix[0], inpaint[0]), mask)
-            if prefix_mode == "noised":  # the frozen actions; a guide pulls toward the clean plan
-                known = (diffuse_known(schedule, known[0], known_mask(prefix[1]), x_T.to(known[0])), known[1])
-            inpaint = known
+            inpaint = _with_prefix(inpaint, prefix, prefix_mode, schedule, x_T)
         call_key = (shape, schedule.kind, schedule.num_steps, str(self.device))
-        kwargs = dict(spec.options)
-        warm = False
-        if spec.iterative:
-            guess = None
-            if isinstance(warm_start, torch.Tensor):
-                if init is not None:
-                    raise ValueError("pass init or warm_start, not both")
-                guess = warm_start.to(x_T)
-            elif warm_rows is not None:
-                raise ValueError("warm_rows needs a warm_start tensor")
-            elif (warm_start is None and init is None and spec.warm_start and self._warm is not None
-                  and self._warm[0] == call_key):
-                guess = self._warm[1]
-            if guess is not None and _runs_sequentially(spec, schedule, deadline):
-                guess = None  # window 1 is the sequential loop, which never reads an initial iterate
-            if guess is not None:
-                if prefix is not None:  # the frozen actions are known: the guess holds them exactly
-                    guess = torch.where(known_mask(prefix[1]), prefix[0], guess)
-                init = warm_start_init(schedule, guess, x_T, noise)
-                warm = True
-            kwargs.update(init=init, deadline=deadline)
-            if warm_rows is not None:
-                kwargs.update(init_rows=warm_rows.to(device=x_T.device, dtype=torch.bool))
-        elif init is not None or isinstance(warm_start, torch.Tensor) or deadline is not None \
-                or warm_rows is not None:
-            raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
+        kwargs, warm = self._iterate_options(spec, schedule, x_T, noise, prefix, call_key, init=init,
+                                             warm_start=warm_start, warm_rows=warm_rows, deadline=deadline)
         captured = self.captured_sampler(spec, schedule)
         if captured is not None:
             sample, stats = run_captured(captured, x_T, noise, global_cond, inpaint, kwargs)
@@ -701,6 +687,42 @@ class LowdimPolicy(nn.Module):
         out = PolicyOutput(action=action_pred[:, start: start + self.n_action_steps], action_pred=action_pred)
         out.stats, out.trajectory, out.spec, out.warm = stats, sample, spec, warm
         return out
+
+    def _iterate_options(self, spec: SamplerConfig, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+                         prefix: tuple | None, call_key: tuple, *, init: torch.Tensor | None, warm_start: Any,
+                         warm_rows: torch.Tensor | None, deadline: float | None) -> tuple[dict[str, Any], bool]:
+        """The sampler's keyword arguments and whether it starts warm (:meth:`predict_action`'s arguments).
+
+        A Picard spec gets ``init`` (from a ``warm_start`` tensor, or the previous call's trajectory
+        when the spec warm-starts and the call matches ``call_key``), ``init_rows`` and ``deadline``;
+        the sequential loop refuses them.
+        """
+        kwargs = dict(spec.options)
+        if not spec.iterative:
+            if init is not None or isinstance(warm_start, torch.Tensor) or deadline is not None \
+                    or warm_rows is not None:
+                raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
+            return kwargs, False
+        guess = None
+        if isinstance(warm_start, torch.Tensor):
+            if init is not None:
+                raise ValueError("pass init or warm_start, not both")
+            guess = warm_start.to(x_T)
+        elif warm_rows is not None:
+            raise ValueError("warm_rows needs a warm_start tensor")
+        elif (warm_start is None and init is None and spec.warm_start and self._warm is not None
+              and self._warm[0] == call_key):
+            guess = self._warm[1]
+        if guess is not None and _runs_sequentially(spec, schedule, deadline):
+            guess = None  # window 1 is the sequential loop, which never reads an initial iterate
+        if guess is not None:
+            if prefix is not None:  # the frozen actions are known: the guess holds them exactly
+                guess = torch.where(known_mask(prefix[1]), prefix[0], guess)
+            init = warm_start_init(schedule, guess, x_T, noise)
+        kwargs.update(init=init, deadline=deadline)
+        if warm_rows is not None:
+            kwargs.update(init_rows=warm_rows.to(device=x_T.device, dtype=torch.bool))
+        return kwargs, guess is not None
 
     # ---- training -----------------------------------------------------------------
     def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None

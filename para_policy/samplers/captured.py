@@ -28,6 +28,7 @@ buffer plumbing, which is what could go wrong here, is then checkable on a CPU.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -43,11 +44,10 @@ from para_policy.samplers.common import (
     check_options,
 )
 from para_policy.samplers.picard import (
-    RoundRows,
     RoundSetup,
     WindowState,
-    _finish,
     _initial_state,
+    _run_rounds,
     _setup,
     picard_round,
 )
@@ -212,8 +212,6 @@ class CapturedPicard:
         if self.weights_changed is not None and self.weights_changed():
             self.graphs.clear()
         if key not in self.graphs:
-            import copy
-
             keep = {id(setup.denoiser): setup.denoiser, id(setup.schedule): setup.schedule}
             static_setup, static_state = copy.deepcopy(setup, keep), copy.deepcopy(state)
             graph = _Graph(lambda: picard_round(static_setup, static_state, None), state.traj.device, self.capture)
@@ -225,8 +223,6 @@ class CapturedPicard:
                  inpaint: Inpaint | None = None, init: torch.Tensor | None = None,
                  init_rows: torch.Tensor | None = None, deadline: float | None = None
                  ) -> tuple[torch.Tensor, SampleStats]:
-        import time
-
         noise = check_inputs(self.schedule, x_T, noise, condition, inpaint)
         setup, state = self._fresh(x_T, noise, condition, inpaint, init, init_rows)
         levels = None if setup.keep is None else tuple(v for v, _ in setup.keep.levels)
@@ -234,22 +230,9 @@ class CapturedPicard:
         graph, static_setup, static_state = self._graph(setup, state, key)
         copy_into(static_setup, setup)
         copy_into(static_state, state)
-        B, S, W = x_T.shape[0], self.schedule.num_steps, static_setup.window
-        rounds, deadline_hit, last = 0, False, None
-        begins = [0] * B
-        while rounds < self.max_iterations and any(start < S for start in begins):
-            if deadline is not None and rounds > 0 and time.perf_counter() >= deadline:
-                deadline_hit = True
-                break
-            rounds += 1
-            last: RoundRows | None = graph()
-            begins = static_state.begin.tolist()  # the round's one host read
-        finished = static_state.begin == S
-        final = _finish(static_setup, static_state, last, all(start == S for start in begins)).clone()
-        return final, SampleStats(
-            rounds=rounds, model_evals=rounds * B * W, converged=finished.cpu(),
-            rounds_per_sample=torch.where(finished, static_state.done_round, rounds).cpu(),
-            deadline_hit=deadline_hit, rows_per_round=[B * W] * rounds)
+        sample, stats = _run_rounds(static_setup, static_state, lambda setup, state, rows: graph(), True,
+                                    self.max_iterations, deadline)
+        return sample.clone(), stats  # nothing of the static buffers leaves
 
 
 #: the per-call arguments a captured Picard sampler takes (the rest of a spec's options are baked in)

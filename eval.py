@@ -1,6 +1,6 @@
 """Evaluate a diffusion policy with a parallel sampler against the sequential baseline.
 
-    python eval.py task=pusht sampler=paradigms               # 50 PushT episodes, ParaDDPM vs sequential
+    python eval.py task=pusht sampler=paradigms               # 50 PushT episodes, paradigms vs sequential
     python eval.py sampler.scheduler=ddim sampler.num_inference_steps=16 task.episodes=10
     python eval.py -m sampler.tolerance=0.01,0.05,0.1,0.5     # sweep; summary in the multirun folder
     python eval.py --help / --cfg job

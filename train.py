@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 
 # On a shared CPU machine, OpenMP workers that spin while waiting for a descheduled peer make every
-# parallel region wait a whole time slice: a training step of the 4.6M-parameter UNet measured
-# 7.4 s with 2 spinning threads on 2 busy cores versus 0.63 s with passive waiting (and 0.68 s with
-# 1 thread).  Passive waiting must be chosen before torch starts OpenMP; OMP_WAIT_POLICY=ACTIVE
-# in the environment overrides it.
+# parallel region wait a whole time slice, so a training step on busy cores takes many times longer
+# than with passive waiting (measurements: docs/benchmarks.md, "Latency under load").  Passive
+# waiting must be chosen before torch starts OpenMP; OMP_WAIT_POLICY=ACTIVE in the environment
+# overrides it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402

@@ -34,10 +34,21 @@ import numpy as np
 import torch
 
 from para_policy import window
-from para_policy.checkpoints import atomic_write
-from para_policy.inference import configure_inference
+from para_policy.bench import (
+    ChunkKeys,
+    Variant,
+    load_stream,
+    percentile,
+    replay,
+    resolve_paradigms,
+    schedule_spec,
+    shown_path,
+    split_stream,
+    write_text,
+)
+from para_policy.inference import configure_inference, make_denoiser
+from para_policy.loading import load_policy
 from para_policy.onnx_backend import OnnxDenoiser
-from para_policy.policy import load_policy
 from para_policy.samplers import sampler_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,15 +56,7 @@ CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 ROWS = (1, 2, 4, 8, 16, 32, 64, 100)
 STREAM = ROOT / "eval" / "results" / "bench_latency_schedules" / "stream.json"
 PARTS = ("calls", "auto", "default")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-quantile (0..1) by linear interpolation between order statistics."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+KEYS = ChunkKeys(stream=11)  # part 5's replay noise (stream 11, as bench_latency's replays)
 
 
 @torch.inference_mode()
@@ -128,7 +131,7 @@ def part_calls_and_chunks(args: argparse.Namespace) -> tuple[list[str], str]:
               "| schedule | backend | p50 ms | p95 ms |", "|---|---|---|---|"]
     for label, times in chunks.items():
         for name, ts in times.items():
-            lines.append(f"| {label} | {name} | {statistics.median(ts):.1f} | {percentile(ts, 0.95):.1f} |")
+            lines.append(f"| {label} | {name} | {statistics.median(ts):.1f} | {percentile(ts, 95):.1f} |")
     return lines, extended.ort.__version__
 
 
@@ -136,9 +139,11 @@ def part_auto(args: argparse.Namespace) -> list[str]:
     """Part 4: what ``backend='auto'`` measures and picks per row count (timed now: the curve cache is off)."""
     with cache_folder("off"):
         t0 = time.perf_counter()
-        policy = configure_inference(load_policy(args.checkpoint, sampler="sequential", backend="eager"),
-                                     backend="auto")
-        d, build_s = policy._denoiser, time.perf_counter() - t0
+        policy = load_policy(args.checkpoint, sampler="sequential", backend="eager")
+        with torch.inference_mode():
+            example = (policy.trajectory_shape(1)[1:], policy.conditioning(policy.zero_observation(1))[0])
+        d = make_denoiser(policy.model, backend="auto", example=example, condition_kw=policy.condition_kw)
+        build_s = time.perf_counter() - t0
     lines = ["## backend='auto'", "",
              f"Built in {build_s:.1f} s (export + both cost curves, "
              "`RowDispatchDenoiser.measure`: 5 reps after 1 warm-up). Median ms per call as it measured them, "
@@ -192,16 +197,8 @@ def load_times(checkpoint: str, reps: int) -> dict[str, Any]:
     return out
 
 
-def shown(path: str | Path) -> str:
-    """``path`` relative to the repository when inside it (reports name no home folders)."""
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
-
-
 def part_default(args: argparse.Namespace) -> list[str]:
     """Part 5: ``load_policy``'s default backend against eager: load time, and chunks on recorded PushT."""
-    from bench_latency import Variant, load_stream, replay, resolve_paradigms, schedule_spec, split_stream
-
     with tempfile.TemporaryDirectory(prefix="bench_backend_") as folder, cache_folder(folder):
         loads = load_times(args.checkpoint, args.load_reps)
         policies = {"default": load_policy(args.checkpoint), "eager": load_policy(args.checkpoint, backend="eager")}
@@ -209,10 +206,10 @@ def part_default(args: argparse.Namespace) -> list[str]:
         replayed, calib = split_stream(chunks, meta["calibration_seed"], args.replay_episodes, args.replay_chunks, 4)
         variants = []
         for runtime, policy in policies.items():
-            variants.append(Variant("sequential", "ddim10", schedule_spec("sequential", "ddim10"), runtime=runtime))
-            spec, tuning = resolve_paradigms(policy, "ddpm100", [c["obs"] for c in calib])
-            variants.append(Variant("paradigms", "ddpm100", spec, runtime=runtime, tuning=tuning))
-        replay(policies, variants, replayed, progress=False)
+            variants.append(Variant(f"sequential | {runtime}", schedule_spec("sequential", "ddim10"), runtime))
+            spec, _ = resolve_paradigms(policy, schedule_spec("paradigms", "ddpm100"), [c["obs"] for c in calib])
+            variants.append(Variant(f"paradigms | {runtime}", spec, runtime))
+        records = replay(policies, variants, replayed, KEYS)
     choice = loads["choice"]
     lines = ["## load_policy's default backend against eager", "",
              f"`load_policy(checkpoint)` picked `{choice[0] if choice else 'eager'}` "
@@ -224,26 +221,26 @@ def part_default(args: argparse.Namespace) -> list[str]:
              f"exports the default's graph): default {loads['first_call_s']['default']:.2f} s, eager "
              f"{loads['first_call_s']['eager']:.2f} s.", "",
              f"Chunks: batch-1 `predict_action` on {len(replayed)} recorded PushT chunk observations "
-             f"({shown(args.stream)}, "
+             f"({shown_path(args.stream, ROOT)}, "
              f"{args.replay_episodes} episodes), the same noise per chunk for both backends, `paradigms` warm-started "
              "from the backend's own previous chunk, every variant interleaved (order alternating per chunk) after "
              "one untimed call each; `paradigms`' window tuned by each policy on 4 calibration chunks.", "",
              "| schedule, sampler | backend | window | rounds (mean) | p50 ms | p95 ms | eager / default p50 "
              "| eager / default p95 | max action distance between backends (px) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    by_key = {(v.name, v.runtime): v for v in variants}
+    by_key = {(v.name.split(" | ")[0], v.policy): v for v in variants}
     for name, label in (("sequential", "DDIM-10, sequential"), ("paradigms", "DDPM-100, `paradigms`")):
-        ms = {rt: [r["ms"] for r in by_key[(name, rt)].records] for rt in policies}
-        acts = {rt: np.stack([r["action"] for r in by_key[(name, rt)].records]) for rt in policies}
+        ms = {rt: [r["ms"] for r in records[f"{name} | {rt}"]] for rt in policies}
+        acts = {rt: np.stack([r["action"] for r in records[f"{name} | {rt}"]]) for rt in policies}
         diff = float(np.abs(acts["default"] - acts["eager"]).max())
         for rt in policies:
             v = by_key[(name, rt)]
             ratio = (f"{statistics.median(ms['eager']) / statistics.median(ms['default']):.2f}x",
-                     f"{percentile(ms['eager'], 0.95) / percentile(ms['default'], 0.95):.2f}x")
+                     f"{percentile(ms['eager'], 95) / percentile(ms['default'], 95):.2f}x")
             lines.append(f"| {label} | {rt} ({policies[rt].inference.get('backend', 'eager')}) "
                          f"| {v.spec.options.get('window', '-')} "
-                         f"| {statistics.mean(r['rounds'] for r in v.records):.1f} "
-                         f"| {statistics.median(ms[rt]):.1f} | {percentile(ms[rt], 0.95):.1f} "
+                         f"| {statistics.mean(r['rounds'] for r in records[v.name]):.1f} "
+                         f"| {statistics.median(ms[rt]):.1f} | {percentile(ms[rt], 95):.1f} "
                          f"| {ratio[0] if rt == 'default' else ''} | {ratio[1] if rt == 'default' else ''} "
                          f"| {f'{diff:.2g}' if rt == 'default' else ''} |")
     return lines
@@ -289,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         *(body[1:] if body and body[0] == "" else body),
     ]
     md = "\n".join(lines) + "\n"
-    atomic_write(args.out, lambda p: Path(p).write_text(md))
+    write_text(args.out, md)
     print(md)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from para_policy.inference import configure_inference
-from para_policy.policy import load_policy
+from para_policy.loading import load_policy
 from para_policy.samplers import sampler_spec
 from para_policy.tasks.pusht.env import make_env
 

@@ -16,7 +16,6 @@ does not change them.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,56 +24,31 @@ from typing import Any
 import torch
 
 from para_policy import load_policy
-from para_policy.checkpoints import atomic_write
-from para_policy.samplers import draw_noise, picard_sample, sequential_sample, shift_trajectory, warm_start_init
-from para_policy.schedule import ddim_from, dpm_from, make_schedule
+from para_policy.bench import ChunkKeys, Variant, deviations, load_stream, replay, schedule_spec, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 STREAM = ROOT / "eval" / "results" / "bench_latency_schedules" / "stream.json"
-#: name -> (scheduler kind, steps, DPM-Solver order)
-SCHEDULES = {"ddpm100": ("ddpm", 100, 0), "ddim10": ("ddim", 10, 0), "dpm2-5": ("dpm", 5, 2),
-             "dpm2-10": ("dpm", 10, 2), "dpm3-10": ("dpm", 10, 3), "dpm2-16": ("dpm", 16, 2)}
-VARIANTS = {"paradigms": dict(linear_solve=True, secant=True, tolerance=0.02),
-            "paradigms_published": dict(tolerance=0.1, per_sample_windows=False)}
+SCHEDULES = ("ddpm100", "ddim10", "dpm2-5", "dpm2-10", "dpm3-10", "dpm2-16")
+#: variant -> (preset, options besides the window, which is the whole schedule)
+VARIANTS = {"paradigms": ("paradigms", {}), "paradigms_published": ("paradigms_published", {})}
+KEYS = ChunkKeys(stream=None, offset=1000)  # chunk i of the replay: torch.manual_seed(1000 + i)
 
 
-def schedule_for(policy: Any, kind: str, steps: int, order: int) -> Any:
-    own = policy.noise_scheduler
-    scheduler = own if kind == "ddpm" else ddim_from(own) if kind == "ddim" else dpm_from(own, solver_order=order)
-    return make_schedule(scheduler, steps)
-
-
-def replay(policy: Any, schedule: Any, chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rounds and deviation (px, mean over the chunk's executed actions) of every variant, per chunk."""
-    steps = schedule.num_steps
-    out = {name: {"rounds": [], "deviation": []} for name in VARIANTS}
-    guess = None
-
-    def model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        return policy.model(x, t, global_cond=c)
-
-    for i, chunk in enumerate(chunks):
-        obs = torch.as_tensor(chunk["obs"], dtype=torch.float32)[None]
-        cond, _ = policy.conditioning(obs)
-        x_T, noise = draw_noise(schedule, policy.trajectory_shape(1), torch.Generator().manual_seed(1000 + i))
-        with torch.inference_mode():
-            ref, _ = sequential_sample(model, schedule, x_T, noise, condition=cond)
-            for name, options in VARIANTS.items():
-                warm = name == "paradigms" and chunk["chunk"] > 0 and guess is not None
-                init = warm_start_init(schedule, guess, x_T, noise) if warm else None
-                sample, stats = picard_sample(model, schedule, x_T, noise, condition=cond, window=steps, init=init,
-                                              **options)
-                if name == "paradigms":
-                    guess = shift_trajectory(sample, policy.n_action_steps)
-                a, b = (policy.normalizer.unnormalize("action", s[..., : policy.action_dim]) for s in (ref, sample))
-                start = policy.action_start
-                gap = (a - b)[:, start: start + policy.n_action_steps].norm(dim=-1).mean()
-                out[name]["rounds"].append(stats.rounds)
-                out[name]["deviation"].append(float(gap))
-    return {name: {"steps": steps, "rounds_mean": statistics.mean(r["rounds"]), "rounds_max": max(r["rounds"]),
-                   "deviation_mean_px": statistics.mean(r["deviation"]),
-                   "deviation_max_px": max(r["deviation"])} for name, r in out.items()}
+def replay_schedule(policy: Any, schedule: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds and deviation (px, mean over the chunk's executed actions) of every variant on ``schedule``."""
+    steps = policy.schedule_for(schedule_spec("sequential", schedule)).num_steps
+    variants = [Variant("sequential", schedule_spec("sequential", schedule))]
+    variants += [Variant(name, schedule_spec(preset, schedule, window=steps, **options))
+                 for name, (preset, options) in VARIANTS.items()]
+    records = replay(policy, variants, chunks, KEYS, warmup=0)
+    out = {}
+    for name in VARIANTS:
+        rounds = [r["rounds"] for r in records[name]]
+        gap = deviations(records[name], records["sequential"], how="mean_norm")
+        out[name] = {"steps": steps, "rounds_mean": statistics.mean(rounds), "rounds_max": max(rounds),
+                     "deviation_mean_px": statistics.mean(gap), "deviation_max_px": max(gap)}
+    return out
 
 
 def markdown(results: dict[str, Any], command: str, chunks: int) -> str:
@@ -100,17 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     policy = load_policy(CHECKPOINT, sampler="sequential", backend="eager")
-    chunks = json.loads(STREAM.read_text())["chunks"][: args.chunks]
+    chunks = load_stream(STREAM)[0][: args.chunks]
     results = {}
     for name in args.schedules:
         print(f"{name} ...", flush=True)
-        results[name] = replay(policy, schedule_for(policy, *SCHEDULES[name]), chunks)
+        results[name] = replay_schedule(policy, name, chunks)
     command = "python eval/bench_dpm_rounds.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "bench_dpm_rounds.json",
-                 lambda p: Path(p).write_text(json.dumps({"command": command, "results": results}, indent=1)))
     text = markdown(results, command.strip(), len(chunks))
-    atomic_write(args.out / "bench_dpm_rounds.md", lambda p: Path(p).write_text(text))
+    write_report(args.out / "bench_dpm_rounds", text, {"command": command, "results": results})
     print(text)
 
 

@@ -69,7 +69,8 @@ import torch  # noqa: E402
 from para_policy.checkpoints import atomic_write  # noqa: E402
 from para_policy.cuda_graphs import exact_fp32  # noqa: E402
 from para_policy.inference import configure_inference  # noqa: E402
-from para_policy.policy import LowdimPolicy, load_policy  # noqa: E402
+from para_policy.loading import load_policy  # noqa: E402
+from para_policy.policy import LowdimPolicy  # noqa: E402
 from para_policy.samplers import (  # noqa: E402
     picard_sample,
     sampler_spec,

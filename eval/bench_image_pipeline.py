@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from para_policy import ImagePolicy  # noqa: E402
-from para_policy.evaluation.report import write_json, write_text  # noqa: E402
+from para_policy.bench import summarize_ms, write_json, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = {"ddim16": {"scheduler": "ddim", "num_inference_steps": 16},
@@ -64,11 +64,6 @@ def real_robot_config(down_dims: list[int], image_hw: tuple[int, int], crop_hw: 
         "normalizer": {**{cam: {"shape": [1]} for cam in CAMERAS}, "robot_eef_pose": {"shape": [2]},
                        "action": {"shape": [2]}},
     }
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)), "mean": float(v.mean())}
 
 
 def main() -> None:
@@ -104,11 +99,11 @@ def main() -> None:
             policy.conditioning(checked)
             if i >= args.warmup:
                 encoder_ms.append((time.perf_counter() - start) * 1000)
-    print(f"encoder: {percentiles(encoder_ms)} ms")
+    print(f"encoder: {summarize_ms(encoder_ms)} ms")
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()},
-               "parameters": n_params, "encoder_ms": percentiles(encoder_ms), "schedules": {}}
+               "parameters": n_params, "encoder_ms": summarize_ms(encoder_ms), "schedules": {}}
     for name in args.schedules:
         kw = SCHEDULES[name]
         calls = max(2, args.calls // 3) if name == "ddpm100" else args.calls
@@ -132,7 +127,7 @@ def main() -> None:
                     ms[key].append(elapsed)
                     rounds[key].append(int(out.stats.rounds))
             print(f"  call {i}: " + ", ".join(f"{k} {ms[k][-1]:.0f} ms" for k in specs if ms[k]))
-        row = {k: {"ms": percentiles(ms[k]), "rounds": float(np.mean(rounds[k])), "calls": len(ms[k])} for k in specs}
+        row = {k: {"ms": summarize_ms(ms[k]), "rounds": float(np.mean(rounds[k])), "calls": len(ms[k])} for k in specs}
         row["paradigms"]["window"] = window
         row["speedup_p50"] = row["sequential"]["ms"]["p50"] / row["paradigms"]["ms"]["p50"]
         row["speedup_p95"] = row["sequential"]["ms"]["p95"] / row["paradigms"]["ms"]["p95"]
@@ -140,7 +135,8 @@ def main() -> None:
         row["cost_curve_ms"] = info.get("cost")
         row["predicted_ms"] = info.get("predicted_ms")
         results["schedules"][name] = row
-        write_json(args.out / "bench_image_pipeline.json", results)  # after each schedule: a long run keeps its rows
+        # after each schedule: a long run keeps its rows
+        write_json(args.out / "bench_image_pipeline.json", results, indent=2)
         write_text(args.out / "bench_image_pipeline.md", report(results, args))
     print(report(results, args))
 

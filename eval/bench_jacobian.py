@@ -6,7 +6,7 @@ is calibrated on chunks of other episodes (its time is reported), then the chunk
 ``eval/results/bench_latency_schedules/stream.json`` are replayed at batch 1 on the
 checkpoint's DDPM-100 through the ``paradigms`` preset's options at window 100 (eager), each
 variant warm-started from its own previous chunk, the order of the variants alternating per
-chunk:
+chunk (:func:`para_policy.bench.replay`, the sampler called with ``jacobian=``):
 
 - ``default``: the preset (linear solve + secant);
 - ``zero Jacobian``: ``jacobian=0`` (the matrix solve's own cost: the same rounds up to the
@@ -22,7 +22,6 @@ Writes ``eval/results/bench_jacobian.md`` (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,29 +29,30 @@ from pathlib import Path
 
 import torch
 
-from para_policy.checkpoints import atomic_write
-from para_policy.evaluation.latency import distribution
-from para_policy.policy import load_policy
-from para_policy.samplers import (
-    PRESETS,
-    draw_noise,
-    mean_step_jacobians,
-    picard_sample,
-    sampler_spec,
-    shift_trajectory,
-    warm_start_init,
+from para_policy import LowdimPolicy, load_policy
+from para_policy.bench import (
+    ChunkKeys,
+    Variant,
+    episodes_of,
+    load_stream,
+    record_stream,
+    replay,
+    sampler_call,
+    schedule_spec,
+    summarize_ms,
+    write_text,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rounds import record_stream  # noqa: E402
+from para_policy.samplers import draw_noise, mean_step_jacobians
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
 STREAM = ROOT / "eval" / "results" / "bench_latency_schedules" / "stream.json"
 OUT = ROOT / "eval" / "results" / "bench_jacobian.md"
+KEYS = ChunkKeys(stream=None, offset=1000)  # chunk i of the replay: torch.manual_seed(1000 + i)
+CALIBRATION_SEED = 5  # one generator for the calibration chunks' noise, drawn as one batch
 
 
-def main(argv: list[str] | None = None) -> str:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--stream", default=str(STREAM), help="recorded chunks (bench_latency.py's stream.json)")
@@ -63,61 +63,59 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--replay-chunks", type=int, default=None, help="replay only this many chunks (a quick check)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(OUT))
+    return parser.parse_args(argv)
+
+
+def mean_jacobian(policy: LowdimPolicy, args: argparse.Namespace) -> tuple[torch.Tensor, int, float]:
+    """``(mean Jacobian (S, TD, TD), calibration chunks, seconds)`` over chunks of the calibration episodes."""
+    sched = policy.schedule_for(schedule_spec("sequential", "ddpm100"))
+    calib = record_stream(policy, args.calibration_episodes, args.max_chunks, args.calibration_seed_start,
+                          spec=schedule_spec("sequential", "ddim10"))
+    cond = torch.cat([policy.conditioning(torch.from_numpy(c["obs"])[None])[0] for c in calib])
+    x_T, noise = draw_noise(sched, (len(calib), *policy.trajectory_shape(1)[1:]),
+                            torch.Generator().manual_seed(CALIBRATION_SEED))
+    start = time.perf_counter()
+    jac = mean_step_jacobians(policy.denoise, sched, x_T, noise, cond)
+    return jac, len(calib), time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    policy = load_policy(args.checkpoint)
-    sched = policy.schedule_for(sampler_spec("sequential", scheduler="ddpm", num_inference_steps=100))
-    stream = json.loads(Path(args.stream).read_text())["chunks"]
-    seeds = sorted({c["episode"] for c in stream})[: args.episodes]
+    policy = load_policy(args.checkpoint, backend="eager")  # the Jacobians differentiate through PyTorch
+    stream, _ = load_stream(args.stream)
+    seeds = episodes_of(stream)[: args.episodes]
     chunks = [c for c in stream if c["episode"] in seeds][: args.replay_chunks]
     calib_seeds = set(range(args.calibration_seed_start, args.calibration_seed_start + args.calibration_episodes))
     if calib_seeds & set(seeds):
         raise SystemExit("--calibration-seed-start: the calibration episodes must not be replayed episodes")
+    mean_jac, n_calib, calib_s = mean_jacobian(policy, args)
+    print(f"calibration: {n_calib} chunks in {calib_s:.0f} s", flush=True)
 
-    calib = record_stream(policy, args.calibration_episodes, args.max_chunks, args.calibration_seed_start, 10, 0)
-    cond = torch.cat([policy.conditioning(torch.from_numpy(c["obs"])[None])[0] for c in calib])
-    x_T, noise = draw_noise(sched, (len(calib), *policy.trajectory_shape(1)[1:]), torch.Generator().manual_seed(5))
-    start = time.perf_counter()
-    mean_jac = mean_step_jacobians(policy.denoise, sched, x_T, noise, cond)
-    calib_s = time.perf_counter() - start
-    print(f"calibration: {len(calib)} chunks in {calib_s:.0f} s", flush=True)
-
-    options = {**PRESETS["paradigms"]["options"], "window": 100}
-    variants = {"default": None, "zero Jacobian": torch.zeros_like(mean_jac), "mean Jacobian": mean_jac}
-    res: dict[str, dict[str, list[float]]] = {k: {"ms": [], "rounds": [], "evals": []} for k in variants}
-    previous: dict[str, dict[int, torch.Tensor]] = {k: {} for k in variants}
-    Na = policy.n_action_steps
-    for i, ch in enumerate(chunks):
-        obs_cond, _ = policy.conditioning(torch.tensor(ch["obs"], dtype=torch.float32)[None])
-        xt, z = draw_noise(sched, policy.trajectory_shape(1), torch.Generator().manual_seed(1000 + i))
-        for name in (list(variants) if i % 2 == 0 else list(variants)[::-1]):
-            before = previous[name].get(ch["episode"])
-            t0 = time.perf_counter()
-            init = None if before is None else warm_start_init(sched, shift_trajectory(before, Na), xt, z)
-            out, stats = picard_sample(policy.denoise, sched, xt, z, condition=obs_cond, init=init,
-                                       jacobian=variants[name], **options)
-            res[name]["ms"].append(1000 * (time.perf_counter() - t0))
-            res[name]["rounds"].append(stats.rounds)
-            res[name]["evals"].append(stats.model_evals)
-            previous[name][ch["episode"]] = out
-    ms = {name: distribution(r["ms"]) for name, r in res.items()}
+    spec = schedule_spec("paradigms", "ddpm100", window=100)
+    variants = [Variant(name, spec, call=sampler_call(**extra)) for name, extra in
+                (("default", {}), ("zero Jacobian", {"jacobian": torch.zeros_like(mean_jac)}),
+                 ("mean Jacobian", {"jacobian": mean_jac}))]
+    records = replay(policy, variants, chunks, KEYS, warmup=0)
+    ms = {name: summarize_ms(r["ms"] for r in recs) for name, recs in records.items()}
     base = ms["default"]["p50"]
     lines = ["# `picard_sample(jacobian=...)` on this machine (DDPM-100, batch 1, eager)", "",
              f"Command: `{' '.join(['python eval/bench_jacobian.py', *argv])}`", "",
-             f"Mean Jacobian from {len(calib)} chunks of {args.calibration_episodes} other episodes (env seeds "
+             f"Mean Jacobian from {n_calib} chunks of {args.calibration_episodes} other episodes (env seeds "
              f"{min(calib_seeds)}-{max(calib_seeds)}), computed in {calib_s:.0f} s. Replay: {len(chunks)} chunks of "
              f"episodes {seeds[0]}-{seeds[-1]} of `{Path(args.stream).name}` (first chunk of each episode cold), "
              f"`paradigms` options at window 100, torch {torch.__version__} with {args.threads} threads, the order "
              "of the rows alternating per chunk.", "",
              "| variant | ms/chunk p50 | p95 | p50 vs default | rounds mean | max | model evals mean |",
              "|---|---|---|---|---|---|---|"]
-    for name, r in res.items():
-        p50 = ms[name]["p50"]
+    for name, recs in records.items():
+        p50, rounds = ms[name]["p50"], [r["rounds"] for r in recs]
         lines.append(f"| {name} | {p50:.0f} | {ms[name]['p95']:.0f} | {base / p50:.2f}× | "
-                     f"{statistics.mean(r['rounds']):.2f} | {max(r['rounds'])} | {statistics.mean(r['evals']):.0f} |")
+                     f"{statistics.mean(rounds):.2f} | {max(rounds)} | "
+                     f"{statistics.mean(r['model_evals'] for r in recs):.0f} |")
     md = "\n".join(lines) + "\n"
-    atomic_write(args.out, lambda p: Path(p).write_text(md))
+    write_text(args.out, md)
     print(md)
     return md
 

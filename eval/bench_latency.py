@@ -2,9 +2,16 @@
 
 What a robot waits for is one ``predict_action`` at batch 1, chunk after chunk, each from the
 observation the last chunk led to. A user who wants latency either runs the sequential loop on
-the schedule their policy samples with, or a shorter DDIM schedule. So, for every schedule of
-``--schedules`` (``ddpm100 ddim16 ddim10 ddim8`` by default; ``ddpm<N>`` / ``ddim<N>``, built
-with :func:`para_policy.samplers.sampler_spec`), in ONE interleaved run:
+the schedule their policy samples with, or a shorter DDIM or DPM-Solver++ schedule. So, for every
+schedule of ``--schedules`` (``ddpm100 ddim16 ddim10 ddim8`` by default), in ONE interleaved run:
+
+Schedule names (each built with :func:`para_policy.samplers.sampler_spec` from the checkpoint's betas):
+
+- ``ddpm<N>``: DDPM with N steps (``ddpm100``, the shipped policy's own);
+- ``ddim<N>``: DDIM with N steps, eta 0 (``ddim10``);
+- ``dpm<order>-<N>``: DPM-Solver++ multistep (``scheduler='dpmsolver++'``, ``solver_order`` 1-3,
+  diffusers' defaults otherwise) with N steps: ``dpm2-10`` is order 2 (2M) at 10 steps, ``dpm3-5``
+  order 3 at 5. Labelled ``DPM-Solver++(2)-10`` in the tables.
 
 1. **Record** the observation stream of real PushT rollouts of the shipped policy (sequential
    DDPM-100, the policy as trained): ``--episodes`` episodes from env seed 100000,
@@ -50,6 +57,13 @@ Measure on a quiet machine: other processes change the milliseconds (not the rou
 
     python eval/bench_latency.py --scores                     # the per-schedule table and scores
     python eval/bench_latency.py --episodes 1 --max-chunks 3 --schedules ddim8 ddim10 --out /tmp/bl
+    python eval/bench_latency.py --scores --schedules ddpm100 ddim16 ddim10 dpm2-5 dpm2-10 dpm3-5 \
+        --out eval/results/bench_latency_dpm           # the front: DPM-Solver++ next to DDIM and DDPM
+
+With ``--scores`` the report also has **the front**: every schedule's fastest sequential and fastest
+``paradigms`` row, with score, latency over the fastest sequential sampler of all schedules (p50 and
+p95), rounds and deviation, and which rows no other is both faster and better-scoring than; and
+each backend's ``paradigms`` (``window='auto'``) against its own sequential loop.
 
 The functions that replay a stream import nothing from :mod:`para_policy.evaluation` (whose
 extras a bare GPU machine lacks): ``eval/bench_gpu.py`` runs them on CUDA.
@@ -74,7 +88,8 @@ import torch
 
 from para_policy.checkpoints import atomic_write
 from para_policy.inference import configure_inference
-from para_policy.policy import LowdimPolicy, load_policy
+from para_policy.loading import load_policy
+from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig, draw_noise, sampler_spec, shift_trajectory
 from para_policy.window import CANDIDATE_WINDOWS, DEFAULT_BATCHES, batch_cost_curve, choose_window, predict_latency
 
@@ -94,22 +109,51 @@ SCORED = ("sequential", "paradigms")
 
 # ---- schedules and variants ------------------------------------------------------------------
 
+SCHEDULE_SYNTAX = ("ddpm<N>, ddim<N> or dpm<order>-<N> (DPM-Solver++ of order 1-3) with N >= 1, "
+                   "e.g. ddpm100 ddim10 dpm2-10")
+
+
+def _match_schedule(name: str) -> re.Match[str]:
+    m = re.fullmatch(r"(ddpm|ddim)(\d+)|dpm([123])-(\d+)", name)
+    if not m or int(m.group(2) or m.group(4)) < 1:
+        raise ValueError(f"schedule {name!r}: expected {SCHEDULE_SYNTAX}")
+    return m
+
+
 def parse_schedule(name: str) -> tuple[str, int]:
-    """``'ddim10'`` -> ``('ddim', 10)``; ValueError for anything but ``ddpm<N>`` / ``ddim<N>``."""
-    m = re.fullmatch(r"(ddpm|ddim)(\d+)", name)
-    if not m or int(m.group(2)) < 1:
-        raise ValueError(f"schedule {name!r}: expected ddpm<N> or ddim<N> with N >= 1, e.g. ddpm100 ddim10")
-    return m.group(1), int(m.group(2))
+    """``'ddim10'`` -> ``('ddim', 10)``, ``'dpm2-10'`` -> ``('dpmsolver++', 10)`` (the ``scheduler`` of
+    :func:`sampler_spec` and the steps; the order is :func:`schedule_order`'s). ValueError for
+    anything but ``ddpm<N>`` / ``ddim<N>`` / ``dpm<order>-<N>``."""
+    m = _match_schedule(name)
+    if m.group(1):
+        return m.group(1), int(m.group(2))
+    return "dpmsolver++", int(m.group(4))
+
+
+def schedule_order(name: str) -> int | None:
+    """DPM-Solver++'s ``solver_order`` of a ``dpm<order>-<N>`` schedule; None for DDPM and DDIM."""
+    m = _match_schedule(name)
+    return None if m.group(1) else int(m.group(3))
+
+
+def schedule_family(name: str) -> str:
+    """``'DDPM'``, ``'DDIM'``, ``'DPM-Solver++(2)'``: the schedule without its step count (plot colours)."""
+    kind, _ = parse_schedule(name)
+    order = schedule_order(name)
+    return kind.upper() if order is None else f"DPM-Solver++({order})"
 
 
 def schedule_label(name: str) -> str:
-    kind, steps = parse_schedule(name)
-    return f"{kind.upper()}-{steps}"
+    """``'DDIM-10'``, ``'DPM-Solver++(2)-10'``."""
+    return f"{schedule_family(name)}-{parse_schedule(name)[1]}"
 
 
 def schedule_spec(sampler: str, schedule: str, **options: Any) -> SamplerConfig:
     """The preset ``sampler`` on ``schedule`` (plus options)."""
     kind, steps = parse_schedule(schedule)
+    order = schedule_order(schedule)
+    if order is not None:
+        options = {"solver_order": order, **options}
     return sampler_spec(sampler, scheduler=kind, num_inference_steps=steps, **options)
 
 
@@ -333,17 +377,20 @@ def predicted_ms(records: Sequence[dict[str, Any]], cost: Mapping[int, float]) -
 
 
 def summarize(variants: Sequence[Variant], n_action_steps: int) -> list[dict[str, Any]]:
-    """One row per variant; speed-up against the fastest sequential row of its schedule."""
+    """One row per variant; speed-up against the fastest sequential row of its schedule (at p50 and, against
+    that row's p95, at p95)."""
     by_key = {v.key: v for v in variants}
-    fastest: dict[str, float] = {}
+    fastest: dict[str, tuple[float, float]] = {}
     for v in variants:
         if v.spec.name == "sequential" and v.records:
-            p50 = float(np.percentile([r["ms"] for r in v.records], 50))
-            fastest[v.schedule] = min(fastest.get(v.schedule, p50), p50)
-    return [summary_row(v, by_key[v.reference], fastest[v.schedule], n_action_steps) for v in variants]
+            p50, p95 = (float(x) for x in np.percentile([r["ms"] for r in v.records], [50, 95]))
+            fastest[v.schedule] = min(fastest.get(v.schedule, (p50, p95)), (p50, p95))
+    return [summary_row(v, by_key[v.reference], *fastest[v.schedule], n_action_steps=n_action_steps)
+            for v in variants]
 
 
-def summary_row(v: Variant, ref: Variant, fastest_seq_ms: float, n_action_steps: int) -> dict[str, Any]:
+def summary_row(v: Variant, ref: Variant, fastest_seq_ms: float, fastest_seq_p95: float | None = None, *,
+                n_action_steps: int) -> dict[str, Any]:
     ms = [r["ms"] for r in v.records]
     dev = [float(np.linalg.norm(r["action"] - q["action"], axis=-1).max()) for r, q in zip(v.records, ref.records,
                                                                                               strict=True)]
@@ -357,6 +404,7 @@ def summary_row(v: Variant, ref: Variant, fastest_seq_ms: float, n_action_steps:
         "model_evals_mean": statistics.mean(r["model_evals"] for r in v.records),
         "dev_mean_px": statistics.mean(dev), "dev_max_px": max(dev),
         "speedup_p50": fastest_seq_ms / p50, "above_sequential": sum(m > fastest_seq_ms for m in ms),
+        "speedup_p95": None if fastest_seq_p95 is None else fastest_seq_p95 / p95,
         "chunks": len(ms), "tuning": v.tuning,
     }
 
@@ -401,7 +449,8 @@ def run_score(policy: LowdimPolicy, spec: SamplerConfig, name: str, folder: Path
     from para_policy.evaluation.rollout import run_rollouts
 
     task = pusht_task(policy, episodes, seed_start, max_steps)
-    fingerprint = {"checkpoint": file_fingerprint(Path(checkpoint)), "spec": spec.as_dict(), "episodes": episodes,
+    fingerprint = {"checkpoint": file_fingerprint(Path(checkpoint)), "spec": spec_fingerprint(spec),
+                   "episodes": episodes,
                    "seeds": task.seeds, "noise_seed": noise_seed, "task": task.fingerprint(), "runtime": "eager"}
     path = folder / "score.json"
     done = load_score_progress(path, fingerprint)
@@ -428,10 +477,16 @@ def run_score(policy: LowdimPolicy, spec: SamplerConfig, name: str, folder: Path
             "computed": len(todo), "folder": str(folder)}
 
 
+def spec_fingerprint(spec: SamplerConfig) -> dict[str, Any]:
+    """``spec.as_dict()`` without a ``solver_order`` of None: a DDPM or DDIM spec fingerprints as it did
+    before specs had a solver order, so the scores cached then still match."""
+    return {k: v for k, v in spec.as_dict().items() if not (k == "solver_order" and v is None)}
+
+
 def spec_of(saved: Mapping[str, Any]) -> SamplerConfig:
     """The :class:`SamplerConfig` of its ``as_dict()`` form (a json row's ``spec``)."""
     return sampler_spec(saved["name"], scheduler=saved["scheduler"], num_inference_steps=saved["num_inference_steps"],
-                        warm_start=saved["warm_start"], **saved["options"])
+                        warm_start=saved["warm_start"], solver_order=saved.get("solver_order"), **saved["options"])
 
 
 def scores_for(policy: LowdimPolicy, rows: Sequence[dict[str, Any]], args: argparse.Namespace, out: Path
@@ -612,11 +667,15 @@ def machine_line(machine: Mapping[str, Any], load_before: Any = None) -> str:
             f"{machine.get('torch_threads')} threads, {machine.get('platform')} ({load}).")
 
 
+def _speedup(r: Mapping[str, Any], key: str) -> str:
+    return "—" if r.get(key) is None else f"{r[key]:.2f}×"
+
+
 def summary_table(rows: Sequence[dict[str, Any]], schedules: Sequence[str], scores: Mapping[str, Any]) -> list[str]:
     """One line per schedule: its fastest sequential row, its fastest ``paradigms`` row, published, scores."""
-    lines = ["| schedule | fastest sequential (backend): ms p50 | fastest `paradigms` (backend, window): ms p50 | "
-             "speed-up | rounds | deviation mean / max (px) | ParaDiGMS as published: ms p50 (speed-up) | "
-             "score sequential | score `paradigms` |", "|---" * 9 + "|"]
+    lines = ["| schedule | fastest sequential (backend): ms p50 (p95) | fastest `paradigms` (backend, window): ms p50 "
+             "(p95) | speed-up p50 / p95 | rounds | deviation mean / max (px) | ParaDiGMS as published: ms p50 "
+             "(speed-up) | score sequential | score `paradigms` |", "|---" * 9 + "|"]
     for s in schedules:
         mine = schedule_rows(rows, s)
         seq = min((r for r in mine if r["name"] == "sequential"), key=lambda r: r["ms_p50"], default=None)
@@ -626,10 +685,74 @@ def summary_table(rows: Sequence[dict[str, Any]], schedules: Sequence[str], scor
             continue
         score = [row_score(scores, seq), row_score(scores, par)]
         lines.append(
-            f"| {schedule_label(s)} | {seq['ms_p50']:.1f} ({seq['runtime']}) | {par['ms_p50']:.1f} ({par['runtime']}, "
-            f"w{par['window']}) | {par['speedup_p50']:.2f}× | {par['rounds_mean']:.1f} | {par['dev_mean_px']:.3f} / "
+            f"| {schedule_label(s)} | {seq['ms_p50']:.1f} ({seq['ms_p95']:.1f}) ({seq['runtime']}) | "
+            f"{par['ms_p50']:.1f} ({par['ms_p95']:.1f}) ({par['runtime']}, w{par['window']}) | "
+            f"{_speedup(par, 'speedup_p50')} / {_speedup(par, 'speedup_p95')} | {par['rounds_mean']:.1f} | "
+            f"{par['dev_mean_px']:.3f} / "
             f"{par['dev_max_px']:.3f} | {pub['ms_p50']:.1f} ({pub['speedup_p50']:.2f}×) | "
             + " | ".join("—" if x is None else f"{x:.3f}" for x in score) + " |")
+    return lines
+
+
+def front_rows(rows: Sequence[dict[str, Any]], schedules: Sequence[str], scores: Mapping[str, Any]
+               ) -> list[dict[str, Any]]:
+    """Per schedule its fastest sequential row and its fastest ``paradigms`` row (any backend), by p50, with
+    ``score``, ``ratio_p50`` / ``ratio_p95`` (ms over the fastest sequential row of ALL schedules, the sampler a
+    user after latency would pick) and ``front`` (no other of these rows is as fast and scores as high, one of
+    them strictly), sorted by p50."""
+    picked = []
+    for s in schedules:
+        mine = schedule_rows(rows, s)
+        for name in ("sequential", "paradigms"):
+            best = min((r for r in mine if r["name"] == name), key=lambda r: r["ms_p50"], default=None)
+            if best is not None:
+                picked.append({**best, "score": row_score(scores, best)})
+    seqs = [r for r in picked if r["name"] == "sequential"]
+    if not seqs:
+        return []
+    ref = min(seqs, key=lambda r: r["ms_p50"])
+    for r in picked:
+        r["ratio_p50"], r["ratio_p95"] = r["ms_p50"] / ref["ms_p50"], r["ms_p95"] / ref["ms_p95"]
+        r["reference_key"] = ref["key"]
+        scored = [q for q in picked if q["score"] is not None]
+        r["front"] = None if r["score"] is None else not any(
+            q is not r and q["ms_p50"] <= r["ms_p50"] and q["score"] >= r["score"]
+            and (q["ms_p50"] < r["ms_p50"] or q["score"] > r["score"]) for q in scored)
+    return sorted(picked, key=lambda r: r["ms_p50"])
+
+
+def front_table(rows: Sequence[dict[str, Any]], schedules: Sequence[str], scores: Mapping[str, Any]) -> list[str]:
+    """:func:`front_rows` as markdown, then how ``window='auto'`` did against its own sequential loop."""
+    front = front_rows(rows, schedules, scores)
+    if not front:
+        return []
+    ref = next(r for r in front if r["key"] == front[0]["reference_key"])
+    lines = ["Every schedule's fastest sequential row and fastest `paradigms` row (any backend), sorted by ms p50. "
+             "Latency ratios are over the fastest sequential sampler of all schedules, "
+             f"{schedule_label(ref['schedule'])} on {ref['runtime']} ({ref['ms_p50']:.1f} ms p50, "
+             f"{ref['ms_p95']:.1f} ms p95), from this one interleaved replay; deviation is from the same "
+             "schedule's sequential sampler on eager (0 for a schedule's own "
+             "sequential loop). **front**: no other row here is as fast and scores as high.", "",
+             "| schedule | sampler (backend, window) | score | ms p50 (p95) | p50 ÷ fastest seq | p95 ÷ fastest seq | "
+             "rounds | deviation mean / max (px) | front |", "|---" * 9 + "|"]
+    for r in front:
+        who = "sequential" if r["name"] == "sequential" else f"`paradigms`, w{r['window']}"
+        score = "—" if r["score"] is None else f"{r['score']:.3f}"
+        mark = "" if r["front"] is None else ("**yes**" if r["front"] else "")
+        lines.append(f"| {schedule_label(r['schedule'])} | {who} ({r['runtime']}) | {score} | {r['ms_p50']:.1f} "
+                     f"({r['ms_p95']:.1f}) | {r['ratio_p50']:.2f} | {r['ratio_p95']:.2f} | {r['rounds_mean']:.1f} | "
+                     f"{r['dev_mean_px']:.3f} / {r['dev_max_px']:.3f} | {mark} |")
+    lines += ["", "`paradigms` with `window='auto'` against the sequential loop on the same backend (ms p50 and p95 "
+              "of the sequential row over the `paradigms` row's: at least 1 means never slower):", "",
+              "| schedule | backend | window | p50 | p95 | rounds |", "|---" * 6 + "|"]
+    for s in schedules:
+        mine = schedule_rows(rows, s)
+        for par in (r for r in mine if r["name"] == "paradigms"):
+            seq = next((r for r in mine if r["name"] == "sequential" and r["runtime"] == par["runtime"]), None)
+            if seq is not None:
+                lines.append(f"| {schedule_label(s)} | {par['runtime']} | {par['window']} | "
+                             f"{seq['ms_p50'] / par['ms_p50']:.2f}× | {seq['ms_p95'] / par['ms_p95']:.2f}× | "
+                             f"{par['rounds_mean']:.1f} |")
     return lines
 
 
@@ -651,7 +774,13 @@ READING = [
     "same observation and noise, in pixels of PushT's 512-px arena; then the mean and the max over chunks. 0 for "
     "that reference row itself. It compares samplers of one schedule, never schedules with each other.",
     "- **speed-up p50**: the median ms of the fastest sequential row of the same schedule (any backend) over this "
-    "row's; above 1 is faster. **> fastest seq**: chunks slower than that median.",
+    "row's; above 1 is faster (the summary's p95 figure: that row's p95 over this row's). **> fastest seq**: chunks "
+    "slower than that median.",
+    "- **the front**: across schedules. **p50 / p95 ÷ fastest seq**: this row's ms over those of the fastest "
+    "sequential row of all schedules (at or above 1; the fastest sampler a user could pick, whatever its score). "
+    "**front**: no other row of that table is at least as fast (p50) and scores at least as high, one of them "
+    "strictly. Scores over 50 episodes move by a few hundredths between samplers that differ only by rounding, so "
+    "read a front of nearly equal scores as a tie.",
     "- **score**: closed-loop mean score over the episodes (env seeds from the stream's first seed; the same noise "
     "per (episode, chunk) for every config, as `eval.py` draws it), rolled out on eager PyTorch in batched envs. "
     "`paradigms` is scored once per window its backends chose (`<schedule>_paradigms_w<window>`): a backend "
@@ -674,6 +803,9 @@ def to_markdown(data: dict[str, Any]) -> str:
     for backend, why in (meta.get("skipped_backends") or {}).items():
         lines.append(f"Backend `{backend}` skipped: {why}.")
     lines += ["", "## Summary", "", *summary_table(rows, schedules, scores), ""]
+    front = front_table(rows, schedules, scores)
+    if front:
+        lines += ["## The front: every schedule's fastest sampler", "", *front, ""]
     for s in schedules:
         mine = schedule_rows(rows, s)
         lines += [f"## {schedule_label(s)}", "", *table(mine), ""]
@@ -685,7 +817,9 @@ def to_markdown(data: dict[str, Any]) -> str:
         for name, sc in scores.items():
             spec = sc["spec"]
             window = spec["options"].get("window")
+            order = spec.get("solver_order")
             desc = f"{spec['name']} on {spec['scheduler']}-{spec['num_inference_steps']}" + \
+                (f" (solver_order {order})" if order is not None else "") + \
                 (f", window {window}" if window is not None else "")
             rate = "—" if sc["success_rate"] is None else f"{sc['success_rate']:.2f}"
             score = "—" if sc["mean_score"] is None else f"{sc['mean_score']:.3f}"
@@ -760,7 +894,10 @@ def _pyplot() -> Any:
 def plot_latency_vs_score(rows: Sequence[dict[str, Any]], scores: Mapping[str, Any], path: Path) -> Path | None:
     """Mean score against median ms per chunk, one marker per (schedule, sampler, backend), keyed in a legend.
 
-    Colour: schedule; marker: sampler (o sequential, ^ ``paradigms``); filled: eager, hollow: another backend.
+    Colour: the schedule's family (DDPM, DDIM, DPM-Solver++ of each order), the step count written beside each
+    marker; marker: sampler (o sequential, ^ ``paradigms``); filled: eager, hollow: another backend. A dashed
+    line per family joins its schedules' fastest sequential rows (any backend), in order of latency: the
+    sequential samplers a user after latency would pick.
     """
     points = [(r, row_score(scores, r)) for r in rows if row_score(scores, r) is not None]
     if not points:
@@ -768,14 +905,27 @@ def plot_latency_vs_score(rows: Sequence[dict[str, Any]], scores: Mapping[str, A
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(dict.fromkeys(r["schedule"] for r, _ in points))}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    families = list(dict.fromkeys(schedule_family(r["schedule"]) for r, _ in points))
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
     for r, score in points:
         filled = r["runtime"] == REFERENCE_BACKEND
-        ax.scatter(r["ms_p50"], score, marker="o" if r["name"] == "sequential" else "^", s=45,
-                   color=colors[r["schedule"]] if filled else "none", edgecolors=colors[r["schedule"]])
+        color = colors[schedule_family(r["schedule"])]
+        ax.scatter(r["ms_p50"], score, marker="o" if r["name"] == "sequential" else "^", s=40,
+                   color=color if filled else "none", edgecolors=color)
+        ax.annotate(str(parse_schedule(r["schedule"])[1]), (r["ms_p50"], score), textcoords="offset points",
+                    xytext=(4, 3), fontsize=6, color=color)
+    for family in families:  # the fastest sequential row of each of the family's schedules
+        fastest: dict[str, tuple[float, float]] = {}
+        for r, score in points:
+            if r["name"] == "sequential" and schedule_family(r["schedule"]) == family:
+                fastest[r["schedule"]] = min(fastest.get(r["schedule"], (r["ms_p50"], score)), (r["ms_p50"], score))
+        line = sorted(fastest.values())
+        if len(line) > 1:
+            ax.plot([x for x, _ in line], [y for _, y in line], linestyle="--", linewidth=0.8,
+                    color=colors[family])
     backends = sorted({r["runtime"] for r, _ in points} - {REFERENCE_BACKEND})
-    handles = [Line2D([], [], marker="s", linestyle="", color=c, label=schedule_label(s)) for s, c in colors.items()]
+    handles = [Line2D([], [], marker="s", linestyle="", color=c, label=f) for f, c in colors.items()]
     handles += [Line2D([], [], marker="o", linestyle="", color="gray", label="sequential"),
                 Line2D([], [], marker="^", linestyle="", color="gray", label="paradigms"),
                 Line2D([], [], marker="o", linestyle="", color="gray", label=REFERENCE_BACKEND + " (filled)")]
@@ -786,7 +936,8 @@ def plot_latency_vs_score(rows: Sequence[dict[str, Any]], scores: Mapping[str, A
     ax.set_xscale("log")
     ax.set_xlabel("ms per chunk (median, batch 1)")
     ax.set_ylabel("mean score (closed loop)")
-    ax.set_title("PushT, shipped policy: latency against closed-loop score, per schedule", fontsize=8)
+    ax.set_title("PushT, shipped policy: latency against closed-loop score per schedule (numbers: steps; "
+                 "dashed: fastest sequential)", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=130))
     plt.close(fig)
@@ -845,7 +996,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--schedules", nargs="+", default=list(DEFAULT_SCHEDULES),
-                        help="schedules to compare, ddpm<N> or ddim<N> (default: %(default)s)")
+                        help=f"schedules to compare: {SCHEDULE_SYNTAX} (default: %(default)s)")
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS),
                         help="denoiser backends of configure_inference(policy, backend=...); eager is always run "
                              "(the reference); others that cannot run here are skipped with a note "

@@ -84,16 +84,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "bench_load")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    import numpy as np
-
-    from para_policy.evaluation.report import write_json, write_text
+    from para_policy.bench import percentile, write_json, write_text
 
     results = {}
     for busy in (0, args.busy):
         for mode in ("spinning", "passive", "brief spin"):
             r = measure(mode, args.chunks, busy)
             results[f"{mode}, {busy} busy"] = r
-            print(mode, busy, {k: round(float(np.median(v))) for k, v in r["ms"].items()}, flush=True)
+            print(mode, busy, {k: round(percentile(v, 50)) for k, v in r["ms"].items()}, flush=True)
     lines = ["# Latency on a busy machine: spinning vs passive OpenMP waiting", "",
              f"Shipped PushT policy, `Controller(policy)` (the paradigms preset) and sequential DDIM-10, cold chunks "
              f"on {args.chunks} PushT start states, {os.cpu_count()} CPUs, each setting in a fresh process. "
@@ -102,8 +100,9 @@ def main() -> None:
     for key, r in results.items():
         mode, busy = key.split(", ")
         for name, ms in r["ms"].items():
-            lines.append(f"| {mode} | {busy.split()[0]} | {name} | {np.median(ms):.0f} | {np.percentile(ms, 95):.0f} |")
-    write_json(args.out / "bench_load.json", results)
+            p50, p95 = percentile(ms, 50), percentile(ms, 95)
+            lines.append(f"| {mode} | {busy.split()[0]} | {name} | {p50:.0f} | {p95:.0f} |")
+    write_json(args.out / "bench_load.json", results, indent=2)
     write_text(args.out / "bench_load.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,8 +1,8 @@
 """Does ``paradigms`` mean the same fast method on every path? Rounds per chunk on one PushT stream.
 
-Records a PushT observation stream with the shipped policy (sequential DDPM-100, the
-evaluator's rollout loop), then replays it, episode by episode, through three drop-in paths
-with no options beyond the preset name:
+Records a PushT observation stream with the shipped policy (sequential DDPM-100 on the
+evaluator's noise keys, :func:`para_policy.bench.record_stream`), then replays it, episode by
+episode, through three drop-in paths with no options beyond the preset name:
 
 * ``load_policy(path, sampler="paradigms")`` with ``predict_action`` called in a loop (the
   policy keeps its own warm start; ``reset()`` between episodes);
@@ -32,11 +32,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_latency import record_stream  # noqa: E402
 from torch import nn  # noqa: E402
 
 from para_policy import Controller, load_policy, patch  # noqa: E402
-from para_policy.evaluation.report import write_json, write_text  # noqa: E402
+from para_policy.bench import ROLLOUT_KEYS, record_stream, write_json, write_text  # noqa: E402
 from para_policy.schedule import build_scheduler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +153,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "bench_paths")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    stream = record_stream(load_policy(ASSET, sampler="sequential"), args.episodes, args.chunks, 100000)
+    stream = record_stream(load_policy(ASSET, sampler="sequential"), args.episodes, args.chunks, 100000,
+                           keys=ROLLOUT_KEYS)
     print(f"recorded {len(stream)} chunks of {args.episodes} episodes")
     paths = replay(stream, args.seed)
     rows = {name: {"rounds_mean": float(np.mean(p["rounds"])), "rounds_p95": float(np.percentile(p["rounds"], 95)),
@@ -182,7 +182,7 @@ def main() -> None:
     spread = max(r["rounds_mean"] for r in rows.values()) - min(r["rounds_mean"] for r in rows.values())
     lines += ["", f"Spread of the means: {spread:.2f} rounds."]
     write_json(args.out / "bench_paths.json", {"rows": rows, "paths": paths, "episodes": args.episodes,
-                                               "chunks": len(stream)})
+                                               "chunks": len(stream)}, indent=2)
     write_text(args.out / "bench_paths.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,16 +29,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from para_policy.evaluation.report import write_json, write_text
-from para_policy.policy import load_policy
-from para_policy.samplers import sampler_spec
+from para_policy import load_policy
+from para_policy.bench import ChunkKeys, Variant, load_stream, replay, schedule_spec, spread, write_json, write_text
+from para_policy.samplers import SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
@@ -48,30 +48,26 @@ SAMPLERS = ("sequential", "paradigms", "paradigms_published", "parataa")
 #: setting → (autocast dtype | None, weight cast | None)
 SETTINGS = {"fp32": (None, None), "autocast bf16": (torch.bfloat16, None), "autocast fp16": (torch.float16, None),
             "bf16 weights": (None, lambda m: m.to(torch.bfloat16)), "fp16 weights": (None, lambda m: m.half())}
+KEYS = ChunkKeys(stream=None, offset=1000)  # chunk i of the replay: torch.manual_seed(1000 + i)
 
 
-def spec(name: str, schedule: str):
-    """``name`` on ``schedule`` (``ddim10``, ``ddpm100``, ...), with a fixed window for ``paradigms``."""
-    kind, steps = schedule[:4], int(schedule[4:])
-    return sampler_spec(name, scheduler=kind, num_inference_steps=steps,
-                        **({"window": min(64, steps)} if name == "paradigms" else {}))
+def spec(name: str, schedule: str) -> SamplerConfig:
+    """``name`` on ``schedule`` (``ddim10``, ``ddpm100``, ...), every call cold, a fixed window for ``paradigms``."""
+    steps = int(schedule[4:])
+    options: dict[str, Any] = {"window": min(64, steps)} if name == "paradigms" else {}
+    cold = {"warm_start": False} if name != "sequential" else {}
+    return schedule_spec(name, schedule, **options, **cold)
 
 
-def replay(policy, setting: str, schedule: str, observations: list[torch.Tensor]) -> dict[str, dict]:
+def run_setting(policy: Any, setting: str, schedule: str, chunks: list[dict[str, Any]]) -> dict[str, dict]:
     """``{sampler: {'actions': (n, n_action_steps, Da), 'rounds': [...]}}`` of every chunk, at ``setting``."""
     autocast, cast = SETTINGS[setting]
     net = cast(copy.deepcopy(policy)) if cast else policy
     context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-    out: dict[str, dict] = {name: {"actions": [], "rounds": []} for name in SAMPLERS}
     with context:
-        for i, obs in enumerate(observations):
-            for name in SAMPLERS:
-                s = spec(name, schedule)
-                r = net.predict_action({"obs": obs}, generator=torch.Generator().manual_seed(1000 + i), sampler=s,
-                                       **({"warm_start": False} if s.iterative else {}))
-                out[name]["actions"].append(r["action"][0])
-                out[name]["rounds"].append(r.stats.rounds)
-    return {name: {"actions": torch.stack(v["actions"]), "rounds": v["rounds"]} for name, v in out.items()}
+        records = replay(net, [Variant(name, spec(name, schedule)) for name in SAMPLERS], chunks, KEYS, warmup=0)
+    return {name: {"actions": torch.from_numpy(np.stack([r["action"] for r in recs])),
+                   "rounds": [r["rounds"] for r in recs]} for name, recs in records.items()}
 
 
 def deviations(runs: dict[str, dict[str, dict]]) -> list[dict]:
@@ -118,19 +114,19 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     policy = load_policy(args.checkpoint, sampler="sequential", backend="eager")
-    stream = json.loads(Path(args.stream).read_text())["chunks"]
-    picks = np.linspace(0, len(stream) - 1, min(args.chunks, len(stream))).round().astype(int)
-    observations = [torch.tensor(stream[i]["obs"], dtype=torch.float32)[None] for i in picks]
+    stream, _ = load_stream(args.stream)
+    picks = spread(len(stream), args.chunks)
+    chunks = [stream[i] for i in picks]
     results = {}
     for schedule in args.schedules:
         runs = {}
         for setting in SETTINGS:
-            runs[setting] = replay(policy, setting, schedule, observations)
+            runs[setting] = run_setting(policy, setting, schedule, chunks)
             print(f"{schedule} {setting}: done", flush=True)
         results[schedule] = deviations(runs)
-    md = report(results, args, argv, len(observations))
+    md = report(results, args, argv, len(chunks))
+    write_json(Path(args.out).with_suffix(".json"), {"command": argv, "chunks": picks, "results": results}, indent=2)
     write_text(args.out, md)
-    write_json(Path(args.out).with_suffix(".json"), {"command": argv, "chunks": picks.tolist(), "results": results})
     print(md)
     return md
 

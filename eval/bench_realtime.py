@@ -52,9 +52,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from para_policy.bench import machine_info, write_json, write_text  # noqa: E402
+from para_policy.checkpoints import atomic_write  # noqa: E402
 from para_policy.evaluation import EvalConfigError, evaluate  # noqa: E402
-from para_policy.evaluation.latency import machine_info  # noqa: E402
-from para_policy.evaluation.report import atomic_file, write_json, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -241,7 +241,7 @@ def plot(rows: list[dict[str, Any]], realtime: dict[str, Any] | None, path: Path
     if bx.get_legend_handles_labels()[0]:
         bx.legend(fontsize=8)
     fig.tight_layout()
-    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "points": rows, "realtime": realtime, "machine": machine_info(),
                "wall_s": round(time.perf_counter() - t_start, 1), "command": command}
-    write_json(args.out / "bench_realtime.json", summary)
+    write_json(args.out / "bench_realtime.json", summary, indent=2)
     md = format_markdown(rows, realtime, args, command)
     write_text(args.out / "bench_realtime.md", md)
     plot(rows, realtime, args.out / "bench_realtime.png")

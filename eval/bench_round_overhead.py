@@ -20,24 +20,21 @@ minutes on a CPU; ``--no-compile`` leaves those variants out.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import bench_latency as bl  # noqa: E402
-import torch  # noqa: E402
-
-from para_policy import load_policy  # noqa: E402
-from para_policy.checkpoints import atomic_write  # noqa: E402
-from para_policy.evaluation.latency import distribution  # noqa: E402
-from para_policy.samplers import draw_noise, sampler_spec, shift_trajectory  # noqa: E402
-from para_policy.samplers.host_sync import HostSyncCounter  # noqa: E402
+from para_policy import load_policy
+from para_policy.bench import ChunkKeys, Variant, load_stream, replay, summarize_ms, write_report
+from para_policy.samplers import sampler_spec
+from para_policy.samplers.host_sync import HostSyncCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
@@ -52,6 +49,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "paradigms fixed": ("eager", "paradigms", {"round_shape": "fixed"}),
     "paradigms fixed, round compiled": ("eager", "paradigms", {"round_shape": "fixed", "compile_round": True}),
 }
+KEYS = ChunkKeys(stream=None, offset=1000)  # chunk i of the replay: torch.manual_seed(1000 + i)
+WARMUP = 3  # untimed chunks per variant first: compilation (minutes on a CPU) stays out of the timings
 
 
 class Timed:
@@ -67,78 +66,66 @@ class Timed:
         return out
 
 
-def run_chunk(policy: Any, spec: Any, obs: torch.Tensor, key: int, guess: torch.Tensor | None) -> Any:
-    x_T, noise = draw_noise(policy.schedule_for(spec), policy.trajectory_shape(1), torch.Generator().manual_seed(key))
-    warm = {} if not spec.iterative else {"warm_start": False if guess is None else guess}
-    return policy.predict_action({"obs": obs}, sampler=spec, x_T=x_T, noise=noise, **warm)
+@contextlib.contextmanager
+def counting(v: Variant, policy: Any) -> Iterator[dict[str, Any]]:
+    """Host syncs, host-to-device copies and torch operations per round, between two model calls."""
+    counter = HostSyncCounter()
+    policy.denoise = counter.wrap(policy.denoise)
+    extra: dict[str, Any] = {}
+    try:
+        with counter:
+            yield extra
+    finally:
+        del policy.denoise
+    between = counter.between or [counter.after]
+    for name in ("syncs", "copies", "ops"):
+        extra[name] = statistics.mean(getattr(c, name) for c in between)
 
 
-def warm_up(policies: dict[str, Any], specs: dict[str, Any], chunks: list[dict[str, Any]]) -> None:
-    """Every variant on a few chunks, untimed: compilation (minutes on a CPU) stays out of the timings."""
-    for name, spec in specs.items():
-        guess = None
-        for i, chunk in enumerate(chunks[:3]):
-            policy = policies[VARIANTS[name][0]]
-            out = run_chunk(policy, spec, torch.as_tensor(chunk["obs"])[None], 1000 + i, guess)
-            guess = shift_trajectory(out.trajectory, policy.n_action_steps)
+@contextlib.contextmanager
+def timing(v: Variant, policy: Any) -> Iterator[dict[str, Any]]:
+    """The model calls' own ms of the chunk (not where the model runs inside a compiled round)."""
+    if "round compiled" in v.name:
+        yield {}
+        return
+    timed = Timed(policy.denoise)
+    policy.denoise = timed
+    extra: dict[str, Any] = {}
+    try:
+        yield extra
+    finally:
+        del policy.denoise
+    extra["model_ms"] = timed.ms
 
 
 def measure(policies: dict[str, Any], specs: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts (one pass) and interleaved timings (a second pass) of every variant over ``chunks``."""
-    warm_up(policies, specs, chunks)
-    rows = {name: {"rounds": [], "syncs": [], "copies": [], "ops": [], "ms": [], "outside_ms": []}
-            for name in specs}
-    for counting in (True, False):
-        guesses: dict[str, torch.Tensor | None] = dict.fromkeys(specs)
-        for i, chunk in enumerate(chunks):
-            obs = torch.as_tensor(chunk["obs"])[None]
-            names = list(specs) if i % 2 == 0 else list(specs)[::-1]
-            for name in names:
-                if counting and "compiled" in name:  # the counter cannot see inside compiled code
-                    continue
-                policy = policies[VARIANTS[name][0]]
-                guess = None if chunk["chunk"] == 0 else guesses[name]
-                whole = "round compiled" in name  # the model runs inside the compiled round: not timed apart
-                wrap = HostSyncCounter() if counting else Timed(policy.denoise)
-                if not whole:
-                    policy.denoise = wrap.wrap(policy.denoise) if counting else wrap
-                try:
-                    start = time.perf_counter()
-                    if counting:
-                        with wrap:
-                            out = run_chunk(policy, specs[name], obs, 1000 + i, guess)
-                    else:
-                        out = run_chunk(policy, specs[name], obs, 1000 + i, guess)
-                    total = (time.perf_counter() - start) * 1e3
-                finally:
-                    if not whole:
-                        del policy.denoise
-                guesses[name] = shift_trajectory(out.trajectory, policy.n_action_steps)
-                r = rows[name]
-                if counting:
-                    between = wrap.between or [wrap.after]
-                    for field in ("syncs", "copies", "ops"):
-                        r[field].append(statistics.mean(getattr(c, field) for c in between))
-                else:
-                    r["rounds"].append(out.stats.rounds)
-                    r["ms"].append(total)
-                    if not whole:
-                        r["outside_ms"].append((total - wrap.ms) / out.stats.rounds)
+    """Counts (one replay, the counter cannot see inside compiled code) and interleaved timings (a second one)."""
+    def variants(names: list[str]) -> list[Variant]:
+        return [Variant(n, specs[n], VARIANTS[n][0]) for n in names]
+
+    counted = replay(policies, variants([n for n in specs if "compiled" not in n]), chunks, KEYS, warmup=WARMUP,
+                     instrument=counting)
+    timed = replay(policies, variants(list(specs)), chunks, KEYS, warmup=WARMUP, instrument=timing)
+    rows = {}
+    for name, recs in timed.items():
+        rows[name] = {"rounds": [r["rounds"] for r in recs], "ms": [r["ms"] for r in recs],
+                      "outside_ms": [(r["ms"] - r["model_ms"]) / r["rounds"] for r in recs if "model_ms" in r],
+                      **{k: [r[k] for r in counted.get(name, [])] for k in ("syncs", "copies", "ops")}}
     return rows
 
 
 def summarize(rows: dict[str, Any]) -> dict[str, Any]:
-    base = distribution(rows["sequential"]["ms"])["p50"]
+    base = summarize_ms(rows["sequential"]["ms"])["p50"]
     out = {}
     for name, r in rows.items():
-        ms = distribution(r["ms"])
+        ms = summarize_ms(r["ms"])
         counted = bool(r["syncs"])
         out[name] = {"rounds_mean": statistics.mean(r["rounds"]),
                      "syncs_per_round": statistics.mean(r["syncs"]) if counted else None,
                      "copies_per_round": statistics.mean(r["copies"]) if counted else None,
                      "ops_per_round": statistics.mean(r["ops"]) if counted else None,
                      "outside_model_ms_per_round_p50":
-                         distribution(r["outside_ms"])["p50"] if r["outside_ms"] else None,
+                         summarize_ms(r["outside_ms"])["p50"] if r["outside_ms"] else None,
                      "ms_p50": ms["p50"], "ms_p95": ms["p95"], "speedup_p50_vs_sequential": base / ms["p50"]}
     return out
 
@@ -180,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    chunks, _ = bl.load_stream(STREAM)
+    chunks, _ = load_stream(STREAM)
     chunks = chunks[: args.chunks]
     names = [n for n in VARIANTS if (n == "sequential" or n in args.variants)
              and not (args.no_compile and "compiled" in n)]
@@ -202,11 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": "python eval/bench_round_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{os.cpu_count()}-core {os.uname().machine}", "torch": torch.__version__,
             "threads": args.threads, "chunks": len(chunks), "windows": windows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "bench_round_overhead.json",
-                 lambda p: Path(p).write_text(json.dumps({"meta": meta, "results": results}, indent=1)))
     text = markdown(results, meta)
-    atomic_write(args.out / "bench_round_overhead.md", lambda p: Path(p).write_text(text))
+    write_report(args.out / "bench_round_overhead", text, {"meta": meta, "results": results})
     print(text)
 
 

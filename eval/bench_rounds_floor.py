@@ -3,8 +3,9 @@
 Rounds (sequential model calls per chunk) carry over to any hardware, so the question
 "how few rounds can a parallel sampler take on this policy" is asked here without a clock:
 
-1. **Observation stream**: PushT rollouts of the policy with sequential DDIM
-   (``eval/bench_rounds.py``'s recorder), a few episodes of a few chunks.
+1. **Observation stream**: PushT rollouts of the policy with sequential DDIM-10
+   (:func:`para_policy.bench.record_stream`, ``eval/bench_rounds.py``'s noise keys), a few
+   episodes of a few chunks.
 2. **How good a guess is the previous chunk?** The executed actions of the previous chunk's
    sequential sample shifted by ``n_action_steps`` (what the warm start starts from) against
    this chunk's sequential sample, and, as the scale of the policy's own spread, two
@@ -46,24 +47,29 @@ from typing import Any
 
 import torch
 
-from para_policy.checkpoints import atomic_write
-from para_policy.evaluation.rollout import seed_for
-from para_policy.policy import LowdimPolicy, load_policy
+from para_policy import load_policy
+from para_policy.bench import (
+    ChunkKeys,
+    executed_actions,
+    keyed_noise,
+    mean_max,
+    parse_schedule,
+    record_stream,
+    schedule_spec,
+    write_text,
+)
+from para_policy.policy import LowdimPolicy
 from para_policy.samplers import (
     PRESETS,
-    draw_noise,
     mean_step_jacobians,
     picard_sample,
-    sampler_spec,
+    sequential_sample,
     shift_trajectory,
     step_jacobians,
     warm_start_init,
 )
 from para_policy.samplers.solves import linear_recurrence
 from para_policy.schedule import Schedule
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rounds import record_stream  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"
@@ -73,44 +79,45 @@ SPREAD_STREAM = 17  # a second noise draw of the same observation
 CALIBRATION_STREAM = 19  # noise of the calibration chunks (mean Jacobians)
 
 
-def parse_schedule(name: str) -> tuple[str, int]:
-    """``ddpm100`` → ('ddpm', 100), ``ddim10`` → ('ddim', 10)."""
-    for kind in ("ddpm", "ddim"):
-        if name.startswith(kind) and name[len(kind):].isdigit():
-            return kind, int(name[len(kind):])
-    raise SystemExit(f"--schedules: expected names like ddpm100 or ddim10, got {name!r}")
-
-
 @torch.inference_mode()
 def sequential_states(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
                       cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sequential loop, keeping every step's input and clean-sample prediction.
+    """The library's sequential loop, keeping every step's input and clean-sample prediction.
 
+    :func:`sequential_sample` with a denoiser that records what it is called with (step ``k``'s
+    input ``x_k``) and returns; the predictions follow from those calls without another one.
     Returns ``(sample (1,T,D), inputs (S,T,D), x0 predictions (S,T,D))``.
     """
-    x, inputs, x0s = x_T, [], []
-    for k in range(sched.num_steps):
+    inputs, outputs = [], []
+
+    def recording(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        out = policy.denoise(x, t, c)
         inputs.append(x[0])
-        kr = torch.full((1,), k, dtype=torch.long)
-        out = policy.denoise(x, sched.timesteps[kr], cond)
-        x0s.append(sched.predict_x0(x, kr, out)[0])
-        x = sched.step_mean(x, kr, out) + sched.noise_std[k] * noise[:, k]
-    return x, torch.stack(inputs), torch.stack(x0s)
+        outputs.append(out[0])
+        return out
+
+    sample, _ = sequential_sample(recording, sched, x_T, noise, condition=cond)
+    x = torch.stack(inputs)
+    return sample, x, sched.predict_x0(x, torch.arange(sched.num_steps), torch.stack(outputs))
 
 
 @torch.inference_mode()
 def per_step_init(sched: Schedule, x0_steps: torch.Tensor, x_T: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """:func:`warm_start_init` with a clean-sample guess per step: ``x0_steps`` (S, T, D) → init (1, S, T, D).
 
-    Step ``k`` of the initial iterate takes its model output as implied by ``x0_steps[k]``.
+    Step ``k`` of the initial iterate takes its model output as implied by ``x0_steps[k]``. With
+    the guess fixed every step is affine, ``x_{k+1} = a_k x_k + d_k + σ_k z_k``: the library's
+    warm start from each step's guess alone (``x_T = 0``, no noise) holds that step's drive
+    ``d_k = x_{k+1} − a_k x_k``, and the recurrence of those drives is the per-step iterate.
     """
     S = sched.num_steps
-    x0 = x0_steps.clamp(-sched.clip_sample_range, sched.clip_sample_range) if sched.clip_sample else x0_steps
+    alone = warm_start_init(sched, x0_steps, torch.zeros_like(x0_steps))  # (S, S, T, D): row j from guess j
+    before = torch.cat([torch.zeros_like(alone[:, :1]), alone[:, :-1]], dim=1)  # x_k of each row (x_0 = 0)
+    a = sched.linear_coeff().to(x_T.dtype)
     k = torch.arange(S)
-    zeros = torch.zeros_like(x0)
-    drive = sched.step_mean(zeros, k, sched.output_for_x0(zeros, k, x0))[None]
-    drive = drive + sched.noise_std.view(1, S, 1, 1).to(drive.dtype) * noise
-    return linear_recurrence(sched.linear_coeff().to(x_T.dtype)[None], x_T, drive)
+    drive = alone[k, k] - a.view(S, 1, 1) * before[k, k]
+    drive = drive[None] + sched.noise_std.view(1, S, 1, 1).to(drive.dtype) * noise
+    return linear_recurrence(a[None], x_T, drive)
 
 
 def newton_sample(policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
@@ -146,15 +153,15 @@ def calibrated_jacobians(policy: LowdimPolicy, sched: Schedule, chunks: list[dic
     """``(S, TD, TD)``: :func:`mean_step_jacobians` over the sequential samples of ``chunks`` (None: no chunks)."""
     if not chunks:
         return None
-    shape = policy.trajectory_shape(1)
-    conds, x_Ts, noises = [], [], []
-    for ch in chunks:
-        conds.append(policy.conditioning(torch.from_numpy(ch["obs"])[None])[0])
-        g = torch.Generator().manual_seed(seed_for(CALIBRATION_STREAM, noise_seed, ch["episode"], ch["chunk"]))
-        x_T, noise = draw_noise(sched, shape, g)
-        x_Ts.append(x_T)
-        noises.append(noise)
-    return mean_step_jacobians(policy.denoise, sched, torch.cat(x_Ts), torch.cat(noises), torch.cat(conds))
+    keys = ChunkKeys(CALIBRATION_STREAM, noise_seed)
+    cond = torch.cat([policy.conditioning(torch.from_numpy(ch["obs"])[None])[0] for ch in chunks])
+    x_T, noise = keyed_noise(sched, policy.trajectory_shape(1)[1:], [keys.seed(ch, i) for i, ch in enumerate(chunks)])
+    return mean_step_jacobians(policy.denoise, sched, x_T, noise, cond)
+
+
+RECORDS = ("guess", "spread", "rounds", "dev", "newton", "newton_dev", "x0_steps", "x0_steps_dev", "calibrated",
+           "calibrated_dev", "calibrated_secant", "calibrated_secant_dev", "diagonal", "diagonal_dev", "previous",
+           "previous_dev")
 
 
 def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: str, tolerance: float,
@@ -163,81 +170,82 @@ def measure(policy: LowdimPolicy, chunks: list[dict[str, Any]], schedule_name: s
     """Every measurement of the module docstring on one schedule (the Jacobian leads need ``newton``)."""
     from tqdm import tqdm
 
-    kind, steps = parse_schedule(schedule_name)
-    sched = policy.schedule_for(sampler_spec("sequential", scheduler=kind, num_inference_steps=steps))
-    S, Na, start = sched.num_steps, policy.n_action_steps, policy.action_start
-    shape = policy.trajectory_shape(1)
-    options = {k: v for k, v in PRESETS["paradigms"]["options"].items() if k not in ("window", "tolerance")}
-
-    def executed(sample: torch.Tensor) -> torch.Tensor:
-        return policy.normalizer.unnormalize("action", sample[..., : policy.action_dim])[:, start: start + Na]
-
-    def px(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((executed(a) - executed(b)).abs().max())
-
+    sched = policy.schedule_for(schedule_spec("sequential", schedule_name))
     mean_jac = calibrated_jacobians(policy, sched, calibration or [], noise_seed) if newton else None
     mean_diag = None if mean_jac is None else torch.diag_embed(torch.diagonal(mean_jac, dim1=1, dim2=2))
-    rec: dict[str, list] = {key: [] for key in ("guess", "spread", "rounds", "dev", "newton", "newton_dev",
-                                                "x0_steps", "x0_steps_dev", "calibrated", "calibrated_dev",
-                                                "calibrated_secant", "calibrated_secant_dev", "diagonal",
-                                                "diagonal_dev", "previous", "previous_dev")}
+    rec: dict[str, list] = {key: [] for key in RECORDS}
     per_round: dict[int, list[float]] = {r: [] for r in range(1, max_report_rounds + 1)}
     previous: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-    for ch in tqdm(chunks, desc=schedule_name, unit="chunk"):
-        obs = torch.from_numpy(ch["obs"])[None]
-        cond, _ = policy.conditioning(obs)
-        g = torch.Generator().manual_seed(seed_for(REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
-        x_T, noise = draw_noise(sched, shape, g)
+    replay_keys, spread_keys = ChunkKeys(REPLAY_STREAM, noise_seed), ChunkKeys(SPREAD_STREAM, noise_seed)
+    for i, ch in enumerate(tqdm(chunks, desc=schedule_name, unit="chunk")):
+        cond, _ = policy.conditioning(torch.from_numpy(ch["obs"])[None])
+        x_T, noise = keyed_noise(sched, policy.trajectory_shape(1)[1:], [replay_keys.seed(ch, i)])
         ref, inputs, x0s = sequential_states(policy, sched, x_T, noise, cond)
         jac = step_jacobians(policy.denoise, sched, inputs, cond) if newton else None
         before = previous.get(ch["episode"]) if ch["chunk"] > 0 else None
         previous[ch["episode"]] = (ref, x0s, jac)
         if before is None:  # the first chunk of an episode has no warm start: left out of every row
             continue
-        before_ref, before_x0s, before_jac = before
-        guess = shift_trajectory(before_ref, Na)
-        init = warm_start_init(sched, guess, x_T, noise)
-        g2 = torch.Generator().manual_seed(seed_for(SPREAD_STREAM, noise_seed, ch["episode"], ch["chunk"]))
-        other, _, _ = sequential_states(policy, sched, *draw_noise(sched, shape, g2), cond)
-        rec["guess"].append(px(guess, ref))
-        rec["spread"].append(px(other, ref))
-        out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
-                                   condition=cond, init=init, **options)
-        rec["rounds"].append(stats.rounds)
-        rec["dev"].append(px(out, ref))
-        for r in per_round:
-            early = out if r >= stats.rounds else picard_sample(
-                policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance, condition=cond, init=init,
-                max_iterations=r, **options)[0]
-            per_round[r].append(px(early, ref))
-        step_init = per_step_init(sched, shift_trajectory(before_x0s, Na), x_T, noise)
-        out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
-                                   condition=cond, init=step_init, **options)
-        rec["x0_steps"].append(stats.rounds)
-        rec["x0_steps_dev"].append(px(out, ref))
-        if newton:
-            # the sampler itself: picard_sample(jacobian=...) with the preset's secant, with the mean
-            # Jacobian and with its diagonal only (a per-entry slope)
-            for key, linearization in (("calibrated_secant", mean_jac), ("diagonal", mean_diag)):
-                if linearization is None:
-                    continue
-                out, stats = picard_sample(policy.denoise, sched, x_T, noise, window=S, tolerance=tolerance,
-                                           condition=cond, init=init, jacobian=linearization, **options)
-                rec[key].append(stats.rounds)
-                rec[key + "_dev"].append(px(out, ref))
-            for key, linearization in (("newton", jac), ("calibrated", mean_jac), ("previous", before_jac)):
-                if linearization is None:
-                    continue
-                out, rounds = newton_sample(policy, sched, x_T, noise, cond, linearization, init, tolerance)
-                rec[key].append(rounds)
-                rec[key + "_dev"].append(px(out, ref))
-    return {"schedule": schedule_name, "S": S, "chunks": len(rec["rounds"]), "records": rec,
+        other = keyed_noise(sched, policy.trajectory_shape(1)[1:], [spread_keys.seed(ch, i)])
+        problem = Problem(policy, sched, x_T, noise, cond, ref, tolerance)
+        problem.leads(rec, per_round, before, sequential_states(policy, sched, *other, cond)[0],
+                      {"newton": jac, "calibrated": mean_jac, "previous": before[2]} if newton else {},
+                      {"calibrated_secant": mean_jac, "diagonal": mean_diag} if newton else {})
+    return {"schedule": schedule_name, "S": sched.num_steps, "chunks": len(rec["rounds"]), "records": rec,
             "per_round": per_round, "calibration_chunks": len(calibration or []) if newton else 0,
             "shares": None if mean_jac is None else weight_shares(mean_jac, policy.trajectory_shape(1)[-1])}
 
 
-def mean_max(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} / {max(values):.3f}" if values else "—"
+class Problem:
+    """One warm-started chunk: its noise, conditioning and sequential sample, and the leads sampled on it."""
+
+    def __init__(self, policy: LowdimPolicy, sched: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+                 cond: torch.Tensor | None, ref: torch.Tensor, tolerance: float) -> None:
+        self.policy, self.sched, self.x_T, self.noise, self.cond, self.ref = policy, sched, x_T, noise, cond, ref
+        self.tolerance = tolerance
+        self.options = {k: v for k, v in PRESETS["paradigms"]["options"].items() if k not in ("window", "tolerance")}
+
+    def px(self, sample: torch.Tensor, other: torch.Tensor | None = None) -> float:
+        """Max |Δ executed action| between ``sample`` and ``other`` (default: the sequential sample), pixels."""
+        p = self.policy
+        a, b = (executed_actions(p, s) for s in (sample, self.ref if other is None else other))
+        return float((a - b).abs().max())
+
+    def picard(self, init: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
+        """The default sampler (``paradigms``' options) at a full window from ``init``."""
+        return picard_sample(self.policy.denoise, self.sched, self.x_T, self.noise, window=self.sched.num_steps,
+                             tolerance=self.tolerance, condition=self.cond, init=init, **{**self.options, **kw})
+
+    def leads(self, rec: dict[str, list], per_round: dict[int, list[float]],
+              before: tuple[torch.Tensor, torch.Tensor, Any], other: torch.Tensor,
+              newton: dict[str, torch.Tensor | None], secant: dict[str, torch.Tensor | None]) -> None:
+        """Append this chunk's measurements to ``rec`` and ``per_round`` (see the module docstring)."""
+        Na = self.policy.n_action_steps
+        guess = shift_trajectory(before[0], Na)
+        init = warm_start_init(self.sched, guess, self.x_T, self.noise)
+        rec["guess"].append(self.px(guess))
+        rec["spread"].append(self.px(other))
+        out, stats = self.picard(init)
+        rec["rounds"].append(stats.rounds)
+        rec["dev"].append(self.px(out))
+        for r in per_round:
+            per_round[r].append(self.px(out if r >= stats.rounds else self.picard(init, max_iterations=r)[0]))
+        out, stats = self.picard(per_step_init(self.sched, shift_trajectory(before[1], Na), self.x_T, self.noise))
+        rec["x0_steps"].append(stats.rounds)
+        rec["x0_steps_dev"].append(self.px(out))
+        # the sampler itself: picard_sample(jacobian=...) with the preset's secant, with the mean
+        # Jacobian and with its diagonal only (a per-entry slope)
+        for key, linearization in secant.items():
+            if linearization is not None:
+                out, stats = self.picard(init, jacobian=linearization)
+                rec[key].append(stats.rounds)
+                rec[key + "_dev"].append(self.px(out))
+        for key, linearization in newton.items():
+            if linearization is not None:
+                out, rounds = newton_sample(self.policy, self.sched, self.x_T, self.noise, self.cond, linearization,
+                                            init, self.tolerance)
+                rec[key].append(rounds)
+                rec[key + "_dev"].append(self.px(out))
 
 
 def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -342,17 +350,21 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     for name in args.schedules:
-        parse_schedule(name)
+        try:
+            parse_schedule(name)
+        except ValueError as e:
+            parser.error(f"--schedules: {e}")
     torch.set_num_threads(args.threads)
-    policy = load_policy(args.checkpoint)
+    policy = load_policy(args.checkpoint, backend="eager")  # the Jacobians differentiate through PyTorch
     seeds = set(range(args.seed_start, args.seed_start + args.episodes))
     calibration_seeds = range(args.calibration_seed_start, args.calibration_seed_start + args.calibration_episodes)
     if not args.no_newton and seeds & set(calibration_seeds):
         raise SystemExit("--calibration-seed-start: the calibration episodes must not share env seeds with the "
                          f"replayed ones ({args.seed_start}-{args.seed_start + args.episodes - 1})")
-    chunks = record_stream(policy, args.episodes, args.max_chunks, args.seed_start, 10, args.noise_seed)
+    recorder = {"spec": schedule_spec("sequential", "ddim10"), "keys": ChunkKeys(None, args.noise_seed)}
+    chunks = record_stream(policy, args.episodes, args.max_chunks, args.seed_start, **recorder)
     calibration = [] if args.no_newton else record_stream(
-        policy, args.calibration_episodes, args.max_chunks, args.calibration_seed_start, 10, args.noise_seed)
+        policy, args.calibration_episodes, args.max_chunks, args.calibration_seed_start, **recorder)
     results = [measure(policy, chunks, name, args.tolerance, args.report_rounds, not args.no_newton,
                        args.noise_seed, calibration) for name in args.schedules]
     try:
@@ -367,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                             f"{args.calibration_seed_start}-{last_calibration})"
                             if calibration else "no calibration chunks (--no-newton)")}
     md = to_markdown(results, meta)
-    atomic_write(args.out, lambda p: Path(p).write_text(md))
+    write_text(args.out, md)
     print(md)
 
 

@@ -15,18 +15,18 @@ Writes ``eval/results/bench_sampler.{md,json}`` (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from para_policy.checkpoints import atomic_write
+from para_policy.bench import keyed_noise, summarize_ms, write_report
 from para_policy.models import ConditionalUnet1D
-from para_policy.samplers import draw_noise, picard_sample, sequential_sample
+from para_policy.samplers import picard_sample, sequential_sample
 from para_policy.schedule import build_scheduler, ddim_from, make_schedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,7 +57,7 @@ def build(name: str, checkpoint: str | None, seed: int):
     """(denoiser, ddpm scheduler, conditions (N, C), description) for one model."""
     g = torch.Generator().manual_seed(seed)
     if checkpoint:
-        from para_policy.policy import load_policy
+        from para_policy.loading import load_policy
         from para_policy.tasks.pusht.env import make_env
 
         policy = load_policy(checkpoint)
@@ -103,7 +103,7 @@ def bench(args: argparse.Namespace) -> dict:
             bar = tqdm(total=args.reps * len(settings), desc=f"{model_name} {sched_name}")
             for rep in range(args.reps):
                 cond = conds[rep % len(conds)][None]
-                x_T, noise = draw_noise(schedule, (1, 16, 2), torch.Generator().manual_seed(args.seed + rep))
+                x_T, noise = keyed_noise(schedule, (16, 2), [args.seed + rep])
                 ref = None
                 for s in settings:
                     name, w, tol = s
@@ -121,16 +121,16 @@ def bench(args: argparse.Namespace) -> dict:
                     dev[s].append(float((out - ref).abs().max()))
                     bar.update()
             bar.close()
-            seq_p50 = statistics.median(times[settings[0]])
+            seq_p50 = summarize_ms(times[settings[0]])["p50"]
             for s in settings:
                 name, w, tol = s
-                ts = sorted(times[s])
-                p50 = statistics.median(ts)
+                ms = summarize_ms(times[s])
+                p50 = ms["p50"]
                 results["runs"].append({
                     "model": desc, "schedule": sched_name, "sampler": name, "window": w, "tolerance": tol,
-                    "ms_p50": p50, "ms_p95": ts[min(len(ts) - 1, round(0.95 * (len(ts) - 1)))],
+                    "ms_p50": p50, "ms_p95": ms["p95"],
                     "rounds": statistics.mean(rounds[s]), "model_evals": statistics.mean(evals[s]),
-                    "max_dev": max(dev[s]), "speedup_p50": seq_p50 / p50, "reps": len(ts),
+                    "max_dev": max(dev[s]), "speedup_p50": seq_p50 / p50, "reps": ms["n"],
                 })
     return results
 
@@ -159,16 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "bench_sampler"), help="output path without suffix")
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = argv
     results = bench(args)
     md = to_markdown(results)
-    out = Path(args.out)
-    atomic_write(out.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(results, indent=1)))
-    atomic_write(out.with_suffix(".md"), lambda p: Path(p).write_text(md))
+    write_report(Path(args.out).with_suffix(""), md, results)
     print(md)
 
 

@@ -1,99 +1,235 @@
-"""The robot-loop object: observation history, action queue, warm start, deadline, asynchronous inference, statistics.
+"""The robot-loop object: observations in, actions out, one chunk at a time (``sync``, ``async``, ``rtc``).
 
-Why a controller: a diffusion policy runs in a loop at a fixed control rate. Every
-``n_action_steps`` steps it must produce a new chunk of actions from the last
-``n_obs_steps`` observations, and the time that takes is the latency the robot sees.
-This class does that bookkeeping as LeRobot's ``select_action`` does, and adds what
-Picard sampling makes possible:
-
-* **Warm start.** Consecutive chunks overlap: the previous chunk's clean trajectory,
-  shifted by the actions executed between the two chunks' observations, is a good guess of
-  the next one. It is passed to ``predict_action(warm_start=...)``, which rebuilds a Picard
-  iterate from it with this chunk's fresh noise; where the guess is right the window slides
-  through at once, so fewer rounds are needed. The converged result does not depend on
-  the guess (up to ``tolerance``; with tolerance 0 it is the cold result).
-* **Deadline.** With ``deadline_ms`` no new round starts when the time is up (the first
-  always runs) and an unfinished chunk returns the clean sample predicted at its first
-  unfinished step, never a noisy iterate; the chunk is flagged (``ChunkRecord.deadline_hit``)
-  and counted as a miss. How far those actions are from converged ones depends on the
-  deadline: ``eval/bench_deadline.py``.
-* **Never waiting** (``mode='async'`` or ``'rtc'``). In ``mode='sync'`` (the default) the robot
-  stops at the end of every chunk while the next one is sampled. The asynchronous modes
-  start the next chunk ``d`` control steps before the queue runs out, from the observation
-  of that step, and switch to it when the queue is empty: inference overlaps execution. The
-  new chunk was planned from an observation ``d`` steps old, so its first ``d`` actions are
-  for steps that have already run; the switch is time-aligned and continues from its action
-  ``d``. ``mode='async'`` samples the chunk freely, so it may jump away from what the robot
-  was doing (``stats()['switch_discontinuity']``). ``mode='rtc'`` is real-time chunking
-  (Black et al. 2025): the ``d`` queued actions that run while the chunk is computed are
-  frozen, imposed as known entries of its trajectory (``predict_action(prefix_actions=...)``),
-  so the rest of the chunk is sampled to continue them and the frozen ones are exactly what
-  was executed. Beyond them, RTC's soft masking (``soft_masking=True``, the default): the old
-  chunk's remaining plan guides the next positions with weights decaying from about 1 to
-  about 0, so the new chunk leaves the old plan gradually. RTC steers with a guidance
-  gradient (a vector-Jacobian product through the denoiser at every step); here the entries
-  are pulled toward the old plan before each step by those weights, which costs nothing. The
-  frozen actions are imposed clean by default, or at each step's noise level
-  (``prefix_mode='noised'``, RePaint's imposition).
-* **Running on past a late chunk** (``extend_plan=True``). A chunk is planned for its whole
-  horizon, but only its first ``n_action_steps`` actions are queued. When the queue runs out
-  and the next chunk is not ready, the robot runs the current chunk's plan past them, one step
-  at a time, instead of stopping (as LeRobot's asynchronous inference runs on through its whole
-  chunk); the late chunk takes over, time-aligned, when it arrives, and a stall happens only when
-  the plan runs out too. With ``mode='rtc'`` and soft masking those steps are the old plan the
-  new chunk was guided toward. Counted in ``stats()['extended_steps']``.
-* **Two clocks, one schedule.** ``clock='wall'``: a worker thread samples while ``act()``
-  hands out queued actions, one inference at a time, ``d = ceil(1.25 · latency / period_s)``
-  measured (or ``delay_steps`` fixed); when the queue runs dry ``act()`` waits and counts a
-  stall. ``clock='steps'``: no thread, for evaluators: a chunk requested at step ``s`` is
-  computed at once and counts as ready at step ``s + delay_steps``, so results do not depend
-  on the machine. When to start, what is frozen and when to switch are the same code.
-* **Statistics.** ms per chunk and per ``act`` call (p50 / p95 / max), rounds and
-  model evaluations per chunk, deadline misses, and for the loop: steps run while a chunk was
-  in flight, stalls, switches and the action jump at each switch: :meth:`Controller.stats`.
-
-Running at a fixed control rate (e.g. 10 Hz) — sleep to the next tick, never drift::
-
-    period = 0.1
-    with Controller(load_policy(path), mode="rtc", period_s=period, seed=0) as controller:
-        obs, _ = env.reset(seed=0)
-        controller.reset()
-        next_tick = time.perf_counter()
-        while True:
-            action = controller.act(obs)           # (action_dim,); never waits while actions are queued
-            obs, reward, terminated, truncated, _ = env.step(action)
-            if terminated or truncated:
-                break
-            next_tick += period
-            time.sleep(max(0.0, next_tick - time.perf_counter()))
-        print(controller.stats())
-
-In ``mode='sync'`` pick ``deadline_ms`` below the control period minus the time the rest of
-the loop needs, so a chunk is always ready by the step that needs it. An evaluator runs one
-``Controller(policy, mode=..., delay_steps=d, clock='steps', seed=...)`` per env.
+:class:`Controller` runs a policy at a control rate (observation history, action queue, warm start
+between chunks, deadline, asynchronous inference, real-time chunking, statistics);
+:class:`ControllerConfig` holds its options and checks them once, for the Controller and for the
+evaluator's ``controller`` group alike. Why it works the way it does, option by option:
+docs/library.md, "The Controller"; a control loop to copy: docs/integrations.md.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
-from para_policy.policy import PREFIX_MODES, LowdimPolicy, PolicyOutput
+from para_policy.bench.report import summarize_ms
+from para_policy.policy import LowdimPolicy, PolicyOutput
 from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
+from para_policy.samplers.registry import SPEC_FIELDS
+from para_policy.session import PREFIX_MODES
 from para_policy.window import tuned_spec
 
 MODES = ("sync", "async", "rtc")
 CLOCKS = ("wall", "steps")
-LATENCY_WINDOW = 20  # the measured delay covers the slowest of the last chunks (a rare slow one stays covered)
+LATENCY_CHUNKS = 20  # the measured delay covers the slowest of the last chunks (a rare slow one stays covered)
 LATENCY_HEADROOM = 1.25  # ... times this: room for jitter, so a chunk a little slower than those still arrives in time
+#: what :meth:`Controller.stats` reports of each distribution (:func:`~para_policy.bench.report.summarize_ms`'s)
+SUMMARY_KEYS = ("mean", "p50", "p95", "max")
+
+
+class ControllerConfigError(ValueError):
+    """A refused Controller option. The message starts with the option's name (``key``), so a config
+    reader can put its own section in front (the evaluator says ``controller.delay_steps ...``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _choose(key: str, value: Any, allowed: Sequence[str]) -> None:
+    """Refuse ``value`` unless it is one of ``allowed``, naming ``key``, the choices and the nearest one."""
+    if isinstance(value, str) and value in allowed:
+        return
+    near = difflib.get_close_matches(str(value), allowed, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    choices = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}"
+    raise ControllerConfigError(key, f"{key} must be {choices}, got {value!r}{hint}")
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (a bool is not)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(value))
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (a bool is not)."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Everything a :class:`Controller` takes besides the policy and the sampler, checked once, here.
+
+    ``Controller(policy, mode=..., ...)`` builds one from its keywords, ``Controller(policy,
+    config=...)`` takes one whole, and the evaluator's ``controller`` group builds one
+    (:class:`~para_policy.evaluation.config.ControllerSettings`): one set of checks for all three.
+    What needs the policy or the sampler is checked by :meth:`check_policy` and :meth:`check_sampler`
+    once they are known. A field left None is resolved here to the value that runs (so a
+    :func:`dataclasses.replace` into another mode sets ``extend_plan``, ``prefix_mode`` and
+    ``soft_masking`` back to None).
+
+    Attributes:
+        mode: ``'sync'`` (default): predict a chunk when the action queue is empty and wait for it.
+            ``'async'``: sample the next chunk while the current one runs and switch to it,
+            time-aligned, when the queue runs out. ``'rtc'``: the same, with the queued actions that
+            run meanwhile frozen into the new chunk (real-time chunking).
+        delay_steps: the inference delay ``d`` in control steps, ``0 <= d < n_action_steps``: the next
+            chunk starts when ``d`` actions are left (``'async'`` / ``'rtc'``; ``'sync'`` is delay 0 and
+            stores None). None on the wall clock: measured, ``ceil(1.25 · latency / period_s)`` over
+            the slowest of the last chunks, within ``[1, n_action_steps - 1]``; required on the steps clock.
+        clock: ``'wall'`` (default): a worker thread samples while ``act`` hands out actions.
+            ``'steps'``: no thread; a chunk requested at step ``s`` is computed at once and counts as
+            ready at step ``s + delay_steps``, so results do not depend on the machine (evaluators).
+            ``'sync'`` runs the same either way.
+        period_s: the control period in seconds (``1 / control_hz``), to turn measured latency into steps.
+        extend_plan: when the queue runs out before the next chunk is ready, run the current chunk's
+            plan past its ``n_action_steps`` (up to its horizon) instead of waiting; the late chunk
+            takes over, time-aligned, when it arrives. None: on in ``'async'`` and ``'rtc'`` (they never
+            stall while the plan lasts, as LeRobot's asynchronous client runs through its chunk),
+            off in ``'sync'`` (which waits for every chunk). False: wait, a stall.
+        prefix_mode: ``'rtc'`` only: how the frozen actions are imposed, ``'clean'`` (None's value) or
+            ``'noised'`` (``LowdimPolicy.predict_action``'s ``prefix_mode``).
+        soft_masking: ``'rtc'`` only: the old chunk's plan after the frozen actions guides the new
+            chunk's next positions (``predict_action``'s ``guide_actions``); None: True. False: hard masking.
+        warm_start: start each chunk from the previous one shifted by the steps run between their
+            observations; None: the sampler spec's setting (the ``paradigms`` preset has it on).
+        deadline_ms: time budget per chunk in ms (Picard samplers, wall clock): no new round starts
+            after it and the chunk is flagged as a miss. None: no deadline.
+        seed: the Controller's noise generator (fresh noise every chunk; the same seed and
+            observations give the same actions). None: a random seed.
+        devices: evaluate the network on several devices (:func:`para_policy.devices.use_devices`).
+        max_records: how many chunk records and ``act`` latencies :meth:`Controller.stats` keeps
+            (the most recent, so a loop that runs for days stays bounded).
+    """
+
+    mode: str = "sync"
+    delay_steps: int | None = None
+    clock: str = "wall"
+    period_s: float | None = None
+    extend_plan: bool | None = None
+    prefix_mode: str | None = None
+    soft_masking: bool | None = None
+    warm_start: bool | None = None
+    deadline_ms: float | None = None
+    seed: int | None = None
+    devices: tuple[str | torch.device, ...] | None = None
+    max_records: int = 100_000
+
+    def __post_init__(self) -> None:
+        _choose("mode", self.mode, MODES)
+        _choose("clock", self.clock, CLOCKS)
+        self._check_values()
+        self._check_applies()
+        self._check_timing()
+        rtc = self.mode == "rtc"
+        self._set(extend_plan=self.mode != "sync" if self.extend_plan is None else self.extend_plan,
+                  prefix_mode=(self.prefix_mode or "clean") if rtc else None,
+                  soft_masking=(self.soft_masking is not False) if rtc else None,
+                  delay_steps=None if self.mode == "sync" else self.delay_steps)
+
+    def _set(self, **values: Any) -> None:
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def _check_values(self) -> None:
+        """Each option on its own: type and range (normalized to int / float / tuple)."""
+        for key in ("extend_plan", "soft_masking", "warm_start"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), bool):
+                raise ControllerConfigError(key, f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.prefix_mode is not None:
+            _choose("prefix_mode", self.prefix_mode, PREFIX_MODES)
+        d = self.delay_steps
+        if d is not None and not (_is_int(d) and d >= 0):
+            raise ControllerConfigError("delay_steps", f"delay_steps must be an integer >= 0 (the inference delay "
+                                                       f"in control steps), got {d!r}")
+        if self.period_s is not None and not (_is_number(self.period_s) and self.period_s > 0):
+            raise ControllerConfigError("period_s", f"period_s must be a number > 0 (the control period in seconds), "
+                                                    f"got {self.period_s!r}")
+        if self.deadline_ms is not None and not (_is_number(self.deadline_ms) and self.deadline_ms >= 0):
+            raise ControllerConfigError("deadline_ms", f"deadline_ms must be a number >= 0 (ms per chunk), got "
+                                                       f"{self.deadline_ms!r}")
+        if not (_is_int(self.max_records) and self.max_records >= 1):
+            raise ControllerConfigError("max_records", f"max_records must be an integer >= 1, got {self.max_records!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ControllerConfigError("seed", f"seed must be an integer or None, got {self.seed!r}")
+        self._set(delay_steps=None if d is None else int(d), max_records=int(self.max_records),
+                  period_s=None if self.period_s is None else float(self.period_s),
+                  deadline_ms=None if self.deadline_ms is None else float(self.deadline_ms),
+                  seed=None if self.seed is None else int(self.seed),
+                  devices=None if self.devices is None else tuple(self.devices))
+
+    def _check_applies(self) -> None:
+        """Options given for a mode or a clock they do not apply to."""
+        if self.mode != "rtc":
+            for key, what in (("prefix_mode", "how the frozen actions of real-time chunking are imposed"),
+                              ("soft_masking", "guidance by the old chunk's plan after the frozen actions")):
+                if getattr(self, key) is not None:
+                    raise ControllerConfigError(key, f"{key}={getattr(self, key)!r} applies to mode='rtc' only "
+                                                     f"({what}); mode={self.mode!r} freezes none")
+        if self.mode == "sync" and self.delay_steps not in (None, 0):
+            raise ControllerConfigError("delay_steps", f"delay_steps={self.delay_steps} applies to mode='async' or "
+                                                       "'rtc'; mode='sync' waits for every chunk (delay 0)")
+        if self.mode == "sync" and self.extend_plan:
+            raise ControllerConfigError("extend_plan", "extend_plan=True applies to mode='async' or 'rtc' (running "
+                                                       "the plan on while the next chunk is sampled); mode='sync' "
+                                                       "waits for every chunk")
+        if self.deadline_ms is not None and self.clock == "steps":
+            raise ControllerConfigError("deadline_ms", f"deadline_ms={self.deadline_ms:g} applies to clock='wall' "
+                                                       "only: a deadline stops sampling by the wall clock, so "
+                                                       "clock='steps' results would depend on the machine")
+
+    def _check_timing(self) -> None:
+        """What the asynchronous modes need of the clock: a delay on the steps clock, a way to get one on the wall."""
+        if self.mode == "sync":
+            return
+        if self.clock == "steps":
+            if self.delay_steps is None:
+                raise ControllerConfigError("delay_steps", "delay_steps: clock='steps' simulates the inference latency "
+                                                           "as delay_steps control steps: pass delay_steps")
+            return
+        if self.delay_steps == 0:
+            raise ControllerConfigError("delay_steps", "delay_steps=0 with clock='wall' waits for every chunk (that "
+                                                       "is mode='sync'): pass delay_steps >= 1, or None (null in a "
+                                                       "config) to measure it from this machine's latency")
+        if self.delay_steps is None and self.period_s is None:
+            raise ControllerConfigError("period_s", "period_s: clock='wall' needs period_s (the control period, to "
+                                                    "turn the measured latency into control steps) or a fixed "
+                                                    "delay_steps")
+
+    def check_policy(self, n_action_steps: int) -> None:
+        """Refuse a delay the policy's chunks of ``n_action_steps`` actions cannot absorb."""
+        H, d = int(n_action_steps), self.delay_steps
+        if self.mode == "sync":
+            return
+        if d is not None and d >= H:
+            raise ControllerConfigError("delay_steps", f"delay_steps must be an integer in [0, n_action_steps - 1] = "
+                                                       f"[0, {H - 1}] (the actions that run while a chunk is "
+                                                       f"computed must leave it some of its own), got {d}")
+        if self.clock == "wall" and H < 2:
+            raise ControllerConfigError("mode", f"mode={self.mode!r} with clock='wall' needs n_action_steps >= 2 (one "
+                                                f"action to run while the next chunk is sampled); this policy has {H}")
+
+    def check_sampler(self, spec: SamplerConfig) -> None:
+        """Refuse a deadline for a sampler that cannot stop early."""
+        if self.deadline_ms is not None and not spec.iterative:
+            raise ControllerConfigError("deadline_ms", f"deadline_ms={self.deadline_ms:g} needs a Picard sampler "
+                                                       "(paradigms, paradigms_published, parataa, ...), whose rounds "
+                                                       f"can stop at a deadline; sampler={spec.name} runs every "
+                                                       "step: drop deadline_ms")
+
+
+#: the keywords of ``Controller(...)`` that are :class:`ControllerConfig` fields (the others are sampler options)
+CONTROLLER_OPTIONS = tuple(f.name for f in fields(ControllerConfig))
 
 
 @dataclass
@@ -162,6 +298,42 @@ class _InFlight:
     future: Future | None = None
     result: tuple[PolicyOutput, float] | None = None
 
+    def ready(self, step: int) -> bool:
+        """Whether it is ready at control step ``step`` (wall clock: sampled; steps clock: its delay passed)."""
+        return self.future.done() if self.future is not None else step >= self.start + self.delay
+
+    def output(self) -> tuple[PolicyOutput, float]:
+        """``(output, latency_ms)``, waiting for the worker; its error as the cause of a ``RuntimeError``."""
+        if self.future is None:
+            return self.result
+        try:
+            return self.future.result()
+        except Exception as e:
+            raise RuntimeError(f"sampling the chunk planned at step {self.start} failed in the inference worker: "
+                               f"{type(e).__name__}: {e}") from e
+
+    def failed(self) -> bool:
+        """Whether the worker has finished with an error."""
+        return self.future is not None and self.future.done() and self.future.exception() is not None
+
+    def settle(self) -> None:
+        """Wait until the worker is done with it (its result or error stays)."""
+        if self.future is not None:
+            self.future.exception()
+
+    def drop(self) -> None:
+        """Cancel it, or wait for it when it is running (its result or error is dropped)."""
+        if self.future is not None and not self.future.cancel():
+            self.future.exception()
+
+
+def _chunk_record(out: PolicyOutput, latency_ms: float, deadline_ms: float | None) -> ChunkRecord:
+    """The :class:`ChunkRecord` of one sampled chunk (its loop fields are set when it takes over)."""
+    stats = out.stats
+    return ChunkRecord(latency_ms=latency_ms, rounds=int(stats.rounds), model_evals=int(stats.model_evals),
+                       converged=bool(stats.all_converged), deadline_hit=bool(stats.deadline_hit),
+                       overrun=deadline_ms is not None and latency_ms > deadline_ms, warm=out.warm)
+
 
 def _all_tensors(observation: Any) -> bool:
     """Whether an observation (an array, or a dict of arrays) is made of torch tensors only."""
@@ -188,164 +360,191 @@ def generator_on(generator: torch.Generator, device: torch.device | str) -> torc
     return moved
 
 
-def _distribution(values: Sequence[float]) -> dict[str, float | None]:
-    v = np.asarray(list(values), dtype=np.float64)
-    if v.size == 0:
-        return {"mean": None, "p50": None, "p95": None, "max": None}
-    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
-            "max": float(v.max())}
+def _summary(values: Sequence[float]) -> dict[str, float | None]:
+    """:data:`SUMMARY_KEYS` of ``values`` (None when empty), by the one percentile definition of the reports."""
+    full = summarize_ms(values)
+    return {key: full[key] for key in SUMMARY_KEYS}
+
+
+def _keyed(policy: LowdimPolicy, observation: Any) -> dict[str, torch.Tensor]:
+    """``observation`` as ``{key: tensor}`` over the policy's keys (a bare array is the low-dim ``'obs'``)."""
+    shapes = policy.observation_shapes()
+    if not isinstance(observation, Mapping):
+        if len(shapes) != 1:
+            raise ValueError(f"observation must be a dict with keys {list(shapes)}, got {type(observation).__name__}")
+        observation = {next(iter(shapes)): observation}
+    missing = [k for k in shapes if k not in observation]
+    if missing:
+        raise ValueError(f"observation is missing {missing}; this policy takes {list(shapes)}")
+    out = {}
+    for key in shapes:
+        x = observation[key]
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        out[key] = x.to(torch.float32) if x.is_floating_point() else x  # integer images are refused below
+    return out
+
+
+def _observation_step(policy: LowdimPolicy, observation: Any) -> dict[str, torch.Tensor]:
+    """One control step's observation, checked once, before it enters the history: ``{key: (*shape)}``."""
+    obs = _keyed(policy, observation)
+    for key, shape in policy.observation_shapes().items():
+        if tuple(obs[key].shape) != shape:
+            name = "observation" if key == "obs" else f"observation {key!r}"
+            what = "(obs_dim,)" if key == "obs" else "the policy's"
+            raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(obs[key].shape)}")
+        if obs[key].is_floating_point() and not bool(torch.isfinite(obs[key]).all()):
+            raise ValueError(f"observation {key!r} contains NaN or inf" if key != "obs"
+                             else f"observation contains NaN or inf: {obs[key].tolist()}")
+    To = policy.n_obs_steps  # the policy's own checks (dtypes), on this step repeated
+    policy.observation_batch({k: v[None].expand(To, *v.shape) for k, v in obs.items()})
+    return obs
+
+
+def _observation_history(policy: LowdimPolicy, observations: Any) -> dict[str, torch.Tensor]:
+    """An observation history given whole, checked: ``{key: (n_obs_steps, *shape)}`` float tensors.
+
+    (The history a chunk is planned from; a Picard sampler's ``window`` is something else.)
+    """
+    obs = _keyed(policy, observations)
+    for key, shape in policy.observation_shapes().items():
+        expected = (policy.n_obs_steps, *shape)
+        if tuple(obs[key].shape) != expected:
+            what = "(n_obs_steps, obs_dim)" if key == "obs" else f"{key!r}: (n_obs_steps, *shape)"
+            raise ValueError(f"observations must have shape {what} = {expected}, got {tuple(obs[key].shape)}")
+    policy.observation_batch(obs)
+    return obs
+
+
+def chunk_stats(records: Sequence[ChunkRecord], act_latency_ms: Sequence[float]) -> dict[str, Any]:
+    """What the chunks cost: ``chunks``, ``actions`` (``act`` calls), ``chunk_latency_ms`` and
+    ``action_latency_ms`` (mean / p50 / p95 / max; an action's latency is the time of its ``act``
+    call, which includes the chunk prediction on the steps that make one), ``rounds`` and
+    ``model_evals`` per chunk, ``deadline_misses`` (chunks stopped at the deadline), ``overruns``
+    (chunks slower than ``deadline_ms``), ``unconverged`` and ``warm_chunks``."""
+    r = records
+    return {
+        "chunks": len(r),
+        "actions": len(act_latency_ms),
+        "chunk_latency_ms": _summary([x.latency_ms for x in r]),
+        "action_latency_ms": _summary(act_latency_ms),
+        "rounds": _summary([x.rounds for x in r]),
+        "model_evals": _summary([x.model_evals for x in r]),
+        "deadline_misses": sum(x.deadline_hit for x in r),
+        "overruns": sum(x.overrun for x in r),
+        "unconverged": sum(not x.converged for x in r),
+        "warm_chunks": sum(x.warm for x in r),
+    }
+
+
+def loop_stats(records: Sequence[ChunkRecord], simulated: bool) -> dict[str, Any]:
+    """The loop's schedule over the chunks :meth:`Controller.act` made (``start_step`` set).
+
+    ``delay_used`` (the ``d`` each chunk was started with), ``stalls`` (chunks the queue ran
+    empty for; in ``mode='sync'`` every chunk after an episode's first), ``stall_wait_ms`` (how
+    long ``act`` blocked on those), ``idle_steps`` (``simulated``, the steps clock: control steps
+    the robot would have stood still, ``start + d - switch`` summed over stalls; else None),
+    ``switches`` (chunks that replaced a queue) and ``switch_discontinuity`` (``|a_new - a_old|``
+    at those switches, :attr:`ChunkRecord.discontinuity`). The Controller adds ``steps_in_flight``
+    (actions handed out while a chunk was being sampled) and ``extended_steps`` (actions run
+    from the current plan past its ``n_action_steps``, ``extend_plan``).
+    """
+    looped = [x for x in records if x.start_step is not None]
+    stalled = [x for x in looped if x.stalled]
+    switched = [x.discontinuity for x in looped if x.discontinuity is not None]
+    return {
+        "delay_used": _summary([x.delay_steps for x in looped]),
+        "stalls": len(stalled),
+        "stall_wait_ms": _summary([x.wait_ms for x in stalled]),
+        "idle_steps": sum(max(0, x.start_step + x.delay_steps - x.switch_step) for x in stalled)
+        if simulated else None,
+        "switches": len(switched),
+        "switch_discontinuity": _summary(switched),
+    }
 
 
 class Controller:
-    """Run a :class:`~para_policy.policy.LowdimPolicy` in a control loop.
+    """Run a policy (:class:`~para_policy.policy.LowdimPolicy` or an image policy) in a control loop.
 
     Args:
-        policy: the policy (its normalizer and UNet; its own sampler setting is not changed).
+        policy: the policy (its normalizer and network; its own sampler setting is not changed).
         sampler: a preset name (default ``'paradigms'``, the fastest measured setting;
             ``'paradigms_published'``, ``'parataa'``, ``'sequential'``) or a
-            :class:`~para_policy.samplers.SamplerConfig`; None: the policy's own sampler.
-            ``options`` override the preset's values (:func:`~para_policy.samplers.sampler_spec`).
-        warm_start: start each chunk from the previous one shifted by the steps between their
-            observations; None: the spec's setting (the ``paradigms`` preset has it on).
-        deadline_ms: time budget per chunk in ms, or None (Picard samplers only; not in the
-            asynchronous modes with ``clock='steps'``, whose results must not depend on the machine).
-        seed: seeds the controller's own noise generator (fresh noise for every chunk;
-            the same seed and observations give the same actions). None: a random seed.
-            The generator lives on the policy's device and follows it when the policy is
-            moved (:func:`generator_on`).
-        devices: evaluate the UNet on several devices (:func:`para_policy.devices.use_devices`).
-        max_records: how many chunk records and ``act`` latencies :meth:`stats` keeps (the
-            most recent; older ones are dropped so a long-running loop stays bounded).
-        mode: ``'sync'`` (default): predict a chunk when the queue is empty and wait for it.
-            ``'async'``: sample the next chunk while the current one runs and switch to it,
-            time-aligned, when the queue runs out. ``'rtc'``: the same, with the queued actions
-            that run meanwhile frozen in the new chunk (real-time chunking).
-        delay_steps: the inference delay ``d`` in control steps, ``0 <= d < n_action_steps``: the
-            next chunk starts when ``d`` actions are left. None (``clock='wall'`` only):
-            ``ceil(1.25 · latency / period_s)`` from the slowest of the last few chunks (a quarter
-            more for jitter), within
-            ``[1, n_action_steps - 1]``. Asynchronous modes only.
-        clock: ``'wall'``: a worker thread samples while ``act`` hands out actions.
-            ``'steps'``: no thread; a chunk requested at step ``s`` is computed at once and
-            ready at step ``s + delay_steps`` (deterministic, for evaluators). ``mode='sync'``
-            ignores it.
-        period_s: the control period in seconds (``1 / control_hz``), to turn measured latency
-            into steps.
-        prefix_mode: ``mode='rtc'``: how the frozen actions are imposed, ``'clean'`` (default)
-            or ``'noised'`` (``LowdimPolicy.predict_action``'s ``prefix_mode``).
-        soft_masking: ``mode='rtc'``: the old chunk's plan after the frozen actions guides the new
-            chunk's next positions (``predict_action``'s ``guide_actions``); False: only the
-            frozen actions are imposed (hard masking).
-        extend_plan: ``mode='async'`` / ``'rtc'``: when the queue runs out before the next chunk
-            is ready, run the current chunk's plan past its ``n_action_steps`` (up to its horizon)
-            instead of waiting. False (default): wait for the chunk (a stall).
-        options: sampler options (``window``, ``tolerance``, ``max_iterations``,
-            ``per_sample_windows``, ``linear_solve``, ``secant``, ``scheduler``,
-            ``num_inference_steps``). ``window='auto'`` (the preset's) is resolved by
-            :meth:`LowdimPolicy.resolve` on the first chunk's observations, once per machine
-            and policy (cached; the first measurement takes seconds), or by
-            :meth:`calibrate` before the loop; ``window_tuning`` keeps what was measured.
+            :class:`~para_policy.samplers.SamplerConfig`. ``None`` is the policy's own sampler
+            (``policy.sampler``, as ``policy.set_sampler`` chose it), not ``sampler_spec``'s default.
+        config: the Controller's options as one :class:`ControllerConfig`, or None to build one
+            from the keywords (``mode='rtc'``, ``period_s=0.1``, ...; not both).
+        options: :class:`ControllerConfig` fields, and sampler options (``window``, ``tolerance``,
+            ``scheduler``, ``num_inference_steps``, ...: :func:`~para_policy.samplers.sampler_spec`)
+            that override the preset's. ``window='auto'`` (the preset's) is resolved on the first
+            chunk's observations (:meth:`LowdimPolicy.resolve`, cached per machine and policy) or
+            by :meth:`calibrate`; ``window_tuning`` keeps what was measured.
 
     Shapes: ``act(observation (obs_dim,)) -> (action_dim,)``;
     ``predict_chunk(observations (n_obs_steps, obs_dim)) -> (n_action_steps, action_dim)``.
-    Image policies (:class:`~para_policy.image_policy.ImagePolicy`) take dicts instead:
-    ``act({'image': (3, H, W), 'agent_pos': (2,)})`` (float images in [0, 1]) and
-    ``predict_chunk({'image': (n_obs_steps, 3, H, W), ...})``.
-    Actions come back as numpy arrays when observations are numpy, as tensors otherwise.
+    Image policies take dicts instead: ``act({'image': (3, H, W), 'agent_pos': (2,)})`` (float
+    images in [0, 1]) and ``predict_chunk({'image': (n_obs_steps, 3, H, W), ...})``. Actions come
+    back as numpy arrays when observations are numpy, as tensors otherwise.
 
-    With ``clock='wall'`` and an asynchronous mode, call :meth:`close` (or use ``with
-    Controller(...) as c:``) to stop the worker thread.
+    Warm start: :meth:`act` passes each chunk's guess explicitly, the current chunk's trajectory
+    shifted by the steps run since its observation (only the Controller knows how many ran, and
+    in the asynchronous modes it is not ``n_action_steps``); :meth:`predict_chunk` leaves it to the
+    policy's :class:`~para_policy.session.SamplingSession`, whose memory is the previous call
+    shifted by ``n_action_steps``. With ``clock='wall'`` and an asynchronous mode, call
+    :meth:`close` (or use ``with Controller(...) as c:``) to stop the worker thread.
     """
 
-    def __init__(self, policy: LowdimPolicy, sampler: str | SamplerConfig | None = "paradigms",
-                 warm_start: bool | None = None, deadline_ms: float | None = None, seed: int | None = None,
-                 devices: Sequence[str | torch.device] | None = None, max_records: int = 100_000,
-                 mode: str = "sync", delay_steps: int | None = None, clock: str = "wall",
-                 period_s: float | None = None, prefix_mode: str = "clean", soft_masking: bool = True,
-                 extend_plan: bool = False, **options: Any) -> None:
+    def __init__(self, policy: LowdimPolicy, sampler: str | SamplerConfig | None = "paradigms", *,
+                 config: ControllerConfig | None = None, **options: Any) -> None:
+        given = {k: options.pop(k) for k in list(options) if k in CONTROLLER_OPTIONS}
+        if config is not None and given:
+            raise ValueError(f"{sorted(given)} are ControllerConfig fields: pass them in config or as keywords, "
+                             "not both")
+        self.config = config = ControllerConfig(**given) if config is None else config
         self.policy = policy
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
-            raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
-        if warm_start is not None:
-            options["warm_start"] = warm_start
-        self.spec = sampler_spec(policy.sampler if sampler is None else sampler, **options)
+        self.spec = self._sampler_spec(sampler, options)
         policy.schedule_for(self.spec)  # fail now, not in the loop
-        if deadline_ms is not None:
-            if not self.spec.iterative:
-                raise ValueError(f"deadline_ms needs a Picard sampler, not {self.spec.name!r}")
-            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms >= 0:
-                raise ValueError(f"deadline_ms must be a number >= 0, got {deadline_ms!r}")
-        self.deadline_ms = None if deadline_ms is None else float(deadline_ms)
-        self.mode, self.clock = mode, clock
-        if prefix_mode not in PREFIX_MODES:
-            raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
-        if not isinstance(soft_masking, bool):
-            raise ValueError(f"soft_masking must be True or False, got {soft_masking!r}")
-        self.prefix_mode, self.soft_masking = prefix_mode, soft_masking
-        if not isinstance(extend_plan, bool):
-            raise ValueError(f"extend_plan must be True or False, got {extend_plan!r}")
-        if extend_plan and mode == "sync":
-            raise ValueError("extend_plan applies to mode='async' or 'rtc'; mode='sync' waits for every chunk")
-        self.extend_plan = extend_plan
-        self.delay_steps, self.period_s = self._check_timing(mode, delay_steps, clock, period_s)
-        if devices is not None:
+        config.check_sampler(self.spec)
+        config.check_policy(policy.n_action_steps)
+        c = config  # read-only copies, for the loop
+        self.mode, self.clock, self.delay_steps, self.period_s = c.mode, c.clock, c.delay_steps, c.period_s
+        self.prefix_mode, self.soft_masking, self.extend_plan, self.deadline_ms = \
+            c.prefix_mode, c.soft_masking, c.extend_plan, c.deadline_ms
+        if config.devices is not None:
             from para_policy.devices import use_devices
 
-            use_devices(policy, devices)
+            use_devices(policy, list(config.devices))
         self.window_tuning: dict[str, Any] | None = None
         self.generator = torch.Generator(device=policy.device)
-        self.seed(seed)
-        # the last max_records chunks and act() calls: a robot loop runs for days
-        self.records: deque[ChunkRecord] = deque(maxlen=int(max_records))
-        self.act_latency_ms: deque[float] = deque(maxlen=int(max_records))
+        self.records: deque[ChunkRecord] = deque(maxlen=config.max_records)
+        self.act_latency_ms: deque[float] = deque(maxlen=config.max_records)
         self.steps_in_flight = 0  # act() calls that returned an action while a chunk was being sampled
         self.extended_steps = 0  # act() calls that ran the current chunk's plan past n_action_steps (extend_plan)
-        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)  # for the measured delay
+        self._latencies: deque[float] = deque(maxlen=LATENCY_CHUNKS)  # for the measured delay
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: _InFlight | None = None
+        self.seed(config.seed)
         self.reset()
 
-    def _check_timing(self, mode: str, delay_steps: Any, clock: str, period_s: Any
-                      ) -> tuple[int | None, float | None]:
-        """``(delay_steps, period_s)`` checked against the mode, the clock and ``n_action_steps``."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'sync', 'async' or 'rtc', got {mode!r}")
-        if clock not in CLOCKS:
-            raise ValueError(f"clock must be 'wall' or 'steps', got {clock!r}")
-        H = self.policy.n_action_steps
-        if period_s is not None:
-            if isinstance(period_s, bool) or not isinstance(period_s, (int, float)) or not math.isfinite(period_s) \
-                    or period_s <= 0:
-                raise ValueError(f"period_s must be a number > 0 (the control period in seconds), got {period_s!r}")
-            period_s = float(period_s)
-        if delay_steps is not None:
-            if mode == "sync":
-                raise ValueError("delay_steps applies to mode='async' or 'rtc'; mode='sync' waits for every chunk")
-            if isinstance(delay_steps, bool) or not isinstance(delay_steps, (int, np.integer)) \
-                    or not 0 <= delay_steps < H:
-                raise ValueError(f"delay_steps must be an integer in [0, n_action_steps - 1] = [0, {H - 1}] (the "
-                                 f"actions frozen meanwhile must leave the chunk some of its own), got {delay_steps!r}")
-            delay_steps = int(delay_steps)
-        if mode == "sync":
-            return None, period_s
-        if clock == "steps":
-            if delay_steps is None:
-                raise ValueError("clock='steps' simulates the inference latency as delay_steps control steps: "
-                                 "pass delay_steps")
-            if self.deadline_ms is not None:
-                raise ValueError("deadline_ms stops sampling by the wall clock, so clock='steps' results would "
-                                 "depend on the machine; drop deadline_ms or use clock='wall'")
-            return delay_steps, period_s
-        if H < 2:
-            raise ValueError(f"mode={mode!r} with clock='wall' needs n_action_steps >= 2 (one action to run while "
-                             f"the next chunk is sampled), got {H}")
-        if delay_steps == 0:
-            raise ValueError("delay_steps=0 with clock='wall' waits for every chunk (that is mode='sync'); "
-                             "pass delay_steps >= 1, or None to measure it")
-        if delay_steps is None and period_s is None:
-            raise ValueError("clock='wall' needs period_s (the control period, to turn the measured latency into "
-                             "control steps) or a fixed delay_steps")
-        return delay_steps, period_s
+    def _sampler_spec(self, sampler: str | SamplerConfig | None, options: dict[str, Any]) -> SamplerConfig:
+        """The spec to sample with: ``sampler`` (None: the policy's own) with the sampler ``options``.
+
+        A keyword that is neither a Controller option nor one this sampler takes is reported as
+        both, with the nearest name of either list, so a misspelled Controller option is not
+        mistaken for a sampler option.
+        """
+        base = sampler_spec(self.policy.sampler if sampler is None else sampler)
+        takes = (*base.family.option_names, *SPEC_FIELDS)
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], (*CONTROLLER_OPTIONS, *takes), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            whose = f"sampler {base.name!r}" + (" (sampler=None: the policy's own)" if sampler is None else "")
+            raise ValueError(f"Controller does not take {unknown}{hint}: not a Controller option "
+                             f"({', '.join(CONTROLLER_OPTIONS)}) and not an option of {whose}, which takes "
+                             f"{', '.join(takes)}")
+        if self.config.warm_start is not None:
+            options["warm_start"] = self.config.warm_start
+        return sampler_spec(self.policy.sampler if sampler is None else sampler, **options)
 
     @property
     def warm_start(self) -> bool:
@@ -365,7 +564,7 @@ class Controller:
             raise ValueError(f"calibrate needs a Picard sampler, not {self.spec.name!r}")
         if len(observations) == 0:
             raise ValueError("calibrate needs at least one (n_obs_steps, obs_dim) observation")
-        obs = [self._observation_window(o) for o in observations]
+        obs = [_observation_history(self.policy, o) for o in observations]
         window, info = self.policy.calibrate(obs, self.spec, reps=reps)
         self.spec = tuned_spec(self.spec, window, info)
         self.window_tuning = info
@@ -380,15 +579,15 @@ class Controller:
             self.generator.manual_seed(int(seed))
 
     def reset(self) -> None:
-        """Start a new episode: clear the observation history, the action queue and the warm-start guess.
+        """Start a new episode: clear the observation history, the action queue and the warm-start memory.
 
-        A chunk still being sampled is waited for and dropped. Statistics are kept across
-        episodes (see :meth:`reset_stats`).
+        The policy's session forgets its last trajectory too (:meth:`predict_chunk`'s guess). A chunk
+        still being sampled is waited for and dropped. Statistics are kept (see :meth:`reset_stats`).
         """
         self._drop_in_flight()
+        self.policy.reset()
         self.observations: deque[dict[str, torch.Tensor]] = deque(maxlen=self.policy.n_obs_steps)
         self.actions: deque[torch.Tensor] = deque()
-        self.guess: torch.Tensor | None = None  # normalized (1, T, D) clean trajectory for the next chunk
         self.step = 0  # act() calls since reset: the index of the next control step
         self._chunk: _Chunk | None = None
 
@@ -424,25 +623,26 @@ class Controller:
         ``n_obs_steps`` observations and its ``n_action_steps`` actions are queued.
         ``mode='async'`` / ``'rtc'``: when ``d`` actions are left the next chunk starts from
         this step's observations; when the queue runs out it takes over, from its action ``d``
-        (waiting for it only if it is not ready: a stall). An error raised while sampling
-        in the worker is raised here, as the cause of a ``RuntimeError``.
+        (running the current plan on meanwhile with ``extend_plan``, else waiting: a stall). An
+        error raised while sampling in the worker is raised here, as the cause of a ``RuntimeError``.
+        A call that raises (or is interrupted) leaves the history as it was: the step did not happen.
         """
         start = time.perf_counter()
         as_numpy = not _all_tensors(observation)
-        obs = self._step(observation)  # checked before it enters the history
-        if not self.observations:
-            self.observations.extend([obs] * self.policy.n_obs_steps)
-        else:
-            self.observations.append(obs)
-        if self.mode == "sync":
-            if not self.actions:
-                self._sync_chunk()
-        else:
-            try:
+        obs = _observation_step(self.policy, observation)  # checked before it enters the history
+        first = not self.observations
+        self.observations.extend([obs] * (self.policy.n_obs_steps if first else 1))
+        try:
+            if self.mode != "sync":
                 self._schedule()
-            except BaseException:
-                self.observations.pop()  # this step did not happen: a retried act() records it again
-                raise
+            elif not self.actions:
+                self._sync_chunk()
+        except BaseException:  # a retried act() records this step again, after the one before it
+            if first:
+                self.observations.clear()
+            else:
+                self.observations.pop()
+            raise
         action = self.actions.popleft()
         self.step += 1
         self.act_latency_ms.append((time.perf_counter() - start) * 1000)
@@ -452,26 +652,22 @@ class Controller:
                       ) -> np.ndarray | torch.Tensor:
         """Predict ``(n_action_steps, action_dim)`` actions from ``(n_obs_steps, obs_dim)`` observations.
 
-        Uses and then updates the warm-start guess: after this call the guess is this chunk's
-        trajectory shifted by ``n_action_steps``, i.e. it assumes all the returned actions are
-        executed before the next chunk. Call :meth:`reset` when that is not so. The action
-        queue and a chunk in flight are not touched (a chunk being sampled by the worker is
-        waited for first: they share the noise generator).
+        Warm-starts from the policy session's memory, the previous call's trajectory shifted by
+        ``n_action_steps``: it assumes all the returned actions are executed before the next chunk.
+        Call :meth:`reset` when that is not so. The action queue and a chunk in flight are not
+        touched (a chunk being sampled by the worker is waited for first: they share the noise generator).
         """
         as_numpy = not _all_tensors(observations)
         self._settle()
-        actions = self._chunk_output(observations)["action"][0].detach().to("cpu")
+        obs = {k: v[None] for k, v in _observation_history(self.policy, observations).items()}
+        actions = self._chunk_output(obs, None)["action"][0].detach().to("cpu")
         return actions.numpy() if as_numpy else actions
 
-    def _chunk_output(self, observations: Any) -> PolicyOutput:
-        """:meth:`predict_chunk`'s sampling, recorded; the guess then assumes ``n_action_steps`` executed."""
-        obs = {k: v[None] for k, v in self._observation_window(observations).items()}
+    def _chunk_output(self, obs: Mapping[str, torch.Tensor], warm: torch.Tensor | bool | None) -> PolicyOutput:
+        """One chunk from ``{key: (1, n_obs_steps, ...)}``, waited for and recorded."""
         self._resolve_window(obs)
-        warm = self.guess if (self.warm_start and self.guess is not None) else False
         out, latency_ms = self._sample(obs, warm, None)
-        self.records.append(self._record(out, latency_ms))
-        if self.warm_start:
-            self.guess = shift_trajectory(out.trajectory, self.policy.n_action_steps)
+        self.records.append(_chunk_record(out, latency_ms, self.deadline_ms))
         return out
 
     def _resolve_window(self, obs: Mapping[str, torch.Tensor]) -> None:
@@ -481,8 +677,8 @@ class Controller:
             self.spec = self.policy.resolve(auto, obs)
             self.window_tuning = self.policy.window_tuning(auto)
 
-    def _sample(self, obs: Mapping[str, torch.Tensor], warm: torch.Tensor | bool, prefix: torch.Tensor | None,
-                guide: torch.Tensor | None = None) -> tuple[PolicyOutput, float]:
+    def _sample(self, obs: Mapping[str, torch.Tensor], warm: torch.Tensor | bool | None,
+                prefix: torch.Tensor | None, guide: torch.Tensor | None = None) -> tuple[PolicyOutput, float]:
         """One ``predict_action`` call on ``{key: (1, n_obs_steps, ...)}``: ``(output, latency_ms)``.
 
         Runs on the worker thread with ``clock='wall'`` and an asynchronous mode; only one at a
@@ -499,21 +695,16 @@ class Controller:
                                          sampler=self.spec, **frozen)
         return out, (time.perf_counter() - start) * 1000
 
-    def _record(self, out: PolicyOutput, latency_ms: float) -> ChunkRecord:
-        stats = out.stats
-        return ChunkRecord(
-            latency_ms=latency_ms,
-            rounds=int(stats.rounds),
-            model_evals=int(stats.model_evals),
-            converged=bool(stats.all_converged),
-            deadline_hit=bool(stats.deadline_hit),
-            overrun=self.deadline_ms is not None and latency_ms > self.deadline_ms,
-            warm=out.warm,
-        )
-
     def _history(self) -> dict[str, torch.Tensor]:
-        """The last ``n_obs_steps`` observations as ``{key: (n_obs_steps, *shape)}``."""
-        return {k: torch.stack([o[k] for o in self.observations]) for k in self.observations[-1]}
+        """The last ``n_obs_steps`` observations (checked by :meth:`act`): ``{key: (1, n_obs_steps, *shape)}``."""
+        return {k: torch.stack([o[k] for o in self.observations])[None] for k in self.observations[-1]}
+
+    def _warm_guess(self) -> torch.Tensor | bool:
+        """The next chunk's warm start: the current chunk's trajectory (1, T, D) shifted by the steps run
+        since its observation, or False (cold) without one or without ``warm_start``. Every mode's path."""
+        if not self.warm_start or self._chunk is None:
+            return False
+        return shift_trajectory(self._chunk.trajectory, self.step - self._chunk.start)
 
     def _take_over(self, out: PolicyOutput, record: ChunkRecord) -> None:
         """Make ``out`` (planned at ``record.start_step``) the queue's chunk at this step; measure the jump."""
@@ -529,7 +720,7 @@ class Controller:
     # ---- mode='sync' -------------------------------------------------------------------
     def _sync_chunk(self) -> None:
         """The queue is empty: predict a chunk from this step's history and wait for it."""
-        out = self._chunk_output(self._history())
+        out = self._chunk_output(self._history(), self._warm_guess())
         self.actions.extend(out["action"][0].detach().to("cpu").unbind(0))
         record = self.records[-1]
         record.start_step, record.stalled, record.wait_ms = self.step, self._chunk is not None, record.latency_ms
@@ -543,7 +734,9 @@ class Controller:
         plan's action for this step instead (while the plan lasts), and so does a chunk that
         arrives so late that its own queued actions are past.
         """
-        self._raise_if_failed()
+        if self._in_flight is not None and self._in_flight.failed():
+            job, self._in_flight = self._in_flight, None
+            job.output()  # raises
         if self._in_flight is None and len(self.actions) <= self._delay():
             self._launch()
         if not self.actions and not (self.extend_plan and not self._ready() and self._extend()):
@@ -557,10 +750,9 @@ class Controller:
 
     def _ready(self) -> bool:
         """Whether the chunk in flight is ready now (wall clock: sampled; steps clock: its ``d`` steps passed)."""
-        job = self._in_flight
-        if job is None or self._chunk is None:  # an episode's first chunk: there is no plan to run on
+        if self._in_flight is None or self._chunk is None:  # an episode's first chunk: there is no plan to run on
             return True
-        return job.future.done() if job.future is not None else self.step >= job.start + job.delay
+        return self._in_flight.ready(self.step)
 
     def _extend(self) -> bool:
         """Queue the current plan's action for this step, if the plan reaches it (``extend_plan``)."""
@@ -590,7 +782,7 @@ class Controller:
         its observation.
         """
         t = self.step
-        obs = {k: v[None] for k, v in self._observation_window(self._history()).items()}
+        obs = self._history()
         self._resolve_window(obs)
         d = self._delay()
         queued = list(self.actions)
@@ -603,9 +795,7 @@ class Controller:
         if frozen and self.soft_masking and self._chunk is not None:
             rest = self._chunk.plan[t - self._chunk.start + frozen:]  # the old plan after the frozen actions
             guide = rest[None] if rest.shape[0] else None
-        warm: torch.Tensor | bool = False
-        if self.warm_start and self._chunk is not None:
-            warm = shift_trajectory(self._chunk.trajectory, t - self._chunk.start)
+        warm = self._warm_guess()
         job = _InFlight(start=t, delay=d, frozen=frozen)
         if self.clock == "steps":
             job.result = self._sample(obs, warm, prefix, guide)  # computed now, ready at step t + d
@@ -619,15 +809,14 @@ class Controller:
         """The queue ran out: the chunk in flight takes over, time-aligned (waits for it if not ready)."""
         job, t = self._in_flight, self.step
         first = self._chunk is None  # an episode's first chunk: nothing ran dry
-        wait = time.perf_counter()
-        if job.future is not None:
-            ready = job.future.done()
-            out, latency_ms = self._result(job)
-        else:
-            ready = t >= job.start + job.delay
-            out, latency_ms = job.result
+        wait, ready = time.perf_counter(), job.ready(t)
+        try:
+            out, latency_ms = job.output()
+        except Exception:  # an interrupted wait keeps the job for the retried step; a failed one is dropped
+            self._in_flight = None
+            raise
         self._in_flight = None
-        record = self._record(out, latency_ms)
+        record = _chunk_record(out, latency_ms, self.deadline_ms)
         record.start_step, record.delay_steps, record.frozen = job.start, job.delay, job.frozen
         record.stalled, record.wait_ms = not first and not ready, (time.perf_counter() - wait) * 1000
         self._take_over(out, record)
@@ -636,137 +825,34 @@ class Controller:
         self.records.append(record)
         self._latencies.append(latency_ms)
 
-    def _result(self, job: _InFlight) -> tuple[PolicyOutput, float]:
-        """The worker's ``(output, latency_ms)`` (waits); its error as the cause of a ``RuntimeError``."""
-        try:
-            return job.future.result()
-        except Exception as e:
-            self._in_flight = None
-            raise RuntimeError(f"sampling the chunk planned at step {job.start} failed in the inference worker: "
-                               f"{type(e).__name__}: {e}") from e
-
-    def _raise_if_failed(self) -> None:
-        job = self._in_flight
-        if job is not None and job.future is not None and job.future.done() and job.future.exception() is not None:
-            self._result(job)
-
     def _settle(self) -> None:
         """Wait until the worker is idle (its result stays for the switch)."""
-        job = getattr(self, "_in_flight", None)
-        if job is not None and job.future is not None:
-            job.future.exception()
+        if getattr(self, "_in_flight", None) is not None:
+            self._in_flight.settle()
 
     def _drop_in_flight(self) -> None:
         """Forget the chunk in flight (a running one is waited for; its result or error is dropped)."""
         job, self._in_flight = getattr(self, "_in_flight", None), None
-        if job is not None and job.future is not None and not job.future.cancel():
-            job.future.exception()
+        if job is not None:
+            job.drop()
 
-    # ---- observations ------------------------------------------------------------------
-    def _keyed(self, observation: Any) -> dict[str, torch.Tensor]:
-        """``observation`` as ``{key: tensor}`` over the policy's keys (a bare array is the low-dim ``'obs'``)."""
-        shapes = self.policy.observation_shapes()
-        if not isinstance(observation, Mapping):
-            if len(shapes) != 1:
-                raise ValueError(f"observation must be a dict with keys {list(shapes)}, got "
-                                 f"{type(observation).__name__}")
-            observation = {next(iter(shapes)): observation}
-        missing = [k for k in shapes if k not in observation]
-        if missing:
-            raise ValueError(f"observation is missing {missing}; this policy takes {list(shapes)}")
-        out = {}
-        for key in shapes:
-            x = observation[key]
-            x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-            out[key] = x.to(torch.float32) if x.is_floating_point() else x  # integer images are refused below
-        return out
-
-    def _step(self, observation: Any) -> dict[str, torch.Tensor]:
-        """One control step's observation, checked: ``{key: (*shape)}``."""
-        obs = self._keyed(observation)
-        for key, shape in self.policy.observation_shapes().items():
-            if tuple(obs[key].shape) != shape:
-                name = "observation" if key == "obs" else f"observation {key!r}"
-                what = "(obs_dim,)" if key == "obs" else "the policy's"
-                raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(obs[key].shape)}")
-            if obs[key].is_floating_point() and not bool(torch.isfinite(obs[key]).all()):
-                raise ValueError(f"observation {key!r} contains NaN or inf" if key != "obs"
-                                 else f"observation contains NaN or inf: {obs[key].tolist()}")
-        To = self.policy.n_obs_steps  # the policy's own checks (dtypes), on this step repeated
-        self.policy.observation_batch({k: v[None].expand(To, *v.shape) for k, v in obs.items()})
-        return obs
-
-    def _observation_window(self, observations: Any) -> dict[str, torch.Tensor]:
-        """``observations`` as ``{key: (n_obs_steps, *shape)}`` float tensors, checked."""
-        obs = self._keyed(observations)
-        for key, shape in self.policy.observation_shapes().items():
-            expected = (self.policy.n_obs_steps, *shape)
-            if tuple(obs[key].shape) != expected:
-                what = "(n_obs_steps, obs_dim)" if key == "obs" else f"{key!r}: (n_obs_steps, *shape)"
-                raise ValueError(f"observations must have shape {what} = {expected}, got {tuple(obs[key].shape)}")
-        self.policy.observation_batch(obs)
-        return obs
-
+    # ---- statistics --------------------------------------------------------------------
     @property
     def last_record(self) -> ChunkRecord | None:
         """The record of the last predicted chunk (None before the first)."""
         return self.records[-1] if self.records else None
 
     def stats(self) -> dict[str, Any]:
-        """Latency, rounds and deadline statistics over the chunks since :meth:`reset_stats` (the last ``max_records``).
+        """Statistics over the chunks since :meth:`reset_stats` (the last ``max_records``), and the settings.
 
-        Returns a dict: ``chunks``, ``actions``, ``chunk_latency_ms`` and ``action_latency_ms``
-        (mean / p50 / p95 / max; an action's latency is the time of its ``act`` call, which
-        includes the chunk prediction on the steps that make one), ``rounds`` and
-        ``model_evals`` per chunk, ``deadline_misses`` (chunks stopped at the deadline),
-        ``overruns`` (chunks slower than ``deadline_ms``), ``warm_chunks``, and the settings.
-
-        The loop's schedule (from :meth:`act`'s chunks): ``mode``, ``clock``, ``delay_steps`` (as
-        given), ``period_s``; ``delay_used`` (the ``d`` each chunk was started with),
-        ``steps_in_flight`` (actions handed out while a chunk was being sampled), ``extended_steps``
-        (actions run from the current plan past its ``n_action_steps``, ``extend_plan``), ``stalls``
-        (chunks the queue ran empty for; in ``mode='sync'`` every chunk after an episode's
-        first), ``stall_wait_ms`` (how long ``act`` blocked on those), ``idle_steps`` (``clock='steps'``:
-        control steps the robot would have stood still, ``start + d - switch`` summed over stalls;
-        else None), ``switches`` (chunks that replaced a queue) and ``switch_discontinuity``
-        (``|a_new - a_old|`` at those switches, :attr:`ChunkRecord.discontinuity`).
+        ``sampler``, ``options``, ``warm_start``, ``deadline_ms``, ``mode``, ``clock``,
+        ``delay_steps`` (as given), ``period_s``, ``extend_plan``; the chunks' latency, rounds and
+        deadline figures (:func:`chunk_stats`) and the loop's schedule (:func:`loop_stats`:
+        stalls, switches, the action jump at each switch, ...).
         """
-        r = self.records
-        looped = [x for x in r if x.start_step is not None]
-        stalled = [x for x in looped if x.stalled]
-        switched = [x.discontinuity for x in looped if x.discontinuity is not None]
-        simulated = self.mode != "sync" and self.clock == "steps"
-        return {
-            "sampler": self.spec.name,
-            "options": dict(self.spec.options),
-            "warm_start": self.warm_start,
-            "deadline_ms": self.deadline_ms,
-            "chunks": len(r),
-            "actions": len(self.act_latency_ms),
-            "chunk_latency_ms": _distribution([x.latency_ms for x in r]),
-            "action_latency_ms": _distribution(self.act_latency_ms),
-            "rounds": _distribution([x.rounds for x in r]),
-            "model_evals": _distribution([x.model_evals for x in r]),
-            "deadline_misses": sum(x.deadline_hit for x in r),
-            "overruns": sum(x.overrun for x in r),
-            "unconverged": sum(not x.converged for x in r),
-            "warm_chunks": sum(x.warm for x in r),
-            "mode": self.mode,
-            "clock": self.clock,
-            "delay_steps": self.delay_steps,
-            "period_s": self.period_s,
-            "delay_used": _distribution([x.delay_steps for x in looped]),
-            "steps_in_flight": self.steps_in_flight,
-            "extend_plan": self.extend_plan,
-            "extended_steps": self.extended_steps,
-            "stalls": len(stalled),
-            "stall_wait_ms": _distribution([x.wait_ms for x in stalled]),
-            "idle_steps": sum(max(0, x.start_step + x.delay_steps - x.switch_step) for x in stalled)
-            if simulated else None,
-            "switches": len(switched),
-            "switch_discontinuity": _distribution(switched),
-        }
-
-    def records_as_dicts(self) -> list[dict[str, Any]]:
-        """Every chunk's :class:`ChunkRecord` as a dict (for logging)."""
-        return [asdict(x) for x in self.records]
+        return {"sampler": self.spec.name, "options": dict(self.spec.options), "warm_start": self.warm_start,
+                "deadline_ms": self.deadline_ms, **chunk_stats(self.records, self.act_latency_ms),
+                "mode": self.mode, "clock": self.clock, "delay_steps": self.delay_steps, "period_s": self.period_s,
+                "extend_plan": self.extend_plan,
+                **loop_stats(self.records, simulated=self.mode != "sync" and self.clock == "steps"),
+                "steps_in_flight": self.steps_in_flight, "extended_steps": self.extended_steps}

@@ -12,7 +12,7 @@ the weights on every call (it is built for training). Rows are independent in th
 DiffusionPolicy UNet (GroupNorm and convolutions act per row), so the split gives the
 same result as one device, up to floating-point differences of batch size in kernels.
 
-Measured here only on CPU (``['cpu', 'cpu']``, for correctness); not measured on GPUs.
+The tests run it on CPU devices only (``['cpu', 'cpu']``, for correctness); on GPUs it is untested.
 """
 
 from __future__ import annotations

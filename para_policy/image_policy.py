@@ -21,8 +21,33 @@ import numpy as np
 import torch
 
 from para_policy.policy import LowdimPolicy
+from para_policy.policy_config import IMAGE_KEYS, RGB, PolicyConfig
+from para_policy.policy_config import LOW_DIM as LOW_DIM  # the observation types, re-exported
 
-RGB, LOW_DIM = "rgb", "low_dim"
+#: the range of the float images every supported image policy takes: DiffusionPolicy's image and hybrid
+#: policies and LeRobot's diffusion policy all take frames divided by 255
+IMAGE_RANGE = (0.0, 1.0)
+#: how far outside :data:`IMAGE_RANGE` an image may reach (a resampling filter's overshoot) and still pass
+IMAGE_RANGE_SLACK = 0.05
+
+
+def check_image_range(key: str, image: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``key`` unless the float ``image`` lies in 0..1 (:data:`IMAGE_RANGE`, give or take
+    :data:`IMAGE_RANGE_SLACK`).
+
+    Why: the policy's normalizer maps 0..1 to the encoder's range, so a 0..255 frame (the common
+    mistake) or a frame already normalized gives the encoder inputs it never saw, and actions far off
+    with no error at all. Any shape; one device sync.
+    """
+    lo, hi = torch.stack(torch.aminmax(image.detach())).tolist()
+    low, high = IMAGE_RANGE
+    if lo >= low - IMAGE_RANGE_SLACK and hi <= high + IMAGE_RANGE_SLACK:
+        return
+    if lo >= low - IMAGE_RANGE_SLACK and hi <= 255 + IMAGE_RANGE_SLACK:
+        raise ValueError(f"observation {key!r} looks like 0..255 (max {hi:.1f}), expected 0..1 floats "
+                         "(divide by 255)")
+    raise ValueError(f"observation {key!r} is outside 0..1 (min {lo:.3g}, max {hi:.3g}), expected 0..1 floats, "
+                     "not normalized (the policy normalizes them itself)")
 
 
 class ImagePolicy(LowdimPolicy):
@@ -41,33 +66,16 @@ class ImagePolicy(LowdimPolicy):
     semantics on raw (unnormalized) observations.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        missing = [k for k in ("obs_keys", "obs_encoder", "normalizer") if k not in config]
-        if missing:
-            raise ValueError(f"image policy config is missing {missing}")
-        if str(config.get("model_type", "unet")) != "unet" or not config.get("obs_as_global_cond", True):
-            raise ValueError("image policies condition a UNet globally (model_type 'unet', obs_as_global_cond "
-                             "True); inpainting image features is not supported")
-        if config.get("pred_action_steps_only", False):
-            raise ValueError("pred_action_steps_only is not supported for image policies")
-        keys = config["obs_keys"]
-        if not isinstance(keys, Mapping) or not keys:
-            raise ValueError(f"obs_keys must be a non-empty mapping of key -> {{shape, type}}, got {keys!r}")
-        self.obs_keys: dict[str, tuple[tuple[int, ...], str]] = {}
-        for key, meta in keys.items():
-            kind = str(meta.get("type", LOW_DIM))
-            if kind not in (RGB, LOW_DIM):
-                raise ValueError(f"obs_keys[{key!r}].type must be 'rgb' or 'low_dim', got {kind!r}")
-            self.obs_keys[str(key)] = (tuple(int(s) for s in meta["shape"]), kind)
-        fields = dict(config.get("normalizer_fields") or {k: k for k in self.obs_keys})
-        self.normalizer_fields = {k: str(fields.get(k, k)) for k in self.obs_keys}
-        absent = sorted({*self.normalizer_fields.values(), "action"} - set(config["normalizer"]))
-        if absent:
-            raise ValueError(f"normalizer config has no field for {absent}")
+    def __init__(self, config: PolicyConfig | Mapping[str, Any]) -> None:
+        config = PolicyConfig.coerce(config)  # checks the image fields too (para_policy/policy_config.py)
+        if not config.is_image:
+            raise ValueError(f"image policy config is missing {list(IMAGE_KEYS)}")
+        self.obs_keys: dict[str, tuple[tuple[int, ...], str]] = config.observation_spec()
+        self.normalizer_fields = config.normalizer_field_map()
         super().__init__(config)
         from para_policy.models.vision import build_obs_encoder
 
-        self.obs_encoder = build_obs_encoder(dict(config["obs_encoder"]))
+        self.obs_encoder = build_obs_encoder(dict(config.obs_encoder))
         if int(self.obs_encoder.feature_dim) != self.obs_dim:
             raise ValueError(f"obs_dim is {self.obs_dim} but the observation encoder gives "
                              f"{self.obs_encoder.feature_dim} features per step")
@@ -95,12 +103,16 @@ class ImagePolicy(LowdimPolicy):
         return {key: torch.zeros((batch_size, self.n_obs_steps, *shape), device=self.device, dtype=self.sample_dtype)
                 for key, (shape, _) in self.obs_keys.items()}
 
-    def check_obs(self, obs: Any) -> dict[str, torch.Tensor]:
+    def check_obs(self, obs: Any, *, one_step: bool = False) -> dict[str, torch.Tensor]:
         """``{key: (B, To, *shape)}`` on the policy's device in :attr:`sample_dtype`; ``ValueError`` if wrong.
 
-        Normalized at that precision; :meth:`conditioning` casts the encoder's input to its dtype.
+        ``one_step``: one control step's ``{key: (B, *shape)}`` instead (:meth:`select_action`).
+        Each key: real numbers of its shape, finite; images float and in 0..1
+        (:func:`check_image_range`). Normalized at that precision; :meth:`conditioning` casts the
+        encoder's input to its dtype.
         """
-        expected = {k: f"(B, To, {', '.join(map(str, s))})" for k, (s, _) in self.obs_keys.items()}
+        lead = "(B, " if one_step else "(B, To, "
+        expected = {k: f"{lead}{', '.join(map(str, s))})" for k, (s, _) in self.obs_keys.items()}
         if not isinstance(obs, Mapping):
             raise ValueError(f"observations must be a dict {expected}, got {type(obs).__name__}")
         missing = [k for k in self.obs_keys if k not in obs]
@@ -108,29 +120,36 @@ class ImagePolicy(LowdimPolicy):
             raise ValueError(f"observation is missing {missing}; this policy takes {expected} (got keys "
                              f"{sorted(obs)})")
         out: dict[str, torch.Tensor] = {}
-        batch = None
         for key, (shape, kind) in self.obs_keys.items():
-            x = obs[key]
-            x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-            if kind == RGB and not x.is_floating_point():
-                raise ValueError(f"{key} is {x.dtype}; expected float images in [0, 1] of shape "
-                                 f"{expected[key]}, channels first (divide uint8 images by 255)")
-            if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or x.dtype in (
-                    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-                raise ValueError(f"{key} must hold real numbers, got {x.dtype}")
-            if x.dim() != 2 + len(shape) or tuple(x.shape[2:]) != shape or x.shape[0] < 1 \
-                    or x.shape[1] < self.n_obs_steps:
-                what = "image size" if kind == RGB else "shape"
-                raise ValueError(f"{key} has the wrong {what}: expected {expected[key]} with To >= "
-                                 f"{self.n_obs_steps}, got {tuple(x.shape)}")
-            if batch is not None and x.shape[0] != batch:
+            x = self._check_key(key, obs[key], shape, kind, expected[key], one_step)
+            batch = next(iter(out.values()), x).shape[0]
+            if x.shape[0] != batch:
                 raise ValueError(f"observation keys disagree on the batch size: {key} has {x.shape[0]}, "
                                  f"others {batch}")
-            batch = x.shape[0]
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{key} contains NaN or inf")
             out[key] = x.to(device=self.device, dtype=self.sample_dtype)
         return out
+
+    def _check_key(self, key: str, x: Any, shape: tuple[int, ...], kind: str, expected: str, one_step: bool
+                   ) -> torch.Tensor:
+        """One key's observation as a tensor (B, To, *shape), or (B, *shape) for ``one_step``; checked."""
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        if kind == RGB and not x.is_floating_point():
+            raise ValueError(f"{key} is {x.dtype}; expected float images in [0, 1] of shape "
+                             f"{expected}, channels first (divide uint8 images by 255)")
+        if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or x.dtype in (
+                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise ValueError(f"{key} must hold real numbers, got {x.dtype}")
+        lead = 1 if one_step else 2
+        if x.dim() != lead + len(shape) or tuple(x.shape[lead:]) != shape or x.shape[0] < 1 \
+                or (not one_step and x.shape[1] < self.n_obs_steps):
+            what = "image size" if kind == RGB else "shape"
+            steps = "" if one_step else f" with To >= {self.n_obs_steps}"
+            raise ValueError(f"{key} has the wrong {what}: expected {expected}{steps}, got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{key} contains NaN or inf")
+        if kind == RGB:
+            check_image_range(key, x)
+        return x
 
     def conditioning(self, obs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
         """``(global_cond (B, To·F), None)``: the encoder's features of each of the first To steps.
@@ -166,14 +185,16 @@ class ImagePolicy(LowdimPolicy):
 
         The first call after :meth:`reset` fills the observation queue with ``n_obs_steps``
         copies of it; a chunk is predicted whenever the action queue is empty (``kwargs`` go
-        to :meth:`predict_action` then) and its ``n_action_steps`` actions are queued.
+        to :meth:`predict_action` then) and its ``n_action_steps`` actions are queued. Each
+        observation is checked when it arrives (:meth:`check_obs`), so a bad one fails the call
+        that brings it and enters no queue.
         """
-        step = {}
-        for key in self.obs_keys:
-            if key not in observation:
-                raise ValueError(f"observation is missing {key!r}; this policy takes {list(self.obs_keys)}")
-            x = observation[key]
-            step[key] = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        step = self.check_obs(observation, one_step=True)  # as it arrives, not a chunk later when it leaves the queue
+        if self._queues is not None:
+            queued = self._queues[next(iter(self.obs_keys))][-1].shape[0]
+            if self.batch_size(step) != queued:
+                raise ValueError(f"observation batch size {self.batch_size(step)} differs from the queued "
+                                 f"observations' {queued}; call reset() before changing it")
         if self._queues is None:
             self._queues = {key: deque([x] * self.n_obs_steps, maxlen=self.n_obs_steps) for key, x in step.items()}
             self._queues["action"] = deque()

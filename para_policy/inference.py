@@ -30,7 +30,9 @@ makes one call cheap lives here, behind options that default to plain eager fp32
   ``[onnx]`` extra installed, eager otherwise; ``$PARA_POLICY_BACKEND`` overrides it per process.
 
 :func:`make_denoiser` composes them with several devices (:mod:`para_policy.devices`);
-:func:`configure_inference` sets them on a policy (:meth:`LowdimPolicy.set_inference`).
+:func:`configure_inference` sets them on a policy (:meth:`LowdimPolicy.set_inference`), whose
+:class:`InferenceRuntime` keeps them, the denoiser built from them and its rebuilds after moves,
+copies and pickles.
 """
 
 from __future__ import annotations
@@ -44,13 +46,19 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 # CudaGraphDenoiser, bucket_for and pad_rows lived here first: importable from both modules
-from para_policy.cuda_graphs import CudaGraphDenoiser, ExactFp32Denoiser, bucket_for, pad_rows  # noqa: F401
+from para_policy.cuda_graphs import (  # noqa: F401
+    CudaGraphDenoiser,
+    ExactFp32Denoiser,
+    WeightsWatch,
+    bucket_for,
+    pad_rows,
+)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 BACKENDS = ("eager", "onnxruntime", "auto")
@@ -61,6 +69,8 @@ BACKEND_ENV = "PARA_POLICY_BACKEND"
 #: file of ``backend='auto'``'s cost curves, in the window cache's folder (:func:`para_policy.window.cache_path`)
 CURVES_FILE = "backends.json"
 log = logging.getLogger("para_policy.inference")
+#: where ``backend='default'``'s pick is logged: the policy's logger, as docs/library.md says
+choice_log = logging.getLogger("para_policy.policy")
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 #: ``((T, D), condition (1, ...) | None)``: the shapes of one denoiser call
 Example = tuple[Sequence[int], torch.Tensor | None]
@@ -363,3 +373,178 @@ def configure_inference(policy: Any, *, compile: bool | str = False, precision: 
     """
     check_inference_options(compile, precision, cuda_graphs, backend)
     return policy.set_inference(compile=compile, precision=precision, cuda_graphs=cuda_graphs, backend=backend)
+
+
+class Refused:
+    """The denoiser of a policy moved where its inference settings cannot run: every call raises why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        raise ValueError(self.reason)
+
+
+class InferenceOwner(Protocol):
+    """What :class:`InferenceRuntime` reads of the policy it serves (:class:`~para_policy.policy.LowdimPolicy`).
+
+    The network and its conditioning keyword; where it is; the step counts and the
+    ``(T, D)`` / conditioning shapes of one call, which ONNX exports and CUDA graphs are built
+    for; the sampling session whose captured samplers depend on the denoiser.
+    """
+
+    model: nn.Module
+    condition_kw: str
+    num_inference_steps: int
+    session: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def sampler(self) -> Any: ...
+
+    def schedule_for(self, spec: Any) -> Any: ...
+
+    def trajectory_shape(self, batch_size: int) -> tuple[int, int, int]: ...
+
+    def conditioning(self, obs: Any) -> tuple[torch.Tensor | None, Any]: ...
+
+    def zero_observation(self, batch_size: int) -> Any: ...
+
+    def set_inference(self, **settings: Any) -> Any: ...
+
+
+class InferenceRuntime:
+    """How one policy's network runs: its inference settings and the denoiser built from them, kept right.
+
+    Why apart from the policy: the policy turns observations into actions; this object decides
+    what one denoiser call ``(x (N, T, D), t (N,), condition (N, ...) | None) -> (N, T, D)`` runs
+    on (:func:`make_denoiser`) and keeps that denoiser valid when the network moves (``.to()``,
+    ``.half()``), is copied or pickled, and when sampling runs from captured CUDA graphs. It
+    keeps no reference to its policy (each method is handed the :class:`InferenceOwner`), so a
+    copy of the policy copies it as plain state.
+
+    Attributes:
+        settings: the settings that differ from the defaults (fp32, eager, one device), with
+            ``backend='default'`` resolved to the backend picked; ``{}``: the plain network.
+        denoiser: the wrapped denoiser; None: the policy calls its plain network itself.
+        backend_choice: ``(backend, why)`` while ``backend='default'`` is the request
+            (:func:`default_backend`), else None.
+    """
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+        self.denoiser: DenoiseFn | None = None
+        self.backend_choice: tuple[str, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and pickle keep: all but the denoiser, which :meth:`restore` builds again
+        (ONNX Runtime sessions do not pickle, and a copied closure would run the original's network)."""
+        return {**vars(self), "denoiser": None}
+
+    def identity(self) -> str:
+        """The settings as JSON: how the network runs, one part of what a measured window is specific to."""
+        return json.dumps(self.settings, sort_keys=True, default=str)
+
+    def configure(self, owner: InferenceOwner, **settings: Any) -> None:
+        """:meth:`LowdimPolicy.set_inference <para_policy.policy.LowdimPolicy.set_inference>`: merge ``settings``
+        into the current ones and build the denoiser.
+
+        ``backend='default'`` stays the request until another backend is given: every later call
+        (a move's rebuild included) picks again. ONNX exports and CUDA graphs are made now, on the
+        owner's call shapes; graphs up front for the widest call of one sample (a window of every step).
+        """
+        merged = {**self.settings, **settings}
+        choice = None
+        if settings.get("backend", DEFAULT_BACKEND if self.backend_choice else None) == DEFAULT_BACKEND:
+            choice = default_backend(owner.model, **{k: v for k, v in merged.items() if k != "backend"})
+            merged["backend"] = choice[0]
+            choice_log.info("backend='default' -> %r: %s", *choice)
+        self.backend_choice = choice
+        example = None
+        # the shapes of one call, ((T, D), condition (1, ...)): ONNX exports and CUDA graphs are made now
+        if merged.get("backend", "eager") != "eager" or merged.get("cuda_graphs"):
+            with torch.inference_mode():
+                example = (owner.trajectory_shape(1)[1:], owner.conditioning(owner.zero_observation(1))[0])
+        rows = max(owner.num_inference_steps, owner.schedule_for(owner.sampler).num_steps)
+        self.denoiser = make_denoiser(owner.model, condition_kw=owner.condition_kw, example=example,
+                                      capture_rows=rows, **merged)
+        self.settings = {k: v for k, v in merged.items() if v not in (None, False, "fp32", "eager")}
+        owner.session.forget_captured()
+        if not self.settings and owner.device.type != "cuda":  # on CUDA: the TF32-off wrapper (make_denoiser)
+            self.denoiser = None
+
+    def denoise(self, owner: InferenceOwner, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None
+                ) -> torch.Tensor:
+        """One denoiser call for ``owner``: its wrapped :attr:`denoiser`, or its plain network.
+
+        ``x`` (N, T, D) in the sampler's dtype (float32) → the network's prediction (N, T, D) in
+        ``x``'s dtype: ``x`` and the conditioning are cast to the network's dtype for the call, and
+        its output (that dtype, or autocast's) back, so a network cast to bfloat16 or run under
+        ``torch.autocast`` never sees, nor returns, another dtype than its own. Both casts are
+        no-ops when the dtypes already match.
+        """
+        if self.denoiser is not None:  # make_denoiser's wrappers cast the same way
+            return self.denoiser(x, t, condition)
+        dtype = owner.dtype
+        if condition is not None and condition.is_floating_point():
+            condition = condition.to(dtype)
+        return owner.model(x.to(dtype), t, **{owner.condition_kw: condition}).to(x.dtype)
+
+    def captured(self, owner: InferenceOwner, spec: Any, schedule: Any) -> Any:
+        """On CUDA with ``cuda_graphs``: the captured form of ``spec`` (None: it has none, or not on CUDA).
+
+        The sequential loop captured whole, or Picard's ``round_shape='fixed'`` rounds captured one
+        graph per (B, W), model and bookkeeping together
+        (:func:`~para_policy.samplers.captured.captured_sampler`), over the plain network at the
+        owner's precision (a graph cannot hold the denoiser's own graphs); captured on the first
+        call of each shape, so call once before a control loop starts; recaptured when the weights change.
+        """
+        if not self.settings.get("cuda_graphs") or owner.device.type != "cuda":
+            return None
+
+        def plain_network() -> tuple[DenoiseFn, Callable[[], bool]]:
+            plain = make_denoiser(owner.model, precision=self.settings.get("precision", "fp32"),
+                                  condition_kw=owner.condition_kw)
+            return plain, WeightsWatch(owner.model).changed
+
+        return owner.session.captured(spec, schedule, plain_network)
+
+    @staticmethod
+    def placement(owner: InferenceOwner) -> tuple[torch.device, torch.dtype] | None:
+        """``(device, dtype)`` of the owner's network (None before it has one): read before a move."""
+        model = getattr(owner, "model", None)
+        first = None if model is None else next(model.parameters(), None)
+        return None if first is None else (first.device, first.dtype)
+
+    def moved(self, owner: InferenceOwner, before: tuple[torch.device, torch.dtype] | None) -> None:
+        """After ``.to()``, ``.cuda()``, ``.half()`` and the like (``before``: :meth:`placement` before it).
+
+        A backend ``'default'`` picked is picked again where it no longer fits (ONNX Runtime for a
+        model moved to a GPU), and a denoiser built for another device or dtype is built again for
+        this one (CUDA graphs captured, TF32 off on CUDA); settings that cannot run here warn now
+        and raise on every call, naming them (:class:`Refused`).
+        """
+        stale = self.backend_choice is not None and self.backend_choice[0] != default_backend(
+            owner.model, **{k: v for k, v in self.settings.items() if k != "backend"})[0]
+        moved = before is not None and (owner.device, owner.dtype) != before and (
+            bool(self.settings) or self.denoiser is not None or owner.device.type == "cuda")
+        if not (stale or moved):
+            return
+        try:
+            owner.set_inference()
+        except ValueError as e:
+            where = "" if before is None else f" from {before[0]} ({before[1]})"
+            reason = (f"the policy moved{where} to {owner.device} ({owner.dtype}), where its inference settings "
+                      f"{self.settings} cannot run: {e}")
+            warnings.warn(reason, stacklevel=3)
+            self.denoiser = Refused(reason)
+
+    def restore(self, owner: InferenceOwner) -> None:
+        """After a copy or unpickling: build the denoiser again where one ran (settings given, or CUDA's TF32 off)."""
+        if self.settings or owner.device.type == "cuda":
+            owner.set_inference()

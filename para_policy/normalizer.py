@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 MODES = ("affine", "mean_std", "min_max", "min_max_eps", "identity")
+#: the statistics each non-affine mode reads (the affine mode reads ``scale`` and ``offset``)
+MODE_STATS = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "min_max_eps": ("min", "max"), "identity": ()}
 LEROBOT_EPS = 1e-8
 
 
@@ -48,6 +50,36 @@ class _FieldParams(nn.Module):
         self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
         self.offset = nn.Parameter(torch.zeros(shape), requires_grad=False)
         self.input_stats = _InputStats(shape)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Refuse values this field's mode cannot use (:func:`check_field_values`) before any is copied in."""
+        stats = MODE_STATS.get(self.mode, ())
+        names = ("scale", "offset") if self.mode == "affine" else tuple(f"input_stats.{s}" for s in stats)
+        check_field_values(prefix, {n: state_dict[prefix + n] for n in names if prefix + n in state_dict})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def check_field_values(prefix: str, values: Mapping[str, torch.Tensor]) -> None:
+    """A ``ValueError`` naming the state-dict key and the value when a field's parameter would give inf or NaN.
+
+    Why: ``unnormalize`` divides by an affine field's ``scale``, so a zero scale turns every
+    sampled action into inf, and a non-finite scale or offset poisons every value; the
+    statistics a LeRobot mode reads must be finite for the same reason. ``prefix``: the field's
+    state-dict prefix (``'normalizer.params_dict.action.'``); ``values``: its parameters by name
+    (``'scale'``, ``'offset'``, ``'input_stats.mean'``, ...).
+    """
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:  # a meta skeleton holds no values
+            continue
+        bad = ~torch.isfinite(value)
+        if name == "scale":
+            bad |= value == 0
+        if bool(bad.any()):
+            where = tuple(int(i) for i in torch.nonzero(bad)[0])
+            rule = "finite and non-zero" if name == "scale" else "finite"
+            field = prefix.rstrip(".").rsplit(".", 1)[-1]
+            raise ValueError(f"normalizer field {field!r}: {prefix}{name} must be {rule}, got {value[where].item()} "
+                             f"at index {where} (unnormalized actions would be inf or NaN)")
 
 
 def field_spec(spec: int | Sequence[int] | Mapping[str, Any]) -> tuple[tuple[int, ...], str, float]:

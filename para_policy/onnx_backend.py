@@ -8,8 +8,8 @@ row count. Imported lazily: ``import para_policy`` never needs onnxruntime, whic
 ``[onnx]`` extra.
 
 The graph is exported with PyTorch's TorchScript-based exporter (``dynamo=False``): the same
-outputs as the ``torch.export``-based one (``dynamo=True``) on the shipped UNet, in a fraction of
-the time; the latter is the fallback where the former fails. The row dimension is dynamic; one
+outputs as the ``torch.export``-based one (``dynamo=True``) on the shipped UNet, and a quicker
+export; the latter is the fallback where the former fails. The row dimension is dynamic; one
 graph is exported per trajectory shape ``(T, D)`` and condition shape, and again after the
 weights change in place (``load_state_dict``, an optimizer step), so the session never runs
 stale weights.

@@ -327,7 +327,7 @@ def check_dpm_config(config: dict) -> None:
         raise ValueError(f"{name} algorithm_type {algorithm!r} not supported; expected one of "
                          f"{SUPPORTED_DPM_ALGORITHMS} (the noise-prediction solvers are not)")
     order = config.get("solver_order", 2)
-    if order not in (1, 2, 3):
+    if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
         raise ValueError(f"{name} solver_order {order!r} not supported; expected 1, 2 or 3")
     if config.get("solver_type", "midpoint") not in SUPPORTED_DPM_SOLVER_TYPES:
         raise ValueError(f"{name} solver_type {config.get('solver_type')!r} not supported; expected one of "
@@ -552,8 +552,16 @@ def build_scheduler(config: dict):
     with the names accepted; so is a DPM-Solver configuration :class:`MultistepSchedule` cannot
     run (:func:`check_dpm_config`), and a ``clip_sample`` key on it (diffusers' DPM-Solver has
     no such option and refuses it, as DiffusionPolicy's ``hydra.utils.instantiate`` would).
+
+    A config comes from a checkpoint file, so it is checked before diffusers sees it: a keyword the
+    class does not take, ``num_train_timesteps`` above ``MAX_TRAIN_TIMESTEPS`` (diffusers builds
+    tables that long) and an unimplemented ``beta_schedule`` are a ``ValueError`` naming the key.
     """
+    import inspect
+
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    from para_policy.policy_config import check_scheduler_size
 
     kwargs = dict(config)
     target = str(kwargs.pop("_target_", "diffusers.DDPMScheduler"))
@@ -570,7 +578,21 @@ def build_scheduler(config: dict):
             raise ValueError("DPMSolverMultistepScheduler has no clip_sample option (DPM-Solver never clips; "
                              "diffusers refuses the key): remove clip_sample / clip_sample_range from the "
                              "noise scheduler config")
-    scheduler = classes[name](**kwargs)
+    takes = [key for key in inspect.signature(classes[name].__init__).parameters if key != "self"]
+    unknown = sorted(str(key) for key in kwargs if key not in takes)
+    if unknown:
+        raise ValueError(f"noise_scheduler.{unknown[0]} is not an argument of {name} (unknown: {unknown}; "
+                         f"it takes {takes})")
+    check_scheduler_size(kwargs)
+    try:
+        with torch.device("cpu"):  # a scheduler's tables are host data, also inside a meta-device skeleton
+            scheduler = classes[name](**kwargs)
+    except NotImplementedError as e:  # diffusers' word for an unknown beta_schedule
+        raise ValueError(f"noise_scheduler.beta_schedule {str(kwargs.get('beta_schedule'))[:60]!r} is not "
+                         f"implemented by {name}") from e
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
+        raise ValueError(f"noise_scheduler: {name} cannot be built from this config ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from e
     if name == "DPMSolverMultistepScheduler":
         check_dpm_config(scheduler.config)  # as diffusers registered it (it renames a few legacy options)
     return scheduler

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,10 @@ from para_policy.dataset import (
     SequenceDataset,
 )
 from para_policy.evaluation.config import PIXELS_OBS_TYPE
+from para_policy.evaluation.wandb_logger import TrainLogger
 from para_policy.image_policy import RGB, ImagePolicy
 from para_policy.policy import LowdimPolicy
+from para_policy.policy_config import PolicyConfig
 from para_policy.samplers import sampler_spec
 
 RESUME_FORMAT = "para_policy.train_state"
@@ -375,46 +378,6 @@ def rollout(
             "success_rate": float(np.mean([r["success"] for r in records]))}
 
 
-class _Logger:
-    """W&B (offline by default) plus a JSON-lines file; ``backend: none`` keeps only the file."""
-
-    def __init__(self, cfg: Mapping[str, Any], output_dir: Path, run_config: dict, resume_id: str | None):
-        self.path = output_dir / "train_log.jsonl"
-        self.run = None
-        backend = str(cfg.get("backend", "none")).lower()
-        if backend == "wandb":
-            import wandb
-
-            self.run = wandb.init(
-                project=cfg.get("project", "para_policy"),
-                name=cfg.get("name"),
-                entity=cfg.get("entity"),
-                group=cfg.get("group"),
-                tags=["train"],
-                mode=cfg.get("mode", "offline"),
-                dir=str(output_dir),
-                config=run_config,
-                id=resume_id,
-                resume="allow" if resume_id else None,
-            )
-        elif backend not in ("none", "off", "false"):
-            raise ValueError(f"unknown logger.backend {backend!r}; expected 'wandb' or 'none'")
-
-    @property
-    def run_id(self) -> str | None:
-        return None if self.run is None else self.run.id
-
-    def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -459,47 +422,114 @@ def train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | N
         torch.set_num_threads(threads)  # training.num_threads applies to this run only
 
 
-def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | None) -> dict[str, Any]:
-    run_cfg = _plain(cfg)
+@dataclass
+class _TrainRun:
+    """One training run: its config, data, networks, optimizer, RNGs and loop counters.
+
+    Why one object: the steps of :func:`_train` (restore, step, validate, save) all read and
+    advance the same state, and ``resume.pt`` is exactly this state (:func:`_save_all`). Built by
+    :func:`_start_run`; the counters (``step``, ``epoch``, ``pos``, ``perm``, ``recent``,
+    ``wall_time_before``, ``sessions``) come from ``resume.pt`` when resuming (:func:`_restore`).
+    """
+
+    cfg: dict[str, Any]  # the resolved run config
+    output_dir: Path
+    device: torch.device
+    train_set: LowdimDataset | PushTImageDataset
+    val_set: SequenceDataset | PushTImageDataset
+    policy_config: PolicyConfig
+    policy: LowdimPolicy
+    ema_policy: LowdimPolicy  # the averaged copy (what ships); a plain copy when EMA is off
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    data_gen: torch.Generator  # the data order
+    noise_gen: torch.Generator  # the loss noise
+    fingerprint: str  # the dataset's sha256 (:func:`_fingerprint`)
+    perm: torch.Tensor  # this epoch's window order; ``pos`` is the next batch's start in it
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    wall_time_before: float = 0.0  # training seconds of earlier sessions of a resumed run
+    recent: list[float] = field(default_factory=list)  # the last 100 losses
+    window: list[float] = field(default_factory=list)  # the losses since the last logged step
+    wandb_id: str | None = None
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # every invocation of a resumed run
+    last: dict[str, Any] = field(default_factory=lambda: {"val_loss": None, "val_loss_ema": None, "rollout": None,
+                                                          "val_step": None})
+    logger: TrainLogger | None = None
+    t0: float = field(default_factory=time.monotonic)
+
+    @property
+    def tcfg(self) -> dict[str, Any]:
+        return self.cfg["training"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.tcfg["seed"])
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.tcfg["max_steps"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tcfg["batch_size"])
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def elapsed(self) -> float:
+        """Seconds since this session's loop started."""
+        return time.monotonic() - self.t0
+
+
+def _ema_options(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """``(enabled, EMA keyword arguments)`` from ``cfg.ema``."""
+    ecfg = dict(cfg.get("ema") or {})
+    return bool(ecfg.pop("enabled", True)), ecfg
+
+
+def _read_resume_state(run_cfg: Mapping[str, Any], ckpt_dir: Path) -> dict[str, Any] | None:
+    """``resume.pt``'s contents with ``resume=true`` (None otherwise), read before any expensive work."""
+    if not run_cfg.get("resume"):
+        return None
+    resume_path = Path(run_cfg.get("resume_from") or ckpt_dir / RESUME_NAME)
+    if not resume_path.is_file():
+        raise FileNotFoundError(
+            f"resume=true but there is no training state at {resume_path}. Pass the earlier run's "
+            f"directory (hydra.run.dir=<run dir>) or resume_from=<path to {RESUME_NAME}>."
+        )
+    resume_state = torch.load(resume_path, map_location="cpu", weights_only=True)
+    if resume_state.get("format") != RESUME_FORMAT or int(resume_state.get("version", -1)) > RESUME_VERSION:
+        raise ValueError(f"{resume_path} is not a para_policy training state (format {RESUME_FORMAT!r})")
+    return resume_state
+
+
+def _make_policy(run_cfg: dict[str, Any], train_set: LowdimDataset | PushTImageDataset,
+                 device: torch.device) -> tuple[PolicyConfig, LowdimPolicy]:
+    """The policy config and a freshly initialised policy (seeded) with its normalizer fitted to ``train_set``."""
+    torch.manual_seed(int(run_cfg["training"]["seed"]))  # model initialisation
+    policy_config = PolicyConfig.from_dict(build_policy_config(run_cfg))  # checked here; checkpoints store to_dict()
+    policy = (ImagePolicy if policy_config.is_image else LowdimPolicy)(policy_config)
+    fit_normalizer(policy, train_set)
+    policy.to(device).train()
+    return policy_config, policy
+
+
+def _start_run(run_cfg: dict[str, Any], output_dir: Path) -> _TrainRun:
+    """Data, policy, EMA copy, optimizer, learning-rate schedule and generators of a fresh run."""
     tcfg = run_cfg["training"]
-    output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = output_dir / "checkpoints"
-    if tcfg.get("num_threads"):
-        torch.set_num_threads(int(tcfg["num_threads"]))
     device = torch.device(tcfg.get("device", "cpu"))
     seed = int(tcfg["seed"])
-    max_steps = int(tcfg["max_steps"])
-    max_minutes = tcfg.get("max_minutes")
-    batch_size = int(tcfg["batch_size"])
-
-    # Resume state first: a missing resume file is an error before any expensive work.
-    resume_state = None
-    if run_cfg.get("resume"):
-        resume_path = Path(run_cfg.get("resume_from") or ckpt_dir / RESUME_NAME)
-        if not resume_path.is_file():
-            raise FileNotFoundError(
-                f"resume=true but there is no training state at {resume_path}. Pass the earlier run's "
-                f"directory (hydra.run.dir=<run dir>) or resume_from=<path to {RESUME_NAME}>."
-            )
-        resume_state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if resume_state.get("format") != RESUME_FORMAT or int(resume_state.get("version", -1)) > RESUME_VERSION:
-            raise ValueError(f"{resume_path} is not a para_policy training state (format {RESUME_FORMAT!r})")
-
     train_set, val_set = make_datasets(run_cfg)
     if len(train_set) == 0:
         raise ValueError(f"no training windows in {train_set.path} (horizon {train_set.horizon})")
-
-    torch.manual_seed(seed)  # model initialisation
-    policy_config = build_policy_config(run_cfg)
-    policy = (ImagePolicy if "obs_encoder" in policy_config else LowdimPolicy)(policy_config)
-    fit_normalizer(policy, train_set)
-    policy.to(device).train()
+    policy_config, policy = _make_policy(run_cfg, train_set, device)
     ema_policy = copy.deepcopy(policy)
-    ecfg = dict(run_cfg.get("ema") or {})
-    use_ema = bool(ecfg.pop("enabled", True))
+    use_ema, ecfg = _ema_options(run_cfg)
     ema = EMA(ema_policy, **ecfg) if use_ema else None
-
     ocfg = run_cfg["optimizer"]
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
@@ -509,219 +539,257 @@ def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | 
         weight_decay=float(ocfg["weight_decay"]),
     )
     lr_scheduler = make_lr_scheduler(
-        optimizer, tcfg.get("lr_scheduler", "cosine"), int(tcfg.get("lr_warmup_steps", 0)), max_steps
+        optimizer, tcfg.get("lr_scheduler", "cosine"), int(tcfg.get("lr_warmup_steps", 0)), int(tcfg["max_steps"])
     )
     data_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator().manual_seed(seed + 1)
-    step, epoch, pos = 0, 0, 0
     perm = torch.randperm(len(train_set), generator=data_gen)
-    wall_time_before = 0.0
-    recent: list[float] = []
-    wandb_id = None
-    sessions: list[dict[str, Any]] = []
-    fingerprint = _fingerprint(train_set)
-    if resume_state is not None:
-        saved_config = json.loads(resume_state["policy_config"])
-        if saved_config != policy_config:
-            changed = sorted(k for k in set(saved_config) | set(policy_config)
-                             if saved_config.get(k) != policy_config.get(k))
-            raise ValueError(f"cannot resume: the policy config differs from the saved run's in {changed}")
-        if resume_state.get("dataset_sha256") != fingerprint:
-            raise ValueError(
-                f"cannot resume: the dataset at {train_set.path} is not the one the run was trained on "
-                f"(sha256 {fingerprint[:12]}… != {str(resume_state.get('dataset_sha256'))[:12]}…)"
-            )
-        policy.load_state_dict(resume_state["model"])
-        ema_policy.load_state_dict(resume_state["ema_model"])
-        if ema is not None:
-            ema.load_state_dict(resume_state["ema"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        lr_scheduler.load_state_dict(resume_state["lr_scheduler"])
-        data_gen.set_state(resume_state["rng"]["data"])
-        noise_gen.set_state(resume_state["rng"]["noise"])
-        if "torch" in resume_state["rng"]:  # the global RNG: the image encoder's random crops
-            torch.set_rng_state(resume_state["rng"]["torch"])
-        step, epoch, pos = int(resume_state["step"]), int(resume_state["epoch"]), int(resume_state["pos"])
-        perm = resume_state["perm"]
-        wall_time_before = float(resume_state["wall_time"])
-        recent = list(resume_state["recent_losses"])
-        wandb_id = resume_state.get("wandb_id")
-        sessions = [json.loads(x) for x in resume_state.get("sessions", [])]
-    sessions.append({"command": _command(), "overrides": _hydra_overrides(), "start_step": step})
+    return _TrainRun(cfg=run_cfg, output_dir=output_dir, device=device, train_set=train_set, val_set=val_set,
+                     policy_config=policy_config, policy=policy, ema_policy=ema_policy, ema=ema,
+                     optimizer=optimizer, lr_scheduler=lr_scheduler, data_gen=data_gen, noise_gen=noise_gen,
+                     fingerprint=_fingerprint(train_set), perm=perm)
 
-    logger = _Logger(run_cfg.get("logger") or {}, output_dir, run_cfg, wandb_id)
-    dataset_info = {
-        "path": str(train_set.path),
-        "episodes": int(len(train_set.episode_ends)),
-        "steps": int(len(train_set.action)),
-        "train_episodes": train_set.n_episodes,
-        "val_episodes": val_set.n_episodes,
-        "train_windows": len(train_set),
-        "val_windows": len(val_set),
-        "sha256": fingerprint,
+
+def _restore(run: _TrainRun, resume_state: Mapping[str, Any]) -> None:
+    """Continue where ``resume.pt`` left off; refuse a run whose policy config or dataset changed."""
+    saved_config = PolicyConfig.from_dict(json.loads(resume_state["policy_config"])).to_dict()
+    current = run.policy_config.to_dict()  # both with every default written out, so older runs compare equal
+    if saved_config != current:
+        changed = sorted(k for k in set(saved_config) | set(current) if saved_config.get(k) != current.get(k))
+        raise ValueError(f"cannot resume: the policy config differs from the saved run's in {changed}")
+    if resume_state.get("dataset_sha256") != run.fingerprint:
+        raise ValueError(
+            f"cannot resume: the dataset at {run.train_set.path} is not the one the run was trained on "
+            f"(sha256 {run.fingerprint[:12]}… != {str(resume_state.get('dataset_sha256'))[:12]}…)"
+        )
+    run.policy.load_state_dict(resume_state["model"])
+    run.ema_policy.load_state_dict(resume_state["ema_model"])
+    if run.ema is not None:
+        run.ema.load_state_dict(resume_state["ema"])
+    run.optimizer.load_state_dict(resume_state["optimizer"])
+    run.lr_scheduler.load_state_dict(resume_state["lr_scheduler"])
+    run.data_gen.set_state(resume_state["rng"]["data"])
+    run.noise_gen.set_state(resume_state["rng"]["noise"])
+    if "torch" in resume_state["rng"]:  # the global RNG: the image encoder's random crops
+        torch.set_rng_state(resume_state["rng"]["torch"])
+    run.step, run.epoch, run.pos = int(resume_state["step"]), int(resume_state["epoch"]), int(resume_state["pos"])
+    run.perm = resume_state["perm"]
+    run.wall_time_before = float(resume_state["wall_time"])
+    run.recent = list(resume_state["recent_losses"])
+    run.wandb_id = resume_state.get("wandb_id")
+    run.sessions = [json.loads(x) for x in resume_state.get("sessions", [])]
+
+
+def _dataset_info(run: _TrainRun) -> dict[str, Any]:
+    return {
+        "path": str(run.train_set.path),
+        "episodes": int(len(run.train_set.episode_ends)),
+        "steps": int(len(run.train_set.action)),
+        "train_episodes": run.train_set.n_episodes,
+        "val_episodes": run.val_set.n_episodes,
+        "train_windows": len(run.train_set),
+        "val_windows": len(run.val_set),
+        "sha256": run.fingerprint,
     }
-    eval_model = ema_policy if use_ema else policy
-    val_every = int(tcfg.get("val_every") or 0)
-    ckpt_every = int(tcfg.get("checkpoint_every") or 0)
-    log_every = max(1, int(tcfg.get("log_every") or 1))
-    rollout_every = int(tcfg.get("rollout_every") or 0)
-    last: dict[str, Any] = {"val_loss": None, "val_loss_ema": None, "rollout": None, "val_step": None}
-    t0 = time.monotonic()
 
-    def elapsed() -> float:
-        return time.monotonic() - t0
 
-    def provenance(stop_reason: str | None) -> dict[str, Any]:
-        return {
-            "command": sessions[0]["command"],
-            "overrides": sessions[0]["overrides"],
-            "sessions": sessions if len(sessions) > 1 else [],  # every invocation of a resumed run
-            "seed": seed,
-            "steps": step,
-            "epochs": epoch,
-            "batch_size": batch_size,
-            "optimizer": {"name": "AdamW", **ocfg},
-            "lr_scheduler": tcfg.get("lr_scheduler", "cosine"),
-            "lr_warmup_steps": int(tcfg.get("lr_warmup_steps", 0)),
-            "max_steps": max_steps,
-            "max_minutes": max_minutes,
-            "ema": {"enabled": use_ema, **ecfg},
-            "wall_time_s": round(wall_time_before + elapsed(), 1),
-            "num_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "device": str(device),
-            "dataset": dataset_info,
-            "final_train_loss": _mean(recent[-100:]),
-            "final_val_loss": last["val_loss"],
-            "final_val_loss_ema": last["val_loss_ema"],
-            "last_rollout": last["rollout"],
-            "stop_reason": stop_reason,
-            "git_commit": _git_commit(),
-            "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
-        }
+def _provenance(run: _TrainRun, stop_reason: str | None) -> dict[str, Any]:
+    """The ``training`` block a checkpoint's config carries: how, on what and for how long it was trained."""
+    tcfg = run.tcfg
+    use_ema, ecfg = _ema_options(run.cfg)
+    return {
+        "command": run.sessions[0]["command"],
+        "overrides": run.sessions[0]["overrides"],
+        "sessions": run.sessions if len(run.sessions) > 1 else [],  # every invocation of a resumed run
+        "seed": run.seed,
+        "steps": run.step,
+        "epochs": run.epoch,
+        "batch_size": run.batch_size,
+        "optimizer": {"name": "AdamW", **run.cfg["optimizer"]},
+        "lr_scheduler": tcfg.get("lr_scheduler", "cosine"),
+        "lr_warmup_steps": int(tcfg.get("lr_warmup_steps", 0)),
+        "max_steps": run.max_steps,
+        "max_minutes": tcfg.get("max_minutes"),
+        "ema": {"enabled": use_ema, **ecfg},
+        "wall_time_s": round(run.wall_time_before + run.elapsed(), 1),
+        "num_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "device": str(run.device),
+        "dataset": _dataset_info(run),
+        "final_train_loss": _mean(run.recent[-100:]),
+        "final_val_loss": run.last["val_loss"],
+        "final_val_loss_ema": run.last["val_loss_ema"],
+        "last_rollout": run.last["rollout"],
+        "stop_reason": stop_reason,
+        "git_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
 
-    def save_all(final: bool, stop_reason: str | None) -> None:
-        cfg_out = {**policy_config, "training": provenance(stop_reason)}
-        state = (ema_policy if use_ema else policy).state_dict()
-        save_checkpoint(ckpt_dir / "latest.safetensors", state, cfg_out)
-        if final:
-            save_checkpoint(ckpt_dir / "final.safetensors", state, cfg_out)
-        train_state = {
-            "format": RESUME_FORMAT,
-            "version": RESUME_VERSION,
-            "step": step,
-            "epoch": epoch,
-            "pos": pos,
-            "perm": perm,
-            "model": policy.state_dict(),
-            "ema_model": ema_policy.state_dict(),
-            "ema": ema.state_dict() if ema is not None else {"optimization_step": 0, "decay": 0.0},
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "rng": {"data": data_gen.get_state(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()},
-            "wall_time": wall_time_before + elapsed(),
-            "recent_losses": recent[-100:],
-            "wandb_id": logger.run_id,
-            "sessions": [json.dumps(x) for x in sessions],
-            "policy_config": json.dumps(policy_config),
-            "dataset_sha256": fingerprint,
-        }
-        atomic_write(ckpt_dir / RESUME_NAME, lambda tmp: torch.save(train_state, tmp))
 
-    def evaluate(force_val: bool = False) -> dict[str, Any]:
-        record: dict[str, Any] = {}
-        if val_every and (force_val or step % val_every == 0 or step == max_steps):
-            last["val_step"] = step
-            vb = tcfg.get("val_batches")
-            last["val_loss"] = validation_loss(policy, val_set, batch_size, seed + 2, vb)
-            if use_ema:
-                last["val_loss_ema"] = validation_loss(ema_policy, val_set, batch_size, seed + 2, vb)
-            record.update(val_loss=last["val_loss"], val_loss_ema=last["val_loss_ema"])
-        if rollout_every and step % rollout_every == 0:
-            result = rollout(
-                eval_model,
-                int(tcfg.get("rollout_episodes", 4)),
-                int(tcfg.get("rollout_seed_start", 0)),
-                int(run_cfg["task"].get("max_steps", 300)),
-                tcfg.get("rollout_predict") or {},
-                task=run_cfg["task"],
-            )
-            last["rollout"] = {"step": step, **result}
-            record.update(rollout_mean_max_reward=result["mean_max_reward"], rollout_success=result["success_rate"])
-        return {k: v for k, v in record.items() if v is not None}
+def _save_all(run: _TrainRun, final: bool, stop_reason: str | None) -> None:
+    """The shipped policy (``latest``, and ``final`` at the end) and ``resume.pt``, each written atomically."""
+    cfg_out = {**run.policy_config.to_dict(), "training": _provenance(run, stop_reason)}
+    state = (run.policy if run.ema is None else run.ema_policy).state_dict()
+    save_checkpoint(run.ckpt_dir / "latest.safetensors", state, cfg_out)
+    if final:
+        save_checkpoint(run.ckpt_dir / "final.safetensors", state, cfg_out)
+    train_state = {
+        "format": RESUME_FORMAT,
+        "version": RESUME_VERSION,
+        "step": run.step,
+        "epoch": run.epoch,
+        "pos": run.pos,
+        "perm": run.perm,
+        "model": run.policy.state_dict(),
+        "ema_model": run.ema_policy.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else {"optimization_step": 0, "decay": 0.0},
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "rng": {"data": run.data_gen.get_state(), "noise": run.noise_gen.get_state(), "torch": torch.get_rng_state()},
+        "wall_time": run.wall_time_before + run.elapsed(),
+        "recent_losses": run.recent[-100:],
+        "wandb_id": run.logger.run_id,
+        "sessions": [json.dumps(x) for x in run.sessions],
+        "policy_config": json.dumps(run.policy_config.to_dict()),
+        "dataset_sha256": run.fingerprint,
+    }
+    atomic_write(run.ckpt_dir / RESUME_NAME, lambda tmp: torch.save(train_state, tmp))
 
+
+def _validate_and_roll_out(run: _TrainRun, force_val: bool = False) -> dict[str, Any]:
+    """Validation losses every ``val_every`` steps (and at the last), rollouts every ``rollout_every``: the record."""
+    tcfg, step = run.tcfg, run.step
+    val_every, rollout_every = int(tcfg.get("val_every") or 0), int(tcfg.get("rollout_every") or 0)
+    record: dict[str, Any] = {}
+    if val_every and (force_val or step % val_every == 0 or step == run.max_steps):
+        run.last["val_step"] = step
+        vb = tcfg.get("val_batches")
+        run.last["val_loss"] = validation_loss(run.policy, run.val_set, run.batch_size, run.seed + 2, vb)
+        if run.ema is not None:
+            run.last["val_loss_ema"] = validation_loss(run.ema_policy, run.val_set, run.batch_size, run.seed + 2, vb)
+        record.update(val_loss=run.last["val_loss"], val_loss_ema=run.last["val_loss_ema"])
+    if rollout_every and step % rollout_every == 0:
+        result = rollout(
+            run.policy if run.ema is None else run.ema_policy,
+            int(tcfg.get("rollout_episodes", 4)),
+            int(tcfg.get("rollout_seed_start", 0)),
+            int(run.cfg["task"].get("max_steps", 300)),
+            tcfg.get("rollout_predict") or {},
+            task=run.cfg["task"],
+        )
+        run.last["rollout"] = {"step": step, **result}
+        record.update(rollout_mean_max_reward=result["mean_max_reward"], rollout_success=result["success_rate"])
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def _train_step(run: _TrainRun) -> float:
+    """One optimizer step on the next batch of the epoch's order (a new order after the last); the loss."""
+    if run.pos >= len(run.perm):
+        run.perm = torch.randperm(len(run.train_set), generator=run.data_gen)
+        run.pos, run.epoch = 0, run.epoch + 1
+    idx = run.perm[run.pos : run.pos + run.batch_size]
+    run.pos += run.batch_size
+    batch = {k: v.to(run.device) for k, v in run.train_set.get_batch(idx).items()}
+    loss = run.policy.compute_loss(batch, generator=run.noise_gen)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {float(loss)} at step {run.step}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.step(run.policy)
+    run.step += 1
+    value = loss.detach().item()
+    run.recent.append(value)
+    del run.recent[:-100]
+    run.window.append(value)
+    return value
+
+
+def _log_step(run: _TrainRun, bar: Any) -> None:
+    """Log the step's record (mean loss every ``log_every`` steps, validation, rollouts), if it has one."""
+    log_every = max(1, int(run.tcfg.get("log_every") or 1))
+    record: dict[str, Any] = {}
+    if run.step % log_every == 0:
+        record.update(
+            train_loss=_mean(run.window), lr=run.lr_scheduler.get_last_lr()[0], epoch=run.epoch,
+            elapsed_s=round(run.wall_time_before + run.elapsed(), 2),
+        )
+        run.window = []
+    record.update(_validate_and_roll_out(run))
+    if not record:
+        return
+    run.logger.log({"step": run.step, **record})
+    if "val_loss" in record:
+        bar.write(
+            f"step {run.step}: train {_mean(run.recent[-log_every:]):.4f}  val {record['val_loss']:.4f}"
+            + (f"  val(ema) {record['val_loss_ema']:.4f}" if "val_loss_ema" in record else "")
+        )
+
+
+def _loop(run: _TrainRun) -> str:
+    """Steps until ``max_steps`` or ``max_minutes``; the stop reason. Ctrl-C saves ``resume.pt`` first."""
+    max_minutes = run.tcfg.get("max_minutes")
+    ckpt_every = int(run.tcfg.get("checkpoint_every") or 0)
     stop_reason = "max_steps"
-    bar = tqdm(total=max_steps, initial=step, desc="train", mininterval=1.0, disable=not tcfg.get("progress", True))
-    window: list[float] = []
+    bar = tqdm(total=run.max_steps, initial=run.step, desc="train", mininterval=1.0,
+               disable=not run.tcfg.get("progress", True))
     try:
-        while step < max_steps:
-            if max_minutes is not None and elapsed() >= 60.0 * float(max_minutes):
+        while run.step < run.max_steps:
+            if max_minutes is not None and run.elapsed() >= 60.0 * float(max_minutes):
                 stop_reason = "max_minutes"
                 break
-            if pos >= len(perm):
-                perm = torch.randperm(len(train_set), generator=data_gen)
-                pos, epoch = 0, epoch + 1
-            idx = perm[pos : pos + batch_size]
-            pos += batch_size
-            batch = {k: v.to(device) for k, v in train_set.get_batch(idx).items()}
-            loss = policy.compute_loss(batch, generator=noise_gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {float(loss)} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(policy)
-            step += 1
-            value = loss.detach().item()
-            recent.append(value)
-            del recent[:-100]
-            window.append(value)
+            value = _train_step(run)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            record: dict[str, Any] = {}
-            if step % log_every == 0:
-                record.update(
-                    train_loss=_mean(window), lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
-                    elapsed_s=round(wall_time_before + elapsed(), 2),
-                )
-                window = []
-            record.update(evaluate())
-            if record:
-                logger.log({"step": step, **record})
-                if "val_loss" in record:
-                    bar.write(
-                        f"step {step}: train {_mean(recent[-log_every:]):.4f}  val {record['val_loss']:.4f}"
-                        + (f"  val(ema) {record['val_loss_ema']:.4f}" if "val_loss_ema" in record else "")
-                    )
-            if ckpt_every and step % ckpt_every == 0 and step < max_steps:
-                save_all(final=False, stop_reason=None)
+            _log_step(run, bar)
+            if ckpt_every and run.step % ckpt_every == 0 and run.step < run.max_steps:
+                _save_all(run, final=False, stop_reason=None)
     except KeyboardInterrupt:
         bar.close()
-        save_all(final=False, stop_reason="interrupted")  # resume=true picks up from here
-        logger.finish()
+        _save_all(run, final=False, stop_reason="interrupted")  # resume=true picks up from here
+        run.logger.finish()
         raise
     finally:
         bar.close()
-    if val_every and last["val_step"] != step:  # stopped by the time budget: validate the final weights
-        logger.log({"step": step, **evaluate(force_val=True)})
-    save_all(final=True, stop_reason=stop_reason)
-    logger.log({"step": step, "event": "done", "stop_reason": stop_reason,
-                "wall_time_s": round(wall_time_before + elapsed(), 1)})
-    logger.finish()
+    return stop_reason
+
+
+def _train(cfg: DictConfig | Mapping[str, Any], output_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """:func:`train`'s body: set up (or resume) the run, loop, validate the last weights, save, summarise."""
+    run_cfg = _plain(cfg)
+    tcfg = run_cfg["training"]
+    output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if tcfg.get("num_threads"):
+        torch.set_num_threads(int(tcfg["num_threads"]))
+    resume_state = _read_resume_state(run_cfg, output_dir / "checkpoints")  # a missing file fails first
+    run = _start_run(run_cfg, output_dir)
+    if resume_state is not None:
+        _restore(run, resume_state)
+    run.sessions.append({"command": _command(), "overrides": _hydra_overrides(), "start_step": run.step})
+    run.logger = TrainLogger(run_cfg.get("logger") or {}, output_dir, run_cfg, run.wandb_id)
+    run.t0 = time.monotonic()
+    stop_reason = _loop(run)
+    if int(tcfg.get("val_every") or 0) and run.last["val_step"] != run.step:  # stopped by the time budget: validate
+        run.logger.log({"step": run.step, **_validate_and_roll_out(run, force_val=True)})
+    _save_all(run, final=True, stop_reason=stop_reason)
+    run.logger.log({"step": run.step, "event": "done", "stop_reason": stop_reason,
+                    "wall_time_s": round(run.wall_time_before + run.elapsed(), 1)})
+    run.logger.finish()
     return {
         "output_dir": str(output_dir),
-        "checkpoint": str(ckpt_dir / "final.safetensors"),
-        "resume_path": str(ckpt_dir / RESUME_NAME),
-        "step": step,
+        "checkpoint": str(run.ckpt_dir / "final.safetensors"),
+        "resume_path": str(run.ckpt_dir / RESUME_NAME),
+        "step": run.step,
         "stop_reason": stop_reason,
-        "train_loss": _mean(recent[-100:]),
-        "val_loss": last["val_loss"],
-        "val_loss_ema": last["val_loss_ema"],
-        "rollout": last["rollout"],
-        "policy_config": policy_config,
+        "train_loss": _mean(run.recent[-100:]),
+        "val_loss": run.last["val_loss"],
+        "val_loss_ema": run.last["val_loss_ema"],
+        "rollout": run.last["rollout"],
+        "policy_config": run.policy_config.to_dict(),
     }
 
 

@@ -1,11 +1,10 @@
 """Choosing the Picard window from what a batch costs on this machine.
 
 A round of Picard sampling is one denoiser call on the rows of the window, so its cost
-is the cost of a batch of that many rows. On a GPU a batch of 100 costs about as much
-as a batch of 1 and the largest window wins; on a small CPU it does not (the shipped
-PushT net on 2 cores: a batch of 16 costs about 2 single calls, a batch of 100 about
-6). Wider windows need fewer rounds but each round costs more, so the best window is a
-property of the machine and the model, not a constant.
+is the cost of a batch of that many rows. On a GPU a wide batch costs about as much as a
+batch of 1 and the largest window wins; on a small CPU the cost grows with the rows (measured
+cost curves: docs/benchmarks.md). Wider windows need fewer rounds but each round costs more,
+so the best window is a property of the machine and the model, not a constant.
 
 Method: the **cost curve** ``c(n)`` (median ms of one denoiser call on ``n`` rows) is
 measured once; each candidate window is run on a few calibration chunks, which gives
@@ -15,16 +14,27 @@ linearly between measured batch sizes. The window with the lowest mean predictio
 window 1, the sequential loop, is a candidate, so the choice is never predicted slower than
 sequential sampling. :func:`calibrate_window` does it for any denoiser, :func:`tune_window`
 for a policy, and :func:`resolve_window` caches the result (``window='auto'`` on every path).
+
+Any batch size is tuned with the work of batch 1: the candidate windows run on single samples
+cut from the calibration problems (one of each, :data:`CALIBRATION_SAMPLES`), whose rows per
+round add up to the batch's (:func:`batch_trace`); the cost curve is timed up to
+:data:`MAX_CURVE_ROWS` rows (or the widest window) and extended linearly past them; the
+sampler's own time per round is timed at no more than :data:`MAX_OVERHEAD_BATCH` samples and
+extended linearly in the batch size. So while tuning the model is never called on more rows
+than that, whatever the batch.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -138,6 +148,14 @@ def choose_window(cost: Mapping[int, float], traces: Mapping[int, Sequence[Seque
 
 #: window 1 is the sequential loop: with it among the candidates, ``auto`` never predicts slower than sequential
 CANDIDATE_WINDOWS = (1, 8, 16, 24, 32, 48, 64, 100)
+#: single samples the candidate windows run on, at least one per calibration problem: a batch's rounds
+#: are built from them, so calibrating a batch of any size costs what calibrating batch 1 does
+CALIBRATION_SAMPLES = 1
+#: the largest row count the cost curve is timed at (or the widest window, if wider); rounds with more
+#: rows are costed by extending the curve linearly (:func:`round_cost`), as a CPU's cost grows
+MAX_CURVE_ROWS = 100
+#: the largest batch the sampler's own time per round is timed at; past it, extended linearly in the batch
+MAX_OVERHEAD_BATCH = 8
 #: environment variable naming the folder of the window cache ("off" disables the file)
 CACHE_ENV = "PARA_POLICY_CACHE_DIR"
 CACHE_FILE = "windows.json"
@@ -147,11 +165,85 @@ log = logging.getLogger("para_policy.window")
 
 @dataclass
 class Problem:
-    """One calibration call: its conditioning, inpainting and trajectory shape ``(B, T, D)``."""
+    """One calibration call: its conditioning, inpainting and trajectory shape ``(B, T, D)``.
+
+    ``condition`` ``(n, ...)`` and ``inpaint`` ``(n, T, D)`` tensors may hold fewer rows than ``B``
+    (``n >= 1``): the tuner calibrates on a few of them and reuses them cyclically.
+    """
 
     shape: tuple[int, int, int]
     condition: torch.Tensor | None = None
     inpaint: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def problem_rows(problem: Problem, rows: Sequence[int]) -> Problem:
+    """``problem`` cut to samples ``rows`` (indices into its ``B``; its tensors' rows are reused cyclically)."""
+    _, T, D = problem.shape
+
+    def take(v: torch.Tensor) -> torch.Tensor:
+        return v[torch.tensor([r % v.shape[0] for r in rows], device=v.device)]
+
+    condition = None if problem.condition is None else take(problem.condition)
+    inpaint = None if problem.inpaint is None else (take(problem.inpaint[0]), take(problem.inpaint[1]))
+    return Problem((len(rows), T, D), condition, inpaint)
+
+
+def sample_problems(problems: Sequence[Problem], limit: int = CALIBRATION_SAMPLES) -> list[Problem]:
+    """Single-sample problems ``(1, T, D)`` cut from ``problems``: sample 0 of each, then sample 1 of each, ...
+
+    At most ``max(limit, len(problems))`` of them, so the candidate windows run on as many chunks
+    at batch 64 as at batch 1 (problems of batch 1 come back as they are).
+    """
+    order = ((p, i) for i in range(max(p.shape[0] for p in problems)) for p in problems if i < p.shape[0])
+    return [problem_rows(p, [i]) for p, i in itertools.islice(order, max(limit, len(problems)))]
+
+
+def batch_trace(runs: Sequence[Sequence[int]], batch: int, shared: bool = False) -> list[list[int]]:
+    """Rows per round of chunks of ``batch`` samples, built from ``runs`` of single samples.
+
+    Chunk ``c`` holds samples ``c, c + 1, ...`` of the runs, taken cyclically (``batch`` of them).
+    With per-sample windows a sample's rounds do not depend on the others in its batch, so a
+    round's rows are the sum of its members' rows in that round and the chunk lasts as long as
+    its slowest member. A ``shared`` window (``per_sample_windows=False``) slides with the
+    slowest sample; approximated as each round evaluating ``batch`` times the rows of the member
+    with the most. Batch 1 gives the runs back. Returns one trace per run.
+    """
+    n = len(runs)
+    traces = []
+    for c in range(n):
+        # how many times run k appears among the chunk's batch samples (c, c + 1, ... mod n)
+        counts = [batch // n + int((k - c) % n < batch % n) for k in range(n)]
+        members = [(runs[k], m) for k, m in enumerate(counts) if m]
+        length = max(len(r) for r, _ in members)
+        rows = []
+        for i in range(length):
+            here = [(r[i], m) for r, m in members if i < len(r)]
+            rows.append(batch * max(x for x, _ in here) if shared else sum(x * m for x, m in here))
+        traces.append(rows)
+    return traces
+
+
+@torch.inference_mode()
+def batch_overhead(schedule: Any, spec: Any, problem: Problem, windows: Sequence[int], *, seed: int = 0,
+                   device: torch.device | str = "cpu") -> dict[int, float]:
+    """:func:`sampler_overhead` at ``problem``'s batch ``B``, timed at no more than :data:`MAX_OVERHEAD_BATCH` samples.
+
+    Up to that batch it is timed at ``B`` itself; past it at batch 1 and at that batch and
+    extended linearly in the batch size (the sampler's own work per round is a fixed part plus
+    a part per row), so a batch of thousands is not run even with a free model.
+    """
+    from para_policy.samplers import draw_noise
+
+    B, T, D = problem.shape
+    small = min(B, MAX_OVERHEAD_BATCH)
+    sizes = [small] if B == small else [1, small]
+    at = {}
+    for b in sizes:
+        noise = draw_noise(schedule, (b, T, D), torch.Generator().manual_seed(seed))
+        at[b] = sampler_overhead(schedule, spec, problem_rows(problem, range(b)), noise, windows, device=device)
+    if B == small:
+        return at[B]
+    return {w: at[1][w] + max(at[small][w] - at[1][w], 0.0) * (B - 1) / (small - 1) for w in at[1]}
 
 
 @torch.inference_mode()
@@ -175,61 +267,74 @@ def calibrate_window(
         spec: the iterative :class:`~para_policy.samplers.SamplerConfig` to tune (its
             window is replaced by each candidate, everything else kept). Calibration calls
             are cold and draw their own noise from ``seed``.
-        problems: the calls to calibrate on (their batch size is the one tuned for).
+        problems: the calls to calibrate on (their batch size ``B`` is the one tuned for). The
+            candidates run on single samples cut from them (:func:`sample_problems`) and the
+            batch's rounds are built from those (:func:`batch_trace`): the denoiser never gets
+            more rows than the widest window or :data:`MAX_CURVE_ROWS`, at any ``B``.
         candidates: windows to try (clipped to the number of steps).
-        cost: a cost curve measured before (``{rows: ms}``); measured now when None.
+        cost: a cost curve measured before (``{rows: ms}``); measured now when None, up to
+            :data:`MAX_CURVE_ROWS` rows (extended linearly past them).
         device: where the calibration tensors live (the denoiser's device).
     Returns:
         ``(window, info)``; info has ``cost``, ``predicted_ms`` and ``rounds`` per window, and
         ``round_shape``: with ``round_shape='auto'`` both shapes are candidates (the fixed one
         evaluates ``B·W`` rows every round, the same rounds), each with its own measured
         bookkeeping per round, and the cheaper prediction wins (``predicted_ms_fixed`` has the
-        fixed shape's predictions).
+        fixed shape's predictions); ``calibration_samples``, the single samples run.
     """
-    from para_policy.samplers import draw_noise
-
     if not problems:
         raise ValueError("calibrating the window needs at least one observation")
     if not spec.iterative:
         raise ValueError(f"only Picard samplers have a window, not {spec.name!r}")
-    S = schedule.num_steps
-    windows = sorted({min(int(w), S) for w in candidates})
+    windows = sorted({min(int(w), schedule.num_steps) for w in candidates})
     first = problems[0]
     B, T, D = first.shape
     if cost is None:
         cond = None if first.condition is None else first.condition[:1]
-        top = windows[-1] * B
+        top = min(windows[-1] * B, max(windows[-1], MAX_CURVE_ROWS))
         sizes = sorted({n for n in DEFAULT_BATCHES if n <= top} | {top})
         cost = batch_cost_curve(denoiser, (T, D), cond, sizes, num_train_timesteps=int(schedule.timesteps.max()) + 1,
                                 reps=reps, device=device)
-    g = torch.Generator().manual_seed(seed)
-    noises = [draw_noise(schedule, p.shape, g) for p in problems]
-    traces: dict[int, list[list[int]]] = {}
-    fn = spec.family.sample
+    singles = sample_problems(problems)
     shape = spec.options.get("round_shape", "compact")
-    for w in windows:
-        options = {**spec.options, "window": w, **({"round_shape": "compact"} if shape == "auto" else {})}
-        for p, (x_T, noise) in zip(problems, noises, strict=True):
-            _, stats = fn(denoiser, schedule, x_T.to(device), noise.to(device), condition=p.condition,
-                          inpaint=p.inpaint, **options)
-            traces.setdefault(w, []).append(list(stats.rows_per_round))
+    runs = _window_runs(denoiser, schedule, spec, singles, windows, seed, device)
+    shared = not spec.options.get("per_sample_windows", True)
+    traces = {w: batch_trace(r, B, shared) for w, r in runs.items()}
     compact = spec.with_options(round_shape="compact") if shape == "auto" else spec
-    overhead = sampler_overhead(schedule, compact, first, noises[0], windows, device=device)
+    overhead = batch_overhead(schedule, compact, first, windows, seed=seed, device=device)
     best, predicted = choose_window(cost, traces, overhead)
     rounds = {w: statistics.mean(len(t) for t in ts) for w, ts in traces.items()}
     info = {"cost": dict(cost), "predicted_ms": predicted, "rounds": rounds, "overhead_ms_per_round": overhead,
-            "round_shape": "compact" if shape == "auto" else shape}
+            "round_shape": "compact" if shape == "auto" else shape, "calibration_samples": len(singles)}
     if shape == "auto":  # the fixed shape: the same rounds, every slot evaluated, its own bookkeeping
         wide = [w for w in windows if w > 1]  # window 1 is the sequential loop in either shape
         if wide:
             fixed = {w: [[B * w] * len(run) for run in traces[w]] for w in wide}
-            fixed_overhead = sampler_overhead(schedule, spec.with_options(round_shape="fixed"), first, noises[0],
-                                              wide, device=device)
+            fixed_overhead = batch_overhead(schedule, spec.with_options(round_shape="fixed"), first, wide,
+                                            seed=seed, device=device)
             best_fixed, predicted_fixed = choose_window(cost, fixed, fixed_overhead)
             info.update(predicted_ms_fixed=predicted_fixed, overhead_ms_per_round_fixed=fixed_overhead)
             if predicted_fixed[best_fixed] < predicted[best]:
                 best, info["round_shape"] = best_fixed, "fixed"
     return best, info
+
+
+def _window_runs(denoiser: Callable[..., torch.Tensor], schedule: Any, spec: Any, singles: Sequence[Problem],
+                 windows: Sequence[int], seed: int, device: torch.device | str) -> dict[int, list[list[int]]]:
+    """``{window: [rows_per_round of each single-sample problem]}``: each candidate run cold on each sample."""
+    from para_policy.samplers import draw_noise
+
+    g = torch.Generator().manual_seed(seed)
+    noises = [draw_noise(schedule, p.shape, g) for p in singles]
+    shape = spec.options.get("round_shape", "compact")
+    runs: dict[int, list[list[int]]] = {}
+    for w in windows:
+        options = {**spec.options, "window": w, **({"round_shape": "compact"} if shape == "auto" else {})}
+        for p, (x_T, noise) in zip(singles, noises, strict=True):
+            _, stats = spec.family.sample(denoiser, schedule, x_T.to(device), noise.to(device),
+                                          condition=p.condition, inpaint=p.inpaint, **options)
+            runs.setdefault(w, []).append(list(stats.rows_per_round))
+    return runs
 
 
 def tuned_spec(spec: Any, window: int, info: Mapping[str, Any] | None = None) -> Any:
@@ -289,7 +394,9 @@ def tune_window(
     """:func:`calibrate_window` for a :class:`~para_policy.policy.LowdimPolicy` on a few observations.
 
     ``observations``: as :meth:`LowdimPolicy.observation_batch` takes them, e.g. arrays of
-    ``(n_obs_steps, obs_dim)`` (tuned for batch 1) or ``(B, n_obs_steps, obs_dim)`` (batch B).
+    ``(n_obs_steps, obs_dim)`` (tuned for batch 1) or ``(B, n_obs_steps, obs_dim)`` (batch B; only
+    the first :data:`CALIBRATION_SAMPLES` samples of each are conditioned and run: pass several
+    observations to calibrate on several samples).
     Measures now; nothing is cached (:meth:`LowdimPolicy.calibrate` caches).
     """
     if not observations:
@@ -297,10 +404,16 @@ def tune_window(
     problems = []
     for o in observations:
         obs = policy.observation_batch(o)
-        cond, inpaint = policy.conditioning(obs)
+        # conditioning (an image encoder, for an image policy) on the few samples calibrated on, not all B
+        cond, inpaint = policy.conditioning(_first_rows(obs, CALIBRATION_SAMPLES))
         problems.append(Problem(policy.trajectory_shape(policy.batch_size(obs)), cond, inpaint))
     return calibrate_window(policy.denoise, policy.schedule_for(spec), spec, problems, candidates, cost=cost,
                             reps=reps, seed=seed, device=policy.device)
+
+
+def _first_rows(obs: Any, n: int) -> Any:
+    """The first ``n`` samples of checked observations: a ``(B, ...)`` tensor or a dict of them."""
+    return {k: v[:n] for k, v in obs.items()} if isinstance(obs, Mapping) else obs[:n]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -349,12 +462,38 @@ def cache_path(name: str = CACHE_FILE) -> Path | None:
     return base / name
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: Path, what: str, message: str, *args: Any) -> None:
+    """Log ``message`` once per process for each cache file and kind of fault (a cache is read on every key)."""
+    if (str(path), what) not in _WARNED:
+        _WARNED.add((str(path), what))
+        log.warning(message, *args)
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
+    """The cache file's JSON object; ``{}`` when there is none.
+
+    A file that cannot be read (a folder, no permission) or is not a JSON object is ignored
+    with a warning naming it: the cache only saves time, so sampling goes on and measures again.
+    """
     try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
         return {}
+    except OSError as e:
+        _warn_once(path, "read", "cannot read the cache %s (%s); ignoring it", path, e)
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        _warn_once(path, "json", "the cache %s is not a JSON object; ignoring it (the next measurement "
+                   "rewrites it)", path)
+        return {}
+    return data
 
 
 def read_cache_entry(path: Path | None, key: str) -> Any:
@@ -363,18 +502,54 @@ def read_cache_entry(path: Path | None, key: str) -> Any:
 
 
 def store_cache_entry(path: Path | None, key: str, entry: Any) -> None:
-    """Store ``entry`` under ``key`` in ``path`` (atomically; other keys kept); a read-only folder only logs."""
+    """Store ``entry`` under ``key`` in ``path``, other keys kept.
+
+    Written to a temporary file beside it and renamed over it, so a reader sees the old file or
+    the new one; the temporary file is removed whatever fails. A cache that cannot be written (a
+    read-only home, ``path`` itself a folder) only warns: the entry stays in this process.
+    """
     if path is None:
         return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache(path)
         data[key] = entry
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
     except OSError as e:  # a read-only home keeps the in-process cache
-        log.warning("cannot write the cache %s: %s", path, e)
+        _warn_once(path, "write", "cannot write the cache %s: %s", path, e)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cached_entry(path: Path, key: str) -> dict[str, Any] | None:
+    """The usable window entry under ``key`` in ``path``, its tables' keys back to ints; None if none.
+
+    An entry that is not a resolved window (say ``"window": 0`` after a hand edit) is ignored
+    with a warning naming the file and the fault, and measured again, which replaces it.
+    """
+    from para_policy.samplers.picard import ROUND_SHAPES
+
+    entry = _read_cache(path).get(key)
+    if entry is None:
+        return None
+    window = entry.get("window") if isinstance(entry, dict) else None
+    shape = entry.get("round_shape") if isinstance(entry, dict) else None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        why = f"window={window!r} is not an integer >= 1"
+    elif shape is not None and shape not in ROUND_SHAPES:
+        why = f"round_shape={shape!r} is not one of {list(ROUND_SHAPES)}"
+    else:
+        try:
+            return {**_int_keys(entry), "source": str(path)}
+        except (AttributeError, TypeError, ValueError):
+            why = "its tables are not keyed by integers"
+    log.warning("ignoring the window cached in %s for this policy (%s); measuring again and replacing it",
+                path, why)
+    return None
 
 
 def cached_window(key: str) -> dict[str, Any] | None:
@@ -399,19 +574,19 @@ def resolve_window(key: str, tune: Callable[[], tuple[int, dict[str, Any]]], *,
     windows within its noise; reusing the first choice makes later runs reproducible.
     ``recalibrate`` measures again and replaces the entry. Returns ``(window, info)``;
     ``info['source']`` says where it came from (``'measured'`` in this process, or the file).
+    A cached entry that is not a usable window (``"window": 0``) is ignored with a warning
+    naming the file and the fault, and the new measurement replaces it.
     """
     path = cache_path()
     if not recalibrate:
         if key in _MEMORY:
             entry = _MEMORY[key]
             return int(entry["window"]), dict(entry)
-        if path is not None:
-            entry = _read_cache(path).get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("window"), int):
-                entry = {**_int_keys(entry), "source": str(path)}
-                _MEMORY[key] = entry
-                log.info("window auto -> %d (cached in %s)", entry["window"], path)
-                return int(entry["window"]), dict(entry)
+        entry = None if path is None else _cached_entry(path, key)
+        if entry is not None:
+            _MEMORY[key] = entry
+            log.info("window auto -> %d (cached in %s)", entry["window"], path)
+            return int(entry["window"]), dict(entry)
     t0 = time.perf_counter()
     window, info = tune()
     entry = _int_keys(json.loads(json.dumps(

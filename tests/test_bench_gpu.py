@@ -137,7 +137,7 @@ def test_bench_latency_tiny_run_reports_each_schedule_and_caches_its_scores(eval
 
     # a rerun reuses a cached score; another setting recomputes it
     from para_policy.evaluation import rollout
-    from para_policy.policy import load_policy
+    from para_policy.loading import load_policy
 
     ran: list[list[int]] = []
     monkeypatch.setattr(rollout, "run_rollouts", lambda policy, spec, task, seeds, **kw: ran.append(list(seeds)))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from para_policy.policy import load_policy
+from para_policy.loading import load_policy
 from para_policy.samplers import draw_noise, sampler_spec, sequential_sample, step_jacobians
 
 ROOT = Path(__file__).resolve().parents[1]

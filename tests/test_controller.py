@@ -39,7 +39,7 @@ def test_act_keeps_history_and_refills_queue_like_select_action():
     np.testing.assert_allclose(np.stack(actions[:NA]), first, atol=1e-4)
     np.testing.assert_allclose(np.stack(actions[NA: 2 * NA]), second, atol=1e-4)
     ctl.reset()
-    assert not ctl.actions and not ctl.observations and ctl.guess is None
+    assert not ctl.actions and not ctl.observations and ctl.step == 0
     with pytest.raises(ValueError, match="obs_dim"):
         ctl.act(np.zeros(OBS_DIM + 1))
     with pytest.raises(ValueError, match="n_obs_steps"):
@@ -63,12 +63,25 @@ def test_warm_start_at_tolerance_zero_equals_cold(global_cond):
 
 
 def test_warm_start_guess_is_the_shifted_previous_trajectory():
+    """predict_chunk warm-starts from the policy session's memory, the previous trajectory shifted by
+    n_action_steps (act() passes its own shift explicitly); reset() forgets it."""
     policy = small_policy()
     ctl = Controller(policy, window=8, tolerance=0.1, seed=0)
     ctl.predict_chunk(observations(TO))
     traj = policy.last_trajectory
-    assert torch.equal(ctl.guess[:, : HORIZON - NA], traj[:, NA:])
-    assert torch.equal(ctl.guess[:, HORIZON - NA:], traj[:, -1:].expand(-1, NA, -1))
+    guess = shift_trajectory(traj, NA)
+    assert torch.equal(guess[:, : HORIZON - NA], traj[:, NA:])
+    assert torch.equal(guess[:, HORIZON - NA:], traj[:, -1:].expand(-1, NA, -1))
+    obs = observations(TO, seed=1)
+    state = ctl.generator.get_state()
+    chunk = ctl.predict_chunk(obs)
+    assert ctl.last_record.warm
+    ref = policy.predict_action({"obs": torch.as_tensor(obs)[None]}, generator=torch.Generator().set_state(state),
+                                warm_start=guess, sampler=ctl.spec)
+    np.testing.assert_array_equal(chunk, ref["action"][0].numpy())
+    ctl.reset()
+    ctl.predict_chunk(obs)
+    assert not ctl.last_record.warm
     x = torch.arange(6.0).view(1, 6, 1)
     assert shift_trajectory(x, 4).flatten().tolist() == [4, 5, 5, 5, 5, 5]
     assert shift_trajectory(x, 9).flatten().tolist() == [5] * 6
@@ -119,7 +132,7 @@ def test_two_cpu_devices_give_the_same_sample_as_one():
     one = policy.predict_action({"obs": obs}, generator=torch.Generator().manual_seed(1), **kw)["action"]
     keys = set(policy.state_dict())
     use_devices(policy, ["cpu", "cpu"])
-    rd = policy._denoiser
+    rd = policy.runtime.denoiser
     assert isinstance(rd, ReplicatedDenoiser) and rd.replicas[1] is not policy.model
     calls = []
     handle = rd.replicas[1].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -133,7 +146,7 @@ def test_two_cpu_devices_give_the_same_sample_as_one():
         assert torch.allclose(rd(x, t, c), policy.model(x, t, global_cond=c), atol=1e-5)
     rd.close()
     use_devices(policy, None)
-    assert policy._denoiser is None and policy.inference == {}
+    assert policy.runtime.denoiser is None and policy.inference == {}
     ctl = Controller(policy, window=8, tolerance=0.0, seed=0, devices=["cpu", "cpu"])
     assert ctl.predict_chunk(observations(TO)).shape == (NA, ACT_DIM)
     use_devices(policy, None)

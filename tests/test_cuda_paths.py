@@ -107,7 +107,7 @@ def test_cuda_graphs_with_devices_is_refused_naming_both():
     policy = tiny_policy()
     with pytest.raises(ValueError, match="cuda_graphs=True on one device, or devices"):
         policy.set_inference(cuda_graphs=True, devices=["cpu", "cpu"])
-    assert policy.inference == {} and policy._denoiser is None
+    assert policy.inference == {} and policy.runtime.denoiser is None
 
 
 # ---- the weights' identity -----------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_a_moved_policy_builds_its_denoiser_again_or_refuses_naming_why():
         policy.denoise(x, torch.zeros(2, dtype=torch.long), torch.randn(2, OBS_DIM * TO, dtype=torch.float64))
     policy.set_inference(backend="eager")
     policy.to(torch.float32)
-    assert policy._denoiser is None  # plain model again
+    assert policy.runtime.denoiser is None  # plain model again
 
 
 def test_noise_and_the_controller_generator_follow_the_generator_and_the_policy():
@@ -265,7 +265,7 @@ def test_cuda_transformer_forward_never_syncs_and_captures():
 def test_cuda_graph_policy_captures_up_front_and_follows_weights_and_threads():
     policy = tiny_policy().cuda()
     policy.set_inference(cuda_graphs=True)
-    graphs = policy._denoiser
+    graphs = policy.runtime.denoiser
     assert isinstance(graphs, CudaGraphDenoiser) and graphs.captures > 0
     captured = graphs.captures
     obs = {"obs": torch.randn(1, TO, OBS_DIM, device="cuda")}
@@ -295,7 +295,7 @@ def test_cuda_settings_made_on_the_cpu_follow_a_move_to_the_gpu():
     with pytest.warns(UserWarning, match="cuda_graphs needs a CUDA device"):
         policy.set_inference(cuda_graphs=True)
     policy.cuda()
-    assert isinstance(policy._denoiser, CudaGraphDenoiser)
+    assert isinstance(policy.runtime.denoiser, CudaGraphDenoiser)
     from para_policy import Controller
 
     cpu_policy = tiny_policy()
@@ -316,8 +316,8 @@ def test_cuda_noise_from_a_cpu_generator_and_exact_fp32_tolerance_zero():
     assert x_T.device.type == "cuda" and torch.equal(x_T.cpu(), cpu[0]) and torch.equal(noise.cpu(), cpu[1])
     seen = []
     policy.set_inference(precision="fp32")
-    inner = policy._denoiser.fn
-    policy._denoiser.fn = lambda *a: (seen.append(torch.backends.cudnn.allow_tf32), inner(*a))[1]
+    inner = policy.runtime.denoiser.fn
+    policy.runtime.denoiser.fn = lambda *a: (seen.append(torch.backends.cudnn.allow_tf32), inner(*a))[1]
     obs = {"obs": torch.randn(2, TO, OBS_DIM, device="cuda")}
     seq = policy.predict_action(obs, x_T=x_T, noise=noise, sampler="sequential")["action"]
     par = policy.predict_action(obs, x_T=x_T, noise=noise, sampler="paradigms", window=16, tolerance=0.0)["action"]

@@ -22,7 +22,7 @@ from para_policy import inference, window
 from para_policy.devices import use_devices
 from para_policy.evaluation import runner
 from para_policy.inference import RowDispatchDenoiser
-from para_policy.policy import load_policy
+from para_policy.loading import load_policy
 
 pytest.importorskip("onnxruntime")
 
@@ -36,16 +36,16 @@ def no_forced_backend(monkeypatch):
 def test_default_is_auto_on_a_cpu_with_onnxruntime_logged_and_cached(ckpt, caplog):  # noqa: F811
     caplog.set_level(logging.INFO, logger="para_policy")
     policy = load_policy(ckpt, sampler="sequential")
-    assert policy.inference == {"backend": "auto"} and isinstance(policy._denoiser, RowDispatchDenoiser)
+    assert policy.inference == {"backend": "auto"} and isinstance(policy.runtime.denoiser, RowDispatchDenoiser)
     assert policy.backend_choice is not None and policy.backend_choice[0] == "auto"
     assert "backend='default' -> 'auto'" in caplog.text and "timed in" in caplog.text
     cached = json.loads(window.cache_path(inference.CURVES_FILE).read_text())
     assert len(cached) == 1 and set(next(iter(cached.values()))) == {"eager", "onnxruntime"}
     caplog.clear()
     again = load_policy(ckpt, sampler="sequential")  # the curves come from the cache: nothing timed
-    assert again._denoiser.curves == policy._denoiser.curves and "timed in" not in caplog.text
+    assert again.runtime.denoiser.curves == policy.runtime.denoiser.curves and "timed in" not in caplog.text
     eager = load_policy(ckpt, sampler="sequential", backend="eager")
-    assert eager.inference == {} and eager.backend_choice is None and eager._denoiser is None
+    assert eager.inference == {} and eager.backend_choice is None and eager.runtime.denoiser is None
     obs = {"obs": torch.rand(2, 2, 20, generator=torch.Generator().manual_seed(0)) * 400 + 50}
     out, ref = (p.predict_action(obs, generator=torch.Generator().manual_seed(1)) for p in (policy, eager))
     assert (out.trajectory - ref.trajectory).abs().max().item() < 1e-5
@@ -80,7 +80,7 @@ def test_default_is_picked_again_after_settings_moves_and_copies(ckpt):  # noqa:
     policy.to(torch.float32)
     assert policy.inference == {"backend": "auto"}
     twin = copy.deepcopy(policy)  # its own sessions over its own weights
-    assert twin.inference == {"backend": "auto"} and twin._denoiser.backends["onnxruntime"].model is twin.model
+    assert twin.inference == {"backend": "auto"} and twin.runtime.denoiser.backends["onnxruntime"].model is twin.model
     with torch.no_grad():
         next(twin.model.parameters()).mul_(0.5)
     x, t, c = torch.randn(1, 16, 2), torch.tensor([5]), torch.randn(1, 40)
@@ -91,13 +91,13 @@ def test_default_is_picked_again_after_settings_moves_and_copies(ckpt):  # noqa:
 def test_evaluator_runs_the_baseline_on_the_candidates_default_backend(ckpt, tmp_path, monkeypatch):  # noqa: F811
     assert runner._eval_settings(compose_eval())["inference"]["backend"] == "default"
     seen = []
-    roll_out = runner._roll_out
+    roll_out = runner.roll_out_seeds
 
     def recording(policy, spec, *args, **kwargs):
-        seen.append((kwargs["role"], spec.name, dict(policy.inference), policy._denoiser))
+        seen.append((kwargs["role"], spec.name, dict(policy.inference), policy.runtime.denoiser))
         return roll_out(policy, spec, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "_roll_out", recording)
+    monkeypatch.setattr(runner, "roll_out_seeds", recording)
     results = run_eval(ckpt, tmp_path, "task.episodes=1", "task.max_steps=8", "latency.calls=2", "sampler.window=4",
                        "video.enabled=false")
     (_, cand, cand_inf, cand_fn), (_, base, base_inf, base_fn) = seen

@@ -20,7 +20,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from para_policy import LowdimPolicy, save_checkpoint
-from para_policy.evaluation import EvalConfigError, evaluate, flat_metrics, runner, sampler_config
+from para_policy.evaluation import EvalConfigError, episodes, evaluate, flat_metrics, runner, sampler_config
 from para_policy.evaluation import rollout as rollout_module
 from para_policy.evaluation.config import task_settings
 from para_policy.evaluation.rollout import call_noise, run_rollouts
@@ -132,7 +132,7 @@ def test_negative_tolerance_stops_before_loading_anything(tmp_path, monkeypatch)
     def no_rollouts(*a, **k):
         raise AssertionError("rolled out despite a bad config")
 
-    monkeypatch.setattr(runner, "run_rollouts", no_rollouts)
+    monkeypatch.setattr(episodes, "run_rollouts", no_rollouts)
     cfg = compose_eval(["sampler.tolerance=-0.1", f"checkpoint={tmp_path / 'missing.safetensors'}", *FAST])
     with pytest.raises(EvalConfigError, match=r"sampler\.tolerance must be a finite number >= 0"):
         evaluate(cfg, tmp_path / "out")
@@ -146,7 +146,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 
 def test_checkpoint_for_another_obs_size_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
+    monkeypatch.setattr(episodes, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
     small = build_checkpoint(tmp_path / "obs5.safetensors", obs_dim=5)
     cfg = compose_eval([f"checkpoint={small}", *FAST])
     with pytest.raises(EvalConfigError, match=r"obs_dim=5.*obs_dim=20"):
@@ -265,7 +265,7 @@ def test_paraddim_runs_against_sequential_ddim(ckpt, tmp_path):
 
 
 def test_call_noise_depends_only_on_its_key(ckpt):
-    from para_policy.policy import load_policy
+    from para_policy.loading import load_policy
 
     schedule = load_policy(ckpt).schedule_for(sampler_config({"name": "sequential"}))
     keys = [(0, 0, 100000, 3), (0, 0, 100001, 3)]
@@ -325,13 +325,13 @@ def test_resume_runs_only_the_missing_episodes_and_gives_the_same_results(ckpt, 
     shutil.copytree(first / "videos", old / "videos")
 
     ran: list[tuple[str, list[int]]] = []
-    real = runner.run_rollouts
+    real = episodes.run_rollouts
 
     def spy(policy, spec, task, seeds, **kw):
         ran.append((spec.name, list(seeds)))
         return real(policy, spec, task, seeds, **kw)
 
-    monkeypatch.setattr(runner, "run_rollouts", spy)
+    monkeypatch.setattr(episodes, "run_rollouts", spy)
     resumed = run_eval(ckpt, tmp_path / "new", f"resume_dir={old}")
     assert ran == [("paradigms", [100001]), ("sequential", [100000, 100001])]
     for role in ("candidate", "baseline"):
@@ -348,7 +348,7 @@ def test_resume_runs_only_the_missing_episodes_and_gives_the_same_results(ckpt, 
 
 
 def test_run_rollouts_batches_envs_without_changing_episodes(ckpt):
-    from para_policy.policy import load_policy
+    from para_policy.loading import load_policy
 
     policy = load_policy(ckpt)
     task = task_settings(compose_eval(FAST))
@@ -426,7 +426,7 @@ def test_joblib_launcher_composes_when_installed():
 def test_warm_started_rollouts_stay_exact_and_record_their_guesses(ckpt):
     """Warm start changes where Picard starts, not where it ends: at tolerance 0 the episodes are
     the sequential ones; each chunk after the first is warm and its guess is recorded."""
-    from para_policy.policy import load_policy
+    from para_policy.loading import load_policy
 
     policy = load_policy(ckpt)
     task = task_settings(compose_eval(FAST))

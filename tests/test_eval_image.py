@@ -17,12 +17,12 @@ from eval_fixtures import fresh_baseline_cache, one_torch_thread  # noqa: F401  
 from hydra import compose, initialize_config_dir
 
 from para_policy import save_checkpoint
-from para_policy.evaluation import EvalConfigError, evaluate, runner, sampler_config
+from para_policy.evaluation import EvalConfigError, episodes, evaluate, runner, sampler_config
 from para_policy.evaluation.config import observation_mismatch, task_settings
 from para_policy.evaluation.report import read_chunk_obs, write_chunk_obs
 from para_policy.evaluation.rollout import make_task_env, run_rollouts
 from para_policy.image_policy import ImagePolicy
-from para_policy.policy import load_policy
+from para_policy.loading import load_policy
 from para_policy.tasks.pusht.env import make_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_image_task_config_errors_name_the_key(overrides, match):
 
 
 def test_missing_checkpoint_says_the_task_ships_none(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
+    monkeypatch.setattr(episodes, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
     with pytest.raises(EvalConfigError, match=r"task 'pusht_image' ships no checkpoint.*checkpoint=path/to/policy"):
         evaluate(compose_eval(IMAGE), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -180,7 +180,7 @@ def test_missing_checkpoint_says_the_task_ships_none(tmp_path, monkeypatch):
 # ---- shape checks: policy vs task vs env -----------------------------------------------------
 
 def test_lowdim_checkpoint_on_image_task_and_image_checkpoint_on_lowdim_task(image_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
+    monkeypatch.setattr(episodes, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
     lowdim = build_lowdim_checkpoint(tmp_path / "lowdim.safetensors")
     with pytest.raises(EvalConfigError, match=r"low-dim policy \(observation 'obs' of shape \(20,\)\).*"
                                               r"image \(3, 96, 96\), agent_pos \(2,\)"):
@@ -192,7 +192,7 @@ def test_lowdim_checkpoint_on_image_task_and_image_checkpoint_on_lowdim_task(ima
 
 
 def test_image_size_mismatch_names_the_key(image_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
+    monkeypatch.setattr(episodes, "run_rollouts", lambda *a, **k: pytest.fail("rolled out"))
     from para_policy.checkpoints import load_checkpoint
 
     # the ResNet's weights do not depend on the image size: the same weights as an 84 px policy
@@ -292,13 +292,13 @@ def test_resume_reuses_side_files_and_reruns_what_is_missing(image_ckpt, exact_r
     (old / "chunk_obs" / "candidate_seed100001.npz").unlink()  # lost: that episode runs again
 
     ran: list[tuple[str, list[int]]] = []
-    real = runner.run_rollouts
+    real = episodes.run_rollouts
 
     def spy(policy, spec, task, seeds, **kw):
         ran.append((spec.name, list(seeds)))
         return real(policy, spec, task, seeds, **kw)
 
-    monkeypatch.setattr(runner, "run_rollouts", spy)
+    monkeypatch.setattr(episodes, "run_rollouts", spy)
     new = tmp_path / "new"
     resumed = run_eval(image_ckpt, new, f"resume_dir={old}", "sampler=paradigms", "sampler.tolerance=0",
                        "sampler.window=4")

@@ -16,6 +16,7 @@ from eval_fixtures import fresh_baseline_cache, one_torch_thread  # noqa: F401  
 from test_eval import build_checkpoint, compose_eval
 
 from para_policy.evaluation import EvalConfigError, evaluate, flat_metrics, realtime, runner
+from para_policy.evaluation import episodes as episodes_module
 from para_policy.evaluation.config import ControllerSettings, controller_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def test_sync_keeps_the_batched_loop_and_its_files(ckpt, tmp_path, monkeypatch):
     def no_controller(*a, **k):
         raise AssertionError("sync ran through the Controller")
 
-    monkeypatch.setattr(runner, "run_controller_rollouts", no_controller)
+    monkeypatch.setattr(episodes_module, "run_controller_rollouts", no_controller)
     results = run_eval(ckpt, tmp_path, "compare=false")
     assert results["controller"]["mode"] == "sync" and "controller" not in results["samplers"]["candidate"]
     assert not set(episodes(results)[0]) & set(realtime.CONTROLLER_FIELDS)
@@ -170,31 +171,31 @@ def test_rtc_prefix_mode_and_soft_masking_reach_the_controllers_calls(ckpt, tmp_
 
 @pytest.mark.parametrize("overrides,message", [
     (["controller.mode=rct"], r"controller.mode must be 'sync', 'async' or 'rtc', got 'rct' \(did you mean 'rtc'\?\)"),
-    (["controller.clock=wal"], r"controller.clock must be 'steps' or 'wall', got 'wal'"),
+    (["controller.clock=wal"], r"controller.clock must be 'wall' or 'steps', got 'wal'"),
     (["controller.mode=rtc", "controller.delay_steps=8"],
-     r"controller.delay_steps=8 must be < the policy's n_action_steps=8.*use 0..7"),
-    (["controller.delay_steps=2"], r"controller.delay_steps=2 applies to controller.mode=async or rtc"),
+     r"controller.delay_steps must be an integer in \[0, n_action_steps - 1\] = \[0, 7\].*got 8"),
+    (["controller.delay_steps=2"], r"controller.delay_steps=2 applies to mode='async' or 'rtc'"),
     (["controller.mode=async", "controller.delay_steps=-1"], r"controller.delay_steps must be >= 0, got -1"),
     (["controller.mode=async", "controller.delay_steps=1.5"], r"controller.delay_steps must be an integer"),
     (["controller.mode=rtc", "controller.clock=wall", "controller.delay_steps=0"],
-     r"controller.delay_steps=0 on controller.clock=wall.*delay_steps=null"),
+     r"controller.delay_steps=0 with clock='wall'.*None \(null in a config\) to measure it"),
     (["controller.control_hz=10"], r"controller.control_hz=10 applies to controller.clock=wall only"),
     (["controller.clock=wall", "controller.control_hz=0"], r"controller.control_hz must be a number > 0"),
     (["+controller.delay=1"], r"controller has unknown keys \['delay'\]"),
     (["controller.mode=async", "controller.delay_steps=1", "controller.prefix_mode=clean"],
-     r"controller.prefix_mode=clean applies to controller.mode=rtc only"),
+     r"controller.prefix_mode='clean' applies to mode='rtc' only"),
     (["controller.mode=sync", "controller.soft_masking=false"],
-     r"controller.soft_masking=False applies to controller.mode=rtc only"),
+     r"controller.soft_masking=False applies to mode='rtc' only"),
     (["controller.mode=rtc", "controller.soft_masking=maybe"], r"controller.soft_masking must be true or false"),
     (["controller.mode=rtc", "controller.prefix_mode=noisy"],
      r"controller.prefix_mode must be 'clean' or 'noised', got 'noisy' \(did you mean 'noised'\?\)"),
     (["controller.mode=rtc", "controller.delay_steps=2", "controller.deadline_ms=100"],
-     r"controller.deadline_ms=100 applies to controller.clock=wall only"),
+     r"controller.deadline_ms=100 applies to clock='wall' only"),
     (["controller.mode=rtc", "controller.clock=wall", "controller.deadline_ms=-5"],
      r"controller.deadline_ms must be a number >= 0 \(ms per chunk\), got -5"),
     (["controller.mode=rtc", "controller.clock=wall", "controller.deadline_ms=soon"],
      r"controller.deadline_ms must be a number >= 0"),
-    (["controller.extend_plan=true"], r"controller.extend_plan=true applies to controller.mode=async or rtc"),
+    (["controller.extend_plan=true"], r"controller.extend_plan=True applies to mode='async' or 'rtc'"),
     (["controller.mode=rtc", "controller.extend_plan=maybe"], r"controller.extend_plan must be true or false"),
     (["sampler=sequential", "controller.mode=rtc", "controller.clock=wall", "controller.deadline_ms=100"],
      r"controller.deadline_ms=100 needs a Picard sampler.*sampler=sequential runs every step"),
@@ -203,8 +204,8 @@ def test_bad_controller_settings_stop_before_any_rollout(ckpt, tmp_path, monkeyp
     def no_rollouts(*a, **k):
         raise AssertionError("rolled out despite a bad config")
 
-    monkeypatch.setattr(runner, "run_rollouts", no_rollouts)
-    monkeypatch.setattr(runner, "run_controller_rollouts", no_rollouts)
+    monkeypatch.setattr(episodes_module, "run_rollouts", no_rollouts)
+    monkeypatch.setattr(episodes_module, "run_controller_rollouts", no_rollouts)
     with pytest.raises(EvalConfigError, match=message):
         run_eval(ckpt, tmp_path / "out", *overrides)
     assert not (tmp_path / "out" / "progress.json").exists()
@@ -251,13 +252,13 @@ def test_resume_needs_the_same_controller_settings(ckpt, tmp_path, monkeypatch):
         run_eval(ckpt, tmp_path / "c", "compare=false", f"resume_dir={tmp_path / 'a'}")
 
     ran: list[list[int]] = []
-    real = runner.run_controller_rollouts
+    real = episodes_module.run_controller_rollouts
 
     def spy(policy, spec, task, seeds, settings, **kw):
         ran.append(list(seeds))
         return real(policy, spec, task, seeds, settings, **kw)
 
-    monkeypatch.setattr(runner, "run_controller_rollouts", spy)
+    monkeypatch.setattr(episodes_module, "run_controller_rollouts", spy)
     resumed = run_eval(ckpt, tmp_path / "d", "controller.mode=rtc", "controller.delay_steps=1", "compare=false",
                        f"resume_dir={tmp_path / 'a'}")
     assert ran == [[100001]]  # only the missing episode

@@ -171,7 +171,7 @@ def test_write_refuses_ragged_demos(tmp_path):
 
 def test_shipped_lift_policy_matches_the_task():
     from para_policy.checkpoints import load_checkpoint
-    from para_policy.policy import load_policy
+    from para_policy.loading import load_policy
 
     cfg = compose_cfg("eval", ["task=lift"])
     path = Path(cfg.checkpoint)

@@ -23,8 +23,8 @@ from para_policy.devices import use_devices
 from para_policy.evaluation import EvalConfigError, runner
 from para_policy.extras import MissingExtraError
 from para_policy.inference import RowDispatchDenoiser, configure_inference, make_denoiser
+from para_policy.loading import load_policy
 from para_policy.models.transformer import TransformerForDiffusion
-from para_policy.policy import load_policy
 from para_policy.samplers import sampler_spec
 
 pytest.importorskip("onnxruntime")
@@ -94,7 +94,8 @@ def test_paradigms_at_tolerance_0_gives_the_eager_sequential_actions(onnx, refer
 
 def test_inference_settings_key_the_window_cache(eager, onnx):
     spec = sampler_spec("paradigms")
-    denoiser_id = {p: json.loads(json.loads(p._window_key(spec, 1))["denoiser"]) for p in (eager, onnx)}
+    keys = {p: p.session.window_key(spec, p.schedule_for(spec), 1, p.window_identity()) for p in (eager, onnx)}
+    denoiser_id = {p: json.loads(json.loads(key)["denoiser"]) for p, key in keys.items()}
     assert denoiser_id == {eager: {}, onnx: {"backend": "onnxruntime"}}  # eager keeps the keys of earlier caches
 
 
@@ -124,7 +125,7 @@ def test_auto_rule_uses_the_backend_faster_at_the_next_measured_row_count():
 def test_auto_built_dispatcher_measures_both_and_matches_eager(monkeypatch):
     monkeypatch.setattr(window, "DEFAULT_BATCHES", (1, 8))  # a short measurement; 100 rows take 8's backend
     policy = configure_inference(load_policy(ASSET, sampler="sequential"), backend="auto")
-    d = policy._denoiser
+    d = policy.runtime.denoiser
     assert isinstance(d, RowDispatchDenoiser) and policy.inference == {"backend": "auto"}
     assert set(d.curves) == {"eager", "onnxruntime"} and all(set(c) == {1, 8} for c in d.curves.values())
     assert set(d.choice) == {1, 8} and set(d.choice.values()) <= {"eager", "onnxruntime"}

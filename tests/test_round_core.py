@@ -15,7 +15,7 @@ from para_policy.cuda_graphs import WeightsWatch
 from para_policy.samplers import draw_noise, picard_sample, sequential_sample, taa_sample
 from para_policy.samplers.captured import CapturedPicard, CapturedSequential
 from para_policy.samplers.host_sync import HostSyncCounter
-from para_policy.samplers.picard import _initial_state, _setup, compiled_round, picard_round
+from para_policy.samplers.picard import compiled_round, initial_window_state, make_round_setup, picard_round
 from para_policy.samplers.warm_start import warm_start_init
 from para_policy.schedule import make_schedule
 
@@ -137,9 +137,9 @@ def test_fixed_round_compiles_whole():
     for solve in (False, True):
         runs = []
         for step in (picard_round, compiled_round(backend="eager")):
-            setup = _setup(den, sched, x_T, noise, 4, 0.05, cond, inpaint, None, True, linear_solve=solve,
-                           secant=solve, jacobian=None)
-            state = _initial_state(x_T, sched.num_steps, None, None)
+            setup = make_round_setup(den, sched, x_T, noise, 4, 0.05, cond, inpaint, None, True, linear_solve=solve,
+                                     secant=solve, jacobian=None)
+            state = initial_window_state(x_T, sched.num_steps, None, None)
             with torch.inference_mode():
                 for _ in range(3):
                     step(setup, state, None)
@@ -271,7 +271,7 @@ def test_policy_samples_from_captured_graphs_on_cuda():
             out = policy.predict_action(obs, sampler=name, generator=torch.Generator("cuda").manual_seed(0),
                                         warm_start=False if options else None, **spec_options)
             assert torch.allclose(out["action"], plain[name]["action"], atol=1e-4)
-    assert len(policy._captured) == 2
+    assert len(policy.session._captured) == 2
 
 
 def test_noise_drawn_in_one_call():

@@ -239,7 +239,7 @@ def test_precision_and_devices_compose():
     torch.testing.assert_close(both, bf16, rtol=0, atol=1e-2)
     torch.testing.assert_close(two, plain, rtol=0, atol=1e-5)
     use_devices(policy, None)
-    assert policy.inference == {} and policy._denoiser is None
+    assert policy.inference == {} and policy.runtime.denoiser is None
 
 
 # ---- layering --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from para_policy.checkpoints import load_checkpoint
 from para_policy.dataset import IMAGE_RANGE_NORMALIZER, PushTImageDataset, window_rows
 from para_policy.image_policy import ImagePolicy
-from para_policy.policy import load_policy
+from para_policy.loading import load_policy
 from para_policy.tasks.pusht.env import make_env
 from para_policy.tasks.pusht.expert import run_expert_episode
 from para_policy.tasks.pusht.replay_buffer import ReplayBuffer

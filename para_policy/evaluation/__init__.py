@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results: dict[str, Any] = evaluate(cfg, hc.runtime.output_dir, original_cwd=hc.runtime.cwd,
                                            overrides=list(hc.overrides.task))
-    except EvalConfigError as e:
-        sys.exit(f"eval.py: error: {e}")
+    except EvalConfigError as e:  # a usage error: one line and exit code 2, as argparse does
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     return results["samplers"]["candidate"]["mean_score"]

@@ -6,8 +6,8 @@ episodes of each sampler (candidate and baseline alike) to :class:`ShardedRollou
 
 * **Workers.** ``cluster.workers`` Ray actors, each loading the checkpoint once (with the run's
   ``device``, ``inference`` options and ``threads``), then rolling out the seeds it is given
-  with the very loop a single process runs (``runner._roll_out``: the batched loop, or one
-  Controller per episode in the ``async`` / ``rtc`` modes), with ``num_envs`` envs at a time.
+  with the very loop a single process runs (:func:`~.episodes.roll_out_seeds`: the batched loop, or
+  one Controller per episode in the ``async`` / ``rtc`` modes), with ``num_envs`` envs at a time.
 * **Units of work.** The seeds still to run are cut into units of ``cluster.episodes_per_task``
   consecutive seeds (default: ``num_envs``, one batch), handed to whichever worker is idle.
   A unit's records come back when the worker returns it; each goes to the runner's
@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from para_policy.evaluation.config import ControllerSettings, EvalConfigError, TaskSettings, _int
+from para_policy.evaluation.config import ControllerSettings, EvalConfigError, TaskSettings, checked_int
+from para_policy.evaluation.episodes import load_checked_policy, roll_out_seeds
 from para_policy.extras import MissingExtraError, require
 from para_policy.samplers import SamplerConfig
 
@@ -106,11 +107,11 @@ def cluster_settings(cfg: Mapping[str, Any]) -> ClusterSettings | None:
                               f"'ray://<host>:<port>', got {address!r}")
     per_task = node.get("episodes_per_task")
     settings = ClusterSettings(
-        workers=_int(node.get("workers"), "cluster.workers", 1),
+        workers=checked_int(node.get("workers"), "cluster.workers", 1),
         address=None if address is None else address.strip(),
-        cpus_per_worker=_int(node.get("cpus_per_worker", 1), "cluster.cpus_per_worker", 1),
-        episodes_per_task=None if per_task is None else _int(per_task, "cluster.episodes_per_task", 1),
-        max_restarts=_int(node.get("max_restarts", 3), "cluster.max_restarts", 0),
+        cpus_per_worker=checked_int(node.get("cpus_per_worker", 1), "cluster.cpus_per_worker", 1),
+        episodes_per_task=None if per_task is None else checked_int(per_task, "cluster.episodes_per_task", 1),
+        max_restarts=checked_int(node.get("max_restarts", 3), "cluster.max_restarts", 0),
     )
     import_ray()  # not installed: the install command, before anything is loaded
     return settings
@@ -131,7 +132,6 @@ class RolloutWorker:
                  inference: dict[str, Any], threads: int) -> None:
         import torch
 
-        from para_policy.evaluation.runner import load_checked_policy
         from para_policy.inference import configure_inference
 
         torch.set_num_threads(threads)
@@ -142,16 +142,14 @@ class RolloutWorker:
                  opts: dict[str, Any], role: str, video_seed: int | None
                  ) -> tuple[list[dict[str, Any]], list[np.ndarray] | None]:
         """The records of ``seeds`` (in the order they finished) and the video frames, if asked for."""
-        from para_policy.evaluation.runner import _roll_out
-
         records: list[dict[str, Any]] = []
-        frames = _roll_out(self.policy, spec, task, list(seeds), ctl, {**opts, "progress": False}, role=role,
-                           on_episode=records.append, video_seed=video_seed)
+        frames = roll_out_seeds(self.policy, spec, task, list(seeds), ctl, {**opts, "progress": False}, role=role,
+                                on_episode=records.append, video_seed=video_seed)
         return records, frames
 
 
 class ShardedRollouts:
-    """``runner._roll_out`` on Ray workers: call it like ``_roll_out``, then :meth:`close`.
+    """:func:`~.episodes.roll_out_seeds` on Ray workers: call it like ``roll_out_seeds``, then :meth:`close`.
 
     Ray is started, and the workers made, on the first call (a run whose episodes are all
     resumed starts nothing). ``restarts`` counts the workers replaced after dying.

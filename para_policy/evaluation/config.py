@@ -15,30 +15,36 @@ Config shape (``configs/eval.yaml`` composes it)::
                  preset's options (window, tolerance, ...); null = the preset's value
     compare      also evaluate the sequential baseline on the same starts and noise
     controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz,
-                 prefix_mode (rtc: clean | noised), soft_masking (rtc: true | false): how each
-                 env's chunks are scheduled (:class:`ControllerSettings`)
+                 prefix_mode (rtc: clean | noised), soft_masking (rtc: true | false), extend_plan,
+                 deadline_ms: how each env's chunks are scheduled (:class:`ControllerSettings`,
+                 checked by the Controller's own :class:`~para_policy.controller.ControllerConfig`)
     num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
+import functools
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from para_policy.policy import PREFIX_MODES
+from para_policy.controller import ControllerConfig, ControllerConfigError
 from para_policy.samplers import SamplerConfig, SamplerOptionError, sampler_spec
 from para_policy.samplers.registry import DPM_SCHEDULERS
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_RESOLVER = "para_policy.asset"
+#: ``${para_policy.run_id:}``: the random part of the default run folder's name (configs/eval.yaml)
+RUN_ID_RESOLVER = "para_policy.run_id"
 #: ``task.env_id`` prefix of robosuite tasks (``robosuite/Lift``), made by ``para_policy.tasks.lift.env``
 ROBOSUITE_PREFIX = "robosuite/"
 #: ``task.obs_type`` of PushT's image task: gym-pusht's frame + agent position, as DP's ``PushTImageEnv``
@@ -62,10 +68,28 @@ def asset_path(name: str | None) -> str | None:
     return None if name is None or name == "" else str(ASSET_DIR / name)
 
 
+@functools.cache
+def _run_id(pid: int) -> str:
+    return secrets.token_hex(3)
+
+
+def run_id() -> str:
+    """Six random hex digits, the same for the whole process (``${para_policy.run_id:}``).
+
+    The default run folder is named by its start time; two runs started in the same microsecond
+    still get two folders through this suffix. Fixed per process (a forked child draws its own)
+    because Hydra may resolve the run folder's name more than once.
+    """
+    return _run_id(os.getpid())
+
+
 def register_resolvers() -> None:
-    """Register ``${para_policy.asset:NAME}``: configs point at shipped files wherever the package is installed."""
+    """Register ``${para_policy.asset:NAME}`` (configs point at shipped files wherever the package is installed)
+    and ``${para_policy.run_id:}`` (:func:`run_id`)."""
     if not OmegaConf.has_resolver(ASSET_RESOLVER):
         OmegaConf.register_new_resolver(ASSET_RESOLVER, asset_path)
+    if not OmegaConf.has_resolver(RUN_ID_RESOLVER):
+        OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id)
 
 
 register_resolvers()
@@ -153,7 +177,12 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _int(value: Any, key: str, minimum: int | None = None) -> int:
+def checked_int(value: Any, key: str, minimum: int | None = None) -> int:
+    """``value`` as an int (an int or a string of one) of at least ``minimum``, else :class:`EvalConfigError`.
+
+    Shared by every config reader of the evaluator (task, controller, cluster, the runner's own keys),
+    so a bad number reads the same wherever it is given.
+    """
     if isinstance(value, bool):
         raise EvalConfigError(f"{key} must be an integer, got {value!r}")
     try:
@@ -165,6 +194,33 @@ def _int(value: Any, key: str, minimum: int | None = None) -> int:
     if minimum is not None and out < minimum:
         raise EvalConfigError(f"{key} must be >= {minimum}, got {out}")
     return out
+
+
+def checked_device(value: Any) -> str:
+    """``cfg.device`` as a torch device string that this machine has, else :class:`EvalConfigError`.
+
+    Checked with the config rather than when the policy moves there, where torch's own error
+    (``Torch not compiled with CUDA enabled``) came out as a traceback.
+    """
+    name = str(value)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvalConfigError(f"device {name!r} is not a torch device: use cpu, cuda, cuda:<index> or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise EvalConfigError(f"device {name!r} requested but CUDA is not available: {why}; use device=cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise EvalConfigError(f"device {name!r} requested but this machine has {count} CUDA device(s): "
+                                  f"use cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalConfigError(f"device {name!r} requested but MPS is not available on this machine; use device=cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise EvalConfigError(f"device {name!r} is not supported by the evaluator: use cpu, cuda, cuda:<index> or mps")
+    return name
 
 
 def _obs_shapes(node: Any, obs_type: str) -> dict[str, tuple[int, ...]]:
@@ -180,7 +236,7 @@ def _obs_shapes(node: Any, obs_type: str) -> dict[str, tuple[int, ...]]:
     for key, shape in raw.items():
         if not isinstance(shape, (list, tuple)) or not shape:
             raise EvalConfigError(f"task.obs_shapes.{key} must be a list of sizes, got {shape!r}")
-        shapes[str(key)] = tuple(_int(d, f"task.obs_shapes.{key}", 1) for d in shape)
+        shapes[str(key)] = tuple(checked_int(d, f"task.obs_shapes.{key}", 1) for d in shape)
     if sorted(shapes) != sorted(PUSHT_IMAGE_KEYS):
         raise EvalConfigError(f"task.obs_shapes has keys {sorted(shapes)}; PushT's {obs_type} env gives exactly "
                               f"{list(PUSHT_IMAGE_KEYS)} ({example})")
@@ -215,18 +271,18 @@ def task_settings(cfg: DictConfig) -> TaskSettings:
         if _get(task, "obs_shapes") is not None:
             raise EvalConfigError(f"task.obs_shapes applies to obs_type={PIXELS_OBS_TYPE} only; obs_type={obs_type} "
                                   "gives flat observations of task.obs_dim numbers")
-        obs_dim = _int(_get(task, "obs_dim", 20 if obs_type == "keypoints" else 5), "task.obs_dim", 1)
+        obs_dim = checked_int(_get(task, "obs_dim", 20 if obs_type == "keypoints" else 5), "task.obs_dim", 1)
     asset = OmegaConf.select(task, "checkpoint_asset", default=None)
     return TaskSettings(
         name=str(_get(task, "name", "task")),
         env_id=str(env_id),
         obs_type=obs_type,
         obs_dim=obs_dim,
-        action_dim=_int(_get(task, "action_dim", 2), "task.action_dim", 1),
-        episodes=_int(_get(task, "episodes", 50), "task.episodes", 1),
-        seed_start=_int(_get(task, "seed_start", 100000), "task.seed_start", 0),
-        max_steps=_int(_get(task, "max_steps", 300), "task.max_steps", 1),
-        fps=_int(_get(task, "fps", 10), "task.fps", 1),
+        action_dim=checked_int(_get(task, "action_dim", 2), "task.action_dim", 1),
+        episodes=checked_int(_get(task, "episodes", 50), "task.episodes", 1),
+        seed_start=checked_int(_get(task, "seed_start", 100000), "task.seed_start", 0),
+        max_steps=checked_int(_get(task, "max_steps", 300), "task.max_steps", 1),
+        fps=checked_int(_get(task, "fps", 10), "task.fps", 1),
         action_unit=str(_get(task, "action_unit", "px")),
         obs_shapes=obs_shapes,
         checkpoint_asset=None if asset in (None, "") else str(asset),
@@ -258,10 +314,17 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
     return sampler_spec("sequential", scheduler=schedule_kind, num_inference_steps=num_steps, solver_order=order)
 
 
-CONTROLLER_MODES = ("sync", "async", "rtc")
-CONTROLLER_CLOCKS = ("steps", "wall")
 CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz", "prefix_mode", "soft_masking", "deadline_ms",
                    "extend_plan")
+
+
+@contextlib.contextmanager
+def _controller_errors() -> Iterator[None]:
+    """A Controller option refused by :class:`ControllerConfig` as an :class:`EvalConfigError` naming its key."""
+    try:
+        yield
+    except ControllerConfigError as e:
+        raise EvalConfigError(f"controller.{e}") from None
 
 
 @dataclass(frozen=True)
@@ -271,7 +334,10 @@ class ControllerSettings:
     ``mode='sync'`` on the steps clock is today's protocol (the robot waits for every chunk)
     and runs through the batched rollout loop, bit for bit as before. Anything else runs each
     episode through a :class:`~para_policy.controller.Controller`, so the evaluator measures
-    the very schedule a robot loop runs.
+    the very schedule a robot loop runs. The settings are checked by the Controller's own
+    :class:`~para_policy.controller.ControllerConfig` (:meth:`controller_config`, built when the
+    settings are), so they mean and are refused the same in both; what is the evaluator's own is
+    the config's spelling (``control_hz``) and the defaults :func:`controller_settings` fills in.
 
     mode: ``'sync'``, ``'async'`` (the next chunk is sampled while the queue runs, then switched
         to, time-aligned) or ``'rtc'`` (the same, the actions that run meanwhile frozen into it).
@@ -286,7 +352,10 @@ class ControllerSettings:
     soft_masking: ``mode='rtc'``: the old chunk's plan guides the positions after the frozen
         actions (the Controller's ``soft_masking``, default True); None otherwise.
     extend_plan: ``mode='async'|'rtc'``: when the next chunk is late, run the current chunk's plan
-        past its ``n_action_steps`` instead of waiting (the Controller's ``extend_plan``).
+        past its ``n_action_steps`` instead of waiting (the Controller's ``extend_plan``). False
+        here by default, where the Controller's default runs the plan on: an evaluation measures
+        the waiting schedule unless told, so its stall counts mean what they meant and earlier
+        run folders resume.
     deadline_ms: ``clock='wall'`` only: the candidate's time budget per chunk (the Controller's
         ``deadline_ms``: no new round starts after it, and the chunk is the clean-sample estimate
         of its first unfinished step). A Picard candidate only; the sequential baseline has no
@@ -301,6 +370,21 @@ class ControllerSettings:
     soft_masking: bool | None = None
     deadline_ms: float | None = None
     extend_plan: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "deadline_ms", self.controller_config().deadline_ms)  # checked; a float
+
+    def controller_config(self, seed: int | None = None, deadline: bool = True) -> ControllerConfig:
+        """The :class:`~para_policy.controller.ControllerConfig` these settings run with.
+
+        ``seed``: the Controller's noise seed; ``deadline=False`` drops ``deadline_ms`` (for the
+        sequential baseline). A refused setting raises an :class:`EvalConfigError` naming its key.
+        """
+        with _controller_errors():
+            return ControllerConfig(mode=self.mode, delay_steps=self.delay_steps, clock=self.clock,
+                                    period_s=self.period_s, extend_plan=self.extend_plan,
+                                    prefix_mode=self.prefix_mode, soft_masking=self.soft_masking,
+                                    deadline_ms=self.deadline_ms if deadline else None, seed=seed)
 
     @property
     def batched(self) -> bool:
@@ -349,40 +433,35 @@ class ControllerSettings:
 
     def check_sampler(self, spec: SamplerConfig) -> None:
         """Refuse a deadline for a candidate that cannot stop early (before anything is loaded)."""
-        if self.deadline_ms is not None and not spec.iterative:
-            raise EvalConfigError(f"controller.deadline_ms={self.deadline_ms:g} needs a Picard sampler (paradigms, "
-                                  f"paradigms_published, parataa, ...), whose rounds can stop at a deadline; "
-                                  f"sampler={spec.name} runs every step: drop controller.deadline_ms")
+        with _controller_errors():
+            self.controller_config().check_sampler(spec)
 
     def check_policy(self, n_action_steps: int) -> None:
         """Refuse a delay the policy's chunks cannot absorb (before any env is stepped)."""
-        d = self.delay_steps
-        if self.mode != "sync" and d is not None and d >= n_action_steps:
-            raise EvalConfigError(
-                f"controller.delay_steps={d} must be < the policy's n_action_steps={n_action_steps} (the actions "
-                f"that run while a chunk is computed must leave it some of its own): use 0..{n_action_steps - 1}")
-        if self.mode != "sync" and self.clock == "wall" and n_action_steps < 2:
-            raise EvalConfigError(f"controller.mode={self.mode} with controller.clock=wall needs n_action_steps >= 2 "
-                                  f"(one action to run while the next chunk is sampled); this policy has "
-                                  f"{n_action_steps}")
+        with _controller_errors():
+            self.controller_config().check_policy(n_action_steps)
 
 
-def _choice(value: Any, key: str, allowed: Sequence[str]) -> str:
-    """``value`` if it is one of ``allowed``; else an error naming the key, the choices and the nearest one."""
-    if isinstance(value, str) and value in allowed:
-        return value
-    near = difflib.get_close_matches(str(value), allowed, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    choices = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}"
-    raise EvalConfigError(f"{key} must be {choices}, got {value!r}{hint}")
+def _control_hz(hz: Any, clock: Any, task: TaskSettings | None) -> float | None:
+    """``controller.control_hz``, the evaluator's own key: the wall clock's rate (null: the task's ``fps``)."""
+    if hz is None:
+        return (float(task.fps) if task is not None else 10.0) if clock == "wall" else None
+    if clock != "wall":
+        raise EvalConfigError(f"controller.control_hz={hz} applies to controller.clock=wall only; the steps clock "
+                              "simulates the latency as controller.delay_steps control steps")
+    if isinstance(hz, bool) or not isinstance(hz, (int, float)) or not math.isfinite(hz) or hz <= 0:
+        raise EvalConfigError(f"controller.control_hz must be a number > 0 (control steps per second), got {hz!r}")
+    return float(hz)
 
 
 def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> ControllerSettings:
-    """Read and check ``cfg.controller`` (absent: today's sync protocol); errors name the key.
+    """Read ``cfg.controller`` (absent: today's sync protocol), checked by the Controller's checks; errors name the key.
 
-    ``delay_steps: null`` means 0 on the steps clock and "measured" on the wall clock;
-    ``control_hz: null`` on the wall clock is the task's ``fps``. The delay is checked against
-    the policy's ``n_action_steps`` later (:meth:`ControllerSettings.check_policy`).
+    The evaluator's defaults: ``delay_steps: null`` is 0 in sync and on the steps clock, and
+    "measured" on the wall clock; ``control_hz: null`` on the wall clock is the task's ``fps``;
+    ``prefix_mode`` / ``soft_masking: null`` are rtc's clean / true; ``extend_plan: null`` is
+    false. The delay is checked against the policy's ``n_action_steps`` later
+    (:meth:`ControllerSettings.check_policy`).
     """
     node = cfg.get("controller") if isinstance(cfg, DictConfig) else None
     if node is None:
@@ -393,62 +472,16 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
     unknown = sorted(set(raw) - set(CONTROLLER_KEYS))
     if unknown:
         raise EvalConfigError(f"controller has unknown keys {unknown}; known: {list(CONTROLLER_KEYS)}")
-    mode = _choice(raw.get("mode") or "sync", "controller.mode", CONTROLLER_MODES)
-    clock = _choice(raw.get("clock") or "steps", "controller.clock", CONTROLLER_CLOCKS)
-    prefix = raw.get("prefix_mode")
-    if prefix is not None and mode != "rtc":
-        raise EvalConfigError(f"controller.prefix_mode={prefix} applies to controller.mode=rtc only (the frozen "
-                              f"actions of real-time chunking); mode={mode} freezes none")
-    prefix = _choice(prefix or "clean", "controller.prefix_mode", PREFIX_MODES) if mode == "rtc" else None
-    soft = raw.get("soft_masking")
-    if soft is not None and mode != "rtc":
-        raise EvalConfigError(f"controller.soft_masking={soft} applies to controller.mode=rtc only (guidance by the "
-                              f"old chunk after the frozen actions); mode={mode} freezes none")
-    if soft is not None and not isinstance(soft, bool):
-        raise EvalConfigError(f"controller.soft_masking must be true or false, got {soft!r}")
-    soft = (True if soft is None else soft) if mode == "rtc" else None
+    mode, clock = raw.get("mode") or "sync", raw.get("clock") or "steps"
     delay = raw.get("delay_steps")
-    delay = None if delay is None else _int(delay, "controller.delay_steps", 0)
-    hz = raw.get("control_hz")
-    if hz is not None:
-        if clock != "wall":
-            raise EvalConfigError(f"controller.control_hz={hz} applies to controller.clock=wall only; the steps clock "
-                                  "simulates the latency as controller.delay_steps control steps")
-        if isinstance(hz, bool) or not isinstance(hz, (int, float)) or not math.isfinite(hz) or hz <= 0:
-            raise EvalConfigError(f"controller.control_hz must be a number > 0 (control steps per second), got {hz!r}")
-        hz = float(hz)
-    elif clock == "wall":
-        hz = float(task.fps) if task is not None else 10.0
-    extend = raw.get("extend_plan")
-    if extend is not None and not isinstance(extend, bool):
-        raise EvalConfigError(f"controller.extend_plan must be true or false, got {extend!r}")
-    if extend and mode == "sync":
-        raise EvalConfigError("controller.extend_plan=true applies to controller.mode=async or rtc (running the plan "
-                              "on while the next chunk is sampled); mode=sync waits for every chunk")
-    extend = bool(extend)
-    deadline = raw.get("deadline_ms")
-    if deadline is not None:
-        if clock != "wall":
-            raise EvalConfigError(f"controller.deadline_ms={deadline} applies to controller.clock=wall only: a "
-                                  "deadline stops sampling by the wall clock, so steps-clock results would depend on "
-                                  "the machine")
-        if (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)
-                or deadline < 0):
-            raise EvalConfigError(f"controller.deadline_ms must be a number >= 0 (ms per chunk), got {deadline!r}")
-        deadline = float(deadline)
-    if mode == "sync":
-        if delay not in (None, 0):
-            raise EvalConfigError(f"controller.delay_steps={delay} applies to controller.mode=async or rtc; "
-                                  "mode=sync waits for every chunk (delay 0)")
-        return ControllerSettings("sync", 0, clock, hz, deadline_ms=deadline)
-    if clock == "steps":
-        return ControllerSettings(mode, 0 if delay is None else delay, clock, None, prefix, soft,
-                                  extend_plan=extend)
-    if delay == 0:
-        raise EvalConfigError("controller.delay_steps=0 on controller.clock=wall would wait for every chunk (that is "
-                              "mode=sync): set controller.delay_steps=null to measure the delay from this machine's "
-                              "latency, or a fixed delay >= 1")
-    return ControllerSettings(mode, delay, clock, hz, prefix, soft, deadline, extend)
+    delay = None if delay is None else checked_int(delay, "controller.delay_steps", 0)
+    if delay is None and (mode == "sync" or clock == "steps"):
+        delay = 0
+    prefix, soft, extend = raw.get("prefix_mode"), raw.get("soft_masking"), raw.get("extend_plan")
+    if mode == "rtc":
+        prefix, soft = prefix or "clean", True if soft is None else soft
+    return ControllerSettings(mode, delay, clock, _control_hz(raw.get("control_hz"), clock, task), prefix, soft,
+                              raw.get("deadline_ms"), False if extend is None else extend)
 
 
 def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
@@ -459,22 +492,35 @@ def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None)
     return p
 
 
-def file_fingerprint(path: Path) -> str:
-    """Cheap identity of a checkpoint file: size and a hash of its first and last MiB.
+#: what :func:`file_fingerprint` values start with; a run folder's fingerprint without it is from before
+FINGERPRINT_PREFIX = "sha256:"
+_BLOCK = 1 << 20  # bytes read at a time: the whole file is hashed without holding it in memory
 
-    A checkpoint directory (LeRobot's) is the fingerprints of its files, by name.
-    """
-    if path.is_dir():
-        parts = [f"{p.name}={file_fingerprint(p)}" for p in sorted(path.iterdir()) if p.is_file()]
-        return "dir:" + hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
-    h = hashlib.sha256()
-    size = path.stat().st_size
+
+def _hash_file(path: Path, h: Any) -> None:
     with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > (1 << 20):
-            f.seek(max(size - (1 << 20), 0))
-            h.update(f.read(1 << 20))
-    return f"{size}:{h.hexdigest()[:16]}"
+        while block := f.read(_BLOCK):
+            h.update(block)
+
+
+def file_fingerprint(path: Path) -> str:
+    """Identity of a checkpoint: the SHA-256 of every byte of it, ``sha256:<hex>``.
+
+    Every byte because a run resumed (``resume_dir``) or a score reused (``eval/bench_latency.py``)
+    on a checkpoint that differs anywhere mixes two policies' episodes: the earlier fingerprint
+    (size and first and last MiB) took a checkpoint changed in the middle for the same one. A
+    checkpoint directory (LeRobot's) hashes the files its reader reads, the top-level ones, in
+    sorted order with their names and sizes, so a renamed or moved file changes it too.
+    """
+    h = hashlib.sha256()
+    if not path.is_dir():
+        _hash_file(path, h)
+        return FINGERPRINT_PREFIX + h.hexdigest()
+    h.update(b"para_policy checkpoint directory\0")
+    for p in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        _hash_file(p, h)
+    return FINGERPRINT_PREFIX + "dir:" + h.hexdigest()
 
 
 def spec_dict(spec: SamplerConfig) -> dict[str, Any]:

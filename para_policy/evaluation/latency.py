@@ -29,18 +29,25 @@ from para_policy.evaluation.rollout import LATENCY_STREAM, call_noise
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig
 
+#: the percentiles :func:`percentile_summary` reports by default (``p50``, ``p95``, ``p99``)
 PERCENTILES = (50, 95, 99)
 
 
-def distribution(values: Sequence[float]) -> dict[str, float | int | None]:
-    """mean, std, p50, p95, p99, min, max and n of ``values`` (None entries when empty)."""
+def percentile_summary(values: Sequence[float], percentiles: Sequence[int] = PERCENTILES
+                       ) -> dict[str, float | int | None]:
+    """``{'n', 'mean', 'std', 'min', 'max', 'p50', 'p95', 'p99'}`` of ``values`` (ms, rounds, ...).
+
+    The one summary every latency or rounds figure is reported with, so ``p95`` means the same
+    (numpy's linear interpolation between order statistics) in every results file. ``percentiles``
+    chooses the ``p<q>`` keys. Empty ``values`` give ``n=0`` and None everywhere else.
+    """
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0:
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None,
-                **{f"p{p}": None for p in PERCENTILES}}
+                **{f"p{p}": None for p in percentiles}}
     out: dict[str, float | int | None] = {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()),
                                           "min": float(v.min()), "max": float(v.max())}
-    for p in PERCENTILES:
+    for p in percentiles:
         out[f"p{p}"] = float(np.percentile(v, p))
     return out
 
@@ -155,10 +162,10 @@ def latency_summary(timing: Mapping[str, Any], n_action_steps: int) -> dict[str,
     """Distributions of ms per chunk, ms per executed action, rounds and model evals per chunk."""
     ms = list(timing["ms"])
     return {
-        "ms_per_chunk": distribution(ms),
-        "ms_per_action": distribution([m / n_action_steps for m in ms]),
-        "rounds_per_chunk": distribution(timing["rounds"]),
-        "model_evals_per_chunk": distribution(timing["model_evals"]),
+        "ms_per_chunk": percentile_summary(ms),
+        "ms_per_action": percentile_summary([m / n_action_steps for m in ms]),
+        "rounds_per_chunk": percentile_summary(timing["rounds"]),
+        "model_evals_per_chunk": percentile_summary(timing["model_evals"]),
     }
 
 

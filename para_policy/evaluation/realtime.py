@@ -36,7 +36,14 @@ import torch
 from para_policy.controller import Controller
 from para_policy.evaluation import rollout
 from para_policy.evaluation.config import ControllerSettings, TaskSettings
-from para_policy.evaluation.rollout import ROLLOUT_STREAM, _episode_record, _Slot, call_noise, step_observation
+from para_policy.evaluation.rollout import (
+    ROLLOUT_STREAM,
+    EpisodeSlot,
+    call_noise,
+    episode_record,
+    render_frame,
+    step_observation,
+)
 from para_policy.policy import LowdimPolicy, PolicyOutput
 from para_policy.samplers import SamplerConfig
 
@@ -54,7 +61,7 @@ class KeyedNoisePolicy:
     The Controller draws its noise from one generator per run, so its k-th chunk would get
     noise that depends on what came before. This wrapper replaces it by
     ``call_noise(key=(ROLLOUT_STREAM, noise_seed, episode_seed, k))``, the batched loop's noise
-    for the same chunk, and records each call's observation window and warm-start guess (the
+    for the same chunk, and records each call's observation history and warm-start guess (the
     inputs of the latency pass). Everything else is the policy's (attribute lookups pass through).
     """
 
@@ -84,23 +91,20 @@ class KeyedNoisePolicy:
                                 self._policy.sample_dtype)
         self.chunk += 1
         if self._record:
-            window = {k: v[0].detach().cpu().numpy().astype(np.float32) for k, v in obs_dict.items()}
+            history = {k: v[0].detach().cpu().numpy().astype(np.float32) for k, v in obs_dict.items()}
             guess = warm_start[0].detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else None
-            self.inputs.append((window, guess))
+            self.inputs.append((history, guess))
         return self._policy.predict_action(obs_dict, x_T=x_T, noise=noise, warm_start=warm_start, **kwargs)
 
 
 def make_controller(policy: LowdimPolicy | KeyedNoisePolicy, spec: SamplerConfig, settings: ControllerSettings,
                     seed: int = 0) -> Controller:
-    """The Controller ``settings`` describe, sampling with ``spec`` (whose window is already resolved).
+    """The Controller ``settings`` describe (:meth:`ControllerSettings.controller_config`), sampling with
+    ``spec`` (whose window is already resolved).
 
     ``settings.deadline_ms`` applies to Picard samplers only: the sequential baseline runs every step.
     """
-    deadline = settings.deadline_ms if spec.iterative else None
-    return Controller(policy, sampler=spec, mode=settings.mode, clock=settings.clock, period_s=settings.period_s,
-                      delay_steps=None if settings.mode == "sync" else settings.delay_steps, seed=seed,
-                      prefix_mode=settings.prefix_mode or "clean", soft_masking=settings.soft_masking is not False,
-                      deadline_ms=deadline, extend_plan=settings.extend_plan)
+    return Controller(policy, sampler=spec, config=settings.controller_config(seed=seed, deadline=spec.iterative))
 
 
 def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None) -> dict[str, Any]:
@@ -141,6 +145,51 @@ def wait_for_tick(next_tick: float, period_s: float) -> tuple[float, bool]:
     return next_tick + (missed + 1) * period_s, True
 
 
+def _run_episode(env: gymnasium.Env, controller: Controller, slot: EpisodeSlot, shapes: Mapping[str, tuple[int, ...]],
+                 max_steps: int, period: float | None) -> tuple[BaseException | None, int]:
+    """Step ``slot``'s episode through ``controller`` to its end; ``(the exception it raised or None, late steps)``.
+
+    On the wall clock (``period`` in seconds) each step waits for its tick (:func:`wait_for_tick`).
+    The Controller is reset at the end either way: a chunk still in flight is waited for and dropped.
+    """
+    late = 0
+    try:
+        obs, _ = env.reset(seed=int(slot.seed))
+        render_frame(slot)
+        next_tick = time.perf_counter() + (period or 0.0)
+        while True:
+            action = controller.act(step_observation(obs, shapes))
+            obs, reward, terminated, truncated, info = env.step(action)
+            slot.steps += 1
+            slot.rewards.append(float(reward))
+            slot.success |= bool(info.get("is_success", False))
+            render_frame(slot)
+            if terminated or truncated or slot.steps >= max_steps:
+                break
+            if period is not None:
+                next_tick, missed = wait_for_tick(next_tick, period)
+                late += missed
+    except Exception as e:  # recorded, the evaluation goes on
+        return e, late
+    finally:
+        controller.reset()
+    return None, late
+
+
+def _controller_record(slot: EpisodeSlot, controller: Controller, keyed: KeyedNoisePolicy,
+                       error: BaseException | None, late: int | None, record_obs: bool) -> dict[str, Any]:
+    """The episode's record: the batched loop's fields over the chunks that took over the queue, plus
+    :data:`CONTROLLER_FIELDS` (``late``: the wall clock's late steps, None on the steps clock)."""
+    looped = [r for r in controller.records if r.start_step is not None]
+    slot.chunk, slot.rounds = len(looped), [int(r.rounds) for r in looped]
+    inputs = keyed.inputs[: len(looped)]
+    slot.chunk_obs = [o for o, _ in inputs]
+    slot.chunk_guess = [g for _, g in inputs]
+    rec = episode_record(slot, error, record_obs and bool(inputs))
+    rec.update(controller_fields(controller.stats(), late))
+    return rec
+
+
 def run_controller_rollouts(
     policy: LowdimPolicy,
     spec: SamplerConfig,
@@ -160,7 +209,7 @@ def run_controller_rollouts(
     """Run one episode per seed through one Controller with ``settings``, one episode at a time.
 
     Args are :func:`~.rollout.run_rollouts`'s (``num_envs`` aside), plus ``settings``: the mode,
-    delay and clock. ``record_obs`` keeps the observation window and warm-start guess of each
+    delay and clock. ``record_obs`` keeps the observation history and warm-start guess of each
     chunk that took over the queue (``chunk_obs``, ``chunk_guess``), as the batched loop does.
     Returns:
         ``(records in seed order, frames of the video episode or None)``. A record has the
@@ -179,52 +228,15 @@ def run_controller_rollouts(
     video: list[np.ndarray] | None = None
     env = env_factory(task, render=video_seed is not None, video_size=video_size)
     bar = tqdm(total=len(seeds), desc=desc, unit="ep", disable=not progress, leave=False)
-
-    def render(slot: _Slot) -> None:
-        if slot.frames is None:
-            return
-        try:
-            slot.frames.append(np.asarray(slot.env.render()))
-        except Exception as e:  # a broken renderer loses the video, not the episode
-            print(f"warning: rendering seed {slot.seed} failed ({type(e).__name__}: {e}); no video")
-            slot.frames = None
-
     try:
         for seed in seeds:
-            slot = _Slot(env, seed=int(seed), started=time.perf_counter(), active=True)
+            slot = EpisodeSlot(env, seed=int(seed), started=time.perf_counter(), active=True)
             slot.frames = [] if seed == video_seed else None
             controller.reset()
             controller.reset_stats()
             keyed.begin(seed)
-            error: BaseException | None = None
-            late = 0
-            try:
-                obs, _ = env.reset(seed=int(seed))
-                render(slot)
-                next_tick = time.perf_counter() + (period or 0.0)
-                while True:
-                    action = controller.act(step_observation(obs, shapes))
-                    obs, reward, terminated, truncated, info = env.step(action)
-                    slot.steps += 1
-                    slot.rewards.append(float(reward))
-                    slot.success |= bool(info.get("is_success", False))
-                    render(slot)
-                    if terminated or truncated or slot.steps >= task.max_steps:
-                        break
-                    if period is not None:
-                        next_tick, missed = wait_for_tick(next_tick, period)
-                        late += missed
-            except Exception as e:  # recorded, the evaluation goes on
-                error = e
-            finally:
-                controller.reset()  # a chunk still in flight is waited for and dropped
-            looped = [r for r in controller.records if r.start_step is not None]
-            slot.chunk, slot.rounds = len(looped), [int(r.rounds) for r in looped]
-            inputs = keyed.inputs[: len(looped)]
-            slot.chunk_obs = [o for o, _ in inputs]
-            slot.chunk_guess = [g for _, g in inputs]
-            rec = _episode_record(slot, error, record_obs and bool(inputs))
-            rec.update(controller_fields(controller.stats(), late if period is not None else None))
+            error, late = _run_episode(env, controller, slot, shapes, task.max_steps, period)
+            rec = _controller_record(slot, controller, keyed, error, late if period is not None else None, record_obs)
             records[int(seed)] = rec
             if slot.frames is not None and error is None:
                 video = slot.frames

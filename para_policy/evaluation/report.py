@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from para_policy.checkpoints import atomic_write
-from para_policy.evaluation.latency import distribution
+from para_policy.evaluation.latency import percentile_summary
 
 SCHEMA_VERSION = 1
 #: folder of the run that holds image tasks' recorded chunk observations
@@ -129,7 +129,7 @@ def summarize_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "success_rate": float(np.mean([bool(e["success"]) for e in ok])) if ok else None,
         "mean_length": float(np.mean([e["length"] for e in ok])) if ok else None,
         "failures": [{"seed": e["seed"], "error": e["error"]} for e in failed],
-        "rollout_rounds_per_chunk": distribution(rounds),
+        "rollout_rounds_per_chunk": percentile_summary(rounds),
     }
 
 

@@ -160,8 +160,8 @@ def stack_history(history: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.n
 
 
 @dataclass
-class _Slot:
-    """One env of the batch and the episode it is running."""
+class EpisodeSlot:
+    """One env of the batch and the episode it is running (the Controller loop of :mod:`.realtime` uses one too)."""
 
     env: gymnasium.Env
     seed: int = -1
@@ -183,7 +183,7 @@ def _error_record(exc: BaseException) -> tuple[str, str]:
     return f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc))[-4000:]
 
 
-def _episode_record(slot: _Slot, error: BaseException | None = None, record_obs: bool = False) -> dict[str, Any]:
+def episode_record(slot: EpisodeSlot, error: BaseException | None = None, record_obs: bool = False) -> dict[str, Any]:
     """The record of a finished (or failed) episode: JSON, except a dict observation's ``chunk_obs``.
 
     ``chunk_obs`` is a list of (To, Do) lists for flat observations (small: it goes into
@@ -211,6 +211,150 @@ def _episode_record(slot: _Slot, error: BaseException | None = None, record_obs:
     if error is not None:
         rec["error"], rec["traceback"] = _error_record(error)
     return rec
+
+
+def render_frame(slot: EpisodeSlot) -> None:
+    """Append the env's current ``rgb_array`` frame to ``slot.frames`` (a slot without frames records none).
+
+    A broken renderer loses the video, not the episode: it is reported and recording stops.
+    """
+    if slot.frames is None:
+        return
+    try:
+        slot.frames.append(np.asarray(slot.env.render()))
+    except Exception as e:
+        print(f"warning: rendering seed {slot.seed} failed ({type(e).__name__}: {e}); no video")
+        slot.frames = None
+
+
+@dataclass
+class _BatchedLoop:
+    """What :func:`run_rollouts`'s steps share: the call settings, the slots and the finished records."""
+
+    policy: LowdimPolicy
+    spec: SamplerConfig
+    task: TaskSettings
+    schedule: Schedule
+    sample_shape: tuple[int, int]  # (T, D) of one trajectory
+    shapes: dict[str, tuple[int, ...]]
+    noise_seed: int
+    record_obs: bool
+    on_episode: Callable[[dict[str, Any]], None] | None
+    video_seed: int | None
+    bar: Any
+    slots: list[EpisodeSlot] = field(default_factory=list)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    video: list[np.ndarray] | None = None
+
+
+def _finish(loop: _BatchedLoop, slot: EpisodeSlot, error: BaseException | None = None) -> None:
+    """Record ``slot``'s episode (failed when ``error``), free the slot and tell ``on_episode``."""
+    rec = episode_record(slot, error, loop.record_obs)
+    loop.records[slot.seed] = rec
+    if slot.frames is not None and error is None:
+        loop.video = slot.frames
+    slot.active = False
+    loop.bar.update(1)
+    loop.bar.set_postfix(score=f"{np.mean([r['max_reward'] for r in loop.records.values()]):.3f}")
+    if loop.on_episode is not None:
+        loop.on_episode(rec)
+
+
+def _start(loop: _BatchedLoop, slot: EpisodeSlot, seed: int) -> None:
+    """Begin ``seed``'s episode in ``slot``: reset its env and fill the history with the first observation."""
+    To = loop.policy.n_obs_steps
+    slot.seed, slot.chunk, slot.steps = seed, 0, 0
+    slot.rewards, slot.rounds, slot.chunk_obs, slot.chunk_guess = [], [], [], []
+    slot.success = False
+    slot.guess = None
+    slot.started = time.perf_counter()
+    slot.active = True
+    # the video episode runs in slot 0, the only env made with rendering
+    slot.frames = [] if (seed == loop.video_seed and slot is loop.slots[0]) else None
+    try:
+        obs, _ = slot.env.reset(seed=int(seed))
+        slot.history = deque([step_observation(obs, loop.shapes)] * To, maxlen=To)
+        render_frame(slot)
+    except Exception as e:  # recorded, the evaluation goes on
+        _finish(loop, slot, e)
+
+
+def _predict(loop: _BatchedLoop, batch: list[EpisodeSlot]) -> list[tuple[np.ndarray, int] | BaseException]:
+    """Actions (Na, Da) and rounds for each slot, or the exception its call raised.
+
+    With ``spec.warm_start`` each slot's chunk starts from its previous chunk's
+    trajectory shifted by the ``Na`` executed actions (the first chunk starts cold). The
+    guesses go in explicitly (``predict_action(warm_start=(B, T, D), warm_rows=(B,))``, the path
+    the Controller's :meth:`~para_policy.controller.Controller.act` takes too), not through the
+    policy session's memory: that holds one batch's trajectory, and the envs of a batch start
+    and end their episodes at different chunks.
+    """
+    policy, spec, Na = loop.policy, loop.spec, loop.policy.n_action_steps
+    histories = [stack_history(s.history) for s in batch]
+    obs = {key: torch.from_numpy(np.stack([h[key] for h in histories])) for key in loop.shapes}  # (B, To, *shape)
+    keys = [(ROLLOUT_STREAM, loop.noise_seed, s.seed, s.chunk) for s in batch]
+    x_T, noise = call_noise(loop.schedule, loop.sample_shape, keys, policy.device, policy.sample_dtype)
+    warm: dict[str, Any] = {"warm_start": False}  # this loop keeps each env's guess itself
+    if spec.warm_start and any(s.guess is not None for s in batch):
+        rows = torch.tensor([s.guess is not None for s in batch])
+        guess = torch.stack([x_T[i] if s.guess is None else s.guess[0] for i, s in enumerate(batch)])
+        warm = {"warm_start": guess, "warm_rows": rows}
+    try:
+        out = policy.predict_action(obs, x_T=x_T, noise=noise, sampler=spec, **warm)
+    except Exception as e:
+        if len(batch) == 1:
+            return [e]
+        # find the episode that broke the batch; the others keep their (identical) noise
+        return [r for s in batch for r in _predict(loop, [s])]
+    actions = out["action"].detach().cpu().numpy()
+    rounds = out.stats.rounds_per_sample.cpu().tolist()
+    if spec.warm_start:
+        trajectory = out.trajectory
+        for i, s in enumerate(batch):
+            s.chunk_guess.append(None if s.guess is None else s.guess[0].cpu().numpy())
+            s.guess = shift_trajectory(trajectory[i: i + 1], Na)
+    return [(actions[i], int(rounds[i])) for i in range(len(batch))]
+
+
+def _execute(loop: _BatchedLoop, slot: EpisodeSlot, actions: np.ndarray, rounds: int) -> None:
+    """Step ``slot``'s env through the chunk's first ``n_action_steps`` actions; finish the episode if it ended."""
+    if loop.record_obs:
+        slot.chunk_obs.append(stack_history(slot.history))
+    slot.rounds.append(rounds)
+    slot.chunk += 1
+    try:
+        done = False
+        for a in actions[: loop.policy.n_action_steps]:
+            obs, reward, terminated, truncated, info = slot.env.step(a)
+            slot.steps += 1
+            slot.rewards.append(float(reward))
+            slot.success |= bool(info.get("is_success", False))
+            slot.history.append(step_observation(obs, loop.shapes))
+            render_frame(slot)
+            if terminated or truncated or slot.steps >= loop.task.max_steps:
+                done = True
+                break
+    except Exception as e:
+        _finish(loop, slot, e)
+        return
+    if done:
+        _finish(loop, slot)
+
+
+def _run_queue(loop: _BatchedLoop, queue: list[int]) -> None:
+    """Chunk after chunk until every seed of ``queue`` ran: free slots take the next seed, then one batched call."""
+    while True:
+        for slot in loop.slots:
+            while not slot.active and queue:
+                _start(loop, slot, queue.pop(0))
+        batch = [s for s in loop.slots if s.active]
+        if not batch:
+            return
+        for slot, result in zip(batch, _predict(loop, batch), strict=True):
+            if isinstance(result, BaseException):
+                _finish(loop, slot, result)
+            else:
+                _execute(loop, slot, *result)
 
 
 def run_rollouts(
@@ -256,130 +400,26 @@ def run_rollouts(
     from tqdm.auto import tqdm
 
     env_factory = env_factory or make_task_env
-    schedule = policy.schedule_for(spec)
-    sample_shape = policy.trajectory_shape(1)[1:]
-    To, Na = policy.n_obs_steps, policy.n_action_steps
-    shapes = policy.observation_shapes()
     queue = list(seeds)
     order = {s: i for i, s in enumerate(seeds)}
-    records: dict[int, dict[str, Any]] = {}
-    video: list[np.ndarray] | None = None
+    schedule, sample_shape = policy.schedule_for(spec), policy.trajectory_shape(1)[1:]
     n_slots = max(1, min(int(num_envs), len(queue)))
-    slots = [_Slot(env_factory(task, render=(video_seed is not None and i == 0), video_size=video_size))
+    slots = [EpisodeSlot(env_factory(task, render=(video_seed is not None and i == 0), video_size=video_size))
              for i in range(n_slots)]
     bar = tqdm(total=len(queue), desc=desc, unit="ep", disable=not progress, leave=False)
-
-    def finish(slot: _Slot, error: BaseException | None = None) -> None:
-        nonlocal video
-        rec = _episode_record(slot, error, record_obs)
-        records[slot.seed] = rec
-        if slot.frames is not None and error is None:
-            video = slot.frames
-        slot.active = False
-        bar.update(1)
-        bar.set_postfix(score=f"{np.mean([r['max_reward'] for r in records.values()]):.3f}")
-        if on_episode is not None:
-            on_episode(rec)
-
-    def start(slot: _Slot, seed: int) -> None:
-        slot.seed, slot.chunk, slot.steps = seed, 0, 0
-        slot.rewards, slot.rounds, slot.chunk_obs, slot.chunk_guess = [], [], [], []
-        slot.success = False
-        slot.guess = None
-        slot.started = time.perf_counter()
-        slot.active = True
-        # the video episode runs in slot 0, the only env made with rendering
-        slot.frames = [] if (seed == video_seed and slot is slots[0]) else None
-        try:
-            obs, _ = slot.env.reset(seed=int(seed))
-            slot.history = deque([step_observation(obs, shapes)] * To, maxlen=To)
-            _render(slot)
-        except Exception as e:  # recorded, the evaluation goes on
-            finish(slot, e)
-
-    def _render(slot: _Slot) -> None:
-        if slot.frames is None:
-            return
-        try:
-            slot.frames.append(np.asarray(slot.env.render()))
-        except Exception as e:  # a broken renderer loses the video, not the episode
-            print(f"warning: rendering seed {slot.seed} failed ({type(e).__name__}: {e}); no video")
-            slot.frames = None
-
-    def predict(batch: list[_Slot]) -> list[tuple[np.ndarray, int] | BaseException]:
-        """Actions (Na, Da) and rounds for each slot, or the exception its call raised.
-
-        With ``spec.warm_start`` each slot's chunk starts from its previous chunk's
-        trajectory shifted by the ``Na`` executed actions (the first chunk starts cold).
-        """
-        windows = [stack_history(s.history) for s in batch]
-        obs = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in shapes}  # (B, To, *shape)
-        keys = [(ROLLOUT_STREAM, noise_seed, s.seed, s.chunk) for s in batch]
-        x_T, noise = call_noise(schedule, sample_shape, keys, policy.device, policy.sample_dtype)
-        warm: dict[str, Any] = {"warm_start": False}  # this loop keeps each env's guess itself
-        if spec.warm_start and any(s.guess is not None for s in batch):
-            rows = torch.tensor([s.guess is not None for s in batch])
-            guess = torch.stack([x_T[i] if s.guess is None else s.guess[0] for i, s in enumerate(batch)])
-            warm = {"warm_start": guess, "warm_rows": rows}
-        try:
-            out = policy.predict_action(obs, x_T=x_T, noise=noise, sampler=spec, **warm)
-        except Exception as e:
-            if len(batch) == 1:
-                return [e]
-            # find the episode that broke the batch; the others keep their (identical) noise
-            return [r for s in batch for r in predict([s])]
-        actions = out["action"].detach().cpu().numpy()
-        rounds = out.stats.rounds_per_sample.cpu().tolist()
-        if spec.warm_start:
-            trajectory = out.trajectory
-            for i, s in enumerate(batch):
-                s.chunk_guess.append(None if s.guess is None else s.guess[0].cpu().numpy())
-                s.guess = shift_trajectory(trajectory[i: i + 1], Na)
-        return [(actions[i], int(rounds[i])) for i in range(len(batch))]
-
+    loop = _BatchedLoop(policy, spec, task, schedule, sample_shape, policy.observation_shapes(), noise_seed,
+                        record_obs, on_episode, video_seed, bar, slots)
     # the video episode goes first, into slot 0
     if video_seed in queue:
         queue.remove(video_seed)
         queue.insert(0, video_seed)
     try:
-        while True:
-            for slot in slots:
-                while not slot.active and queue:
-                    start(slot, queue.pop(0))
-            batch = [s for s in slots if s.active]
-            if not batch:
-                break
-            for slot, result in zip(batch, predict(batch), strict=True):
-                if isinstance(result, BaseException):
-                    finish(slot, result)
-                    continue
-                actions, rounds = result
-                if record_obs:
-                    slot.chunk_obs.append(stack_history(slot.history))
-                slot.rounds.append(rounds)
-                slot.chunk += 1
-                try:
-                    done = False
-                    for a in actions[:Na]:
-                        obs, reward, terminated, truncated, info = slot.env.step(a)
-                        slot.steps += 1
-                        slot.rewards.append(float(reward))
-                        slot.success |= bool(info.get("is_success", False))
-                        slot.history.append(step_observation(obs, shapes))
-                        _render(slot)
-                        if terminated or truncated or slot.steps >= task.max_steps:
-                            done = True
-                            break
-                except Exception as e:
-                    finish(slot, e)
-                    continue
-                if done:
-                    finish(slot)
+        _run_queue(loop, queue)
     finally:
-        bar.close()
-        for slot in slots:
+        loop.bar.close()
+        for slot in loop.slots:
             try:
                 slot.env.close()
             except Exception:
                 pass
-    return [records[s] for s in sorted(records, key=order.__getitem__)], video
+    return [loop.records[s] for s in sorted(loop.records, key=order.__getitem__)], loop.video

@@ -4,25 +4,35 @@
 Hydra's config and run folder), and what tests call directly. In order:
 
 1. check every config value and the checkpoint against the task (``EvalConfigError``
-   before any env is stepped);
+   before any env is stepped): :func:`_checked_run`;
 2. roll out the chosen sampler (role ``candidate``) and, with ``compare=true``, the
    sequential baseline on the same schedule (role ``baseline``): same env seeds, same
    model, same noise per (episode, chunk), same ``controller`` settings (``sync``: the
    batched loop; ``async`` / ``rtc`` or the wall clock: one Controller per env,
    :mod:`.realtime`); progress saved to ``progress.json`` after every episode, so
-   ``resume_dir=<earlier run dir>`` continues an interrupted run;
+   ``resume_dir=<earlier run dir>`` continues an interrupted run: :func:`_roll_out_role`;
 3. time batch-1 calls of both samplers on chunk observations of the candidate's
    rollouts, with the same noise: latency and faithfulness (for image tasks the
-   observations wait in ``chunk_obs/*.npz`` side files, not in the JSON files);
+   observations wait in ``chunk_obs/*.npz`` side files, not in the JSON files):
+   :func:`_time_latency`;
 4. write ``results.json``, ``summary.md``, plots and first-episode videos into the run
-   folder, log them to W&B, print the comparison table.
+   folder, log them to W&B, print the comparison table: :func:`_results`, :func:`_report`.
+
+From the end of the checks to the end of the run the folder holds ``eval.lock``
+(:func:`lock_run_folder`), so two runs never write one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import shutil
+import socket
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +40,24 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from para_policy.evaluation.cluster import ShardedRollouts, cluster_settings
+from para_policy.evaluation.cluster import ClusterSettings, ShardedRollouts, cluster_settings
 from para_policy.evaluation.config import (
+    FINGERPRINT_PREFIX,
     FLAT_KEY,
     ControllerSettings,
     EvalConfigError,
     TaskSettings,
-    _int,
     baseline_config,
+    checked_device,
+    checked_int,
     controller_settings,
     file_fingerprint,
-    format_shapes,
-    observation_mismatch,
     resolve_path,
     sampler_config,
     spec_dict,
     task_settings,
 )
+from para_policy.evaluation.episodes import check_env, load_checked_policy, read_progress, roll_out_seeds
 from para_policy.evaluation.latency import (
     faithfulness,
     latency_summary,
@@ -54,7 +65,6 @@ from para_policy.evaluation.latency import (
     select_observations,
     time_samplers,
 )
-from para_policy.evaluation.realtime import run_controller_rollouts
 from para_policy.evaluation.report import (
     CHUNK_OBS_DIR,
     SCHEMA_VERSION,
@@ -71,7 +81,8 @@ from para_policy.evaluation.report import (
     write_text,
     write_video,
 )
-from para_policy.evaluation.rollout import make_task_env, run_rollouts, stack_history, step_observation
+from para_policy.evaluation.rollout import make_task_env, stack_history, step_observation
+from para_policy.evaluation.wandb_logger import NullLogger, make_logger
 from para_policy.inference import check_inference_options, configure_inference
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig
@@ -80,6 +91,8 @@ from para_policy.window import tuned_spec
 PROGRESS_FILE = "progress.json"
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
+#: held by the run writing the folder (:func:`lock_run_folder`): JSON ``{pid, host, started}``
+LOCK_FILE = "eval.lock"
 
 # baseline rollouts already run in this process (a Hydra multirun sweeps the candidate's
 # options; the sequential baseline is the same in every job), keyed by their fingerprint
@@ -119,14 +132,14 @@ def _eval_settings(cfg: DictConfig) -> dict[str, Any]:
         raise EvalConfigError(f"inference: {e}") from None
     return {
         "compare": bool(cfg.get("compare", True)),
-        "num_envs": _int(cfg.get("num_envs", 8), "num_envs", 1),
-        "seed": _int(cfg.get("seed", 0), "seed", 0),
-        "device": str(cfg.get("device", "cpu")),
-        "threads": None if threads is None else _int(threads, "threads", 1),
-        "latency_calls": _int(lat.get("calls", 50), "latency.calls", 0),
-        "latency_warmup": _int(lat.get("warmup", 3), "latency.warmup", 0),
+        "num_envs": checked_int(cfg.get("num_envs", 8), "num_envs", 1),
+        "seed": checked_int(cfg.get("seed", 0), "seed", 0),
+        "device": checked_device(cfg.get("device", "cpu")),
+        "threads": None if threads is None else checked_int(threads, "threads", 1),
+        "latency_calls": checked_int(lat.get("calls", 50), "latency.calls", 0),
+        "latency_warmup": checked_int(lat.get("warmup", 3), "latency.warmup", 0),
         "video": bool(video.get("enabled", True)),
-        "video_size": _int(video.get("size", 256), "video.size", 16),
+        "video_size": checked_int(video.get("size", 256), "video.size", 16),
         "video_format": str(video.get("format", "mp4")),
         "progress": bool(cfg.get("progress", True)),
         "inference": inference,
@@ -159,98 +172,121 @@ def _configure_inference(policy: LowdimPolicy, opts: dict[str, Any]) -> tuple[di
     return applied, f"backend {backend} for the candidate and the sequential baseline ({why})"
 
 
-def load_checked_policy(path: Path, task: TaskSettings, device: str, trust_pickle: bool = False) -> LowdimPolicy:
-    """Load the checkpoint and refuse one made for another observation or action size."""
-    from para_policy.policy import load_policy
-
-    if not path.is_file() and not (path / "config.json").is_file():
-        raise EvalConfigError(
-            f"checkpoint not found: {path}. Pass checkpoint=<path to a para_policy .safetensors policy, a "
-            "DiffusionPolicy .ckpt or a LeRobot policy directory> "
-            f"(train one with `python train.py task={task.name}`)")
-    try:  # eager until the run's inference settings are applied (_configure_inference), under its threads
-        policy = load_policy(path, device=device, trust_pickle=trust_pickle, backend="eager")
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise EvalConfigError(f"cannot load checkpoint {path}: {e}") from None
-    wanted = policy.observation_shapes()
-    flat_policy = set(wanted) == {FLAT_KEY}
-    if task.obs_shapes is None and flat_policy:  # low-dim policy, low-dim task
-        if policy.obs_dim != task.obs_dim or policy.action_dim != task.action_dim:
-            raise EvalConfigError(
-                f"checkpoint {path.name} has obs_dim={policy.obs_dim}, action_dim={policy.action_dim} but task "
-                f"{task.name!r} has obs_dim={task.obs_dim}, action_dim={task.action_dim}: a policy for another task "
-                "or observation type")
-        return policy
-    given = task.observation_shapes
-    if flat_policy:
-        raise EvalConfigError(
-            f"checkpoint {path.name} is a low-dim policy (observation {FLAT_KEY!r} of shape {wanted[FLAT_KEY]}) but "
-            f"task {task.name!r} gives dict observations ({format_shapes(given)}): pass an image policy checkpoint, "
-            "or evaluate this one on a low-dim task (task=pusht)")
-    if task.obs_shapes is None:
-        raise EvalConfigError(
-            f"checkpoint {path.name} is an image policy observing {format_shapes(wanted)} but task {task.name!r} "
-            f"gives flat observations of shape {given[FLAT_KEY]} (obs_type={task.obs_type}): evaluate it on an image "
-            "task (task=pusht_image)")
-    problem = observation_mismatch(wanted, given)
-    if problem is not None:
-        raise EvalConfigError(f"checkpoint {path.name} does not fit task {task.name!r}'s observation: {problem}")
-    if policy.action_dim != task.action_dim:
-        raise EvalConfigError(f"checkpoint {path.name} has action_dim={policy.action_dim} but task {task.name!r} has "
-                              f"action_dim={task.action_dim}: a policy for another task")
-    return policy
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    """The holder a lock file names (``pid``, ``host``, ``started``); None when it is gone or not yet written."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
-def env_observation_shapes(env: Any) -> dict[str, tuple[int, ...]]:
-    """The observation keys and shapes an env declares: ``{key: shape}`` (a Dict space) or ``{'obs': shape}``."""
-    space = env.observation_space
-    sub = getattr(space, "spaces", None)
-    if isinstance(sub, dict):
-        return {str(k): tuple(v.shape or ()) for k, v in sub.items()}
-    return {FLAT_KEY: tuple(space.shape or ())}
+def _holder_is_dead(holder: dict[str, Any] | None) -> bool:
+    """Whether a lock's holder is a process of this host that no longer runs (a run that crashed or was killed).
 
-
-def _check_env(task: TaskSettings) -> None:
-    """The env's observation must be what the task (and so the policy) says.
-
-    A task whose optional dependencies are missing (Lift without the ``[lift]`` extra) stops
-    here with the install hint.
+    A holder on another host may still run (a shared file system): it is never declared dead.
     """
-    from para_policy.tasks.lift import MissingExtraError
+    pid = holder.get("pid") if holder else None
+    if (holder is None or holder.get("host") != socket.gethostname() or not isinstance(pid, int)
+            or isinstance(pid, bool) or pid <= 0 or os.name == "nt"):  # os.kill(pid, 0) is no probe on Windows
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        return False
+    return False
 
+
+def _in_use(folder: Path, holder: dict[str, Any] | None) -> str:
+    """The message for a folder another run holds."""
+    who = (f"eval.py pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')})" if holder
+           else "a run that is starting")
+    return (f"run folder {folder} is in use by {who}: two runs must not write one folder, so pick another one "
+            f"(hydra.run.dir=...); if that run is gone, delete {folder / LOCK_FILE}")
+
+
+def _check_not_in_use(folder: Path) -> None:
+    """Refuse a folder a live run holds, before anything is loaded (:func:`lock_run_folder` takes it later)."""
+    lock = folder / LOCK_FILE
+    if lock.exists() and not _holder_is_dead(holder := _read_lock(lock)):
+        raise EvalConfigError(_in_use(folder, holder))
+
+
+def _remove_stale_lock(lock: Path, holder: dict[str, Any]) -> None:
+    """Remove a dead run's lock with a warning; a live run's lock that replaced it meanwhile is put back.
+
+    Moved aside rather than deleted so that, of two runs taking over one stale lock, only the
+    one that moved it can remove it.
+    """
+    aside = lock.with_name(f"{LOCK_FILE}.{os.getpid()}.stale")
     try:
-        env = make_task_env(task)
-    except MissingExtraError as e:
-        raise EvalConfigError(str(e)) from e
-    try:
-        shapes = env_observation_shapes(env)
-    finally:
-        env.close()
-    if task.obs_shapes is None:
-        shape = shapes.get(FLAT_KEY)
-        if shape != (task.obs_dim,):
-            raise EvalConfigError(f"env {task.env_id} (obs_type={task.obs_type}) gives observations of shape "
-                                  f"{shape if shape is not None else format_shapes(shapes)}, but task.obs_dim is "
-                                  f"{task.obs_dim}")
+        os.replace(lock, aside)
+    except FileNotFoundError:  # another run moved it first
         return
-    # the task's shapes are what the policy was checked against (load_checked_policy): the env must give them
-    problem = observation_mismatch(task.obs_shapes, shapes)
-    if problem is not None:
-        raise EvalConfigError(f"env {task.env_id} (obs_type={task.obs_type}) does not give task.obs_shapes: {problem}")
+    if _read_lock(aside) == holder:
+        warnings.warn(f"{lock}: taking over the lock of eval.py pid {holder.get('pid')} on {holder.get('host')} "
+                      f"(started {holder.get('started')}), which no longer runs", stacklevel=3)
+    else:
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)
+    aside.unlink(missing_ok=True)
 
 
-def _load_progress(resume_dir: Path, fingerprint: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Finished episodes of an earlier run of the same evaluation (failed ones are run again)."""
+def lock_run_folder(folder: Path) -> Path:
+    """Take ``folder/eval.lock`` for this process (the folder is made if missing); return its path.
+
+    Two runs started in the same folder used to overwrite each other's files. The lock is created
+    with ``O_CREAT | O_EXCL``, so of two runs exactly one gets it and the other stops with an error
+    naming the holder. A lock left by a run that died on this host is taken over with a warning.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):  # a stale lock moved aside, then created again (another run may get there first)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is None or not _holder_is_dead(holder):
+                raise EvalConfigError(_in_use(folder, holder)) from None
+            _remove_stale_lock(lock, holder)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise EvalConfigError(_in_use(folder, _read_lock(lock)))
+
+
+def release_run_folder(lock: Path) -> None:
+    """Remove the lock :func:`lock_run_folder` took, unless it is no longer this process's."""
+    holder = _read_lock(lock)
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        lock.unlink(missing_ok=True)
+
+
+def _read_resumed(resume_dir: Path) -> dict[str, Any]:
+    """The checked ``progress.json`` of ``resume_dir`` (:func:`read_progress`), refused while a run writes it."""
+    _check_not_in_use(resume_dir)
     path = resume_dir / PROGRESS_FILE
     if not path.is_file():
         raise EvalConfigError(f"resume_dir={resume_dir} has no {PROGRESS_FILE}: not an eval.py run folder")
-    saved = json.loads(path.read_text())
-    old = saved.get("fingerprint", {})
+    return read_progress(path)
+
+
+def _load_progress(saved: dict[str, Any], resume_dir: Path,
+                   fingerprint: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Finished episodes of an earlier run of the same evaluation (failed ones are run again)."""
+    old = saved["fingerprint"]
     diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
     if diff:
         details = "; ".join(f"{k}: {old.get(k)!r} then, {fingerprint.get(k)!r} now" for k in diff)
+        if "checkpoint" in diff and not str(old.get("checkpoint")).startswith(FINGERPRINT_PREFIX):
+            details += ("; that run folder's checkpoint fingerprint hashed only part of the file, so it cannot tell "
+                        "whether its checkpoint is this one: start a new run")
         raise EvalConfigError(f"cannot resume from {resume_dir}: the evaluation differs ({details})")
-    return {role: [e for e in eps if e.get("error") is None] for role, eps in saved.get("episodes", {}).items()}
+    return {role: [e for e in eps if e.get("error") is None] for role, eps in saved["episodes"].items()}
 
 
 def _carry_chunk_obs(episodes: list[dict[str, Any]], resume_dir: Path, out: Path) -> list[dict[str, Any]]:
@@ -306,20 +342,21 @@ def _latency_inputs(episodes: list[dict[str, Any]], out: Path, k: int
     return inputs
 
 
-def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings,
-                    resume_dir: Path | None, threads: int | None) -> tuple[SamplerConfig, dict[str, Any]]:
+def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings, resume_dir: Path | None,
+                    saved: dict[str, Any] | None, threads: int | None) -> tuple[SamplerConfig, dict[str, Any]]:
     """Resolve ``window: auto`` before anything is fingerprinted or rolled out.
 
     A resumed run takes the window its earlier episodes ran with (recorded in its
-    progress file), so it neither tunes again nor mixes windows. Otherwise the window
+    progress file, ``saved``), so it neither tunes again nor mixes windows. Otherwise the window
     comes from the policy's window cache (:func:`para_policy.window.resolve_window`: the
     same machine, policy and options give the same window) or is measured on the first
     start states at batch 1, the batch the latency is timed at.
     """
-    if resume_dir is not None and (resume_dir / PROGRESS_FILE).is_file():
-        saved = json.loads((resume_dir / PROGRESS_FILE).read_text())
-        ran = saved.get("fingerprint", {}).get("samplers", {}).get("candidate", {}).get("options", {})
-        window = ran.get("window")
+    if saved is not None:
+        ran: Any = saved["fingerprint"]
+        for key in ("samplers", "candidate", "options"):  # a mistyped level gives no window, and the resume is refused
+            ran = ran.get(key) if isinstance(ran, dict) else None
+        window = ran.get("window") if isinstance(ran, dict) else None
         if isinstance(window, int) and not isinstance(window, bool):
             tuning = dict(saved.get("window_tuning") or {"window": window, "round_shape": ran.get("round_shape")})
             print(f"window auto -> {window} (the window the resumed run's episodes used)")
@@ -349,6 +386,279 @@ def _resolve_window(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSetting
     return resolved, info
 
 
+@dataclass
+class _EvalRun:
+    """One evaluation after its checks (:func:`_checked_run`): what the rollout, latency and report steps share.
+
+    ``done`` holds each role's finished episode records (``progress.json``'s ``episodes``);
+    ``video_files`` each role's first-episode video in the run folder.
+    """
+
+    out: Path
+    task: TaskSettings
+    opts: dict[str, Any]  # the runner's own keys, checked (_eval_settings)
+    ctl: ControllerSettings
+    shards: ClusterSettings | None
+    ckpt: Path
+    resume_dir: Path | None
+    resumed: dict[str, Any] | None  # resume_dir's progress.json, checked (read_progress)
+    trust: bool
+    policy: LowdimPolicy
+    inference_note: str
+    specs: dict[str, SamplerConfig]  # role -> sampler: 'candidate', and 'baseline' with compare=true
+    window_tuning: dict[str, Any] | None
+    resolved: dict[str, Any]  # the resolved config, as results.json and W&B store it
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    done: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    video_files: dict[str, Path] = field(default_factory=dict)
+
+
+def _checkpoint_path(cfg: DictConfig, task: TaskSettings, original_cwd: str | Path | None) -> Path:
+    """``cfg.checkpoint`` resolved against the start directory; a missing one says where to get one."""
+    if not cfg.get("checkpoint"):
+        if task.checkpoint_asset is None:
+            raise EvalConfigError(
+                f"checkpoint is not set, and task {task.name!r} ships no checkpoint (there is no trained policy for it "
+                f"yet): pass one with checkpoint=<path>, e.g. `python eval.py task={task.name} "
+                "checkpoint=path/to/policy.safetensors` (a para_policy .safetensors or a DiffusionPolicy .ckpt)")
+        raise EvalConfigError("checkpoint is not set: pass checkpoint=<path to a .safetensors policy>")
+    return resolve_path(cfg.checkpoint, original_cwd)
+
+
+def _run_fingerprint(run: _EvalRun) -> dict[str, Any]:
+    """What a resumed run must share with the run folder it continues (``progress.json``'s ``fingerprint``)."""
+    fingerprint = {
+        # not the episode count: a resumed run may ask for more (or fewer) seeds from the same start
+        "checkpoint": file_fingerprint(run.ckpt), "task": run.task.fingerprint(),
+        "noise_seed": run.opts["seed"], "inference": run.opts["inference"],
+        "samplers": {role: spec_dict(s) for role, s in run.specs.items()},
+    }
+    if run.ctl.fingerprint() is not None:  # sync on the steps clock keeps the fingerprint earlier runs have
+        fingerprint["controller"] = run.ctl.fingerprint()
+    return fingerprint
+
+
+def _checked_run(cfg: DictConfig, out: Path, original_cwd: str | Path | None) -> _EvalRun:
+    """Step 1: every check, cheapest first, then the checked policy with its inference settings applied."""
+    candidate = sampler_config(cfg.sampler)
+    task = task_settings(cfg)
+    opts = _eval_settings(cfg)
+    ctl = controller_settings(cfg, task)
+    ctl.check_sampler(candidate)
+    shards = cluster_settings(cfg)  # +cluster=ray: the episodes on Ray workers (.cluster)
+    ckpt = _checkpoint_path(cfg, task, original_cwd)
+    resume_dir = resolve_path(cfg.resume_dir, original_cwd) if cfg.get("resume_dir") else None
+    if resume_dir is not None and not resume_dir.is_dir():
+        raise EvalConfigError(f"resume_dir={resume_dir} does not exist")
+    resumed = _read_resumed(resume_dir) if resume_dir is not None else None
+    _check_not_in_use(out)
+    trust = cfg.get("checkpoint_trust", False)
+    if not isinstance(trust, bool):
+        raise EvalConfigError(f"checkpoint_trust must be true or false, got {trust!r}")
+    policy = load_checked_policy(ckpt, task, opts["device"], trust)
+    ctl.check_policy(policy.n_action_steps)
+    opts["inference"], inference_note = _configure_inference(policy, opts)
+    print(f"inference: {inference_note}")
+    check_env(task)
+    try:
+        schedule = policy.schedule_for(candidate)
+    except ValueError as e:
+        raise EvalConfigError(f"sampler {candidate.name!r} cannot run on this checkpoint: {e}") from None
+    window_tuning = None
+    if candidate.window_is_auto:
+        candidate, window_tuning = _resolve_window(policy, candidate, task, resume_dir, resumed, opts["threads"])
+    specs: dict[str, SamplerConfig] = {"candidate": candidate}
+    if opts["compare"]:
+        specs["baseline"] = baseline_config(candidate, schedule.kind, schedule.num_steps)
+    run = _EvalRun(out=out, task=task, opts=opts, ctl=ctl, shards=shards, ckpt=ckpt, resume_dir=resume_dir,
+                   resumed=resumed, trust=trust, policy=policy, inference_note=inference_note, specs=specs,
+                   window_tuning=window_tuning, resolved=OmegaConf.to_container(cfg, resolve=True))
+    run.fingerprint = _run_fingerprint(run)
+    return run
+
+
+def _start_progress(run: _EvalRun) -> None:
+    """Make the run folder; a resumed run takes the finished episodes (and chunk files) of the folder it continues."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.done = {role: [] for role in run.specs}
+    if run.resume_dir is None or run.resumed is None:
+        return
+    run.done.update(_load_progress(run.resumed, run.resume_dir, run.fingerprint))
+    if "candidate" in run.done:
+        run.done["candidate"] = _carry_chunk_obs(run.done["candidate"], run.resume_dir, run.out)
+    print(f"resuming from {run.resume_dir}: " + ", ".join(f"{r} {len(e)} episodes done" for r, e in run.done.items()))
+
+
+def _save_progress(run: _EvalRun) -> None:
+    write_json(run.out / PROGRESS_FILE, {"fingerprint": run.fingerprint, "episodes": run.done,
+                                         "window_tuning": run.window_tuning,
+                                         "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _record_episode(run: _EvalRun, role: str, rec: dict[str, Any]) -> None:
+    """``on_episode`` of the rollouts: keep the record (an image task's chunk observations go to a side file)."""
+    obs = rec.get("chunk_obs")
+    if isinstance(obs, dict):  # image observations: a side file, not progress.json
+        del rec["chunk_obs"]
+        if rec.get("error") is None:
+            rel = f"{CHUNK_OBS_DIR}/{role}_seed{rec['seed']}.npz"
+            write_chunk_obs(run.out / rel, obs)
+            rec["chunk_obs_file"] = rel
+    run.done[role].append(rec)
+    _save_progress(run)
+
+
+def _baseline_cache_key(run: _EvalRun, spec: SamplerConfig) -> str:
+    """The key of :data:`_BASELINE_CACHE`: what makes two runs' rollouts of ``spec`` the same episodes."""
+    return json.dumps({"checkpoint": run.fingerprint["checkpoint"], "task": run.fingerprint["task"],
+                       "noise_seed": run.opts["seed"], "spec": spec_dict(spec), "inference": run.opts["inference"],
+                       "controller": run.ctl.fingerprint()}, sort_keys=True)
+
+
+def _reuse_baseline(run: _EvalRun, cache_key: str, todo: list[int]) -> tuple[list[int], Path | None]:
+    """Take the seeds still to run from this process's cached baseline rollouts when it has every one of them.
+
+    Returns the seeds left to run and the cached video (None when none is reused).
+    """
+    cached_eps, cached_video = _BASELINE_CACHE[cache_key]
+    cached = {e["seed"]: e for e in cached_eps}
+    if not all(s in cached for s in todo):
+        return todo, None
+    run.done["baseline"] += [cached[s] for s in todo]
+    print("baseline: reusing this process's rollouts of the same checkpoint, task, seeds and noise")
+    if cached_video is not None and cached_video.is_file() and run.opts["video"]:
+        return [], cached_video
+    return [], None
+
+
+def _keep_video(run: _EvalRun, role: str, frames: list[np.ndarray] | None, name: str,
+                previous: Path | None) -> None:
+    """Write the first episode's video, or copy the one an earlier run (or this process) made of it."""
+    if frames:
+        path = write_video(frames, run.out / "videos" / name, run.task.fps)
+        if path is not None:
+            run.video_files[role] = path
+    elif previous is not None:
+        (run.out / "videos").mkdir(parents=True, exist_ok=True)
+        run.video_files[role] = Path(shutil.copy2(previous, run.out / "videos" / previous.name))
+
+
+def _roll_out_role(run: _EvalRun, role: str, spec: SamplerConfig, roll_out: Any) -> None:
+    """Step 2 for one role: the seeds not done yet (resumed or cached ones are not run again), then its video."""
+    task, opts = run.task, run.opts
+    seeds_done = {e["seed"] for e in run.done[role]}
+    todo = [s for s in task.seeds if s not in seeds_done]
+    previous_video = None
+    if run.resume_dir is not None and task.seeds[0] in seeds_done:
+        old = sorted((run.resume_dir / "videos").glob(f"{role}_{spec.name}_seed{task.seeds[0]}.*"))
+        previous_video = old[0] if old and opts["video"] else None
+    cache_key = _baseline_cache_key(run, spec)
+    if todo and role == "baseline" and cache_key in _BASELINE_CACHE:
+        todo, cached_video = _reuse_baseline(run, cache_key, todo)
+        previous_video = cached_video or previous_video
+    frames = None
+    if todo:
+        record_video = opts["video"] and task.seeds[0] in todo
+        frames = roll_out(run.policy, spec, task, todo, run.ctl, opts, role=role,
+                          on_episode=functools.partial(_record_episode, run, role),
+                          video_seed=task.seeds[0] if record_video else None)
+    order = {s: i for i, s in enumerate(task.seeds)}
+    run.done[role] = sorted((e for e in run.done[role] if e["seed"] in order), key=lambda e: order[e["seed"]])
+    _save_progress(run)
+    _keep_video(run, role, frames, f"{role}_{spec.name}_seed{task.seeds[0]}.{opts['video_format']}", previous_video)
+    if role == "baseline":
+        _BASELINE_CACHE[cache_key] = (list(run.done[role]), run.video_files.get(role))
+
+
+def _time_latency(run: _EvalRun) -> tuple[list[Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Step 3: ``(the picked chunk inputs, each role's batch-1 timings, the machine they ran on)``."""
+    picked = _latency_inputs(run.done["candidate"], run.out, run.opts["latency_calls"])
+    machine_before = machine_info()
+    timings = time_samplers(run.policy, run.specs, [o for o, _ in picked], guesses=[g for _, g in picked],
+                            noise_seed=run.opts["seed"], warmup=run.opts["latency_warmup"],
+                            progress=run.opts["progress"])
+    machine = machine_info()
+    machine["load_avg_before_timing"] = machine_before.get("load_avg")
+    return picked, timings, machine
+
+
+def _sampler_results(run: _EvalRun, timings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``results['samplers']``: each role's spec, schedule, task metrics, latency and episodes."""
+    samplers: dict[str, Any] = {}
+    for role, spec in run.specs.items():
+        episodes = [{k: v for k, v in e.items() if k not in ("chunk_obs", "chunk_guess", "chunk_obs_file")}
+                    for e in run.done[role]]
+        schedule = run.policy.schedule_for(spec)
+        samplers[role] = {
+            "name": spec.name,
+            "spec": spec_dict(spec),
+            "schedule": {"kind": schedule.kind, "num_steps": schedule.num_steps},
+            **summarize_episodes(episodes),
+            "latency": latency_summary(timings[role], run.policy.n_action_steps) if timings[role]["ms"] else None,
+            **({} if run.ctl.batched else {"controller": summarize_controller(episodes)}),
+            "episodes": episodes,
+        }
+    return samplers
+
+
+def _results(run: _EvalRun, overrides: list[str] | None, picked: list[Any], timings: dict[str, dict[str, Any]],
+             machine: dict[str, Any]) -> dict[str, Any]:
+    """The results dict (``results.json``; schema in :mod:`.report`), plots not yet made."""
+    policy, opts, out = run.policy, run.opts, run.out
+    samplers = _sampler_results(run, timings)
+    faith = None
+    if "baseline" in run.specs and len(timings["candidate"]["ms"]):
+        faith = faithfulness(timings["candidate"]["actions"], timings["baseline"]["actions"])
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "task": run.task.name,
+        "action_unit": run.task.action_unit,
+        "checkpoint": str(run.ckpt),
+        "seeds": run.task.seeds,
+        "noise_seed": opts["seed"],
+        "overrides": list(overrides or []),
+        "controller": {**run.ctl.as_dict(), "label": run.ctl.label(), "n_action_steps": policy.n_action_steps},
+        "inference": {**opts["inference"], "backend": opts["inference"].get("backend", "eager"),
+                      "note": run.inference_note},
+        "samplers": samplers,
+        "comparison": comparison(samplers, faith),
+        "latency_method": {"n_calls": len(picked), "warmup": opts["latency_warmup"], "batch_size": 1,
+                           "n_action_steps": policy.n_action_steps,
+                           **({"includes_obs_encoder": True, "observations_dir": CHUNK_OBS_DIR}
+                              if getattr(policy, "obs_encoder", None) is not None else {})},
+        "machine": machine,
+        "videos": {role: str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
+                   for role, p in run.video_files.items()},
+        "config": run.resolved,
+    }
+    if run.window_tuning is not None:
+        results["window_tuning"] = run.window_tuning
+    return results
+
+
+def _report(run: _EvalRun, results: dict[str, Any], timings: dict[str, dict[str, Any]], logger: NullLogger) -> None:
+    """Step 4: plots, ``results.json``, ``summary.md``, the W&B log and the printed table with its notes."""
+    out = run.out
+    plots = make_plots(results, timings, out)
+    results["plots"] = {name: str(p.relative_to(out)) for name, p in plots.items()}
+    write_json(out / RESULTS_FILE, results)
+    write_text(out / SUMMARY_FILE, format_markdown(results))
+    logger.log_results(results, flat_metrics(results), plots, run.video_files)
+    print()
+    print(format_table(results))
+    machine = results["machine"]
+    load = machine.get("load_avg")
+    # the load average counts this process's own threads too: only load beyond them means other work
+    others = load[0] - (machine.get("torch_threads") or 1) if load else 0.0
+    if load and machine.get("cpu_count") and others > 0.5:
+        print(f"note: load average {load} on {machine['cpu_count']} CPUs while timing (this run uses "
+              f"{machine.get('torch_threads')} threads): latency figures are not reliable on a busy machine")
+    if not run.ctl.deterministic:
+        print(f"note: controller.clock=wall ({run.ctl.label()}): episodes depend on this machine's latency and load; "
+              "another run gives other numbers")
+    print(f"\nresults: {out / RESULTS_FILE}\nsummary: {out / SUMMARY_FILE}")
+
+
 def evaluate(
     cfg: DictConfig,
     output_dir: str | Path,
@@ -367,224 +677,41 @@ def evaluate(
     Returns:
         The results dict written to ``results.json`` (schema in :mod:`.report`).
     Raises:
-        EvalConfigError: a bad config, checkpoint or task, before any rollout.
+        EvalConfigError: a bad config, checkpoint or task, or a run folder (``output_dir`` or
+            ``resume_dir``) that another live run holds, before any rollout.
     """
-    out = Path(output_dir)
-    # ---- 1. checks, cheapest first ----------------------------------------------------
-    candidate = sampler_config(cfg.sampler)
-    task = task_settings(cfg)
-    opts = _eval_settings(cfg)
-    ctl = controller_settings(cfg, task)
-    ctl.check_sampler(candidate)
-    shards = cluster_settings(cfg)  # +cluster=ray: the episodes on Ray workers (.cluster)
-    if not cfg.get("checkpoint"):
-        if task.checkpoint_asset is None:
-            raise EvalConfigError(
-                f"checkpoint is not set, and task {task.name!r} ships no checkpoint (there is no trained policy for it "
-                f"yet): pass one with checkpoint=<path>, e.g. `python eval.py task={task.name} "
-                "checkpoint=path/to/policy.safetensors` (a para_policy .safetensors or a DiffusionPolicy .ckpt)")
-        raise EvalConfigError("checkpoint is not set: pass checkpoint=<path to a .safetensors policy>")
-    ckpt = resolve_path(cfg.checkpoint, original_cwd)
-    resume_dir = resolve_path(cfg.resume_dir, original_cwd) if cfg.get("resume_dir") else None
-    if resume_dir is not None and not resume_dir.is_dir():
-        raise EvalConfigError(f"resume_dir={resume_dir} does not exist")
-    trust = cfg.get("checkpoint_trust", False)
-    if not isinstance(trust, bool):
-        raise EvalConfigError(f"checkpoint_trust must be true or false, got {trust!r}")
-    policy = load_checked_policy(ckpt, task, opts["device"], trust)
-    ctl.check_policy(policy.n_action_steps)
-    opts["inference"], inference_note = _configure_inference(policy, opts)
-    print(f"inference: {inference_note}")
-    _check_env(task)
+    run = _checked_run(cfg, Path(output_dir), original_cwd)
+    lock = lock_run_folder(run.out)  # after the checks, so a refused config leaves no folder behind
     try:
-        schedule = policy.schedule_for(candidate)
-    except ValueError as e:
-        raise EvalConfigError(f"sampler {candidate.name!r} cannot run on this checkpoint: {e}") from None
-    window_tuning = None
-    if candidate.window_is_auto:
-        candidate, window_tuning = _resolve_window(policy, candidate, task, resume_dir, opts["threads"])
-    specs: dict[str, SamplerConfig] = {"candidate": candidate}
-    if opts["compare"]:
-        specs["baseline"] = baseline_config(candidate, schedule.kind, schedule.num_steps)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    fingerprint = {
-        # not the episode count: a resumed run may ask for more (or fewer) seeds from the same start
-        "checkpoint": file_fingerprint(ckpt), "task": task.fingerprint(),
-        "noise_seed": opts["seed"], "inference": opts["inference"],
-        "samplers": {role: spec_dict(s) for role, s in specs.items()},
-    }
-    if ctl.fingerprint() is not None:  # sync on the steps clock keeps the fingerprint earlier runs have
-        fingerprint["controller"] = ctl.fingerprint()
+        return _run_checked(run, overrides)
+    finally:
+        release_run_folder(lock)
 
-    # ---- 2. rollouts ---------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    done: dict[str, list[dict[str, Any]]] = {role: [] for role in specs}
-    if resume_dir is not None:
-        done.update(_load_progress(resume_dir, fingerprint))
-        if "candidate" in done:
-            done["candidate"] = _carry_chunk_obs(done["candidate"], resume_dir, out)
-        print(f"resuming from {resume_dir}: " + ", ".join(f"{r} {len(e)} episodes done" for r, e in done.items()))
 
-    def save_progress() -> None:
-        write_json(out / PROGRESS_FILE, {"fingerprint": fingerprint, "episodes": done, "window_tuning": window_tuning,
-                                         "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-    from para_policy.evaluation.wandb_logger import make_logger
-
-    logger = make_logger(resolved.get("logger"), resolved, out)
-    roll_out = _roll_out if shards is None else ShardedRollouts(shards, checkpoint=ckpt, task=task, opts=opts,
-                                                                trust_pickle=trust)
+def _run_checked(run: _EvalRun, overrides: list[str] | None) -> dict[str, Any]:
+    """Steps 2 to 4 of a checked run, in its locked folder: the results dict."""
+    _start_progress(run)
+    logger = make_logger(run.resolved.get("logger"), run.resolved, run.out)
+    roll_out = roll_out_seeds if run.shards is None else ShardedRollouts(
+        run.shards, checkpoint=run.ckpt, task=run.task, opts=run.opts, trust_pickle=run.trust)
     exit_code = 1
     old_threads = torch.get_num_threads()
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
+    if run.opts["threads"]:
+        torch.set_num_threads(run.opts["threads"])
     try:
-        video_files: dict[str, Path] = {}
-        save_progress()
-        for role, spec in specs.items():
-            seeds_done = {e["seed"] for e in done[role]}
-            todo = [s for s in task.seeds if s not in seeds_done]
-            video_name = f"{role}_{spec.name}_seed{task.seeds[0]}.{opts['video_format']}"
-            previous_video = None
-            if resume_dir is not None and task.seeds[0] in seeds_done:
-                old = sorted((resume_dir / "videos").glob(f"{role}_{spec.name}_seed{task.seeds[0]}.*"))
-                previous_video = old[0] if old and opts["video"] else None
-            cache_key = json.dumps({"checkpoint": fingerprint["checkpoint"], "task": fingerprint["task"],
-                                    "noise_seed": opts["seed"], "spec": spec_dict(spec), "inference": opts["inference"],
-                                    "controller": ctl.fingerprint()}, sort_keys=True)
-            if todo and role == "baseline" and cache_key in _BASELINE_CACHE:
-                cached_eps, cached_video = _BASELINE_CACHE[cache_key]
-                cached = {e["seed"]: e for e in cached_eps}
-                if all(s in cached for s in todo):
-                    done[role] += [cached[s] for s in todo]
-                    todo = []
-                    if cached_video is not None and cached_video.is_file() and opts["video"]:
-                        previous_video = cached_video
-                    print("baseline: reusing this process's rollouts of the same checkpoint, task, seeds and noise")
-            frames = None
-            if todo:
-                record_video = opts["video"] and task.seeds[0] in todo
-
-                def on_episode(rec: dict[str, Any], role: str = role) -> None:
-                    obs = rec.get("chunk_obs")
-                    if isinstance(obs, dict):  # image observations: a side file, not progress.json
-                        del rec["chunk_obs"]
-                        if rec.get("error") is None:
-                            rel = f"{CHUNK_OBS_DIR}/{role}_seed{rec['seed']}.npz"
-                            write_chunk_obs(out / rel, obs)
-                            rec["chunk_obs_file"] = rel
-                    done[role].append(rec)
-                    save_progress()
-
-                frames = roll_out(policy, spec, task, todo, ctl, opts, role=role, on_episode=on_episode,
-                                  video_seed=task.seeds[0] if record_video else None)
-            order = {s: i for i, s in enumerate(task.seeds)}
-            done[role] = sorted((e for e in done[role] if e["seed"] in order), key=lambda e: order[e["seed"]])
-            save_progress()
-            if frames:
-                path = write_video(frames, out / "videos" / video_name, task.fps)
-                if path is not None:
-                    video_files[role] = path
-            elif previous_video is not None:
-                (out / "videos").mkdir(parents=True, exist_ok=True)
-                video_files[role] = Path(shutil.copy2(previous_video, out / "videos" / previous_video.name))
-            if role == "baseline":
-                _BASELINE_CACHE[cache_key] = (list(done[role]), video_files.get(role))
-
-        # ---- 3. batch-1 latency and faithfulness ----------------------------------------
-        picked = _latency_inputs(done["candidate"], out, opts["latency_calls"])
-        machine_before = machine_info()
-        timings = time_samplers(policy, specs, [o for o, _ in picked], guesses=[g for _, g in picked],
-                                noise_seed=opts["seed"], warmup=opts["latency_warmup"], progress=opts["progress"])
-        machine = machine_info()
-        machine["load_avg_before_timing"] = machine_before.get("load_avg")
-
-        # ---- 4. results ----------------------------------------------------------------------
-        samplers: dict[str, Any] = {}
-        for role, spec in specs.items():
-            episodes = [{k: v for k, v in e.items() if k not in ("chunk_obs", "chunk_guess", "chunk_obs_file")}
-                        for e in done[role]]
-            samplers[role] = {
-                "name": spec.name,
-                "spec": spec_dict(spec),
-                "schedule": {"kind": policy.schedule_for(spec).kind, "num_steps": policy.schedule_for(spec).num_steps},
-                **summarize_episodes(episodes),
-                "latency": latency_summary(timings[role], policy.n_action_steps) if timings[role]["ms"] else None,
-                **({} if ctl.batched else {"controller": summarize_controller(episodes)}),
-                "episodes": episodes,
-            }
-        faith = None
-        if "baseline" in specs and len(timings["candidate"]["ms"]):
-            faith = faithfulness(timings["candidate"]["actions"], timings["baseline"]["actions"])
-        results: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "task": task.name,
-            "action_unit": task.action_unit,
-            "checkpoint": str(ckpt),
-            "seeds": task.seeds,
-            "noise_seed": opts["seed"],
-            "overrides": list(overrides or []),
-            "controller": {**ctl.as_dict(), "label": ctl.label(), "n_action_steps": policy.n_action_steps},
-            "inference": {**opts["inference"], "backend": opts["inference"].get("backend", "eager"),
-                          "note": inference_note},
-            "samplers": samplers,
-            "comparison": comparison(samplers, faith),
-            "latency_method": {"n_calls": len(picked), "warmup": opts["latency_warmup"], "batch_size": 1,
-                               "n_action_steps": policy.n_action_steps,
-                               **({"includes_obs_encoder": True, "observations_dir": CHUNK_OBS_DIR}
-                                  if getattr(policy, "obs_encoder", None) is not None else {})},
-            "machine": machine,
-            "videos": {role: str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
-                       for role, p in video_files.items()},
-            "config": resolved,
-        }
-        if window_tuning is not None:
-            results["window_tuning"] = window_tuning
-        plots = make_plots(results, timings, out)
-        results["plots"] = {name: str(p.relative_to(out)) for name, p in plots.items()}
-        write_json(out / RESULTS_FILE, results)
-        write_text(out / SUMMARY_FILE, format_markdown(results))
-        metrics = flat_metrics(results)
-        logger.log_results(results, metrics, plots, video_files)
-        print()
-        print(format_table(results))
-        load = machine.get("load_avg")
-        # the load average counts this process's own threads too: only load beyond them means other work
-        others = load[0] - (machine.get("torch_threads") or 1) if load else 0.0
-        if load and machine.get("cpu_count") and others > 0.5:
-            print(f"note: load average {load} on {machine['cpu_count']} CPUs while timing (this run uses "
-                  f"{machine.get('torch_threads')} threads): latency figures are not reliable on a busy machine")
-        if not ctl.deterministic:
-            print(f"note: controller.clock=wall ({ctl.label()}): episodes depend on this machine's latency and load; "
-                  "another run gives other numbers")
-        print(f"\nresults: {out / RESULTS_FILE}\nsummary: {out / SUMMARY_FILE}")
+        _save_progress(run)
+        for role, spec in run.specs.items():
+            _roll_out_role(run, role, spec, roll_out)
+        picked, timings, machine = _time_latency(run)
+        results = _results(run, overrides, picked, timings, machine)
+        _report(run, results, timings, logger)
         exit_code = 0
         return results
     finally:
         torch.set_num_threads(old_threads)
-        if shards is not None:
+        if run.shards is not None:
             roll_out.close()
         logger.finish(exit_code)
-
-
-def _roll_out(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings, seeds: list[int],
-              ctl: ControllerSettings, opts: dict[str, Any], *, role: str, on_episode: Any,
-              video_seed: int | None) -> list[np.ndarray] | None:
-    """Run ``seeds`` with ``spec`` under the controller settings; return the video frames (or None).
-
-    ``sync`` on the steps clock is the batched loop, exactly as before the controller modes
-    existed; the others run one Controller per env (:func:`run_controller_rollouts`), with
-    the batched loop's noise per (episode, chunk).
-    """
-    common = dict(noise_seed=opts["seed"], video_seed=video_seed, video_size=opts["video_size"],
-                  record_obs=(role == "candidate"), on_episode=on_episode, progress=opts["progress"])
-    if ctl.batched:
-        _, frames = run_rollouts(policy, spec, task, seeds, num_envs=opts["num_envs"], desc=f"{role} ({spec.name})",
-                                 **common)
-    else:
-        _, frames = run_controller_rollouts(policy, spec, task, seeds, ctl, desc=f"{role} ({spec.name}, "
-                                            f"{ctl.label()})", **common)
-    return frames
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -4,13 +4,63 @@ The ``logger`` config has the shape train.py's has (``backend``, ``mode``, ``pro
 ``name``) plus optional ``entity``, ``group``, ``tags``. ``backend: none`` (``logger=none``)
 logs nothing. ``mode`` defaults to ``$WANDB_MODE`` or ``offline``: runs land in
 ``<run dir>/wandb/offline-run-*`` without an account; ``wandb sync`` uploads them later.
+
+Both entry points log through this module: ``eval.py`` with :func:`make_logger` (one run per
+evaluation; a W&B that cannot start is skipped), ``train.py`` with :class:`TrainLogger` (a
+JSON-lines file plus the same records to W&B, resumed with the training run). Both start their
+run with :func:`start_wandb_run`, so a ``logger`` config means the same to both.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+#: ``logger.backend`` values that mean "no W&B run" (``logger=none``)
+NO_BACKENDS = ("none", "null", "off", "false")
+
+
+def logger_backend(logger_cfg: Mapping[str, Any] | None) -> str:
+    """``'wandb'`` or ``'none'`` from ``logger.backend`` (absent: none); ``ValueError`` for anything else."""
+    backend = str(dict(logger_cfg or {}).get("backend", "none")).lower()
+    if backend in NO_BACKENDS:
+        return "none"
+    if backend != "wandb":
+        raise ValueError(f"logger.backend must be 'wandb' or 'none', got {backend!r}")
+    return backend
+
+
+def start_wandb_run(logger_cfg: Mapping[str, Any] | None, config: Mapping[str, Any], output_dir: Path, *,
+                    tag: str, job_type: str | None = None, resume_id: str | None = None) -> Any:
+    """``wandb.init`` for a run of ``eval.py`` or ``train.py``; raises what W&B raises.
+
+    Args:
+        logger_cfg: the ``logger`` node (mode, project, name, entity, group, tags); ``mode`` and
+            ``project`` default to ``offline`` and ``para_policy``.
+        config: the resolved run config, stored as the W&B run config.
+        output_dir: the run folder; W&B writes ``wandb/`` inside it.
+        tag: added to ``logger.tags`` (``'eval'``, ``'train'``).
+        job_type: W&B's job type (None: W&B's default).
+        resume_id: an earlier run's id to continue (``resume='allow'``), as a resumed training does.
+    """
+    import wandb
+
+    cfg = dict(logger_cfg or {})
+    return wandb.init(
+        project=cfg.get("project") or "para_policy",
+        entity=cfg.get("entity"),
+        name=cfg.get("name"),
+        group=cfg.get("group"),
+        tags=[*list(cfg.get("tags") or []), tag],
+        mode=cfg.get("mode") or "offline",
+        dir=str(output_dir),
+        config=dict(config),
+        job_type=job_type,
+        id=resume_id,
+        resume="allow" if resume_id else None,
+    )
 
 
 class NullLogger:
@@ -76,27 +126,43 @@ def make_logger(logger_cfg: Mapping[str, Any] | None, config: Mapping[str, Any],
         config: the resolved run config, stored as the W&B run config.
         output_dir: the Hydra run folder; W&B writes ``wandb/`` inside it.
     """
-    cfg = dict(logger_cfg or {})
-    backend = str(cfg.get("backend", "none")).lower()
-    if backend in ("none", "null", "off", "false"):
+    if logger_backend(logger_cfg) == "none":
         return NullLogger()
-    if backend != "wandb":
-        raise ValueError(f"logger.backend must be 'wandb' or 'none', got {backend!r}")
-    import wandb
-
     try:
-        run = wandb.init(
-            project=cfg.get("project") or "para_policy",
-            entity=cfg.get("entity"),
-            name=cfg.get("name"),
-            group=cfg.get("group"),
-            tags=[*list(cfg.get("tags") or []), job_type],
-            mode=cfg.get("mode") or "offline",
-            dir=str(output_dir),
-            config=dict(config),
-            job_type=job_type,
-        )
+        run = start_wandb_run(logger_cfg, config, output_dir, tag=job_type, job_type=job_type)
     except Exception as e:  # e.g. mode=online without credentials: keep the evaluation, say why
         print(f"warning: W&B did not start ({type(e).__name__}: {e}); logging to files only")
         return NullLogger()
     return WandbLogger(run)
+
+
+class TrainLogger:
+    """``train.py``'s log: one JSON object per line in ``train_log.jsonl``, and the same records to W&B.
+
+    ``backend: none`` keeps only the file. Unlike the evaluator's, a W&B run that cannot start
+    stops the training before its first step (a long run should not find out at the end that
+    nothing was logged). ``resume_id`` continues the W&B run of an interrupted training.
+    """
+
+    def __init__(self, logger_cfg: Mapping[str, Any] | None, output_dir: Path, run_config: Mapping[str, Any],
+                 resume_id: str | None) -> None:
+        self.path = output_dir / "train_log.jsonl"
+        self.run = None
+        if logger_backend(logger_cfg) == "wandb":
+            self.run = start_wandb_run(logger_cfg, run_config, output_dir, tag="train", resume_id=resume_id)
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run's id (stored in ``resume.pt``), None without W&B."""
+        return None if self.run is None else self.run.id
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (with its ``step``) to the file, and log it to W&B at that step."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -26,6 +26,7 @@ checkpoints hold no pickle at all; convert once with
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import os
 import warnings
@@ -35,8 +36,21 @@ from typing import Any
 
 import torch
 
-from para_policy.samplers import SampleStats, draw_noise, sampler_spec, shift_trajectory, warm_start_init
+from para_policy.policy_config import (
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_FEATURE_DIM,
+    MAX_INTERPOLATION_CHARS,
+    MAX_INTERPOLATIONS,
+    MAX_RESOLVED_NODES,
+    PolicyConfig,
+    config_int,
+    plain_config,
+)
+from para_policy.samplers import SamplerConfig, SampleStats, draw_noise, sampler_spec
 from para_policy.schedule import Schedule
+from para_policy.session import SamplingSession, WindowIdentity
+from para_policy.window import Problem, calibrate_window, model_fingerprint
 
 LOWDIM_TARGET = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"
 TRANSFORMER_LOWDIM_TARGET = ("diffusion_policy.policy.diffusion_transformer_lowdim_policy."
@@ -56,6 +70,9 @@ OPTIONAL_POLICY_KEYS = ("num_inference_steps", "obs_as_local_cond", "obs_as_glob
 IMAGE_POLICY_KEYS = ("shape_meta", "noise_scheduler", "horizon", "n_action_steps", "n_obs_steps")
 IMAGE_OPTIONAL_KEYS = ("num_inference_steps", "obs_as_global_cond", "diffusion_step_embed_dim", "down_dims",
                        "kernel_size", "n_groups", "cond_predict_scale")
+#: DiffusionUnet(Hybrid)ImagePolicy's UNet arguments and their defaults
+IMAGE_UNET_DEFAULTS = {"diffusion_step_embed_dim": 256, "down_dims": [256, 512, 1024], "kernel_size": 5, "n_groups": 8,
+                       "cond_predict_scale": True}
 IMAGE_ENCODER_KEYS = {IMAGE_TARGET: ("obs_encoder",),
                       HYBRID_TARGET: ("crop_shape", "obs_encoder_group_norm", "eval_fixed_crop")}
 IGNORED_WEIGHTS = ("_dummy_variable", "mask_generator._dummy_variable", "model._dummy_variable")
@@ -73,6 +90,93 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
     ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
 }
+#: an ${eval:...} computes with integers of at most this many bits (a config's sizes and counts), so
+#: ``((10**64)**64)**64`` is refused at its first power instead of computing a number of millions of digits
+EVAL_INT_BITS = 64
+#: nesting of an ${eval:...} expression (parentheses, operators)
+EVAL_MAX_DEPTH = 50
+
+
+class _Arithmetic:
+    """One ``${eval:...}`` expression, evaluated node by node with every intermediate result bounded."""
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+
+    def fail(self, what: str) -> ValueError:
+        shown = self.expression if len(self.expression) <= 100 else self.expression[:100] + "..."
+        return ValueError(f"${{eval:...}}: {what} in {shown!r}")
+
+    def number(self, v: Any) -> Any:
+        if isinstance(v, (int, float)):  # bool is an int
+            return v
+        raise self.fail(f"arithmetic on a non-number {str(v)[:40]!r}")
+
+    def bounded(self, v: Any) -> Any:
+        """``v`` if it is an integer of at most :data:`EVAL_INT_BITS` bits or a finite float."""
+        if isinstance(v, int) and v.bit_length() > EVAL_INT_BITS:
+            raise self.fail(f"a result of {v.bit_length()} bits is too large (at most {EVAL_INT_BITS})")
+        if isinstance(v, float) and not math.isfinite(v) or isinstance(v, complex):
+            raise self.fail(f"the result {v!r} is not a finite real number")
+        return v
+
+    def binary(self, node: ast.BinOp, depth: int) -> Any:
+        a, b = self.number(self.ev(node.left, depth)), self.number(self.ev(node.right, depth))
+        if isinstance(node.op, ast.Pow):
+            if abs(b) > 64:
+                raise self.fail(f"exponent {b} too large")
+            if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 \
+                    and b * math.log2(abs(a)) > EVAL_INT_BITS:
+                raise self.fail(f"{a}**{b} is too large (results are integers of at most {EVAL_INT_BITS} bits)")
+        try:
+            return self.bounded(_BINARY[type(node.op)](a, b))
+        except (ArithmeticError, ValueError) as e:  # division by zero, float overflow
+            if isinstance(e, ValueError) and str(e).startswith("${eval"):
+                raise
+            raise self.fail(f"{type(e).__name__}: {e}") from None
+
+    def boolean(self, node: ast.BoolOp, depth: int) -> Any:
+        stop_on = not isinstance(node.op, ast.And)  # and: stop at the first falsy value; or: at the first truthy
+        value: Any = not stop_on
+        for e in node.values:
+            value = self.ev(e, depth)
+            if bool(value) == stop_on:
+                return value
+        return value
+
+    def compare(self, node: ast.Compare, depth: int) -> bool:
+        left = self.ev(node.left, depth)
+        for op, right_node in zip(node.ops, node.comparators, strict=True):
+            right = self.ev(right_node, depth)
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+
+    def ev(self, node: ast.AST, depth: int = 0) -> Any:
+        if depth > EVAL_MAX_DEPTH:
+            raise self.fail(f"expression nested more than {EVAL_MAX_DEPTH} levels")
+        depth += 1
+        if isinstance(node, ast.Expression):
+            return self.ev(node.body, depth)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
+            return self.bounded(node.value) if isinstance(node.value, (int, float)) else node.value
+        if isinstance(node, (ast.Tuple, ast.List)):
+            items = [self.ev(e, depth) for e in node.elts]
+            return tuple(items) if isinstance(node, ast.Tuple) else items
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            v = self.ev(node.operand, depth)
+            return _UNARY[type(node.op)](v if isinstance(node.op, ast.Not) else self.number(v))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return self.binary(node, depth)
+        if isinstance(node, ast.BoolOp):
+            return self.boolean(node, depth)
+        if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+            return self.compare(node, depth)
+        if isinstance(node, ast.IfExp):
+            return self.ev(node.body, depth) if self.ev(node.test, depth) else self.ev(node.orelse, depth)
+        raise self.fail(f"{type(node).__name__} is not allowed; only arithmetic, comparisons, and/or/not, "
+                        "conditionals and literals are evaluated")
 
 
 def safe_eval(expression: Any) -> Any:
@@ -83,67 +187,23 @@ def safe_eval(expression: Any) -> Any:
     literals (numbers, strings, True/False/None), ``+ - * / // % **`` on numbers,
     ``not/and/or``, comparisons, ``a if c else b`` and tuples/lists of those, e.g.
     ``'2 if False or True else 20 + 2'``; anything else (names, calls, attributes,
-    subscripts) raises ``ValueError``. Non-string values (an interpolation that resolved
-    to a number) are returned unchanged.
+    subscripts) raises ``ValueError``. Work is bounded: at most ``MAX_INTERPOLATION_CHARS``
+    characters, :data:`EVAL_MAX_DEPTH` levels, integers of :data:`EVAL_INT_BITS` bits (a power is
+    refused before it is computed) and finite floats. Non-string values (an interpolation that
+    resolved to a number) are returned unchanged.
     """
     if not isinstance(expression, str):
         return expression
+    if len(expression) > MAX_INTERPOLATION_CHARS:
+        raise ValueError(f"${{eval:...}}: an expression of {len(expression)} characters, more than "
+                         f"{MAX_INTERPOLATION_CHARS} (MAX_INTERPOLATION_CHARS)")
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as e:
-        raise ValueError(f"${{eval:...}}: cannot parse {expression!r}: {e.msg}") from e
-
-    def number(v: Any) -> Any:
-        if isinstance(v, (int, float)):  # bool is an int
-            return v
-        raise ValueError(f"${{eval:...}}: arithmetic on a non-number {v!r} in {expression!r}")
-
-    def ev(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
-            return node.value
-        if isinstance(node, (ast.Tuple, ast.List)):
-            items = [ev(e) for e in node.elts]
-            return tuple(items) if isinstance(node, ast.Tuple) else items
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            v = ev(node.operand)
-            return _UNARY[type(node.op)](v if isinstance(node.op, ast.Not) else number(v))
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            a, b = number(ev(node.left)), number(ev(node.right))
-            if isinstance(node.op, ast.Pow) and abs(b) > 64:
-                raise ValueError(f"${{eval:...}}: exponent {b} too large in {expression!r}")
-            return _BINARY[type(node.op)](a, b)
-        if isinstance(node, ast.BoolOp):
-            if isinstance(node.op, ast.And):
-                value = True
-                for e in node.values:
-                    value = ev(e)
-                    if not value:
-                        return value
-                return value
-            value = False
-            for e in node.values:
-                value = ev(e)
-                if value:
-                    return value
-            return value
-        if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
-            left = ev(node.left)
-            for op, right_node in zip(node.ops, node.comparators, strict=True):
-                right = ev(right_node)
-                if not _COMPARE[type(op)](left, right):
-                    return False
-                left = right
-            return True
-        if isinstance(node, ast.IfExp):
-            return ev(node.body) if ev(node.test) else ev(node.orelse)
-        raise ValueError(
-            f"${{eval:...}}: {type(node).__name__} is not allowed in {expression!r}; only arithmetic, "
-            "comparisons, and/or/not, conditionals and literals are evaluated"
-        )
-
-    return ev(tree)
+        raise ValueError(f"${{eval:...}}: cannot parse {expression[:100]!r}: {e.msg}") from None
+    except (RecursionError, MemoryError, ValueError):
+        raise ValueError(f"${{eval:...}}: cannot parse {expression[:100]!r}: nested too deeply") from None
+    return _Arithmetic(expression).ev(tree)
 
 
 def register_eval_resolver() -> bool:
@@ -163,25 +223,242 @@ def register_eval_resolver() -> bool:
 # ---- .ckpt → LowdimPolicy config and state dict ----------------------------------------
 
 def _resolved(cfg: Any, key: str, problems: list[str]) -> Any:
-    """``cfg[key]`` (a dotted key) resolved to plain Python, or None (absent, or a problem recorded)."""
+    """``cfg[key]`` (a dotted key) resolved to plain Python, or None (absent, or a problem recorded in one line)."""
     from omegaconf import OmegaConf
 
     try:
         node = OmegaConf.select(cfg, key, throw_on_missing=True)
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     except Exception as e:  # omegaconf raises several kinds for bad interpolations
-        problems.append(f"cfg.{key} cannot be resolved ({type(e).__name__}: {e})")
+        where = getattr(e, "full_key", None) or key
+        message = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+        problems.append(f"cfg.{where} cannot be resolved ({type(e).__name__}: {message})")
         return None
 
 
+# ---- checking a workspace cfg before OmegaConf resolves any of it ------------------------
+
+#: the keys this module resolves: the policy section and the EMA flag
+RESOLVED_KEYS = ("policy", "training.use_ema")
+#: the resolvers a checkpoint's config may use. OmegaConf's own (``oc.env``, ``oc.decode``, ``oc.create``,
+#: ...) and any other registered in the process read the environment, files or state, so a file's config
+#: never reaches them; ``${eval:...}`` is evaluated by :func:`safe_eval` whatever ``eval`` resolver the
+#: process registered (DiffusionPolicy's own is Python's ``eval``).
+ALLOWED_RESOLVERS = frozenset({"eval"})
+#: the private name :func:`safe_eval` is registered under for reading files
+SAFE_EVAL_RESOLVER = "para_policy.safe_eval"
+_Path = tuple[Any, ...]
+
+
+def _dotted(path: _Path) -> str:
+    return "cfg" + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path)
+
+
+def _omegaconf_content(value: Any) -> Any:
+    """An OmegaConf node's raw content (a container's dict / list / None / string, a leaf's value), unresolved.
+
+    Read from the node's ``__dict__``: OmegaConf's accessors would resolve interpolations, and an
+    unpickled node's internals are whatever the file wrote.
+    """
+    from omegaconf import Container, ValueNode
+
+    if isinstance(value, Container):
+        return object.__getattribute__(value, "__dict__").get("_content")
+    if isinstance(value, ValueNode):
+        return object.__getattribute__(value, "__dict__").get("_val")
+    return value
+
+
+def _parse_interpolations(text: str, where: str) -> tuple[list[tuple[int, list[str]]], list[Any], bool]:
+    """A string's references ``(leading dots, keys)``, its resolver-name nodes and whether it is one reference."""
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as G
+    from omegaconf.grammar_parser import parse
+
+    if len(text) > MAX_INTERPOLATION_CHARS:
+        raise ValueError(f"{where} is a string of {len(text)} characters with interpolations, more than "
+                         f"{MAX_INTERPOLATION_CHARS} (MAX_INTERPOLATION_CHARS)")
+    try:
+        tree = parse(text)
+    except Exception as e:  # GrammarParseError, RecursionError
+        raise ValueError(f"{where} is not a valid interpolation ({type(e).__name__})") from None
+    refs: list[tuple[int, list[str]]] = []
+    names: list[Any] = []
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        children = list(node.getChildren()) if hasattr(node, "getChildren") else []
+        dynamic = isinstance(node, (G.ConfigKeyContext, G.ResolverNameContext)) and any(
+            isinstance(c, G.InterpolationContext) for c in children)
+        if dynamic:
+            raise ValueError(f"{where} computes a key or resolver name from an interpolation, which is not read "
+                             "from a checkpoint's config")
+        if isinstance(node, G.ResolverNameContext):
+            names.append(node)
+        elif isinstance(node, G.InterpolationNodeContext):
+            keys = [c.getText() for c in children if isinstance(c, G.ConfigKeyContext)]
+            first = next((i for i, c in enumerate(children) if isinstance(c, G.ConfigKeyContext)), len(children))
+            refs.append((sum(c.getText() == "." for c in children[:first]), keys))
+            stack.extend(c for c in children if isinstance(c, G.ConfigKeyContext))
+            continue
+        stack.extend(children)
+    whole = len(refs) == 1 and not names and text.startswith("${") and text.endswith("}") \
+        and text.count("${") == 1
+    return refs, names, whole
+
+
+class _Interpolations:
+    """What resolving :data:`RESOLVED_KEYS` of a plain config tree would do, worked out without resolving.
+
+    Every string with interpolations that those keys reach is parsed with OmegaConf's own grammar;
+    a resolver other than :data:`ALLOWED_RESOLVERS` is refused naming the key (nothing is resolved,
+    so no value can appear in the message). OmegaConf resolves a reference each time it is reached:
+    the count of resolutions and the size of the text they produce are added up over the
+    references (each node worked out once), and a key whose resolution would exceed
+    :data:`MAX_INTERPOLATIONS` or :data:`MAX_CONFIG_BYTES` is refused. The nodes reached are kept
+    (:meth:`pruned`), at most :data:`MAX_RESOLVED_NODES`.
+    """
+
+    def __init__(self, tree: dict[str, Any]) -> None:
+        self.tree = tree
+        self.memo: dict[_Path, tuple[int, int]] = {}
+        self.active: set[_Path] = set()
+        self.rewritten: dict[_Path, str] = {}
+
+    def node(self, path: _Path) -> Any:
+        node: Any = self.tree
+        for key in path:
+            node = node[key]
+        return node
+
+    def child(self, path: _Path, key: str) -> _Path | None:
+        """``path + (key,)`` as the tree spells the key (a list index, a dict's string or integer key), or None."""
+        node = self.node(path)
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            return (*path, int(key))
+        if isinstance(node, dict):
+            for candidate in (key, int(key) if key.lstrip("-").isdigit() else key):
+                if candidate in node:
+                    return (*path, candidate)
+        return None
+
+    def locate(self, path: _Path, dots: int, keys: list[str], depth: int) -> tuple[_Path, list[_Path]]:
+        """The node a reference in the string at ``path`` names, and the references it looks through."""
+        where, hops = _dotted(path), []
+        container = path[:-1]
+        if dots - 1 > len(container):
+            raise ValueError(f"{where} refers above the config's root")
+        current = () if dots == 0 else container[:len(container) - (dots - 1)]
+        for key in keys:
+            node = self.node(current)
+            while isinstance(node, str):  # ${a.b} where a is itself ${x}: OmegaConf follows x
+                refs, _, whole = _parse_interpolations(node, _dotted(current)) if "${" in node else ([], [], False)
+                if not whole or len(hops) > MAX_CONFIG_DEPTH:
+                    raise ValueError(f"{where} looks inside {_dotted(current)}, which is not a mapping or a list")
+                hops.append(current)
+                current, more = self.locate(current, *refs[0], depth + 1)
+                hops += more
+                node = self.node(current)
+            found = self.child(current, key)
+            if found is None:
+                raise ValueError(f"{where} refers to {'.' * dots}{'.'.join(keys)}, which is not in the config")
+            current = found
+        return current, hops
+
+    def visit(self, path: _Path, depth: int, direct: bool) -> tuple[int, int]:
+        """``(interpolations resolved, bytes produced)`` in resolving ``path``; refused past the limits."""
+        if depth > 2 * MAX_CONFIG_DEPTH:
+            raise ValueError(f"{_dotted(path)}: its interpolations nest more than {2 * MAX_CONFIG_DEPTH} levels")
+        if path not in self.memo:
+            if path in self.active:
+                raise ValueError(f"{_dotted(path)}: its interpolations refer back to it")
+            self.active.add(path)
+            node = self.node(path)
+            if isinstance(node, (dict, list)):
+                keys = node if isinstance(node, dict) else range(len(node))
+                totals = [self.visit((*path, k), depth + 1, direct) for k in keys]
+                self.memo[path] = (sum(t[0] for t in totals), sum(t[1] for t in totals) + 8)
+            elif isinstance(node, str) and "${" in node:
+                self.memo[path] = self.string(path, node, depth)
+            else:
+                self.memo[path] = (0, len(node) if isinstance(node, (str, bytes)) else 8)
+            self.active.discard(path)
+        count, size = self.memo[path]
+        if direct and count > MAX_INTERPOLATIONS:
+            raise ValueError(f"{_dotted(path)}: resolving it would expand {count} interpolations, more than "
+                             f"{MAX_INTERPOLATIONS} (MAX_INTERPOLATIONS; OmegaConf resolves a reference each time "
+                             "it is reached)")
+        if direct and size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{_dotted(path)}: resolving it would produce about {size} bytes, more than "
+                             f"{MAX_CONFIG_BYTES} (MAX_CONFIG_BYTES)")
+        return count, size
+
+    def string(self, path: _Path, text: str, depth: int) -> tuple[int, int]:
+        refs, names, _ = _parse_interpolations(text, _dotted(path))
+        refused = sorted({n.getText() for n in names} - ALLOWED_RESOLVERS)
+        if refused:
+            raise ValueError(f"{_dotted(path)} uses the resolver ${{{refused[0]}:...}}, which is not resolved from a "
+                             f"checkpoint's config (allowed: {sorted(ALLOWED_RESOLVERS)} and references to other "
+                             "keys); nothing was resolved")
+        for name in sorted(names, key=lambda n: n.start.start, reverse=True):  # eval → the private safe_eval
+            text = text[:name.start.start] + SAFE_EVAL_RESOLVER + text[name.stop.stop + 1:]
+        self.rewritten[path] = text
+        count, size = 1, len(text)
+        for dots, keys in refs:
+            target, hops = self.locate(path, dots, keys, depth)
+            for reached in (*hops, target):
+                more, produced = self.visit(reached, depth + 1, False)
+                count, size = count + more, size + produced
+        return count, size
+
+    def pruned(self) -> dict[str, Any]:
+        """The tree cut to the nodes reached, ``${eval:`` renamed; list items not reached become None."""
+        if len(self.memo) > MAX_RESOLVED_NODES:
+            raise ValueError(f"cfg: its policy section reaches {len(self.memo)} nodes, more than "
+                             f"{MAX_RESOLVED_NODES} (MAX_RESOLVED_NODES)")
+        reached = {path[:i] for path in self.memo for i in range(len(path) + 1)}
+
+        def cut(node: Any, path: _Path) -> Any:
+            if path not in reached:
+                return None
+            if path in self.rewritten:
+                return self.rewritten[path]
+            if isinstance(node, dict):
+                return {k: cut(v, (*path, k)) for k, v in node.items() if (*path, k) in reached}
+            if isinstance(node, list):
+                return [cut(v, (*path, i)) for i, v in enumerate(node)]
+            return node
+
+        return cut(self.tree, ())
+
+
 def _as_config(cfg: Any) -> Any:
+    """A workspace ``cfg`` (a DictConfig, or a mapping) as a fresh DictConfig of what this module resolves.
+
+    Why: the cfg of a ``.ckpt`` is the file's data. It is copied to plain data within bounds first
+    (:func:`~para_policy.policy_config.plain_config`: depth, nodes, bytes), then the resolution of
+    :data:`RESOLVED_KEYS` is worked out (:class:`_Interpolations`), and only then is OmegaConf
+    given the part they reach.
+    """
     from omegaconf import OmegaConf
 
-    if OmegaConf.is_config(cfg):
-        return cfg
-    if isinstance(cfg, Mapping):
-        return OmegaConf.create(dict(cfg))
-    raise ValueError(f"cfg must be an OmegaConf DictConfig or a dict, got {type(cfg).__name__}")
+    if not OmegaConf.is_config(cfg) and not isinstance(cfg, Mapping):
+        raise ValueError(f"cfg must be an OmegaConf DictConfig or a dict, got {type(cfg).__name__}")
+    tree = plain_config(cfg, "cfg", unwrap=_omegaconf_content)
+    if not isinstance(tree, dict):
+        raise ValueError(f"cfg must be a mapping, got {type(tree).__name__}")
+    interpolations = _Interpolations(tree)
+    for key in RESOLVED_KEYS:
+        path: _Path = ()
+        for part in key.split("."):
+            node = interpolations.node(path)
+            if not isinstance(node, dict) or part not in node:
+                break
+            path = (*path, part)
+        else:
+            interpolations.visit(path, 0, True)
+    if not OmegaConf.has_resolver(SAFE_EVAL_RESOLVER):
+        OmegaConf.register_new_resolver(SAFE_EVAL_RESOLVER, safe_eval)
+    return OmegaConf.create(interpolations.pruned())
 
 
 def _checked_scheduler(policy: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -250,18 +527,15 @@ def diffusion_policy_config(cfg: Any) -> dict[str, Any]:
     if problems:
         raise ValueError("cannot convert this DiffusionPolicy checkpoint: " + "; ".join(problems))
     return {
-        "horizon": int(policy["horizon"]),
-        "n_obs_steps": int(policy["n_obs_steps"]),
-        "n_action_steps": int(policy["n_action_steps"]),
-        "obs_dim": int(policy["obs_dim"]),
-        "action_dim": int(policy["action_dim"]),
+        # passed as the file has them: PolicyConfig refuses 16.7 or a string rather than truncating or parsing it
+        **{key: policy[key] for key in ("horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim")},
         # DiffusionPolicy's defaults (they differ from LowdimPolicy's), set explicitly; its transformer
         # policy calls it obs_as_cond and always starts the executed actions at n_obs_steps - 1
         "model_type": "transformer" if transformer else "unet",
         "num_inference_steps": policy.get("num_inference_steps"),
-        "obs_as_global_cond": bool(policy.get("obs_as_cond" if transformer else "obs_as_global_cond", False)),
-        "pred_action_steps_only": bool(policy.get("pred_action_steps_only", False)),
-        "oa_step_convention": True if transformer else bool(policy.get("oa_step_convention", False)),
+        "obs_as_global_cond": policy.get("obs_as_cond" if transformer else "obs_as_global_cond", False),
+        "pred_action_steps_only": policy.get("pred_action_steps_only", False),
+        "oa_step_convention": True if transformer else policy.get("oa_step_convention", False),
         "model": model,
         "noise_scheduler": scheduler,
         "source": {"format": "diffusion_policy.ckpt", "policy_target": target},
@@ -291,6 +565,12 @@ def _image_policy_config(policy: Mapping[str, Any], target: str) -> dict[str, An
         problems.append("cfg.policy.shape_meta.obs is missing or empty")
     if len(action_shape) != 1:
         problems.append(f"cfg.policy.shape_meta.action.shape must be [action_dim], got {action_shape}")
+    for key, meta in obs_meta.items() if isinstance(obs_meta, Mapping) else ():
+        shape = meta.get("shape") if isinstance(meta, Mapping) else None
+        if not isinstance(shape, list) or not shape or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_FEATURE_DIM for d in shape):
+            problems.append(f"cfg.policy.shape_meta.obs.{key}.shape must be a list of integers from 1 to "
+                            f"{MAX_FEATURE_DIM} (MAX_FEATURE_DIM), got {str(shape)[:60]}")
     scheduler = _checked_scheduler(policy, problems)
     encoder = None
     if not problems:
@@ -309,18 +589,17 @@ def _image_policy_config(policy: Mapping[str, Any], target: str) -> dict[str, An
     normalizer = {k: {"shape": [1] if v["type"] == "rgb" else v["shape"], "mode": "affine"}
                   for k, v in obs_keys.items()}
     normalizer["action"] = {"shape": action_shape, "mode": "affine"}
-    n_obs_steps, feature_dim = int(policy["n_obs_steps"]), int(encoder.feature_dim)
-    unet = {"input_dim": int(action_shape[0]), "local_cond_dim": None, "global_cond_dim": feature_dim * n_obs_steps,
-            "diffusion_step_embed_dim": int(policy.get("diffusion_step_embed_dim", 256)),
-            "down_dims": list(policy.get("down_dims", (256, 512, 1024))),
-            "kernel_size": int(policy.get("kernel_size", 5)), "n_groups": int(policy.get("n_groups", 8)),
-            "cond_predict_scale": bool(policy.get("cond_predict_scale", True))}
+    n_obs_steps = config_int("n_obs_steps", policy["n_obs_steps"], "MAX_OBS_STEPS")
+    action_dim, feature_dim = config_int("action_dim", action_shape[0], "MAX_FEATURE_DIM"), int(encoder.feature_dim)
+    # the network's arguments as the file has them: PolicyConfig checks them, naming the key
+    unet = {"input_dim": action_dim, "local_cond_dim": None, "global_cond_dim": feature_dim * n_obs_steps,
+            **{key: policy.get(key, default) for key, default in IMAGE_UNET_DEFAULTS.items()}}
     return {
-        "horizon": int(policy["horizon"]),
+        "horizon": policy["horizon"],
         "n_obs_steps": n_obs_steps,
-        "n_action_steps": int(policy["n_action_steps"]),
+        "n_action_steps": policy["n_action_steps"],
         "obs_dim": feature_dim,
-        "action_dim": int(action_shape[0]),
+        "action_dim": action_dim,
         "model_type": "unet",
         "num_inference_steps": policy.get("num_inference_steps"),
         "obs_as_global_cond": True,
@@ -335,31 +614,10 @@ def _image_policy_config(policy: Mapping[str, Any], target: str) -> dict[str, An
     }
 
 
-def read_diffusion_policy_checkpoint(
-    path: str | os.PathLike, use_ema: bool | None = None, trust_pickle: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a DiffusionPolicy workspace ``.ckpt``: returns ``(state_dict, config)`` for LowdimPolicy.
-
-    The file is unpickled by :class:`~para_policy.integrations.restricted_pickle.RestrictedUnpickler`:
-    only tensors, the OmegaConf config and plain data are rebuilt; a file that names any other
-    global (``os.system``, ``eval``, ...) is refused before anything runs.
-
-    Args:
-        trust_pickle: unpickle with torch's full unpickler instead (runs whatever the file
-            says: only for files you trust that hold something the restricted reader refuses).
-        use_ema: take ``state_dicts['ema_model']`` (True) or ``['model']`` (False); None
-            follows ``cfg.training.use_ema`` as DiffusionPolicy's evaluation does (and, when the
-            cfg does not say, takes ``ema_model`` if present).
-    Returns:
-        ``state_dict`` with ``model.*`` and ``normalizer.params_dict.{obs,action}.*`` tensors
-        (DiffusionPolicy's names, which LowdimPolicy shares), and the config dict
-        (:func:`diffusion_policy_config`).
-    Raises:
-        FileNotFoundError, or ValueError listing what is wrong with the file.
-    """
+def _load_payload(path: Path, trust_pickle: bool) -> Mapping[str, Any]:
+    """The workspace payload ``{'cfg', 'state_dicts', ...}`` of a ``.ckpt``, unpickled safely unless trusted."""
     from para_policy.extras import require
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     for module in ("dill", "omegaconf"):
@@ -368,7 +626,7 @@ def read_diffusion_policy_checkpoint(
 
     try:
         if trust_pickle:
-            warnings.warn(f"{path}: unpickling with trust_pickle=True runs any code the file holds", stacklevel=2)
+            warnings.warn(f"{path}: unpickling with trust_pickle=True runs any code the file holds", stacklevel=3)
             payload = torch.load(str(path), map_location="cpu", weights_only=False)
         else:
             payload = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
@@ -378,31 +636,37 @@ def read_diffusion_policy_checkpoint(
         raise ValueError(f"{path}: unpickling needs module {e.name!r}, which is not installed") from e
     except Exception as e:
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
-    problems = []
-    if not isinstance(payload, Mapping):
+    if not isinstance(payload, dict):  # a plain dict: a crafted mapping's methods are not called
         raise ValueError(f"{path}: expected a DiffusionPolicy workspace payload dict, got {type(payload).__name__}")
-    for key in ("cfg", "state_dicts"):
-        if key not in payload:
-            problems.append(f"payload has no {key!r} (keys: {sorted(map(str, payload))})")
+    problems = [f"payload has no {key!r} (keys: {sorted(map(str, payload))})"
+                for key in ("cfg", "state_dicts") if key not in payload]
     if problems:
         raise ValueError(f"{path} is not a DiffusionPolicy workspace checkpoint: " + "; ".join(problems))
-    cfg = payload["cfg"]
-    try:
-        config = diffusion_policy_config(cfg)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    state_dicts = payload["state_dicts"]
+    return payload
+
+
+def _weights_source(path: Path, cfg: Any, state_dicts: Mapping[str, Any], use_ema: bool | None) -> str:
+    """``'ema_model'`` or ``'model'``: the state dict DiffusionPolicy's evaluation would run."""
+    if not isinstance(state_dicts, dict):
+        raise ValueError(f"{path}: state_dicts must be a dict of state dicts, got {type(state_dicts).__name__}")
     if use_ema is None:
         register_eval_resolver()
-        cfg_problems: list[str] = []
-        flag = _resolved(_as_config(cfg), "training.use_ema", cfg_problems)
+        flag = _resolved(_as_config(cfg), "training.use_ema", [])
         use_ema = bool(flag) if flag is not None else "ema_model" in state_dicts
     source = "ema_model" if use_ema else "model"
-    if source not in state_dicts or not isinstance(state_dicts[source], Mapping):
+    if source not in state_dicts or not isinstance(state_dicts[source], dict):
         raise ValueError(
-            f"{path}: state_dicts has no {source!r} (use_ema={use_ema}); it has {sorted(state_dicts)}"
+            f"{path}: state_dicts has no {source!r} (use_ema={use_ema}); it has {sorted(map(str, state_dicts))[:10]}"
         )
-    raw = state_dicts[source]
+    return source
+
+
+def _policy_weights(path: Path, raw: Mapping[str, Any], config: dict[str, Any], source: str
+                    ) -> dict[str, torch.Tensor]:
+    """The policy's tensors of ``state_dicts[source]``; an image policy's normalizer shapes set in ``config``.
+
+    Refuses entries the policy class does not have (an optimizer state, another network).
+    """
     state_dict: dict[str, torch.Tensor] = {}
     unexpected = []
     image = "obs_encoder" in config
@@ -426,102 +690,133 @@ def read_diffusion_policy_checkpoint(
             if scale is None:
                 raise ValueError(f"{path}: state_dicts[{source!r}] has no normalizer for {field!r}")
             meta["shape"] = list(scale.shape)
+    return state_dict
+
+
+def read_diffusion_policy_checkpoint(
+    path: str | os.PathLike, use_ema: bool | None = None, trust_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a DiffusionPolicy workspace ``.ckpt``: returns ``(state_dict, config)`` for LowdimPolicy.
+
+    The file is unpickled by :class:`~para_policy.integrations.restricted_pickle.RestrictedUnpickler`:
+    only tensors, the OmegaConf config and plain data are rebuilt; a file that names any other
+    global (``os.system``, ``eval``, ...) is refused before anything runs.
+
+    Args:
+        trust_pickle: unpickle with torch's full unpickler instead (runs whatever the file
+            says: only for files you trust that hold something the restricted reader refuses).
+        use_ema: take ``state_dicts['ema_model']`` (True) or ``['model']`` (False); None
+            follows ``cfg.training.use_ema`` as DiffusionPolicy's evaluation does (and, when the
+            cfg does not say, takes ``ema_model`` if present).
+    Returns:
+        ``state_dict`` with ``model.*`` and ``normalizer.params_dict.{obs,action}.*`` tensors
+        (DiffusionPolicy's names, which LowdimPolicy shares), and the config as a plain dict
+        (:func:`diffusion_policy_config`; :func:`read_diffusion_policy` gives a ``PolicyConfig``).
+    Raises:
+        FileNotFoundError, or ValueError listing what is wrong with the file.
+    """
+    path = Path(path)
+    payload = _load_payload(path, trust_pickle)
+    cfg = payload["cfg"]
+    try:
+        config = diffusion_policy_config(cfg)
+        PolicyConfig.from_dict(config)  # every value checked before the weights are looked at
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    state_dicts = payload["state_dicts"]
+    source = _weights_source(path, cfg, state_dicts, use_ema)
+    state_dict = _policy_weights(path, state_dicts[source], config, source)
     config["source"]["weights"] = source
     return state_dict, config
+
+
+# ---- the reader :func:`para_policy.loading.load_policy` uses ------------------------------
+
+def can_read_diffusion_policy(path: Path) -> bool:
+    """Whether ``path`` is a ``*.ckpt`` file (DiffusionPolicy's workspace checkpoints are named so)."""
+    path = Path(path)
+    return path.is_file() and path.suffix == ".ckpt"
+
+
+def read_diffusion_policy(path: str | os.PathLike, *, trust_pickle: bool = False, use_ema: bool | None = None,
+                          **kwargs: Any) -> tuple[dict[str, torch.Tensor], PolicyConfig]:
+    """:func:`read_diffusion_policy_checkpoint` with the config as a :class:`PolicyConfig` (other ``kwargs`` unused)."""
+    state_dict, config = read_diffusion_policy_checkpoint(path, use_ema=use_ema, trust_pickle=trust_pickle)
+    try:
+        return state_dict, PolicyConfig.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 # ---- patching live policy objects --------------------------------------------------------
 
 class SamplingPatch:
-    """What :func:`patch` installed on a policy object, and what it needs to undo it.
+    """What :func:`patch` installed on a policy object, what it needs to undo it, and the session it samples with.
 
     Attributes:
         owner: the object given to ``patch`` (its ``para_stats`` is set after every call).
         target: the object whose ``conditional_sample`` was replaced (the policy itself for
             DiffusionPolicy, ``policy.diffusion`` for LeRobot).
-        spec: the :class:`~para_policy.samplers.SamplerConfig` in use.
+        session: the :class:`~para_policy.session.SamplingSession` every call samples through
+            (spec, schedules, ``window='auto'``, warm start); ``spec``: its sampler spec.
         stats: the :class:`SampleStats` of the last call; last_spec: the spec it ran (window resolved).
-        n_action_steps: actions executed between calls (the warm start's shift).
 
     Warm start (``spec.warm_start``, on in the ``paradigms`` preset): each call keeps its
-    clean trajectory shifted by ``n_action_steps``, and the next call with the same batch
-    shape and schedule starts from it. The owner's ``reset()`` (DiffusionPolicy's, and
-    LeRobot's, which clears its action queue) also forgets it; :meth:`reset` does it directly.
+    clean trajectory shifted by ``n_action_steps`` (actions executed between calls), and the
+    next call with the same batch shape and schedule starts from it. The owner's ``reset()``
+    (DiffusionPolicy's, and LeRobot's, which clears its action queue) also forgets it;
+    :meth:`reset` does it directly.
     """
 
     ATTRIBUTE = "_para_patch"
 
-    def __init__(self, owner: Any, target: Any, spec: Any, kind: str, n_action_steps: int) -> None:
+    def __init__(self, owner: Any, target: Any, spec: SamplerConfig, n_action_steps: int) -> None:
         self.owner = owner
         self.target = target
-        self.spec = spec
-        self.kind = kind
-        self.n_action_steps = int(n_action_steps)
+        self.session = SamplingSession(spec, n_action_steps)
         self.saved: dict[tuple[Any, str], tuple[bool, Any]] = {}
         self.stats: SampleStats | None = None
-        self.last_spec: Any = None
-        self._schedules: dict[tuple, Schedule] = {}
-        self._warm: tuple[tuple, torch.Tensor] | None = None
+        self.last_spec: SamplerConfig | None = None
         self._model_id: str | None = None
 
-    def set_spec(self, spec: Any) -> None:
-        self.spec = spec
-        self._schedules.clear()
-        self.reset()
+    @property
+    def spec(self) -> SamplerConfig:
+        return self.session.spec
+
+    def set_spec(self, spec: SamplerConfig) -> None:
+        """Sample with ``spec`` from the next call on (the warm start is forgotten)."""
+        self.session.set_spec(spec)
 
     def reset(self) -> None:
         """Forget the previous call's trajectory: the next call starts cold."""
-        self._warm = None
+        self.session.reset()
 
     def schedule(self, scheduler: Any, steps: int, eta: float = 0.0) -> Schedule:
         """The schedule of the policy's scheduler (or its DDIM twin) at ``steps``; cached."""
-        from para_policy.samplers.registry import build_schedule, schedule_key
+        return self.session.schedule_for(self.spec, scheduler, steps, eta)
 
-        key = (id(scheduler), *schedule_key(self.spec, scheduler, steps), float(eta))
-        if key not in self._schedules:
-            self._schedules[key] = build_schedule(self.spec, scheduler, steps, eta)
-        return self._schedules[key]
-
-    def resolved_spec(self, denoiser: Any, model: torch.nn.Module, schedule: Schedule, shape: tuple[int, int, int],
-                      condition: torch.Tensor | None, inpaint: tuple | None) -> Any:
-        """The spec with ``window='auto'`` resolved for this model, schedule and batch (cached)."""
-        if not self.spec.window_is_auto:
-            return self.spec
-        from para_policy.window import (
-            Problem,
-            calibrate_window,
-            model_fingerprint,
-            resolve_window,
-            tuned_spec,
-            window_key,
-        )
-
+    def _identity(self, model: torch.nn.Module) -> WindowIdentity:
+        """The window cache's identity of the patched network: its weights digest and device, the plain model."""
         if self._model_id is None:
             self._model_id = model_fingerprint(model)
-        device = next(model.parameters()).device
-        key = window_key(self._model_id, self.spec, schedule, shape[0], device, "{}")  # "{}": the plain model
-        problem = Problem(shape, condition, inpaint)
-        window, info = resolve_window(key, lambda: calibrate_window(
-            denoiser, schedule, self.spec.with_options(warm_start=False), [problem], device=device))
-        return tuned_spec(self.spec, window, info)
+        return WindowIdentity(self._model_id, next(model.parameters()).device)
 
     def run(self, denoiser: Any, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
             condition: torch.Tensor | None, inpaint: tuple | None, model: torch.nn.Module) -> torch.Tensor:
-        """Run the configured sampler (warm-started when it can be); record its stats as ``owner.para_stats``."""
-        spec = self.spec
-        kwargs: dict[str, Any] = {}
-        call_key = (tuple(x_T.shape), schedule.kind, schedule.num_steps, str(x_T.device))
+        """Sample through the session (window resolved, warm-started when it can be): the sample (B, T, D).
+
+        ``x_T`` (B, T, D), ``noise`` (B, S, T, D), ``condition`` (B, ...), ``inpaint``
+        ``(data, mask)`` (B, T, D). The stats go to ``owner.para_stats``; a sample holding NaN or
+        inf raises a ``ValueError`` instead of reaching the caller's unnormalization.
+        """
+        problem = Problem(tuple(x_T.shape), condition, inpaint)
         with torch.inference_mode():
-            if spec.iterative:
-                spec = self.resolved_spec(denoiser, model, schedule, tuple(x_T.shape), condition, inpaint)
-                kwargs = dict(spec.options)
-                if spec.warm_start and self._warm is not None and self._warm[0] == call_key:
-                    kwargs["init"] = warm_start_init(schedule, self._warm[1], x_T, noise)
-            sample, stats = spec.family.sample(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint,
-                                               **kwargs)
-            if spec.warm_start:
-                self._warm = (call_key, shift_trajectory(sample, self.n_action_steps))
-        stats.warm = "init" in kwargs
+            spec = self.session.resolve(
+                self.spec, schedule, x_T.shape[0], lambda: self._identity(model),
+                lambda auto: calibrate_window(denoiser, schedule, auto, [problem], device=x_T.device))
+            sample, _, stats, _ = self.session.run(
+                denoiser, spec, schedule, x_T, noise, condition=condition, inpaint=inpaint,
+                hint="check the conditioning's scale against the policy's normalizer")
         self.stats, self.last_spec = stats, spec
         vars(self.owner)["para_stats"] = stats
         # samplers run in inference mode; a clone made here is an ordinary tensor, so caller code
@@ -604,7 +899,7 @@ def patch_diffusion_policy(policy: Any, sampler: str = "paradigms", **options: A
     if existing is not None:  # re-patching changes the sampler, keeps the saved original
         existing.set_spec(spec)
         return policy
-    state = SamplingPatch(policy, policy, spec, "diffusion_policy", getattr(policy, "n_action_steps", 0))
+    state = SamplingPatch(policy, policy, spec, getattr(policy, "n_action_steps", 0))
 
     def conditional_sample(condition_data: torch.Tensor, condition_mask: torch.Tensor,
                            local_cond: torch.Tensor | None = None, global_cond: torch.Tensor | None = None,

@@ -19,7 +19,6 @@ import torch
 
 from para_policy.integrations.diffusion_policy import SamplingPatch, in_model_dtype
 from para_policy.samplers import draw_noise, sampler_spec
-from para_policy.schedule import Schedule
 
 
 def find_diffusion_model(policy: Any) -> Any | None:
@@ -40,15 +39,6 @@ def _action_dim(config: Any) -> int:
     if shapes and "action" in shapes:
         return int(shapes["action"][0])
     raise ValueError("cannot find the action dimension: config has neither action_feature nor output_shapes['action']")
-
-
-def _step_noise(schedule: Schedule, shape: tuple[int, int, int], generator: torch.Generator | None,
-                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Per-step noise (B, S, T, D) drawn in the sequential loop's order, for a caller-given ``x_T``."""
-    noise = torch.zeros((shape[0], schedule.num_steps, *shape[1:]), device=device, dtype=dtype)
-    for k in torch.nonzero(schedule.draws_noise.cpu()).flatten().tolist():
-        noise[:, k] = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    return noise
 
 
 def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> Any:
@@ -75,7 +65,7 @@ def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> An
     if model is None:
         raise TypeError(f"{type(policy).__name__} is not a LeRobot diffusion policy: expected an object with "
                         "conditional_sample, unet, noise_scheduler and config (or a .diffusion that has them)")
-    state = SamplingPatch(policy, model, spec, "lerobot", int(getattr(model.config, "n_action_steps", 0) or 0))
+    state = SamplingPatch(policy, model, spec, int(getattr(model.config, "n_action_steps", 0) or 0))
 
     def conditional_sample(batch_size: int, global_cond: torch.Tensor | None = None,
                            generator: torch.Generator | None = None,
@@ -84,14 +74,11 @@ def patch_lerobot(policy: Any, sampler: str = "paradigms", **options: Any) -> An
         device, dtype = param.device, torch.promote_types(param.dtype, torch.float32)  # the sampler's dtype
         shape = (int(batch_size), int(model.config.horizon), _action_dim(model.config))
         schedule = state.schedule(model.noise_scheduler, model.num_inference_steps)
-        if noise is None:
-            x_T, step_noise = draw_noise(schedule, shape, generator, device=device, dtype=dtype)
-        else:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape (batch_size, horizon, action_dim) = {shape}, "
-                                 f"got {tuple(noise.shape)}")
-            x_T = noise.to(device=device, dtype=dtype)
-            step_noise = _step_noise(schedule, shape, generator, device, dtype)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape (batch_size, horizon, action_dim) = {shape}, "
+                             f"got {tuple(noise.shape)}")
+        # LeRobot's loop draws x_T only when no noise is given; the steps' noise after it, in its order
+        x_T, step_noise = draw_noise(schedule, shape, generator, device=device, dtype=dtype, x_T=noise)
         unet = model.unet
 
         def denoiser(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:

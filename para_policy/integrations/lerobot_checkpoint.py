@@ -53,7 +53,6 @@ does on loading (``int(resize * crop_ratio)`` when ``crop_ratio < 1``, else no c
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,11 +63,21 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from para_policy import policy_config
 from para_policy.models.lerobot_keys import lerobot_to_diffusion_policy_keys
 from para_policy.normalizer import LEROBOT_EPS
+from para_policy.policy_config import (
+    MAX_CHANNELS,
+    MAX_CONFIG_BYTES,
+    MAX_FEATURE_DIM,
+    MAX_UNET_LEVELS,
+    PolicyConfig,
+    parse_json_config,
+    short_repr,
+)
 from para_policy.schedule import build_scheduler
 
-__all__ = ["read_lerobot_directory"]
+__all__ = ["can_read_lerobot", "read_lerobot", "read_lerobot_directory"]
 STATE_KEY = "observation.state"
 ENV_STATE_KEY = "observation.environment_state"
 ACTION_KEY = "action"
@@ -121,16 +130,35 @@ class _Features:
     shapes: dict[str, list[int]]
 
 
-def _read_json(path: Path) -> dict:
+def _checked_file(directory: Path, name: str) -> Path:
+    """``directory / name``, a regular file that stays in the checkpoint: a symlink out of it is refused.
+
+    Why: a directory is the file's author's, and a link named ``config.json`` could point at
+    ``/etc/passwd`` or a key. A link may leave the directory only to the file of the same name in
+    another LeRobot directory (one holding a ``config.json``: a copy assembled from links to
+    another checkpoint's files), or into the Hugging Face cache's ``blobs`` folder from a
+    ``snapshots/<revision>`` folder (how ``huggingface_hub`` stores downloads).
+    """
+    path = directory / name
+    if path.is_symlink():
+        root, target = directory.resolve(), path.resolve()
+        same_file_elsewhere = target.name == name and (target.parent / "config.json").is_file()
+        hub_blob = root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+        if not target.is_relative_to(root) and not same_file_elsewhere and not hub_blob:
+            raise ValueError(f"{path} is a symlink to {target}, outside the checkpoint directory; refusing to "
+                             "read it (copy the file into the directory if it belongs to the checkpoint)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path.name} not found in {path.parent}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        raise FileNotFoundError(f"{name} not found in {directory}")
+    return path
+
+
+def _read_json(directory: Path, name: str) -> dict:
+    """A JSON object file of the checkpoint, its size, nesting and node count bounded before it is used."""
+    path = _checked_file(directory, name)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is {size} bytes, more than {MAX_CONFIG_BYTES} (MAX_CONFIG_BYTES)")
+    return parse_json_config(path.read_bytes(), str(path))
 
 
 def _require(cfg: Mapping[str, Any], names: tuple[str, ...] | list[str], where: str = "config.json") -> None:
@@ -140,10 +168,19 @@ def _require(cfg: Mapping[str, Any], names: tuple[str, ...] | list[str], where: 
                          "from LeRobot's defaults, which changed between releases)")
 
 
+#: config.json's integer fields and the policy_config limit each is held to (others: MAX_FEATURE_DIM)
+INT_LIMITS = {"horizon": "MAX_HORIZON", "n_obs_steps": "MAX_OBS_STEPS", "n_action_steps": "MAX_HORIZON",
+              "num_train_timesteps": "MAX_TRAIN_TIMESTEPS", "num_inference_steps": "MAX_INFERENCE_STEPS",
+              "kernel_size": "MAX_KERNEL_SIZE", "n_groups": "MAX_CHANNELS", "diffusion_step_embed_dim": "MAX_CHANNELS",
+              "spatial_softmax_num_keypoints": "MAX_CHANNELS"}
+
+
 def _int(cfg: Mapping[str, Any], name: str, minimum: int = 1) -> int:
-    value = cfg[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config.json: {name} must be an integer >= {minimum}, got {value!r}")
+    value, limit = cfg[name], INT_LIMITS.get(name, "MAX_FEATURE_DIM")
+    maximum = getattr(policy_config, limit)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(f"config.json: {name} must be an integer >= {minimum} and <= {maximum} ({limit}), "
+                         f"got {short_repr(value)}")
     return value
 
 
@@ -162,8 +199,9 @@ def _float(cfg: Mapping[str, Any], name: str) -> float:
 
 def _shape(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not value or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise ValueError(f"{where}: shape must be a list of positive integers, got {value!r}")
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_FEATURE_DIM for v in value):
+        raise ValueError(f"{where}: shape must be a list of positive integers of at most {MAX_FEATURE_DIM} "
+                         f"(MAX_FEATURE_DIM), got {short_repr(value)}")
     return list(value)
 
 
@@ -334,7 +372,7 @@ def _stats_by_feature(flat: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]
 
 def _processor_steps(path: Path, filename: str, allowed: set[str], wanted: str) -> tuple[dict, dict, list]:
     """The one step named ``wanted`` of a processor JSON: ``(step config, its state tensors, all steps)``."""
-    pipeline = _read_json(path / filename)
+    pipeline = _read_json(path, filename)
     steps = pipeline.get("steps")
     if not isinstance(steps, list):
         raise ValueError(f"{filename}: expected a 'steps' list")
@@ -351,13 +389,13 @@ def _processor_steps(path: Path, filename: str, allowed: set[str], wanted: str) 
     if not isinstance(state_file, str) or os.path.basename(state_file) != state_file or state_file in ("", ".", ".."):
         raise ValueError(f"{filename}: step {wanted!r} must name a state_file in the same directory, "
                          f"got {state_file!r}")
-    if not (path / state_file).is_file():
+    if not (path / state_file).is_file() and not (path / state_file).is_symlink():
         raise FileNotFoundError(f"{filename}: state_file {state_file} of step {wanted!r} not found in {path}")
     config = step.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"{filename}: step {wanted!r} has no config object")
     _require(config, ["eps", "features", "norm_map"], where=f"{filename} step {wanted!r}")
-    return config, load_file(str(path / state_file)), steps
+    return config, load_file(str(_checked_file(path, state_file))), steps
 
 
 def _processor_norms(path: Path, used: list[str]) -> tuple[dict[str, _Norm], dict[str, Any]]:
@@ -494,31 +532,11 @@ def _check_shapes(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -
                          f"wrong shapes {wrong[:10]}")
 
 
-def read_lerobot_directory(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Convert a LeRobot ``DiffusionPolicy`` directory to para_policy's ``(state_dict, config)``.
-
-    ``path`` holds ``config.json`` and ``model.safetensors``, plus ``policy_preprocessor.json`` /
-    ``policy_postprocessor.json`` and their state files unless the statistics are buffers in
-    ``model.safetensors`` (LeRobot <= 0.3). The state dict has ``model.*`` (the UNet in
-    DiffusionPolicy's names), ``obs_encoder.rgb_encoder.*`` and
-    ``normalizer.params_dict.<field>.{scale, offset, input_stats.{min, max, mean, std}}`` (float32,
-    shapes as LeRobot stores them, e.g. image (3, 1, 1)). The config is para_policy's image-policy
-    config: horizon, n_obs_steps, n_action_steps, action_dim, obs_dim (encoder features per step),
-    num_inference_steps, ``model`` (ConditionalUnet1D kwargs), ``noise_scheduler`` (a ``_target_``
-    dict for :func:`para_policy.schedule.build_scheduler`), ``obs_encoder`` (a
-    :class:`LeRobotObsEncoder` spec), ``obs_keys`` (in global-conditioning order: state, cameras,
-    environment state), ``normalizer`` (field → shape, mode and eps), ``normalizer_fields``
-    (LeRobot key → field) and ``source`` (format, version_layout, path; ``rename_map`` of the
-    preprocessor's rename step in the processors layout).
-
-    Raises FileNotFoundError for missing files and ValueError for anything not understood: a
-    config that is not a diffusion policy, a missing field, an unimplemented option, or a tensor
-    in ``model.safetensors`` that nothing consumes.
-    """
-    path = Path(path)
+def _diffusion_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of a LeRobot diffusion-policy directory, its UNet fields present and sane."""
     if not path.is_dir():
         raise FileNotFoundError(f"LeRobot policy directory not found: {path}")
-    cfg = _read_json(path / "config.json")
+    cfg = _read_json(path, "config.json")
     if "type" not in cfg:
         hint = " (this looks like a pre-0.3 LeRobot config with input_shapes, which is not supported)" \
             if "input_shapes" in cfg else ""
@@ -526,25 +544,23 @@ def read_lerobot_directory(path: str | os.PathLike) -> tuple[dict[str, Tensor], 
     if cfg["type"] != "diffusion":
         raise ValueError(f"config.json: type is {cfg['type']!r}; only LeRobot 'diffusion' policies are supported")
     _require(cfg, ["input_features", "output_features", *UNET_FIELDS])
-    feats = _read_features(cfg)
-    horizon, n_obs_steps = _int(cfg, "horizon"), _int(cfg, "n_obs_steps")
-    n_action_steps = _int(cfg, "n_action_steps")
+    horizon = _int(cfg, "horizon")
+    _int(cfg, "n_obs_steps")
+    _int(cfg, "n_action_steps")
     down_dims = cfg["down_dims"]
-    if not isinstance(down_dims, list) or not down_dims or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in down_dims):
-        raise ValueError(f"config.json: down_dims must be a list of positive integers, got {down_dims!r}")
+    if not isinstance(down_dims, list) or not 0 < len(down_dims) <= MAX_UNET_LEVELS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_CHANNELS for d in down_dims):
+        raise ValueError(f"config.json: down_dims must be a list of 1 to {MAX_UNET_LEVELS} (MAX_UNET_LEVELS) "
+                         f"integers from 1 to {MAX_CHANNELS} (MAX_CHANNELS), got {short_repr(down_dims)}")
     if horizon % 2 ** len(down_dims):
         raise ValueError(f"config.json: horizon {horizon} must be a multiple of 2**len(down_dims) = "
                          f"{2 ** len(down_dims)} (LeRobot checks the same)")
-    encoder = _encoder_spec(cfg, feats)
-    scheduler, num_inference_steps = _scheduler_config(cfg)
+    return cfg
 
-    model_file = path / "model.safetensors"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"model.safetensors not found in {path}")
-    tensors = load_file(str(model_file))
 
-    used = [STATE_KEY, *feats.images, *([ENV_STATE_KEY] if feats.env_dim else [])]  # global_cond order
+def _read_norms(path: Path, cfg: Mapping[str, Any], feats: _Features, used: list[str],
+                tensors: Mapping[str, Tensor]) -> tuple[dict[str, _Norm], set[str], dict[str, Any]]:
+    """The statistics of either layout: ``(norms, tensor names they consumed, source)``."""
     source: dict[str, Any] = {"format": "lerobot", "version_layout": None, "path": str(path)}
     if any(k.startswith(BUFFER_PREFIXES) for k in tensors):
         if (path / "policy_preprocessor.json").exists() or (path / "policy_postprocessor.json").exists():
@@ -552,13 +568,18 @@ def read_lerobot_directory(path: str | os.PathLike) -> tuple[dict[str, Tensor], 
                              "refusing to guess which statistics apply")
         source["version_layout"] = "buffers"
         norms, consumed = _buffer_norms(cfg, feats, used, tensors)
-    else:
-        source["version_layout"] = "processors"
-        norms, extra = _processor_norms(path, used)
-        source.update(extra)
-        consumed = set()
-    norm_state, norm_config, norm_fields = _normalizer_entries(norms, feats, source["version_layout"])
+        return norms, consumed, source
+    source["version_layout"] = "processors"
+    norms, extra = _processor_norms(path, used)
+    source.update(extra)
+    return norms, set(), source
 
+
+def _network_tensors(tensors: Mapping[str, Tensor], feats: _Features, consumed: set[str]) -> dict[str, Tensor]:
+    """The UNet's tensors in DiffusionPolicy's names (``model.*``) and the encoder's (``obs_encoder.*``).
+
+    Refuses a tensor nothing consumes (neither network nor the normalization buffers).
+    """
     state_dict: dict[str, Tensor] = {}
     unet: dict[str, Tensor] = {}
     leftover: list[str] = []
@@ -573,17 +594,22 @@ def read_lerobot_directory(path: str | os.PathLike) -> tuple[dict[str, Tensor], 
     if leftover:
         raise ValueError(f"model.safetensors holds tensors this conversion does not consume: {sorted(leftover)}")
     state_dict.update(lerobot_to_diffusion_policy_keys(unet, src_prefix="diffusion.unet.", dst_prefix="model."))
-    state_dict.update(norm_state)
+    return state_dict
 
+
+def _image_policy_config(cfg: Mapping[str, Any], feats: _Features, used: list[str], encoder: dict[str, Any],
+                         scheduler: tuple[dict[str, Any], int]) -> dict[str, Any]:
+    """para_policy's image-policy config dict, without the normalizer entries (the caller adds them)."""
+    n_obs_steps = _int(cfg, "n_obs_steps")
     camera_dim = 2 * encoder["spatial_softmax_num_keypoints"] if feats.images else 0
     obs_dim = feats.state_dim + len(feats.images) * camera_dim + feats.env_dim
-    config: dict[str, Any] = {
-        "horizon": horizon,
+    return {
+        "horizon": _int(cfg, "horizon"),
         "n_obs_steps": n_obs_steps,
-        "n_action_steps": n_action_steps,
+        "n_action_steps": _int(cfg, "n_action_steps"),
         "action_dim": feats.action_dim,
         "obs_dim": obs_dim,
-        "num_inference_steps": num_inference_steps,
+        "num_inference_steps": scheduler[1],
         "obs_as_global_cond": True,
         "pred_action_steps_only": False,
         "oa_step_convention": True,
@@ -593,18 +619,71 @@ def read_lerobot_directory(path: str | os.PathLike) -> tuple[dict[str, Tensor], 
             "local_cond_dim": None,
             "global_cond_dim": obs_dim * n_obs_steps,
             "diffusion_step_embed_dim": _int(cfg, "diffusion_step_embed_dim"),
-            "down_dims": list(down_dims),
+            "down_dims": list(cfg["down_dims"]),
             "kernel_size": _int(cfg, "kernel_size"),
             "n_groups": _int(cfg, "n_groups"),
             "cond_predict_scale": _bool(cfg, "use_film_scale_modulation"),
         },
-        "noise_scheduler": scheduler,
+        "noise_scheduler": scheduler[0],
         "obs_encoder": encoder,
         "obs_keys": {k: {"shape": list(feats.shapes[k]), "type": "rgb" if k in feats.images else "low_dim"}
                      for k in used},
-        "normalizer": norm_config,
-        "normalizer_fields": norm_fields,
-        "source": source,
     }
+
+
+def read_lerobot_directory(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Convert a LeRobot ``DiffusionPolicy`` directory to para_policy's ``(state_dict, config)``.
+
+    ``path`` holds ``config.json`` and ``model.safetensors``, plus ``policy_preprocessor.json`` /
+    ``policy_postprocessor.json`` and their state files unless the statistics are buffers in
+    ``model.safetensors`` (LeRobot <= 0.3). The state dict has ``model.*`` (the UNet in
+    DiffusionPolicy's names), ``obs_encoder.rgb_encoder.*`` and
+    ``normalizer.params_dict.<field>.{scale, offset, input_stats.{min, max, mean, std}}`` (float32,
+    shapes as LeRobot stores them, e.g. image (3, 1, 1)). The config is para_policy's image-policy
+    config as a plain dict (:func:`read_lerobot` gives a ``PolicyConfig``): horizon, n_obs_steps,
+    n_action_steps, action_dim, obs_dim (encoder features per step),
+    num_inference_steps, ``model`` (ConditionalUnet1D kwargs), ``noise_scheduler`` (a ``_target_``
+    dict for :func:`para_policy.schedule.build_scheduler`), ``obs_encoder`` (a
+    :class:`LeRobotObsEncoder` spec), ``obs_keys`` (in global-conditioning order: state, cameras,
+    environment state), ``normalizer`` (field → shape, mode and eps), ``normalizer_fields``
+    (LeRobot key → field) and ``source`` (format, version_layout, path; ``rename_map`` of the
+    preprocessor's rename step in the processors layout).
+
+    Raises FileNotFoundError for missing files and ValueError for anything not understood: a
+    config that is not a diffusion policy, a missing field, an unimplemented option, or a tensor
+    in ``model.safetensors`` that nothing consumes.
+    """
+    path = Path(path)
+    cfg = _diffusion_config(path)
+    feats = _read_features(cfg)
+    encoder = _encoder_spec(cfg, feats)
+    scheduler = _scheduler_config(cfg)
+    tensors = load_file(str(_checked_file(path, "model.safetensors")))
+
+    used = [STATE_KEY, *feats.images, *([ENV_STATE_KEY] if feats.env_dim else [])]  # global_cond order
+    norms, consumed, source = _read_norms(path, cfg, feats, used, tensors)
+    norm_state, norm_config, norm_fields = _normalizer_entries(norms, feats, source["version_layout"])
+    state_dict = _network_tensors(tensors, feats, consumed)
+    state_dict.update(norm_state)
+    config = {**_image_policy_config(cfg, feats, used, encoder, scheduler),
+              "normalizer": norm_config, "normalizer_fields": norm_fields, "source": source}
+    PolicyConfig.from_dict(config)  # every value checked (naming it) before a network is built, even on meta
     _check_shapes(state_dict, config)
     return state_dict, config
+
+
+# ---------------------------------------------------------------- the reader load_policy uses
+
+def can_read_lerobot(path: Path) -> bool:
+    """Whether ``path`` is a directory holding ``config.json`` (what LeRobot's ``save_pretrained`` writes)."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_lerobot(path: str | os.PathLike, **kwargs: Any) -> tuple[dict[str, Tensor], PolicyConfig]:
+    """:func:`read_lerobot_directory` with the config as a :class:`PolicyConfig` (``kwargs`` unused: no pickle)."""
+    state_dict, config = read_lerobot_directory(path)
+    try:
+        return state_dict, PolicyConfig.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -330,8 +330,10 @@ def _check_config(
     for name, value in (("local_cond_dim", local_cond_dim), ("global_cond_dim", global_cond_dim)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be None or >= 1, got {value}")
-    if not down_dims:
-        raise ValueError("down_dims must name at least one level")
+    if not down_dims or min(down_dims) < 1:
+        raise ValueError(f"down_dims must name at least one level, each of >= 1 channels, got {down_dims}")
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be >= 1, got {n_groups}")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd (same padding keeps T), got {kernel_size}")
     if any(d % n_groups for d in down_dims) or down_dims[0] % 8:

@@ -46,10 +46,10 @@ from para_policy.samplers.common import (
 from para_policy.samplers.picard import (
     RoundSetup,
     WindowState,
-    _initial_state,
-    _run_rounds,
-    _setup,
+    initial_window_state,
+    make_round_setup,
     picard_round,
+    run_rounds,
 )
 from para_policy.schedule import Schedule, require_single_step
 
@@ -204,9 +204,9 @@ class CapturedPicard:
                inpaint: Inpaint | None, init: torch.Tensor | None, init_rows: torch.Tensor | None
                ) -> tuple[RoundSetup, WindowState]:
         o = self.options
-        setup = _setup(self.denoiser, self.schedule, x_T, noise, o["window"], o["tolerance"], condition, inpaint,
-                       None, o["per_sample_windows"], o["linear_solve"], o["secant"], self.jacobian)
-        return setup, _initial_state(x_T, self.schedule.num_steps, init, init_rows)
+        setup = make_round_setup(self.denoiser, self.schedule, x_T, noise, o["window"], o["tolerance"], condition,
+                                 inpaint, None, o["per_sample_windows"], o["linear_solve"], o["secant"], self.jacobian)
+        return setup, initial_window_state(x_T, self.schedule.num_steps, init, init_rows)
 
     def _graph(self, setup: RoundSetup, state: WindowState, key: tuple) -> tuple[_Graph, RoundSetup, WindowState]:
         if self.weights_changed is not None and self.weights_changed():
@@ -230,8 +230,8 @@ class CapturedPicard:
         graph, static_setup, static_state = self._graph(setup, state, key)
         copy_into(static_setup, setup)
         copy_into(static_state, state)
-        sample, stats = _run_rounds(static_setup, static_state, lambda setup, state, rows: graph(), True,
-                                    self.max_iterations, deadline)
+        sample, stats = run_rounds(static_setup, static_state, lambda setup, state, rows: graph(), True,
+                                   self.max_iterations, deadline)
         return sample.clone(), stats  # nothing of the static buffers leaves
 
 

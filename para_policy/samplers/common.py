@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
 
+from para_policy.samplers.options import check_round_options
 from para_policy.schedule import Schedule
 
 
@@ -107,6 +109,7 @@ def draw_noise(
     dtype: torch.dtype = torch.float32,
     *,
     batched: bool = False,
+    x_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``x_T`` and the per-step noise in the order of the sequential loop.
 
@@ -115,6 +118,12 @@ def draw_noise(
     the same generator reproduces its samples exactly. ``batched=True`` draws everything
     in one call instead (one kernel on a GPU, not one per step): the same distribution,
     other numbers than DiffusionPolicy's for the same seed.
+
+    ``x_T`` given (B, T, D): only the per-step noise is drawn, in the same order as after a
+    drawn ``x_T``, and ``x_T`` comes back on ``device`` in ``dtype``. For loops that take the
+    caller's initial sample and draw the rest themselves (LeRobot's ``conditional_sample``
+    with ``noise=``): drawing an ``x_T`` anyway would shift the generator's stream by one draw,
+    and every seeded call after it.
 
     A generator on another device than ``device`` (a CPU generator for a CUDA policy) draws
     on its own device (:func:`noise_device`) and the draws are moved to ``device``: torch
@@ -125,17 +134,21 @@ def draw_noise(
         ``x_T`` of ``shape`` (B, T, D) and ``noise`` (B, S, T, D) of standard normal draws,
         zero at steps that draw none, on ``device``.
     """
+    if x_T is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T must have shape {tuple(shape)}, got {tuple(x_T.shape)}")
     where = noise_device(generator, device)
+    S, first = schedule.num_steps, int(x_T is None)  # first: the draws before the steps' (x_T's)
     if batched:
-        S = schedule.num_steps
-        draws = torch.randn((S + 1, *shape), generator=generator, device=where, dtype=dtype)
-        noise = draws[1:] * schedule.draws_noise.to(device=where, dtype=dtype).view(S, 1, 1, 1)
-        return draws[0].to(device), noise.transpose(0, 1).contiguous().to(device)
-    x_T = torch.randn(shape, generator=generator, device=where, dtype=dtype)
-    noise = torch.zeros((shape[0], schedule.num_steps, *shape[1:]), device=where, dtype=dtype)
+        draws = torch.randn((first + S, *shape), generator=generator, device=where, dtype=dtype)
+        noise = draws[first:] * schedule.draws_noise.to(device=where, dtype=dtype).view(S, 1, 1, 1)
+        start = draws[0] if x_T is None else x_T
+        return start.to(device=device, dtype=dtype), noise.transpose(0, 1).contiguous().to(device)
+    if x_T is None:
+        x_T = torch.randn(shape, generator=generator, device=where, dtype=dtype)
+    noise = torch.zeros((shape[0], S, *shape[1:]), device=where, dtype=dtype)
     for k in torch.nonzero(schedule.draws_noise.cpu()).flatten().tolist():
         noise[:, k] = torch.randn(shape, generator=generator, device=where, dtype=dtype)
-    return x_T.to(device), noise.to(device)
+    return x_T.to(device=device, dtype=dtype), noise.to(device)
 
 
 def noise_device(generator: torch.Generator | None, device: torch.device | str) -> torch.device:
@@ -195,16 +208,28 @@ def check_inputs(
 
 
 def check_options(schedule: Schedule, window: int, tolerance: float, max_iterations: int | None) -> int:
-    """Validate Picard options; return the effective max_iterations."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-    if max_iterations is None:
-        return schedule.num_steps
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-        raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
-    return max_iterations
+    """Validate Picard options; return the effective max_iterations (the number of steps when None).
+
+    The checks are a spec's (:func:`~para_policy.samplers.options.check_round_options`), so a
+    sampler function called directly refuses exactly what a spec refuses.
+    """
+    check_round_options(window, tolerance, max_iterations)
+    return schedule.num_steps if max_iterations is None else max_iterations
+
+
+def check_deadline(deadline: Any) -> float | None:
+    """``deadline`` (a ``time.perf_counter()`` instant) as a float, or None for no deadline.
+
+    Why: the host loop stops when ``time.perf_counter() >= deadline``; that is never true for
+    NaN or +inf, so such a deadline would be silently ignored (and -inf is a clock reading
+    no caller means). Raises ``ValueError`` naming the argument.
+    """
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real) or not math.isfinite(deadline):
+        raise ValueError(f"deadline must be a finite time.perf_counter() instant (None: no deadline), "
+                         f"got {deadline!r}")
+    return float(deadline)
 
 
 def known_mask(mask: torch.Tensor) -> torch.Tensor:

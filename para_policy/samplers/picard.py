@@ -17,7 +17,9 @@ finishes and drops out of the batched call instead of waiting for the hardest.
 Layout: :class:`RoundSetup` holds what one call fixes (denoiser, schedule tensors, options),
 :class:`WindowState` the device tensors a round updates in place, :func:`picard_round` is one
 round (window geometry, one model call, the solve, the convergence test, the slide) and
-:func:`picard_sample` the host loop around it. A round reads nothing back to the host and
+:func:`picard_sample` the host loop around it: :func:`make_round_setup` and
+:func:`initial_window_state` build the two, :func:`run_rounds` runs the rounds (the CUDA-graph
+sampler, :mod:`.captured`, calls the same three). A round reads nothing back to the host and
 copies nothing to the device; the loop reads each sample's window start once per round
 (the stop test, and in the compacting shape the row count of the next call).
 """
@@ -36,6 +38,7 @@ from para_policy.samplers.common import (
     Inpaint,
     SampleStats,
     apply_inpaint,
+    check_deadline,
     check_inputs,
     check_options,
     float32_state,
@@ -288,11 +291,31 @@ def compiled_round(backend: str = "inductor") -> Callable[..., RoundRows]:
     return _compiled_rounds[backend]
 
 
-def _setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor, window: int,
-           tolerance: float, condition: torch.Tensor | None, inpaint: Inpaint | None,
-           accelerator: Accelerator | None, per_sample_windows: bool, linear_solve: bool, secant: bool,
-           jacobian: torch.Tensor | None) -> RoundSetup:
-    """Check the solve options and build a call's :class:`RoundSetup` (host reads allowed here)."""
+def make_round_setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor, window: int,
+                     tolerance: float, condition: torch.Tensor | None, inpaint: Inpaint | None,
+                     accelerator: Accelerator | None, per_sample_windows: bool, linear_solve: bool, secant: bool,
+                     jacobian: torch.Tensor | None) -> RoundSetup:
+    """Check the solve options and build a call's :class:`RoundSetup` (host reads allowed here).
+
+    Shared by :func:`picard_sample` and the CUDA-graph sampler (:mod:`.captured`), which replays
+    the same round. The solve options, each with the sequential loop's fixed point:
+
+    * ``linear_solve``: solve each step's linear part ``a_k x_k`` exactly over the window and
+      iterate only on the clean-sample prediction (:func:`~para_policy.samplers.solves.linear_recurrence`,
+      whose docstring says why): far fewer rounds; errors stop later relative to the change,
+      so use a smaller tolerance for the same deviation.
+    * ``secant`` (with ``linear_solve``): also move a one-number slope of ``x0(x)`` per step into
+      the solve (:func:`~para_policy.samplers.solves.secant_slopes`).
+    * ``jacobian`` (with ``linear_solve``), ``(S, T·D, T·D)``: a fixed linearization ``J_k`` of each
+      step's nonlinear part (e.g. :func:`~para_policy.samplers.jacobians.mean_step_jacobians`)
+      solved as a matrix (:func:`~para_policy.samplers.solves.matrix_recurrence`); the secant then
+      estimates what ``J_k`` leaves over (within ±0.5). Not with soft inpaint weights.
+
+    ``inpaint`` ``(data, mask)`` (:data:`~para_policy.samplers.common.Inpaint`): known entries are
+    re-imposed (soft weights: pulled) before every model call, a row at step ``k`` with step ``k``'s
+    values of per-step data, and entries of weight 1 are left out of the convergence test (the
+    model never reads them).
+    """
     B, T, D = x_T.shape
     S = schedule.num_steps
     device, dtype = x_T.device, x_T.dtype
@@ -335,9 +358,15 @@ def _setup(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: tor
         x0_memory=torch.zeros((B, S + 1, T, D), device=device, dtype=dtype) if schedule.order > 1 else None)
 
 
-def _initial_state(x_T: torch.Tensor, steps: int, init: torch.Tensor | None, init_rows: torch.Tensor | None
-                   ) -> WindowState:
-    """The trajectory before round 1: ``x_T``, and ``init`` (x_1 … x_S) for the samples that start warm."""
+def initial_window_state(x_T: torch.Tensor, steps: int, init: torch.Tensor | None, init_rows: torch.Tensor | None
+                         ) -> WindowState:
+    """The trajectory before round 1: ``x_T``, and ``init`` (x_1 … x_S) for the samples that start warm.
+
+    ``init`` ``(B, S, T, D)`` is a warm start's guess of the whole trajectory; ``init_rows`` ``(B,)``
+    bool says which samples start from it (default: all). A cold sample starts as ``x_T`` alone,
+    and every step entering its window starts from the last point computed before it
+    (ParaDiGMS's cold start).
+    """
     B, T, D = x_T.shape
     S = steps
     device = x_T.device
@@ -409,8 +438,7 @@ def picard_sample(
     Args:
         denoiser: ``(x (N,T,D), t (N,), condition (N,...) | None) -> (N,T,D)``; called
             once per round on the rows of all active windows.
-        schedule: from :func:`para_policy.schedule.make_schedule` (DDPM → ParaDDPM,
-            DDIM → ParaDDIM).
+        schedule: from :func:`para_policy.schedule.make_schedule` (DDPM → ParaDDPM, DDIM → ParaDDIM).
         x_T: ``(B, T, D)`` initial noise.
         noise: ``(B, S, T, D)`` standard normal per-step noise, in the sequential loop's
             order (``draw_noise``); optional for deterministic schedules.
@@ -419,49 +447,26 @@ def picard_sample(
         tolerance: a point is converged when its mean squared change in a round is at
             most ``tolerance² · σ_k²`` (σ_k² the DDPM posterior variance of the step that
             produced it; :meth:`Schedule.test_variance`). 0 means exact.
-        max_iterations: cap on rounds; the default S always finishes, so the result is
-            the sequential one up to the tolerance. With a smaller cap (or a deadline) a
-            sample that did not finish returns a clean estimate, never a noisy iterate: the
-            end of its iterate where that spans the whole trajectory (a warm start, or a
-            window that reached the last step), else the clean sample predicted at its first
-            non-final step from that step's final input (what the sequential loop would
-            predict there); clipped as the scheduler clips. ``stats.converged`` says which
-            samples finished.
+        max_iterations: cap on rounds; the default S always finishes, so the result is the
+            sequential one up to the tolerance. With a smaller cap (or a deadline) a sample that
+            did not finish returns a clean estimate, never a noisy iterate (:func:`_finish` says
+            which); ``stats.converged`` says which samples finished.
         condition: ``(B, ...)`` per-sample conditioning, gathered to rows for the denoiser.
-        inpaint: ``(data, mask)`` (:data:`~para_policy.samplers.common.Inpaint`): known
-            entries re-imposed (soft weights: pulled) before every model call, a row at step
-            ``k`` with step ``k``'s values of per-step data, and the known ones on the result.
-            Entries of weight 1 are left out of the convergence test (the model never reads them).
-        init: ``(B, S, T, D)`` initial guess of ``x_1 … x_S`` (a warm start). Without it,
-            the trajectory starts as ``x_T`` and every step entering the window starts
-            from the last point computed before it (ParaDiGMS's cold start).
-        init_rows: ``(B,)`` bool, which samples start from ``init``; the others start
-            cold (e.g. the first chunk of an episode in a batch of warm-started envs).
-            Default: all of them.
+        inpaint: ``(data, mask)`` known entries, re-imposed before every model call and on the
+            result (:func:`make_round_setup`).
+        init, init_rows: ``(B, S, T, D)`` initial guess of ``x_1 … x_S`` (a warm start) and ``(B,)``
+            bool, which samples start from it (default all); see :func:`initial_window_state`.
         per_sample_windows: each sample's window slides on its own errors; ``False``
             makes the batch wait for its slowest sample (ParaDiGMS as published).
-        deadline: a ``time.perf_counter()`` instant; no new round starts after it (the
-            first round always runs), and unfinished samples return their clean-sample
-            estimate (see ``max_iterations``); ``stats.deadline_hit`` says so.
-        linear_solve: solve each step's linear part ``a_k x_k`` exactly over the window and
-            iterate only on the clean-sample prediction (:func:`~para_policy.samplers.solves.linear_recurrence`,
-            whose docstring says why): same fixed point, far fewer rounds; errors stop later
-            relative to the change, so use a smaller tolerance for the same deviation.
-        secant: with ``linear_solve``, also move a one-number slope of ``x0(x)`` per step into
-            the solve (:func:`~para_policy.samplers.solves.secant_slopes`); same fixed point.
-        jacobian: with ``linear_solve``, ``(S, T·D, T·D)``: a fixed linearization ``J_k`` of each
-            step's nonlinear part (e.g. :func:`~para_policy.samplers.jacobians.mean_step_jacobians`)
-            solved as a matrix (:func:`~para_policy.samplers.solves.matrix_recurrence`); the
-            secant then estimates what ``J_k`` leaves over (within ±0.5). Same fixed point. Not
-            with soft inpaint weights.
+        deadline: a ``time.perf_counter()`` instant; no new round starts after it (the first
+            round always runs), unfinished samples return as under ``max_iterations``, and
+            ``stats.deadline_hit`` says so.
         accelerator: a per-round hook (:class:`Accelerator`), e.g. ParaTAA's.
-        round_shape: ``'compact'`` evaluates only the window slots inside the trajectory (fewer
-            rows as samples finish: cheaper where rows cost compute, as on a CPU);
-            ``'fixed'`` evaluates every slot of every sample's window, ``B·W`` rows each round,
-            finished slots masked: the same result, shapes fixed per (B, W), so the round
-            compiles whole and can be captured as one CUDA graph (:func:`picard_round`).
-        compile_round: run the round through ``torch.compile(fullgraph=True)`` (needs
-            ``round_shape='fixed'``); compiled once per process and shapes.
+        linear_solve, secant, jacobian: how a round solves its window; the same fixed point in
+            far fewer rounds (:func:`make_round_setup` says what each does).
+        round_shape: ``'compact'`` or ``'fixed'`` rows per round, the same result
+            (:func:`run_rounds`); ``compile_round`` runs the round through
+            ``torch.compile(fullgraph=True)`` (``'fixed'`` only), once per process and shapes.
     Returns:
         ``(sample (B, T, D), stats)``; ``stats.rounds`` never exceeds S; ``stats.deadline_hit``;
         ``stats.rows_per_round`` (the denoiser's batch size in each round, what a round costs:
@@ -469,12 +474,7 @@ def picard_sample(
     """
     noise = check_inputs(schedule, x_T, noise, condition, inpaint)
     max_iterations = check_options(schedule, window, tolerance, max_iterations)
-    if round_shape not in ROUND_SHAPES:
-        raise ValueError(f"round_shape must be one of {list(ROUND_SHAPES)}, got {round_shape!r} ('auto' is "
-                         "resolved with window='auto' by the policy, para_policy.window.tuned_spec)")
-    if compile_round and round_shape != "fixed":
-        raise ValueError("compile_round=True needs round_shape='fixed' (the compacting round's row count "
-                         "changes every round)")
+    _check_round_shape(round_shape, compile_round)
     B = x_T.shape[0]
     S = schedule.num_steps
     if min(window, S) == 1 and max_iterations >= S and deadline is None and accelerator is None:
@@ -483,20 +483,36 @@ def picard_sample(
         sample, stats = sequential_sample(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint)
         stats.rows_per_round = [B] * S
         return sample, stats
-    setup = _setup(denoiser, schedule, x_T, noise, window, tolerance, condition, inpaint, accelerator,
-                   per_sample_windows, linear_solve, secant, jacobian)
-    state = _initial_state(x_T, S, None if init is None else init.to(x_T.dtype), init_rows)
+    setup = make_round_setup(denoiser, schedule, x_T, noise, window, tolerance, condition, inpaint, accelerator,
+                             per_sample_windows, linear_solve, secant, jacobian)
+    state = initial_window_state(x_T, S, None if init is None else init.to(x_T.dtype), init_rows)
     step = compiled_round() if compile_round else picard_round
-    return _run_rounds(setup, state, step, round_shape == "fixed", max_iterations, deadline)
+    return run_rounds(setup, state, step, round_shape == "fixed", max_iterations, deadline)
 
 
-def _run_rounds(setup: RoundSetup, state: WindowState, step: Callable[..., RoundRows], fixed: bool,
-                max_iterations: int, deadline: float | None) -> tuple[torch.Tensor, SampleStats]:
+def _check_round_shape(round_shape: str, compile_round: bool) -> None:
+    """``round_shape`` must be resolved ('auto' is the policy's to resolve); compiling needs fixed shapes."""
+    if round_shape not in ROUND_SHAPES:
+        raise ValueError(f"round_shape must be one of {list(ROUND_SHAPES)}, got {round_shape!r} ('auto' is "
+                         "resolved with window='auto' by the policy, para_policy.window.tuned_spec)")
+    if compile_round and round_shape != "fixed":
+        raise ValueError("compile_round=True needs round_shape='fixed' (the compacting round's row count "
+                         "changes every round)")
+
+
+def run_rounds(setup: RoundSetup, state: WindowState, step: Callable[..., RoundRows], fixed: bool,
+               max_iterations: int, deadline: float | None) -> tuple[torch.Tensor, SampleStats]:
     """The host loop: rounds until every window reached the end (or the cap, or the deadline).
 
+    ``step(setup, state, rows)`` runs one round: :func:`picard_round`, its compiled form, or a
+    replayed CUDA graph (:mod:`.captured`). ``fixed``: every round evaluates all ``B·W`` window
+    slots, finished ones masked (``round_shape='fixed'``: shapes fixed per (B, W), so the round
+    compiles whole and can be captured as one graph); otherwise only the slots inside the
+    trajectory (``'compact'``: fewer rows as samples finish, cheaper where rows cost compute).
     The one host read per round is each sample's window start: the stop test, and the
     compacting round's next row count.
     """
+    deadline = check_deadline(deadline)  # NaN or inf would never stop the loop
     B, S, W = state.begin.shape[0], setup.steps, setup.window
     rounds = model_evals = 0
     rows_per_round: list[int] = []

@@ -24,43 +24,21 @@ complete validated options of its family and ``warm_start``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from para_policy.samplers.options import (
+    SamplerOptionError,
+    check_anderson_options,
+    check_bool,
+    check_int,
+    check_round_options,
+)
 from para_policy.samplers.picard import ROUND_SHAPES, picard_sample
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.samplers.taa import taa_sample
 from para_policy.schedule import Schedule, ddim_from, dpm_from, make_schedule
-
-
-class SamplerOptionError(ValueError):
-    """A sampler name or option that is refused when the sampler is chosen.
-
-    ``key``: the option at fault (None for the name); ``detail``: the message without the
-    sampler's name, so a config reader can say ``sampler.<key> ...``.
-    """
-
-    def __init__(self, message: str, key: str | None = None, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.detail = detail or message
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise SamplerOptionError(f"{name} must be true or false, got {value!r}", name)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SamplerOptionError(f"{name} must be an integer >= {minimum}, got {value!r}", name)
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise SamplerOptionError(f"{name} must be a finite number >= 0, got {value!r}", name)
 
 
 @dataclass(frozen=True)
@@ -69,10 +47,10 @@ class PicardOptions:
 
     window: steps refined per round, an integer >= 1 or ``'auto'`` (chosen from this
     machine's cost curve when the sampler first runs, :mod:`para_policy.window`);
-    tolerance: finite, >= 0 (0 = exact); max_iterations: None (= number of steps) or >= 1;
-    secant needs linear_solve; round_shape: ``'compact'``, ``'fixed'`` or ``'auto'`` (chosen with
-    the window from the measured cost of both, so only with ``window='auto'``); compile_round needs
-    ``round_shape='fixed'``.
+    tolerance: finite, in [0, :data:`~para_policy.samplers.options.MAX_TOLERANCE`] (0 = exact);
+    max_iterations: None (= number of steps) or >= 1; secant needs linear_solve; round_shape:
+    ``'compact'``, ``'fixed'`` or ``'auto'`` (chosen with the window from the measured cost of
+    both, so only with ``window='auto'``); compile_round needs ``round_shape='fixed'``.
     """
 
     window: int | str = 16
@@ -85,16 +63,10 @@ class PicardOptions:
     compile_round: bool = False
 
     def __post_init__(self) -> None:
-        if self.window != "auto":
-            if isinstance(self.window, str):
-                raise SamplerOptionError(f"window must be an integer >= 1 or 'auto', got {self.window!r}", "window")
-            _check_int("window", self.window, 1)
-        _check_number("tolerance", self.tolerance)
+        check_round_options(self.window, self.tolerance, self.max_iterations, auto=True)
         object.__setattr__(self, "tolerance", float(self.tolerance))
-        if self.max_iterations is not None:
-            _check_int("max_iterations", self.max_iterations, 1)
         for flag in ("per_sample_windows", "linear_solve", "secant", "compile_round"):
-            _check_bool(flag, getattr(self, flag))
+            check_bool(flag, getattr(self, flag))
         if self.secant and not self.linear_solve:
             raise SamplerOptionError("secant=True needs linear_solve=True (it refines the linear solve)", "secant")
         if self.round_shape not in (*ROUND_SHAPES, "auto"):
@@ -116,8 +88,7 @@ class TaaOptions(PicardOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("memory", self.memory, 1)
-        _check_number("ridge", self.ridge)
+        check_anderson_options(self.memory, self.ridge)
         object.__setattr__(self, "ridge", float(self.ridge))
 
 
@@ -206,7 +177,7 @@ class SamplerConfig:
             raise SamplerOptionError(f"unknown scheduler {self.scheduler!r}; expected one of "
                                      f"{[s for s in SCHEDULERS if s]} or None")
         if self.num_inference_steps is not None:
-            _check_int("num_inference_steps", self.num_inference_steps, 1)
+            check_int("num_inference_steps", self.num_inference_steps, 1)
         if self.solver_order is not None:
             if isinstance(self.solver_order, bool) or not isinstance(self.solver_order, int) \
                     or not 1 <= self.solver_order <= 3:
@@ -233,7 +204,7 @@ class SamplerConfig:
                 raise SamplerOptionError(f"sampler {self.name!r}: {e}", e.key, str(e)) from None
         object.__setattr__(self, "options", options)
         warm = preset["warm_start"] if self.warm_start is None else self.warm_start
-        _check_bool("warm_start", warm)
+        check_bool("warm_start", warm)
         if warm and not family.iterative:
             raise SamplerOptionError(f"warm_start needs a Picard sampler, not {self.name!r}")
         object.__setattr__(self, "warm_start", warm)

@@ -45,8 +45,6 @@ update); :func:`taa_sample` is ``picard_sample`` with it as the per-round ``acce
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from para_policy.samplers.common import (
@@ -55,16 +53,14 @@ from para_policy.samplers.common import (
     SampleStats,
     float32_state,
 )
+from para_policy.samplers.options import check_anderson_options
 from para_policy.samplers.picard import picard_sample
 from para_policy.schedule import Schedule
 
 
 def check_taa_options(memory: int, ridge: float) -> None:
-    """Validate the Anderson options; raise ``ValueError`` naming the bad one."""
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-        raise ValueError(f"memory must be an integer >= 1 (2-5 are sensible), got {memory!r}")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    """Validate the Anderson options with a spec's checks (one copy); a ``ValueError`` names the bad one."""
+    check_anderson_options(memory, ridge)
 
 
 def slot_weights(schedule: Schedule, numel: int) -> torch.Tensor:

@@ -26,8 +26,8 @@ DiffusionPolicy's ``RobomimicLowdimWrapper`` / ``RobomimicLowdimRunner`` were re
   the max reward (1.0) is already reached then, so the score is the same and an evaluation takes
   a fraction of the env steps. Pass ``terminate_on_success=False`` for DiffusionPolicy's behaviour.
 * **Observations are a function of the sim state.** robosuite's ``step`` returns positions
-  computed before its last physics substep (``mj_step`` integrates after computing them: 2 ms
-  stale); robomimic's datasets instead hold observations re-extracted from the stored states
+  computed before its last physics substep (``mj_step`` integrates after computing them: one
+  substep stale); robomimic's datasets instead hold observations re-extracted from the stored states
   (``dataset_states_to_obs``: set state, ``forward``, observe). Here every step ends with
   ``mj_forward`` (which changes no state, so the physics is the same) and a fresh read of every
   observable, so the env, the generated demos and ``reset_to`` agree.
@@ -36,8 +36,8 @@ DiffusionPolicy's ``RobomimicLowdimWrapper`` / ``RobomimicLowdimRunner`` were re
   its XML, set the flattened state, forward, observe.
 * **Rendering.** ``render_mode="rgb_array"`` renders the ``agentview`` camera with
   ``mujoco.Renderer``, created on the first ``render()``. It needs an OpenGL backend (EGL or
-  OSMesa, chosen by ``MUJOCO_GL``); on a machine without one (such as the CPU machine this was
-  written on) ``render()`` raises, and the evaluator records no video.
+  OSMesa, chosen by ``MUJOCO_GL``); on a machine without one ``render()`` raises, and the
+  evaluator records no video.
 """
 
 from __future__ import annotations

@@ -77,14 +77,14 @@ def measure(policy: Any, spec: Any, stream: list[dict[str, Any]], deadlines: lis
             guess = None
         obs = torch.from_numpy(ch["obs"])[None]
         x_T, noise = chunk_noise(policy, spec, KEYS.seed(ch, i))
-        warm = False if guess is None else guess
+        warm = {"warm_start": False} if guess is None else {"guess": guess}
         t0 = time.perf_counter()
-        ref = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, warm_start=warm)
+        ref = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, **warm)
         converged_ms.append((time.perf_counter() - t0) * 1e3)
         for d in deadlines if i % 2 == 0 else deadlines[::-1]:
             t0 = time.perf_counter()
-            out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, warm_start=warm,
-                                        deadline=t0 + d / 1e3)
+            out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, **warm,
+                                        deadline_at=t0 + d / 1e3)
             ms = (time.perf_counter() - t0) * 1e3
             dist = (out["action"] - ref["action"]).norm(dim=-1)[0]
             for key, value in (("mean_px", dist.mean()), ("max_px", dist.max()), ("hit", out.stats.deadline_hit),

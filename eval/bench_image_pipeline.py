@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from para_policy import ImagePolicy  # noqa: E402
-from para_policy.bench import summarize_ms, write_json, write_text  # noqa: E402
+from para_policy.bench import percentile_summary, write_json, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = {"ddim16": {"scheduler": "ddim", "num_inference_steps": 16},
@@ -99,11 +99,11 @@ def main() -> None:
             policy.conditioning(checked)
             if i >= args.warmup:
                 encoder_ms.append((time.perf_counter() - start) * 1000)
-    print(f"encoder: {summarize_ms(encoder_ms)} ms")
+    print(f"encoder: {percentile_summary(encoder_ms)} ms")
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()},
-               "parameters": n_params, "encoder_ms": summarize_ms(encoder_ms), "schedules": {}}
+               "parameters": n_params, "encoder_ms": percentile_summary(encoder_ms), "schedules": {}}
     for name in args.schedules:
         kw = SCHEDULES[name]
         calls = max(2, args.calls // 3) if name == "ddpm100" else args.calls
@@ -127,7 +127,8 @@ def main() -> None:
                     ms[key].append(elapsed)
                     rounds[key].append(int(out.stats.rounds))
             print(f"  call {i}: " + ", ".join(f"{k} {ms[k][-1]:.0f} ms" for k in specs if ms[k]))
-        row = {k: {"ms": summarize_ms(ms[k]), "rounds": float(np.mean(rounds[k])), "calls": len(ms[k])} for k in specs}
+        row = {k: {"ms": percentile_summary(ms[k]), "rounds": float(np.mean(rounds[k])), "calls": len(ms[k])}
+               for k in specs}
         row["paradigms"]["window"] = window
         row["speedup_p50"] = row["sequential"]["ms"]["p50"] / row["paradigms"]["ms"]["p50"]
         row["speedup_p95"] = row["sequential"]["ms"]["p95"] / row["paradigms"]["ms"]["p95"]

@@ -35,11 +35,11 @@ from para_policy.bench import (
     Variant,
     episodes_of,
     load_stream,
+    percentile_summary,
     record_stream,
     replay,
     sampler_call,
     schedule_spec,
-    summarize_ms,
     write_text,
 )
 from para_policy.samplers import draw_noise, mean_step_jacobians
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> str:
                 (("default", {}), ("zero Jacobian", {"jacobian": torch.zeros_like(mean_jac)}),
                  ("mean Jacobian", {"jacobian": mean_jac}))]
     records = replay(policy, variants, chunks, KEYS, warmup=0)
-    ms = {name: summarize_ms(r["ms"] for r in recs) for name, recs in records.items()}
+    ms = {name: percentile_summary(r["ms"] for r in recs) for name, recs in records.items()}
     base = ms["default"]["p50"]
     lines = ["# `picard_sample(jacobian=...)` on this machine (DDPM-100, batch 1, eager)", "",
              f"Command: `{' '.join(['python eval/bench_jacobian.py', *argv])}`", "",

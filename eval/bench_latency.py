@@ -2,16 +2,20 @@
 
 What a robot waits for is one ``predict_action`` at batch 1, chunk after chunk, each from the
 observation the last chunk led to. A user who wants latency either runs the sequential loop on
-the schedule their policy samples with, or a shorter DDIM or DPM-Solver++ schedule. So, for every
-schedule of ``--schedules`` (``ddpm100 ddim16 ddim10 ddim8`` by default), in ONE interleaved run:
-
-Schedule names (each built with :func:`para_policy.samplers.sampler_spec` from the checkpoint's betas):
+the schedule their policy samples with, or a shorter DDIM or DPM-Solver++ schedule. Schedule
+names (``--schedules``, ``ddpm100 ddim16 ddim10 ddim8`` by default; each built with
+:func:`para_policy.samplers.sampler_spec` from the checkpoint's betas and prediction type):
 
 - ``ddpm<N>``: DDPM with N steps (``ddpm100``, the shipped policy's own);
 - ``ddim<N>``: DDIM with N steps, eta 0 (``ddim10``);
 - ``dpm<order>-<N>``: DPM-Solver++ multistep (``scheduler='dpmsolver++'``, ``solver_order`` 1-3,
   diffusers' defaults otherwise) with N steps: ``dpm2-10`` is order 2 (2M) at 10 steps, ``dpm3-5``
-  order 3 at 5. Labelled ``DPM-Solver++(2)-10`` in the tables.
+  order 3 at 5. Labelled ``DPM-Solver++(2)-10`` in the tables. ``--dpm-lambda-min-clipped -5.1``
+  adds diffusers' ``lambda_min_clipped`` to these schedulers (what diffusers prescribes for cosine
+  beta schedules such as DiffusionPolicy's ``squaredcos_cap_v2``; without it DPM-Solver++'s first
+  clean-sample prediction divides by sqrt(ᾱ) = 5e-4 on the shipped policy, unclipped).
+
+For every schedule, in ONE interleaved run:
 
 1. **Record** the observation stream of real PushT rollouts of the shipped policy (sequential
    DDPM-100, the policy as trained): ``--episodes`` episodes from env seed 100000,
@@ -329,7 +333,8 @@ def run_call(policies: Mapping[str, LowdimPolicy], v: Variant, ch: dict[str, Any
         warm = shift_trajectory(prev, policy.n_action_steps)
     _sync(policy.device)
     t0 = time.perf_counter()
-    out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=v.spec, warm_start=warm)
+    start = {"guess": warm} if isinstance(warm, torch.Tensor) else {"warm_start": False}
+    out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=v.spec, **start)
     action = out["action"].cpu()
     ms = (time.perf_counter() - t0) * 1e3
     stats = out.stats
@@ -479,8 +484,40 @@ def run_score(policy: LowdimPolicy, spec: SamplerConfig, name: str, folder: Path
 
 def spec_fingerprint(spec: SamplerConfig) -> dict[str, Any]:
     """``spec.as_dict()`` without a ``solver_order`` of None: a DDPM or DDIM spec fingerprints as it did
-    before specs had a solver order, so the scores cached then still match."""
-    return {k: v for k, v in spec.as_dict().items() if not (k == "solver_order" and v is None)}
+    before specs had a solver order, so the scores cached then still match. A DPM-Solver++ spec adds the
+    twin's options of ``--dpm-lambda-min-clipped`` when set."""
+    out = {k: v for k, v in spec.as_dict().items() if not (k == "solver_order" and v is None)}
+    if DPM_TWIN_OPTIONS and spec.scheduler in DPM_SCHEDULERS:
+        out["dpm_twin"] = dict(DPM_TWIN_OPTIONS)
+    return out
+
+
+#: options added to the DPM-Solver++ twin of the policy's scheduler (``--dpm-lambda-min-clipped``); empty: as
+#: :func:`para_policy.schedule.dpm_from` builds it
+DPM_TWIN_OPTIONS: dict[str, Any] = {}
+DPM_SCHEDULERS = ("dpmsolver++", "sde-dpmsolver++")
+
+
+def use_dpm_twin_options(**options: Any) -> None:
+    """Build every DPM-Solver++ schedule of this process with ``options`` added to the diffusers scheduler.
+
+    ``sampler_spec`` has no way to pass DPMSolverMultistepScheduler options to the DPM-Solver++ twin of a
+    DDPM-trained policy (:func:`para_policy.schedule.dpm_from` takes diffusers' defaults), so this wraps
+    the twin builder where the sampler registry calls it. ``lambda_min_clipped`` is what diffusers documents
+    as "critical for cosine (squaredcos_cap_v2) noise schedule": the shipped policy's last ᾱ is 2.4e-7, and
+    DPM-Solver++'s first clean-sample prediction (x − σ ε) / α then multiplies the network's error by ~2000,
+    unclipped. The option goes into the score fingerprints of DPM-Solver++ rows.
+    """
+    import para_policy.samplers.registry as registry
+    from para_policy.schedule import dpm_from
+
+    def twin(scheduler: Any, solver_order: int = 2, algorithm_type: str = "dpmsolver++") -> Any:
+        built = dpm_from(scheduler, solver_order=solver_order, algorithm_type=algorithm_type)
+        return type(built).from_config(built.config, **options)
+
+    DPM_TWIN_OPTIONS.clear()
+    DPM_TWIN_OPTIONS.update(options)
+    registry.dpm_from = twin if options else dpm_from
 
 
 def spec_of(saved: Mapping[str, Any]) -> SamplerConfig:
@@ -800,6 +837,12 @@ def to_markdown(data: dict[str, Any]) -> str:
              f"rolled out with sequential DDPM-100; the windows were resolved on {meta['n_calibration_chunks']} chunks "
              f"of the calibration episode (env seed {meta['calibration_seed']}). Backends: "
              f"{', '.join(meta['backends'])}."]
+    if any(schedule_order(s) is not None for s in schedules):
+        twin = meta.get("dpm_twin") or {}
+        lines.append("DPM-Solver++ schedules: diffusers' `DPMSolverMultistepScheduler` with the policy's betas and "
+                     "prediction type, " + (", ".join(f"`{k}={v}`" for k, v in twin.items()) + " added"
+                                            if twin else "its defaults otherwise (`para_policy.schedule.dpm_from`)")
+                     + ".")
     for backend, why in (meta.get("skipped_backends") or {}).items():
         lines.append(f"Backend `{backend}` skipped: {why}.")
     lines += ["", "## Summary", "", *summary_table(rows, schedules, scores), ""]
@@ -1017,6 +1060,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--noise-seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--dpm-lambda-min-clipped", type=float, default=None, metavar="LAMBDA",
+                        help="build the DPM-Solver++ schedules with diffusers' lambda_min_clipped=LAMBDA (e.g. -5.1, "
+                             "diffusers' value for cosine schedules); default: dpm_from's diffusers defaults")
     parser.add_argument("--report-only", metavar="JSON", default=None,
                         help="re-render the markdown and plots of an earlier run's bench_latency.json")
     sc = parser.add_argument_group("scores")
@@ -1074,6 +1120,8 @@ def obtain_stream(policy: LowdimPolicy, args: argparse.Namespace, out: Path
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.dpm_lambda_min_clipped is not None:
+        use_dpm_twin_options(lambda_min_clipped=args.dpm_lambda_min_clipped)
     if args.report_only:
         data = json.loads(Path(args.report_only).read_text())
         out = Path(args.report_only).parent
@@ -1143,7 +1191,7 @@ def main(argv: list[str] | None = None) -> None:
             "load_before": load_before, "checkpoint": Path(args.checkpoint).name, "schedules": list(args.schedules),
             "backends": [b for b in policies if b != "bf16"], "skipped_backends": skipped, "n_chunks": len(chunks),
             "episodes": len(episodes), "seeds": f"{episodes[0]}-{episodes[-1]}", "calibration_seed": calib_seed,
-            "n_calibration_chunks": len(calib), "cost": cost, "stream": smeta}
+            "n_calibration_chunks": len(calib), "cost": cost, "stream": smeta, "dpm_twin": dict(DPM_TWIN_OPTIONS)}
     data = {"meta": meta, "rows": rows, "scores": scores, "ablations": ablations,
             "chunks": {v.key: [{k: r[k] for k in ("episode", "chunk", "ms", "rounds", "model_evals", "warm")}
                                for r in v.records] for v in variants}}

@@ -33,6 +33,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from para_policy.bench import write_report
+from para_policy.stats import percentile
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "eval" / "results"
 SETTINGS = ("PASSIVE", "default", "ACTIVE", "PASSIVE after torch")
@@ -123,10 +126,6 @@ def run(rounds: int, chunks: int, hogs: int, steps: int) -> tuple[dict, dict]:
     return times, info
 
 
-def percentile(xs: list[float], q: float) -> float:
-    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
-
-
 def report(times: dict, info: dict, args: argparse.Namespace, command: str) -> str:
     lines = [
         "# OpenMP wait policy: passive vs spinning, idle and under load",
@@ -167,10 +166,8 @@ def main() -> None:
     command = "python eval/bench_omp.py " + " ".join(sys.argv[1:])
     times, info = run(args.rounds, args.chunks, args.hogs, args.steps)
     text = report(times, info, args, command.strip())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "info": info, "ms": times}, indent=1))
+    write_report(args.out.with_suffix(""), text,
+                 {"args": {k: str(v) for k, v in vars(args).items()}, "info": info, "ms": times})
     print(text)
 
 

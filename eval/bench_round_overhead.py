@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from para_policy import load_policy
-from para_policy.bench import ChunkKeys, Variant, load_stream, replay, summarize_ms, write_report
+from para_policy.bench import ChunkKeys, Variant, load_stream, percentile_summary, replay, write_report
 from para_policy.samplers import sampler_spec
 from para_policy.samplers.host_sync import HostSyncCounter
 
@@ -115,17 +115,17 @@ def measure(policies: dict[str, Any], specs: dict[str, Any], chunks: list[dict[s
 
 
 def summarize(rows: dict[str, Any]) -> dict[str, Any]:
-    base = summarize_ms(rows["sequential"]["ms"])["p50"]
+    base = percentile_summary(rows["sequential"]["ms"])["p50"]
     out = {}
     for name, r in rows.items():
-        ms = summarize_ms(r["ms"])
+        ms = percentile_summary(r["ms"])
         counted = bool(r["syncs"])
         out[name] = {"rounds_mean": statistics.mean(r["rounds"]),
                      "syncs_per_round": statistics.mean(r["syncs"]) if counted else None,
                      "copies_per_round": statistics.mean(r["copies"]) if counted else None,
                      "ops_per_round": statistics.mean(r["ops"]) if counted else None,
                      "outside_model_ms_per_round_p50":
-                         summarize_ms(r["outside_ms"])["p50"] if r["outside_ms"] else None,
+                         percentile_summary(r["outside_ms"])["p50"] if r["outside_ms"] else None,
                      "ms_p50": ms["p50"], "ms_p95": ms["p95"], "speedup_p50_vs_sequential": base / ms["p50"]}
     return out
 

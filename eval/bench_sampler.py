@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from para_policy.bench import keyed_noise, summarize_ms, write_report
+from para_policy.bench import keyed_noise, percentile_summary, write_report
 from para_policy.models import ConditionalUnet1D
 from para_policy.samplers import picard_sample, sequential_sample
 from para_policy.schedule import build_scheduler, ddim_from, make_schedule
@@ -121,10 +121,10 @@ def bench(args: argparse.Namespace) -> dict:
                     dev[s].append(float((out - ref).abs().max()))
                     bar.update()
             bar.close()
-            seq_p50 = summarize_ms(times[settings[0]])["p50"]
+            seq_p50 = percentile_summary(times[settings[0]])["p50"]
             for s in settings:
                 name, w, tol = s
-                ms = summarize_ms(times[s])
+                ms = percentile_summary(times[s])
                 p50 = ms["p50"]
                 results["runs"].append({
                     "model": desc, "schedule": sched_name, "sampler": name, "window": w, "tolerance": tol,

@@ -21,18 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from para_policy.bench.report import summarize_ms
 from para_policy.policy import LowdimPolicy, PolicyOutput
 from para_policy.samplers import SamplerConfig, sampler_spec, shift_trajectory
 from para_policy.samplers.registry import SPEC_FIELDS
 from para_policy.session import PREFIX_MODES
+from para_policy.stats import percentile_summary
 from para_policy.window import tuned_spec
 
 MODES = ("sync", "async", "rtc")
 CLOCKS = ("wall", "steps")
 LATENCY_CHUNKS = 20  # the measured delay covers the slowest of the last chunks (a rare slow one stays covered)
 LATENCY_HEADROOM = 1.25  # ... times this: room for jitter, so a chunk a little slower than those still arrives in time
-#: what :meth:`Controller.stats` reports of each distribution (:func:`~para_policy.bench.report.summarize_ms`'s)
+#: what :meth:`Controller.stats` reports of each distribution (:func:`~para_policy.stats.percentile_summary`'s)
 SUMMARY_KEYS = ("mean", "p50", "p95", "max")
 
 
@@ -362,7 +362,7 @@ def generator_on(generator: torch.Generator, device: torch.device | str) -> torc
 
 def _summary(values: Sequence[float]) -> dict[str, float | None]:
     """:data:`SUMMARY_KEYS` of ``values`` (None when empty), by the one percentile definition of the reports."""
-    full = summarize_ms(values)
+    full = percentile_summary(values)
     return {key: full[key] for key in SUMMARY_KEYS}
 
 
@@ -681,18 +681,20 @@ class Controller:
                 prefix: torch.Tensor | None, guide: torch.Tensor | None = None) -> tuple[PolicyOutput, float]:
         """One ``predict_action`` call on ``{key: (1, n_obs_steps, ...)}``: ``(output, latency_ms)``.
 
+        ``warm``: a (1, T, D) guess (``guess=``), False (cold) or None (the session's memory).
         Runs on the worker thread with ``clock='wall'`` and an asynchronous mode; only one at a
         time, so the generator's draws keep their order.
         """
         start = time.perf_counter()
-        deadline = None if self.deadline_ms is None else start + self.deadline_ms / 1000
+        deadline_at = None if self.deadline_ms is None else start + self.deadline_ms / 1000
         # sync and async calls stay as they were
         frozen = {} if prefix is None else {"prefix_actions": prefix, "prefix_mode": self.prefix_mode}
         if guide is not None:
             frozen["guide_actions"] = guide
+        start_from = {"guess": warm} if isinstance(warm, torch.Tensor) else {"warm_start": warm}  # None: the session's
         self.generator = generator_on(self.generator, self.policy.device)  # the policy may have moved
-        out = self.policy.predict_action(obs, generator=self.generator, warm_start=warm, deadline=deadline,
-                                         sampler=self.spec, **frozen)
+        out = self.policy.predict_action(obs, generator=self.generator, deadline_at=deadline_at, sampler=self.spec,
+                                         **start_from, **frozen)
         return out, (time.perf_counter() - start) * 1000
 
     def _history(self) -> dict[str, torch.Tensor]:

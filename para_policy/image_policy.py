@@ -58,7 +58,8 @@ class ImagePolicy(LowdimPolicy):
     :func:`para_policy.models.vision.build_obs_encoder`), ``normalizer`` ``{field: {'shape',
     'mode'}}`` (every observation key and ``'action'``), optionally ``normalizer_fields``
     ``{key: field}`` (LeRobot's keys hold dots, which module names cannot), and ``obs_dim``
-    = the encoder's feature size per step.
+    = the encoder's feature size per step (the on-disk key; the attribute is :attr:`obs_feature_dim`,
+    DiffusionPolicy's name, since a low-dim policy's ``obs_dim`` is the raw observation width).
 
     ``predict_action({'image': (B, To, 3, H, W), 'agent_pos': (B, To, 2)})`` takes float
     images in [0, 1], channels first, as DiffusionPolicy and LeRobot do. For LeRobot
@@ -76,10 +77,25 @@ class ImagePolicy(LowdimPolicy):
         from para_policy.models.vision import build_obs_encoder
 
         self.obs_encoder = build_obs_encoder(dict(config.obs_encoder))
-        if int(self.obs_encoder.feature_dim) != self.obs_dim:
-            raise ValueError(f"obs_dim is {self.obs_dim} but the observation encoder gives "
-                             f"{self.obs_encoder.feature_dim} features per step")
+        #: the encoder's feature width per step (F of global_cond (B, To·F)); the config's ``obs_dim``
+        self.obs_feature_dim: int = config.obs_dim
+        del self.obs_dim  # LowdimPolicy's raw observation width: an image policy has none (__getattr__ says so)
+        if int(self.obs_encoder.feature_dim) != self.obs_feature_dim:
+            raise ValueError(f"obs_dim (the encoder's feature width per step) is {self.obs_feature_dim} but the "
+                             f"observation encoder gives {self.obs_encoder.feature_dim} features per step")
         self._queues: dict[str, deque] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """``obs_dim`` is refused naming :attr:`obs_feature_dim`; other names as ``nn.Module`` finds them.
+
+        Why: ``obs_dim`` is a low-dim policy's raw observation width; here the same number would be the
+        encoder's feature width, which code written for ``LowdimPolicy`` would misread.
+        """
+        if name == "obs_dim":
+            raise AttributeError("ImagePolicy has no obs_dim (a LowdimPolicy's raw observation width): the "
+                                 "encoder's feature width per step is obs_feature_dim, the observation keys "
+                                 "and shapes are observation_shapes()")
+        return super().__getattr__(name)
 
     def _normalizer_fields(self) -> dict[str, Any]:
         return dict(self.config["normalizer"])

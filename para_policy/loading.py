@@ -184,7 +184,8 @@ def load_policy(path: str | os.PathLike, sampler: str | SamplerConfig = "paradig
     a restricted unpickler that refuses any global beyond tensors, the OmegaConf config and
     plain data, before it runs; ``trust_pickle=True`` unpickles fully (files you trust only).
     ``sampler`` and ``options`` go to :meth:`LowdimPolicy.set_sampler` (default: the
-    ``paradigms`` preset, the fastest measured setting). ``backend`` goes to
+    ``paradigms`` preset, the fastest measured setting; a ``LowdimPolicy(config)`` built directly
+    starts with ``sequential``, the policy as trained). ``backend`` goes to
     :meth:`LowdimPolicy.set_inference`: ``'default'`` is the fastest runtime installed for the
     device (:func:`~para_policy.inference.default_backend`: ONNX Runtime per row count on a CPU
     with the ``[onnx]`` extra, eager PyTorch otherwise or with ``PARA_POLICY_BACKEND=eager``).

@@ -22,7 +22,7 @@ from para_policy.models import ConditionalUnet1D, TransformerForDiffusion
 from para_policy.normalizer import LinearNormalizer
 from para_policy.policy_config import PolicyConfig
 from para_policy.samplers import SampleStats, draw_noise
-from para_policy.samplers.common import Inpaint
+from para_policy.samplers.common import Inpaint, refuse_renamed
 from para_policy.samplers.registry import SamplerConfig, sampler_spec
 from para_policy.schedule import Schedule, build_scheduler
 from para_policy.session import PREFIX_MODES as PREFIX_MODES  # how prefix_actions are imposed (re-exported)
@@ -125,6 +125,7 @@ class LowdimPolicy(nn.Module):
     the UNet's flat ``global_cond``, the transformer's ``cond`` tokens; optionally
     ``pred_action_steps_only``), or inpainting (the trajectory holds action and observation, the
     first ``n_obs_steps`` observations imposed as known entries).
+    Built directly it samples with ``sequential`` (the policy as trained); ``load_policy`` picks ``paradigms``.
     """
 
     def __init__(self, config: PolicyConfig | Mapping[str, Any]) -> None:
@@ -413,28 +414,29 @@ class LowdimPolicy(nn.Module):
         return self.runtime.denoise(self, x, t, global_cond)
 
     # ---- observations → conditioning → session → actions --------------------------
+    @refuse_renamed("deadline", "warm_rows", "warm_start")
     @torch.inference_mode()
     def predict_action(self, obs_dict: Mapping[str, torch.Tensor], *, generator: torch.Generator | None = None,
                        x_T: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                       init: torch.Tensor | None = None, warm_start: torch.Tensor | bool | None = None,
-                       warm_rows: torch.Tensor | None = None, deadline: float | None = None,
-                       sampler: str | SamplerConfig | None = None, prefix_actions: torch.Tensor | None = None,
-                       guide_actions: torch.Tensor | None = None, prefix_mode: str = "clean",
-                       **options: Any) -> PolicyOutput:
+                       init: torch.Tensor | None = None, warm_start: bool | None = None,
+                       guess: torch.Tensor | None = None, guess_rows: torch.Tensor | None = None,
+                       deadline_at: float | None = None, sampler: str | SamplerConfig | None = None,
+                       prefix_actions: torch.Tensor | None = None, guide_actions: torch.Tensor | None = None,
+                       prefix_mode: str = "clean", **options: Any) -> PolicyOutput:
         """DiffusionPolicy's ``predict_action``: ``{'obs': (B, To, Do)}`` → actions.
 
         Args:
             generator: draws ``x_T`` and the step noise in DiffusionPolicy's order.
             x_T, noise: explicit initial and per-step noise instead (both or neither).
             init: initial Picard iterate of the whole trajectory, (B, S, T, D).
-            warm_start: ``None`` (default): the previous call's clean trajectory shifted by
-                ``n_action_steps`` when the spec warm-starts and the call shape matches
-                (:meth:`reset` forgets it); ``False``: cold; a (B, T, D) tensor: this guess of the
-                clean normalized trajectory (:meth:`SamplingSession.run
+            warm_start: a flag. ``None`` (default): the previous call's clean trajectory shifted by
+                ``n_action_steps`` when the spec warm-starts and the call shape matches (:meth:`reset`
+                forgets it); ``True``: the same, the spec must warm-start; ``False``: cold.
+            guess, guess_rows: ``(B, T, D)``, a guess of the clean normalized trajectory to start from,
+                and ``(B,)`` bool, the rows holding one (default all; :meth:`SamplingSession.run
                 <para_policy.session.SamplingSession.run>`). The converged result does not depend on it.
-            warm_rows: ``(B,)`` bool, the rows of a ``warm_start`` tensor that hold a guess.
-            deadline: a ``time.perf_counter()`` instant after which Picard samplers stop
-                and return their current iterate (``stats.converged`` False).
+            deadline_at: a ``time.perf_counter()`` instant after which Picard samplers start no new round
+                and return a clean estimate (``stats.deadline_hit``); the Controller's ``deadline_ms`` sets it.
             sampler: this call's sampler instead of the policy's: a preset name (with
                 ``options``, :func:`sampler_spec`) or a :class:`SamplerConfig`; options
                 alone change the policy's sampler for this call.
@@ -473,8 +475,8 @@ class LowdimPolicy(nn.Module):
         x_T, noise = initial_noise(schedule, shape, generator, x_T, noise, self.device, self.sample_dtype)
         sample, action_pred, stats, warm = self.session.run(
             self.denoise, spec, schedule, x_T, noise, condition=condition, inpaint=inpaint, prefix=prefix,
-            prefix_mode=prefix_mode, init=init, warm_start=warm_start, warm_rows=warm_rows, deadline=deadline,
-            captured=self.runtime.captured(self, spec, schedule), hint=lambda: scale_hint(obs),
+            prefix_mode=prefix_mode, init=init, warm_start=warm_start, guess=guess, guess_rows=guess_rows,
+            deadline_at=deadline_at, captured=self.runtime.captured(self, spec, schedule), hint=lambda: scale_hint(obs),
             to_actions=lambda trajectory: self.normalizer.unnormalize("action", trajectory[..., : self.action_dim]))
         start = self.action_start
         out = PolicyOutput(action=action_pred[:, start: start + self.n_action_steps], action_pred=action_pred)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from para_policy.schedule import MAX_TRAIN_TIMESTEPS, check_scheduler_size
+
 #: the observation types of an image policy's ``obs_keys``
 RGB, LOW_DIM = "rgb", "low_dim"
 MODEL_TYPES = ("unet", "transformer")
@@ -42,10 +44,8 @@ _FLAG_FIELDS = ("obs_as_global_cond", "pred_action_steps_only", "oa_step_convent
 MAX_HORIZON = 1024
 #: observation steps the policy conditions on (``n_obs_steps``)
 MAX_OBS_STEPS = 256
-#: the noise schedule's ``num_train_timesteps``: diffusers builds tables of this length when it loads
-MAX_TRAIN_TIMESTEPS = 10_000
 #: denoising steps per chunk (``num_inference_steps``)
-MAX_INFERENCE_STEPS = MAX_TRAIN_TIMESTEPS
+MAX_INFERENCE_STEPS = MAX_TRAIN_TIMESTEPS  # (MAX_TRAIN_TIMESTEPS: para_policy.schedule)
 #: features per step (``obs_dim``, ``action_dim``, conditioning sizes)
 MAX_FEATURE_DIM = 65_536
 #: a network's channel widths (UNet ``down_dims``, ``diffusion_step_embed_dim``, transformer ``n_emb``)
@@ -185,20 +185,6 @@ def _check_network_shapes(model: Mapping[str, Any], model_type: str) -> None:
         heads, width = model.get("n_head", 12), model.get("n_emb", 768)
         if width % heads or width % 2:
             raise ValueError(f"policy config model.n_emb={width} must be even and divisible by model.n_head={heads}")
-
-
-def check_scheduler_size(scheduler: dict[str, Any]) -> int:
-    """The schedule's ``num_train_timesteps`` (100 when absent, as diffusers' DDPM), bounded before diffusers
-    builds its tables; ``trained_betas`` no longer than that bound."""
-    steps = config_int("noise_scheduler.num_train_timesteps", scheduler.get("num_train_timesteps", 100),
-                       "MAX_TRAIN_TIMESTEPS")
-    if "num_train_timesteps" in scheduler:
-        scheduler["num_train_timesteps"] = steps
-    betas = scheduler.get("trained_betas")
-    if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) > MAX_TRAIN_TIMESTEPS):
-        raise ValueError(f"policy config noise_scheduler.trained_betas must be a list of at most "
-                         f"{MAX_TRAIN_TIMESTEPS} (MAX_TRAIN_TIMESTEPS) numbers, got {short_repr(betas)}")
-    return steps
 
 
 # ---- config trees read from files -----------------------------------------------------------

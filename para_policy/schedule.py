@@ -22,6 +22,7 @@ other than ``leading`` is mishandled there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -413,16 +414,16 @@ def _dpm_step(sigmas: torch.Tensor, k: int, order: int, sde: bool, heun: bool) -
     return float(a), [p0 * e + p1 * u + p2 * v for e, u, v in zip([1.0, 0.0, 0.0], d1, d2, strict=True)], float(noise)
 
 
-def _multistep_schedule(scheduler) -> MultistepSchedule:
+def _multistep_schedule(noise_scheduler) -> MultistepSchedule:
     """A :class:`MultistepSchedule` from a ``DPMSolverMultistepScheduler`` whose timesteps are set."""
-    cfg = scheduler.config
-    timesteps = scheduler.timesteps.to(torch.long).cpu()
+    cfg = noise_scheduler.config
+    timesteps = noise_scheduler.timesteps.to(torch.long).cpu()
     S = int(timesteps.shape[0])
     if S > 1 and int((timesteps == timesteps[0]).sum()) > 1:
         raise ValueError(f"DPMSolverMultistepScheduler's first timestep {int(timesteps[0])} repeats "
                          f"({timesteps.tolist()}): its step would start at the second one and skip a step; "
                          "choose another number of steps or spacing")
-    sigmas = scheduler.sigmas.cpu()  # (S + 1,) float32, σ/α of each step and of the end
+    sigmas = noise_scheduler.sigmas.cpu()  # (S + 1,) float32, σ/α of each step and of the end
     orders = _dpm_orders(S, cfg)
     repeats = (sigmas[1:] == sigmas[:-1]).nonzero().flatten().tolist()
     if repeats and max(orders) > 1:
@@ -472,34 +473,34 @@ def require_single_step(schedule: Schedule, sampler: str) -> None:
         )
 
 
-def make_schedule(scheduler, num_inference_steps: int | None = None, eta: float = 0.0) -> Schedule:
+def make_schedule(noise_scheduler, num_inference_steps: int | None = None, eta: float = 0.0) -> Schedule:
     """Build a :class:`Schedule` from a diffusers ``DDPMScheduler`` or ``DDIMScheduler``, or a
     :class:`MultistepSchedule` from a ``DPMSolverMultistepScheduler``.
 
-    ``scheduler.set_timesteps(num_inference_steps)`` is called on the scheduler (as the
+    ``noise_scheduler.set_timesteps(num_inference_steps)`` is called on the scheduler (as the
     sequential loop would). ``eta`` is DDIM's noise level (ignored for DDPM; DPM-Solver++
     takes none: its stochastic form is ``algorithm_type='sde-dpmsolver++'``).
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        check_dpm_config(scheduler.config)
+    if isinstance(noise_scheduler, DPMSolverMultistepScheduler):
+        check_dpm_config(noise_scheduler.config)
         if eta:
             raise ValueError(f"eta={eta} is DDIM's noise level; DPMSolverMultistepScheduler takes none "
                              "(for a stochastic solver use algorithm_type='sde-dpmsolver++')")
     if num_inference_steps is not None:
         if int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        scheduler.set_timesteps(int(num_inference_steps))
-    elif scheduler.num_inference_steps is None:
+        noise_scheduler.set_timesteps(int(num_inference_steps))
+    elif noise_scheduler.num_inference_steps is None:
         raise ValueError("the scheduler has no timesteps set; pass num_inference_steps")
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        return _multistep_schedule(scheduler)
-    cfg = scheduler.config
-    timesteps = scheduler.timesteps.to(torch.long).cpu()
-    ac = scheduler.alphas_cumprod.cpu()
+    if isinstance(noise_scheduler, DPMSolverMultistepScheduler):
+        return _multistep_schedule(noise_scheduler)
+    cfg = noise_scheduler.config
+    timesteps = noise_scheduler.timesteps.to(torch.long).cpu()
+    ac = noise_scheduler.alphas_cumprod.cpu()
     alpha_t = ac[timesteps]
-    if isinstance(scheduler, DDPMScheduler):
+    if isinstance(noise_scheduler, DDPMScheduler):
         _check_common(cfg, "DDPMScheduler")
         if cfg.variance_type not in SUPPORTED_VARIANCE_TYPES:
             raise ValueError(f"DDPMScheduler variance_type {cfg.variance_type!r} not supported; expected one "
@@ -516,17 +517,17 @@ def make_schedule(scheduler, num_inference_steps: int | None = None, eta: float 
         draws_noise = timesteps > 0
         noise_std = torch.where(draws_noise, noise_var**0.5, torch.zeros_like(noise_var))
         kind = "ddpm"
-    elif isinstance(scheduler, DDIMScheduler):
+    elif isinstance(noise_scheduler, DDIMScheduler):
         _check_common(cfg, "DDIMScheduler")
-        prev = timesteps - cfg.num_train_timesteps // scheduler.num_inference_steps  # DDIM's own rule
-        alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], scheduler.final_alpha_cumprod.cpu())
+        prev = timesteps - cfg.num_train_timesteps // noise_scheduler.num_inference_steps  # DDIM's own rule
+        alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], noise_scheduler.final_alpha_cumprod.cpu())
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
         noise_std = eta * variance**0.5
         draws_noise = torch.full_like(timesteps, eta > 0, dtype=torch.bool)
         kind = "ddim"
     else:
         raise ValueError(
-            f"unsupported scheduler {type(scheduler).__name__}; expected diffusers DDPMScheduler, DDIMScheduler "
+            f"unsupported scheduler {type(noise_scheduler).__name__}; expected diffusers DDPMScheduler, DDIMScheduler "
             "or DPMSolverMultistepScheduler"
         )
     return Schedule(
@@ -542,6 +543,34 @@ def make_schedule(scheduler, num_inference_steps: int | None = None, eta: float 
         clip_sample_range=float(getattr(cfg, "clip_sample_range", 1.0)),
         eta=float(eta),
     )
+
+
+#: the noise schedule's ``num_train_timesteps``: diffusers builds tables of this length when it loads
+MAX_TRAIN_TIMESTEPS = 10_000
+
+
+def check_scheduler_size(scheduler: dict[str, Any]) -> int:
+    """The schedule's ``num_train_timesteps`` (100 when absent, as diffusers' DDPM), bounded before diffusers
+    builds its tables (an integral float is stored back as an int); ``trained_betas`` no longer than that bound.
+
+    Here rather than with the other config limits (:mod:`para_policy.policy_config`) because
+    :func:`build_scheduler` needs it and sits below the configs.
+    """
+    steps = scheduler.get("num_train_timesteps", 100)
+    integral = isinstance(steps, int) or isinstance(steps, float) and steps.is_integer()
+    if isinstance(steps, bool) or not integral or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+        shown = f"an integer of {steps.bit_length()} bits" if integral and isinstance(steps, int) \
+            and steps.bit_length() > 64 else repr(steps)[:60]
+        raise ValueError(f"policy config noise_scheduler.num_train_timesteps must be an integer >= 1 and <= "
+                         f"{MAX_TRAIN_TIMESTEPS} (MAX_TRAIN_TIMESTEPS), got {shown}")
+    if "num_train_timesteps" in scheduler:
+        scheduler["num_train_timesteps"] = int(steps)
+    betas = scheduler.get("trained_betas")
+    if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) > MAX_TRAIN_TIMESTEPS):
+        raise ValueError(f"policy config noise_scheduler.trained_betas must be a list of at most "
+                         f"{MAX_TRAIN_TIMESTEPS} (MAX_TRAIN_TIMESTEPS) numbers, got {type(betas).__name__}"
+                         f"{' of ' + str(len(betas)) if isinstance(betas, (list, tuple)) else ''}")
+    return int(steps)
 
 
 def build_scheduler(config: dict):
@@ -560,8 +589,6 @@ def build_scheduler(config: dict):
     import inspect
 
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    from para_policy.policy_config import check_scheduler_size
 
     kwargs = dict(config)
     target = str(kwargs.pop("_target_", "diffusers.DDPMScheduler"))
@@ -598,7 +625,7 @@ def build_scheduler(config: dict):
     return scheduler
 
 
-def ddim_from(scheduler):
+def ddim_from(noise_scheduler):
     """The DDIM scheduler a DiffusionPolicy user would pair with a DDPM-trained model.
 
     Same betas and prediction type; ``set_alpha_to_one=True, steps_offset=0`` as in
@@ -607,7 +634,7 @@ def ddim_from(scheduler):
     """
     from diffusers import DDIMScheduler
 
-    cfg = scheduler.config
+    cfg = noise_scheduler.config
     return DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,
@@ -622,7 +649,7 @@ def ddim_from(scheduler):
     )
 
 
-def dpm_from(scheduler, solver_order: int = 2, algorithm_type: str = "dpmsolver++"):
+def dpm_from(noise_scheduler, solver_order: int = 2, algorithm_type: str = "dpmsolver++"):
     """The DPM-Solver++ scheduler a user would pair with a DDPM- or DDIM-trained model.
 
     Same betas and prediction type; diffusers' defaults otherwise (``linspace`` spacing,
@@ -632,7 +659,7 @@ def dpm_from(scheduler, solver_order: int = 2, algorithm_type: str = "dpmsolver+
     """
     from diffusers import DPMSolverMultistepScheduler
 
-    cfg = scheduler.config
+    cfg = noise_scheduler.config
     kwargs = dict(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from para_policy.samplers.captured import captured_sampler, run_captured
-from para_policy.samplers.common import Denoiser, Inpaint, SampleStats, diffuse_known, known_mask
+from para_policy.samplers.common import Denoiser, Inpaint, SampleStats, diffuse_known, known_mask, refuse_renamed
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.registry import SamplerConfig, build_schedule, sampler_spec, schedule_key
 from para_policy.samplers.warm_start import shift_trajectory, warm_start_init
@@ -72,7 +72,7 @@ def check_prefix_mode(prefix_mode: str) -> None:
         raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
 
 
-def runs_sequentially(spec: SamplerConfig, schedule: Schedule, deadline: float | None) -> bool:
+def runs_sequentially(spec: SamplerConfig, schedule: Schedule, deadline_at: float | None) -> bool:
     """Whether ``spec`` runs as the sequential loop: Picard with a window of one step, no round cap, no deadline.
 
     :func:`~para_policy.samplers.picard_sample` then runs :func:`~para_policy.samplers.sequential_sample`
@@ -83,7 +83,7 @@ def runs_sequentially(spec: SamplerConfig, schedule: Schedule, deadline: float |
     cap = spec.options.get("max_iterations")
     window = spec.options.get("window")
     return (spec.family.sample is picard_sample and isinstance(window, int) and min(window, schedule.num_steps) == 1
-            and deadline is None and (cap is None or cap >= schedule.num_steps))
+            and deadline_at is None and (cap is None or cap >= schedule.num_steps))
 
 
 def require_finite_actions(actions: torch.Tensor, hint: str | Callable[[], str] = "") -> torch.Tensor:
@@ -188,7 +188,7 @@ class SamplingSession:
         self.n_action_steps = int(n_action_steps)
         self.last_stats: SampleStats | None = None
         self.last_trajectory: torch.Tensor | None = None
-        self._schedules: dict[tuple, tuple[Any, Schedule]] = {}  # key -> (scheduler, schedule)
+        self._schedules: dict[tuple, tuple[Any, Schedule]] = {}  # key -> (noise_scheduler, schedule)
         self._resolved: dict[tuple, tuple[SamplerConfig, Schedule, SamplerConfig]] = {}  # resolve()'s memo
         self._captured: dict[str, Any] = {}  # captured samplers, per spec and schedule
         self._warm: tuple[tuple, torch.Tensor] | None = None  # (call key, next guess (B, T, D))
@@ -207,19 +207,19 @@ class SamplingSession:
         """Forget the previous call's trajectory: the next call starts cold."""
         self._warm = None
 
-    def schedule_for(self, spec: SamplerConfig, scheduler: Any, default_steps: int, eta: float = 0.0,
+    def schedule_for(self, spec: SamplerConfig, noise_scheduler: Any, default_steps: int, eta: float = 0.0,
                      own: Callable[[], Any] | None = None) -> Schedule:
-        """The schedule ``spec`` runs on for the owner's diffusers ``scheduler``, built once and cached.
+        """The schedule ``spec`` runs on for the owner's diffusers ``noise_scheduler`` object, built once and cached.
 
         ``default_steps``: the owner's number of inference steps (when the spec sets none);
-        ``eta``: DDIM's noise level; ``own``: a fresh copy of ``scheduler`` to build from
+        ``eta``: DDIM's noise level; ``own``: a fresh copy of ``noise_scheduler`` to build from
         (:func:`~para_policy.samplers.registry.build_schedule`). Cached per schedule choice and
-        ``scheduler`` object, so an owner whose scheduler is replaced gets the new one's schedule.
+        ``noise_scheduler`` object, so an owner whose scheduler is replaced gets the new one's schedule.
         """
-        key = (*schedule_key(spec, scheduler, default_steps), float(eta))
+        key = (*schedule_key(spec, noise_scheduler, default_steps), float(eta))
         entry = self._schedules.get(key)
-        if entry is None or entry[0] is not scheduler:
-            entry = (scheduler, build_schedule(spec, scheduler, default_steps, eta, own=own))
+        if entry is None or entry[0] is not noise_scheduler:
+            entry = (noise_scheduler, build_schedule(spec, noise_scheduler, default_steps, eta, own=own))
             self._schedules[key] = entry
         return entry[1]
 
@@ -290,11 +290,12 @@ class SamplingSession:
         self._captured = {}
 
     # ---- sampling -------------------------------------------------------------------
+    @refuse_renamed("deadline", "warm_rows", "warm_start")
     def run(self, denoise: Denoiser, spec: SamplerConfig, schedule: Schedule, x_T: torch.Tensor,
             noise: torch.Tensor | None = None, *, condition: torch.Tensor | None = None,
             inpaint: Inpaint | None = None, prefix: Inpaint | None = None, prefix_mode: str = "clean",
-            init: torch.Tensor | None = None, warm_start: torch.Tensor | bool | None = None,
-            warm_rows: torch.Tensor | None = None, deadline: float | None = None, captured: Any = None,
+            init: torch.Tensor | None = None, warm_start: bool | None = None, guess: torch.Tensor | None = None,
+            guess_rows: torch.Tensor | None = None, deadline_at: float | None = None, captured: Any = None,
             to_actions: Callable[[torch.Tensor], torch.Tensor] | None = None,
             hint: str | Callable[[], str] = "") -> Sampled:
         """Sample once with ``spec`` (window resolved) on ``schedule``, warm-started when it can be.
@@ -309,13 +310,15 @@ class SamplingSession:
                 with ``inpaint`` (:func:`with_prefix`, ``prefix_mode``); they also overwrite
                 those entries of a warm-start guess.
             init: (B, S, T, D) initial Picard iterate.
-            warm_start: None: the previous call's trajectory shifted by ``n_action_steps`` when
-                the spec warm-starts and the previous call had this call's shape, schedule and
-                device; False: cold; a (B, T, D) tensor: this guess of the clean trajectory.
-                A guess is rebuilt with this call's noise (:func:`~para_policy.samplers.warm_start_init`).
-            warm_rows: (B,) bool, the rows of a ``warm_start`` tensor that hold a guess.
-            deadline: a ``time.perf_counter()`` instant after which a Picard sampler returns
-                its current estimate.
+            warm_start: a flag. None: the previous call's trajectory shifted by ``n_action_steps``
+                when the spec warm-starts and the previous call had this call's shape, schedule and
+                device; True: the same, and the spec must warm-start; False: cold.
+            guess: (B, T, D) a guess of the clean normalized trajectory to start from instead (not
+                with ``warm_start=False`` or ``init``), rebuilt with this call's noise
+                (:func:`~para_policy.samplers.warm_start_init`); ``guess_rows``: (B,) bool, the rows
+                of ``guess`` that hold one (the others start cold; default all).
+            deadline_at: a ``time.perf_counter()`` instant after which a Picard sampler starts no
+                new round and returns its current estimate.
             captured: the captured form of ``spec`` (:meth:`captured`), run instead of the eager sampler.
             to_actions: what the owner returns, from the trajectory (e.g. unnormalized actions);
                 default: the trajectory itself.
@@ -331,7 +334,8 @@ class SamplingSession:
             inpaint = with_prefix(inpaint, prefix, prefix_mode, schedule, x_T)
         call_key = (tuple(x_T.shape), schedule.kind, schedule.num_steps, str(x_T.device))
         kwargs, warm = self._iterate_options(spec, schedule, x_T, noise, prefix, call_key, init=init,
-                                             warm_start=warm_start, warm_rows=warm_rows, deadline=deadline)
+                                             warm_start=warm_start, guess=guess, guess_rows=guess_rows,
+                                             deadline_at=deadline_at)
         if captured is not None:
             sample, stats = run_captured(captured, x_T, noise, condition, inpaint, kwargs)
         else:
@@ -346,37 +350,41 @@ class SamplingSession:
 
     def _iterate_options(self, spec: SamplerConfig, schedule: Schedule, x_T: torch.Tensor,
                          noise: torch.Tensor | None, prefix: Inpaint | None, call_key: tuple, *,
-                         init: torch.Tensor | None, warm_start: Any, warm_rows: torch.Tensor | None,
-                         deadline: float | None) -> tuple[dict[str, Any], bool]:
+                         init: torch.Tensor | None, warm_start: bool | None, guess: torch.Tensor | None,
+                         guess_rows: torch.Tensor | None, deadline_at: float | None) -> tuple[dict[str, Any], bool]:
         """The sampler's keyword arguments and whether it starts warm (:meth:`run`'s arguments).
 
-        A Picard spec gets ``init`` (from a ``warm_start`` tensor, or the remembered trajectory
-        when the spec warm-starts and the call matches ``call_key``), ``init_rows`` and
-        ``deadline``; the sequential loop refuses them.
+        A Picard spec gets ``init`` (from ``guess``, or the remembered trajectory when
+        ``warm_start`` is not False, the spec warm-starts and the call matches ``call_key``),
+        ``init_rows`` and ``deadline_at``; the sequential loop refuses them.
         """
         kwargs = dict(spec.options)
+        if warm_start and guess is None and not spec.warm_start:
+            raise ValueError(f"warm_start=True needs a sampler spec that warm-starts ({spec.name!r} has warm_start "
+                             "off: set_sampler(..., warm_start=True)), or a guess= to start from")
         if not spec.iterative:
-            if init is not None or isinstance(warm_start, torch.Tensor) or deadline is not None \
-                    or warm_rows is not None:
-                raise ValueError(f"init, warm_start and deadline need a Picard sampler, not {spec.name!r}")
+            if init is not None or guess is not None or deadline_at is not None or guess_rows is not None:
+                raise ValueError(f"init, guess, guess_rows and deadline_at need a Picard sampler, not {spec.name!r}")
             return kwargs, False
-        guess = None
-        if isinstance(warm_start, torch.Tensor):
-            if init is not None:
-                raise ValueError("pass init or warm_start, not both")
-            guess = warm_start.to(x_T)
-        elif warm_rows is not None:
-            raise ValueError("warm_rows needs a warm_start tensor")
-        elif (warm_start is None and init is None and spec.warm_start and self._warm is not None
+        if guess is not None:
+            if init is not None or warm_start is False:
+                raise ValueError("guess= starts from that guess: pass it without init= and without warm_start=False")
+            if tuple(guess.shape) != tuple(x_T.shape):
+                raise ValueError(f"guess must have the trajectory's shape (B, T, D) = {tuple(x_T.shape)}, "
+                                 f"got {tuple(guess.shape)}")
+            guess = guess.to(x_T)
+        elif guess_rows is not None:
+            raise ValueError("guess_rows needs a guess= tensor")
+        elif (warm_start is not False and init is None and spec.warm_start and self._warm is not None
               and self._warm[0] == call_key):
             guess = self._warm[1]
-        if guess is not None and runs_sequentially(spec, schedule, deadline):
+        if guess is not None and runs_sequentially(spec, schedule, deadline_at):
             guess = None
         if guess is not None:
             if prefix is not None:  # the frozen actions are known: the guess holds them exactly
                 guess = torch.where(known_mask(prefix[1]), prefix[0], guess)
             init = warm_start_init(schedule, guess, x_T, noise)
-        kwargs.update(init=init, deadline=deadline)
-        if warm_rows is not None:
-            kwargs.update(init_rows=warm_rows.to(device=x_T.device, dtype=torch.bool))
+        kwargs.update(init=init, deadline_at=deadline_at)
+        if guess_rows is not None:
+            kwargs.update(init_rows=guess_rows.to(device=x_T.device, dtype=torch.bool))
         return kwargs, guess is not None

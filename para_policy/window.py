@@ -34,7 +34,6 @@ import logging
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from para_policy.checkpoints import atomic_write
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 100)
 
@@ -504,25 +505,20 @@ def read_cache_entry(path: Path | None, key: str) -> Any:
 def store_cache_entry(path: Path | None, key: str, entry: Any) -> None:
     """Store ``entry`` under ``key`` in ``path``, other keys kept.
 
-    Written to a temporary file beside it and renamed over it, so a reader sees the old file or
-    the new one; the temporary file is removed whatever fails. A cache that cannot be written (a
+    Written with :func:`~para_policy.checkpoints.atomic_write`, so a reader sees the old file or
+    the new one and no temporary file is left behind. A cache that cannot be written (a
     read-only home, ``path`` itself a folder) only warns: the entry stays in this process.
     """
     if path is None:
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache(path)
         data[key] = entry
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
     except OSError as e:  # a read-only home keeps the in-process cache
         _warn_once(path, "write", "cannot write the cache %s: %s", path, e)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _cached_entry(path: Path, key: str) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from para_policy.bench import (
     deviations,
     load_stream,
     parse_schedule,
+    percentile_summary,
     replay,
     sampler_call,
     save_stream,
@@ -33,7 +34,6 @@ from para_policy.bench import (
     seed_for,
     split_stream,
     spread,
-    summarize_ms,
     write_report,
 )
 from para_policy.samplers import draw_noise, shift_trajectory
@@ -99,7 +99,7 @@ def test_a_warm_started_variant_starts_cold_then_from_its_own_previous_chunk(pol
     noise = [reference_noise(policy, warm, KEYS.seed(c, i)) for i, c in enumerate(chunks)]
     first = policy.predict_action({"obs": obs[0]}, x_T=noise[0][0], noise=noise[0][1], sampler=warm, warm_start=False)
     second = policy.predict_action({"obs": obs[1]}, x_T=noise[1][0], noise=noise[1][1], sampler=warm,
-                                   warm_start=shift_trajectory(first.trajectory, policy.n_action_steps))
+                                   guess=shift_trajectory(first.trajectory, policy.n_action_steps))
     np.testing.assert_array_equal(records["warm"][1]["action"], second["action"][0].numpy())
     assert records["warm"][1]["rounds"] == second.stats.rounds
     # at tolerance 0 a warm-started Picard sampler is the sequential loop on the same noise
@@ -153,13 +153,13 @@ def test_schedule_names():
             parse_schedule(bad)
 
 
-def test_summarize_ms_matches_numpy_and_is_empty_safe():
+def test_percentile_summary_matches_numpy_and_is_empty_safe():
     values = [5.0, 1.0, 4.0, 2.0, 3.0, 100.0]
-    s = summarize_ms(values)
+    s = percentile_summary(values)
     assert s["n"] == 6 and s["max"] == 100.0 and s["min"] == 1.0
     for p in (50, 95, 99):
         assert s[f"p{p}"] == pytest.approx(float(np.percentile(values, p)))
-    assert summarize_ms([])["p50"] is None and summarize_ms([])["n"] == 0
+    assert percentile_summary([])["p50"] is None and percentile_summary([])["n"] == 0
 
 
 def test_write_report_writes_json_then_markdown_and_a_failed_write_keeps_the_old_files(tmp_path, monkeypatch):

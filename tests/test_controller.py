@@ -77,7 +77,7 @@ def test_warm_start_guess_is_the_shifted_previous_trajectory():
     chunk = ctl.predict_chunk(obs)
     assert ctl.last_record.warm
     ref = policy.predict_action({"obs": torch.as_tensor(obs)[None]}, generator=torch.Generator().set_state(state),
-                                warm_start=guess, sampler=ctl.spec)
+                                guess=guess, sampler=ctl.spec)
     np.testing.assert_array_equal(chunk, ref["action"][0].numpy())
     ctl.reset()
     ctl.predict_chunk(obs)

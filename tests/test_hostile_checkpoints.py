@@ -1,6 +1,7 @@
-"""Hostile checkpoints: crafted files of a few kB that used to hang the loader, exhaust memory, read a
-secret or crash with an error naming nothing. Each is now refused by ``load_policy`` with a one-line
-``ValueError`` naming the key, in well under a second (docs/reliability.md, "Hostile checkpoints").
+"""Hostile checkpoints: crafted files (a few kB; 200 kB for 100,000 levels of nesting) that used to hang
+the loader, exhaust memory, resolve a secret or crash with an error naming nothing. Each is now refused
+by ``load_policy`` with a one-line ``ValueError`` naming the key, before anything in it is resolved,
+built or allocated (docs/reliability.md, "Hostile checkpoints").
 
 ``python tests/test_hostile_checkpoints.py`` writes every crafted file and times ``load_policy`` on
 each in a fresh process (10 s timeout, 6 GB address-space cap): the figures in docs/reliability.md.
@@ -34,7 +35,7 @@ SECRET = "hunter2-do-not-print"
 # ---- crafting ---------------------------------------------------------------------------
 
 def tiny_config(**changes) -> dict:
-    """A valid para_policy config of a network of 2302 weights (a 16 kB file), with ``changes``."""
+    """A valid para_policy config of a tiny network, ``changes`` applied (``section__key`` for a nested key)."""
     config = {"horizon": 16, "n_obs_steps": 2, "n_action_steps": 8, "obs_dim": 2, "action_dim": 2,
               "num_inference_steps": 10,
               "model": {"input_dim": 2, "global_cond_dim": 4, "diffusion_step_embed_dim": 4, "down_dims": [8],

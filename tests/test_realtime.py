@@ -66,7 +66,7 @@ class StepPolicy(LowdimPolicy):
     raises at the steps in ``fail_at`` (once each).
     """
 
-    def predict_action(self, obs_dict, *, prefix_actions=None, warm_start=None, generator=None, **kw):
+    def predict_action(self, obs_dict, *, prefix_actions=None, guess=None, generator=None, **kw):
         s = int(obs_dict["obs"][0, -1, 0])
         self.calls.append((s, None if prefix_actions is None else prefix_actions.clone()))
         time.sleep(self.latency())
@@ -132,11 +132,11 @@ def test_frozen_prefix_at_tolerance_zero_equals_sequential_with_the_same_inpaint
     seq = policy.predict_action({"obs": obs}, sampler="sequential", **kw)
     torch.testing.assert_close(seq.trajectory, ref, rtol=0, atol=1e-6)
     guess = torch.randn(1, HORIZON, D, generator=torch.Generator().manual_seed(3))
-    for warm in (False, guess):
-        out = policy.predict_action({"obs": obs}, sampler="paradigms", window=4, tolerance=0.0, warm_start=warm, **kw)
+    for start in ({"warm_start": False}, {"guess": guess}):
+        out = policy.predict_action({"obs": obs}, sampler="paradigms", window=4, tolerance=0.0, **start, **kw)
         torch.testing.assert_close(out.trajectory, ref, rtol=0, atol=1e-4)
         assert torch.equal(out.trajectory[mask], data[mask])  # known entries exactly
-        assert out.warm == (warm is not False)
+        assert out.warm == ("guess" in start)
     np.testing.assert_allclose(out["action"][0, :d], prefix[0], atol=1e-3)  # back in raw units
     assert out["action"].shape == (1, H, ACT_DIM)
 
@@ -270,7 +270,7 @@ def test_async_switches_time_aligned(d):
     assert all(r.switch_step == r.start_step + (d if r.start_step else 0) for r in ctl.records)
     # each chunk's warm start: the previous trajectory shifted by the steps between their observations
     for prev, call, gap in zip(calls, calls[1:], np.diff(starts), strict=False):
-        assert torch.equal(call["warm_start"], shift_trajectory(prev["out"].trajectory, int(gap)))
+        assert torch.equal(call["guess"], shift_trajectory(prev["out"].trajectory, int(gap)))
     s = ctl.stats()
     assert s["stalls"] == 0 and s["switches"] == len(ctl.records) - 1 and s["delay_used"]["max"] == d
     assert s["steps_in_flight"] >= d * s["switches"]  # each chunk was sampled while d actions ran

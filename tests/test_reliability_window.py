@@ -157,5 +157,5 @@ def test_a_deadline_that_can_never_be_reached_is_refused(deadline):
     schedule = make_schedule(dp_ddpm(), STEPS)
     x_T, noise = draw_noise(schedule, (1, T, D), torch.Generator().manual_seed(0))
     for sample in (picard_sample, taa_sample):
-        with pytest.raises(ValueError, match="deadline must be a finite time.perf_counter"):
-            sample(MLPDenoiser(dim=D), schedule, x_T, noise, window=8, deadline=deadline)
+        with pytest.raises(ValueError, match="deadline_at must be a finite time.perf_counter"):
+            sample(MLPDenoiser(dim=D), schedule, x_T, noise, window=8, deadline_at=deadline)

@@ -246,7 +246,7 @@ def test_captured_form_of_a_spec():
     assert captured_sampler(sampler_spec("paradigms", window=4), sched, den, capture=False) is None  # compacting
     assert captured_sampler(sampler_spec("parataa"), sched, den, capture=False) is None
     for spec, call in ((sampler_spec("sequential"), {}),
-                       (sampler_spec("paradigms", window=4, round_shape="fixed"), {"init": init, "deadline": None})):
+                       (sampler_spec("paradigms", window=4, round_shape="fixed"), {"init": init, "deadline_at": None})):
         captured = captured_sampler(spec, sched, den, capture=False)
         options = {**spec.options, **call}
         ref, ref_stats = spec.family.sample(den, sched, x_T, noise, condition=cond, inpaint=inpaint, **options)

@@ -205,7 +205,7 @@ def test_deadline_returns_flagged_iterate(denoiser):
 
     schedule = make_schedule(dp_ddpm(), 100)
     x_T, noise = draw_noise(schedule, (1, SHAPE_T, SHAPE_D), torch.Generator().manual_seed(0))
-    out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter())
+    out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline_at=time.perf_counter())
     assert stats.rounds == 1 and stats.deadline_hit and not stats.converged.any()  # one round always runs
     # what it returns is the clean sample predicted from x_T at the first step (closed form), not x_T or a noisy x_k
     with torch.inference_mode():
@@ -223,10 +223,10 @@ def test_deadline_returns_flagged_iterate(denoiser):
     from para_policy.samplers import warm_start_init
 
     init = warm_start_init(schedule, ref, x_T, noise)
-    warm, st = picard_sample(denoiser, schedule, x_T, noise, window=8, init=init, deadline=time.perf_counter())
+    warm, st = picard_sample(denoiser, schedule, x_T, noise, window=8, init=init, deadline_at=time.perf_counter())
     assert st.rounds == 1 and not st.all_converged
     assert (warm - ref).abs().max() < 0.1 * (out - ref).abs().max()
-    out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter() + 60)
+    out, stats = picard_sample(denoiser, schedule, x_T, noise, window=8, deadline_at=time.perf_counter() + 60)
     assert stats.all_converged and not stats.deadline_hit
 
 

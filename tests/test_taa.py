@@ -174,7 +174,7 @@ def test_max_iterations_and_deadline_return_flagged_estimates(denoiser):
     out, stats = taa_sample(denoiser, schedule, x_T, noise, window=8, tolerance=0.0, max_iterations=3,
                             condition=cond)
     assert stats.rounds == 3 and not stats.converged.any() and torch.isfinite(out).all()
-    out, stats = taa_sample(denoiser, schedule, x_T, noise, window=8, deadline=time.perf_counter(), condition=cond)
+    out, stats = taa_sample(denoiser, schedule, x_T, noise, window=8, deadline_at=time.perf_counter(), condition=cond)
     assert stats.rounds == 1 and stats.deadline_hit and not stats.converged.any()
 
 

@@ -31,9 +31,7 @@ from para_policy.bench.report import (
     machine_info,
     markdown_table,
     mean_max,
-    percentile,
     shown_path,
-    summarize_ms,
     write_json,
     write_report,
     write_text,
@@ -49,6 +47,7 @@ from para_policy.bench.stream import (
     split_stream,
     spread,
 )
+from para_policy.stats import percentile, percentile_summary  # the one summary, re-exported for the scripts
 
 __all__ = [
     "RECORD_KEYS",
@@ -82,7 +81,7 @@ __all__ = [
     "shown_path",
     "split_stream",
     "spread",
-    "summarize_ms",
+    "percentile_summary",
     "write_json",
     "write_report",
     "write_text",

@@ -30,8 +30,8 @@ from para_policy.schedule import Schedule
 def seed_for(*keys: int) -> int:
     """A 63-bit generator seed from integer keys (numpy's SeedSequence: distinct keys, independent streams).
 
-    The same function as :func:`para_policy.evaluation.rollout.seed_for`, here so that a bare
-    GPU machine (no evaluation extras) derives the same seeds.
+    The one keyed-seed scheme: the evaluator's rollouts and the benchmarks' replays both use it
+    (here, below the evaluator, so a bare GPU machine without its extras derives the same seeds).
     """
     state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))

@@ -55,7 +55,8 @@ Instrument = Callable[["Variant", Any], contextlib.AbstractContextManager[dict[s
 def predict_call(policy: Any, spec: SamplerConfig, obs: torch.Tensor, x_T: torch.Tensor, noise: torch.Tensor,
                  guess: torch.Tensor | bool) -> Outcome:
     """``policy.predict_action`` on ``{'obs': obs}`` with this noise and warm start: the library as a user calls it."""
-    out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, warm_start=guess)
+    start = {"warm_start": False} if guess is False else {"guess": guess}
+    out = policy.predict_action({"obs": obs}, x_T=x_T, noise=noise, sampler=spec, **start)
     return Outcome(out["action"], out.trajectory, out.stats, bool(out.warm))
 
 

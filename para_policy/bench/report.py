@@ -1,4 +1,4 @@
-"""Summaries and report files of the benchmarks: percentiles, markdown tables, JSON + markdown written atomically.
+"""Report files of the benchmarks: markdown tables, JSON + markdown written atomically (summaries: para_policy.stats).
 
 Every benchmark writes a markdown report (with the command that made it, so the file says how
 to reproduce it) and usually the JSON it was rendered from, each with
@@ -20,29 +20,6 @@ import numpy as np
 import torch
 
 from para_policy.checkpoints import atomic_write
-
-PERCENTILES = (50, 95, 99)
-
-
-def summarize_ms(values: Iterable[float]) -> dict[str, float | int | None]:
-    """n, mean, std, min, max, p50, p95 and p99 of ``values`` (None entries when empty).
-
-    Percentiles by linear interpolation between order statistics (``numpy.percentile``), the
-    one definition every report uses; the keys of the evaluator's ``distribution``.
-    """
-    v = np.asarray(list(values), dtype=np.float64)
-    if v.size == 0:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None, **{f"p{p}": None for p in PERCENTILES}}
-    out: dict[str, float | int | None] = {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()),
-                                          "min": float(v.min()), "max": float(v.max())}
-    for p in PERCENTILES:
-        out[f"p{p}"] = float(np.percentile(v, p))
-    return out
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """The ``q``-th percentile (0–100) of ``values``, as :func:`summarize_ms` computes it."""
-    return float(np.percentile(np.asarray(list(values), dtype=np.float64), q))
 
 
 def mean_max(values: Sequence[float], fmt: str = ".3f") -> str:

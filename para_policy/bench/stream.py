@@ -52,15 +52,15 @@ def record_stream(policy: Any, episodes: int, max_chunks: int, seed_start: int, 
         seeds = tqdm(seeds, desc="recording", unit="ep")
     try:
         for seed in seeds:
-            chunks += _record_episode(policy, env, spec, keys, int(seed), max_chunks)
+            chunks += _record_episode(policy, env, spec, keys, int(seed), max_chunks, len(chunks))
     finally:
         env.close()
     return chunks
 
 
-def _record_episode(policy: Any, env: Any, spec: SamplerConfig, keys: ChunkKeys, seed: int, max_chunks: int
-                    ) -> list[Chunk]:
-    """The chunks of one episode (see :func:`record_stream`)."""
+def _record_episode(policy: Any, env: Any, spec: SamplerConfig, keys: ChunkKeys, seed: int, max_chunks: int,
+                    position: int) -> list[Chunk]:
+    """The chunks of one episode (see :func:`record_stream`); ``position``: the stream index of its first chunk."""
     policy.reset()
     obs, _ = env.reset(seed=seed)
     history = deque([np.asarray(obs, dtype=np.float32)] * policy.n_obs_steps, maxlen=policy.n_obs_steps)
@@ -68,7 +68,7 @@ def _record_episode(policy: Any, env: Any, spec: SamplerConfig, keys: ChunkKeys,
     for c in range(max_chunks):
         chunk = {"episode": seed, "chunk": c, "obs": np.stack(list(history))}
         chunks.append(chunk)
-        x_T, noise = chunk_noise(policy, spec, keys.seed(chunk, len(chunks) - 1))
+        x_T, noise = chunk_noise(policy, spec, keys.seed(chunk, position + c))
         out = policy.predict_action({"obs": torch.from_numpy(chunk["obs"])[None].to(policy.device)}, x_T=x_T,
                                     noise=noise, sampler=spec)
         for a in out["action"][0].cpu().numpy():

@@ -374,17 +374,17 @@ class ControllerSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "deadline_ms", self.controller_config().deadline_ms)  # checked; a float
 
-    def controller_config(self, seed: int | None = None, deadline: bool = True) -> ControllerConfig:
+    def controller_config(self, seed: int | None = None, with_deadline: bool = True) -> ControllerConfig:
         """The :class:`~para_policy.controller.ControllerConfig` these settings run with.
 
-        ``seed``: the Controller's noise seed; ``deadline=False`` drops ``deadline_ms`` (for the
+        ``seed``: the Controller's noise seed; ``with_deadline=False`` drops ``deadline_ms`` (for the
         sequential baseline). A refused setting raises an :class:`EvalConfigError` naming its key.
         """
         with _controller_errors():
             return ControllerConfig(mode=self.mode, delay_steps=self.delay_steps, clock=self.clock,
                                     period_s=self.period_s, extend_plan=self.extend_plan,
                                     prefix_mode=self.prefix_mode, soft_masking=self.soft_masking,
-                                    deadline_ms=self.deadline_ms if deadline else None, seed=seed)
+                                    deadline_ms=self.deadline_ms if with_deadline else None, seed=seed)
 
     @property
     def batched(self) -> bool:

@@ -28,28 +28,7 @@ from para_policy.evaluation.config import FLAT_KEY
 from para_policy.evaluation.rollout import LATENCY_STREAM, call_noise
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig
-
-#: the percentiles :func:`percentile_summary` reports by default (``p50``, ``p95``, ``p99``)
-PERCENTILES = (50, 95, 99)
-
-
-def percentile_summary(values: Sequence[float], percentiles: Sequence[int] = PERCENTILES
-                       ) -> dict[str, float | int | None]:
-    """``{'n', 'mean', 'std', 'min', 'max', 'p50', 'p95', 'p99'}`` of ``values`` (ms, rounds, ...).
-
-    The one summary every latency or rounds figure is reported with, so ``p95`` means the same
-    (numpy's linear interpolation between order statistics) in every results file. ``percentiles``
-    chooses the ``p<q>`` keys. Empty ``values`` give ``n=0`` and None everywhere else.
-    """
-    v = np.asarray(list(values), dtype=np.float64)
-    if v.size == 0:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None,
-                **{f"p{p}": None for p in percentiles}}
-    out: dict[str, float | int | None] = {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()),
-                                          "min": float(v.min()), "max": float(v.max())}
-    for p in percentiles:
-        out[f"p{p}"] = float(np.percentile(v, p))
-    return out
+from para_policy.stats import percentile_summary
 
 
 def select_observations(pool: Sequence[Any], k: int) -> list[Any]:
@@ -137,11 +116,12 @@ def time_samplers(
             guess = None if guesses is None or guesses[i] is None else torch.as_tensor(guesses[i])[None]
             order = roles if i % 2 == 0 else roles[::-1]
             for role in order:
-                warm = guess.to(x_T) if guess is not None and specs[role].warm_start else False
+                warm = {"guess": guess.to(x_T)} if guess is not None and specs[role].warm_start else \
+                    {"warm_start": False}
                 if policy.device.type == "cuda":
                     torch.cuda.synchronize(policy.device)
                 t0 = time.perf_counter()
-                result = policy.predict_action(o, x_T=x_T, noise=noise, sampler=specs[role], warm_start=warm)
+                result = policy.predict_action(o, x_T=x_T, noise=noise, sampler=specs[role], **warm)
                 action = result["action"].cpu()  # a control loop needs the actions on the host
                 elapsed = time.perf_counter() - t0
                 stats = result.stats

@@ -83,7 +83,7 @@ class KeyedNoisePolicy:
         self.inputs: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
 
     def predict_action(self, obs_dict: Mapping[str, torch.Tensor], *, generator: torch.Generator | None = None,
-                       warm_start: torch.Tensor | bool | None = None, **kwargs: Any) -> PolicyOutput:
+                       guess: torch.Tensor | None = None, **kwargs: Any) -> PolicyOutput:
         """``policy.predict_action`` on ``{key: (1, To, *shape)}`` with this chunk's keyed ``x_T`` and noise."""
         del generator  # replaced by the keyed noise
         key = (ROLLOUT_STREAM, self._noise_seed, self._episode_seed, self.chunk)
@@ -92,9 +92,8 @@ class KeyedNoisePolicy:
         self.chunk += 1
         if self._record:
             history = {k: v[0].detach().cpu().numpy().astype(np.float32) for k, v in obs_dict.items()}
-            guess = warm_start[0].detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else None
-            self.inputs.append((history, guess))
-        return self._policy.predict_action(obs_dict, x_T=x_T, noise=noise, warm_start=warm_start, **kwargs)
+            self.inputs.append((history, None if guess is None else guess[0].detach().cpu().numpy()))
+        return self._policy.predict_action(obs_dict, x_T=x_T, noise=noise, guess=guess, **kwargs)
 
 
 def make_controller(policy: LowdimPolicy | KeyedNoisePolicy, spec: SamplerConfig, settings: ControllerSettings,
@@ -104,7 +103,7 @@ def make_controller(policy: LowdimPolicy | KeyedNoisePolicy, spec: SamplerConfig
 
     ``settings.deadline_ms`` applies to Picard samplers only: the sequential baseline runs every step.
     """
-    return Controller(policy, sampler=spec, config=settings.controller_config(seed=seed, deadline=spec.iterative))
+    return Controller(policy, sampler=spec, config=settings.controller_config(seed=seed, with_deadline=spec.iterative))
 
 
 def controller_fields(stats: Mapping[str, Any], late_steps: int | None = None) -> dict[str, Any]:

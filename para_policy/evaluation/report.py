@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from para_policy.checkpoints import atomic_write
-from para_policy.evaluation.latency import percentile_summary
+from para_policy.stats import percentile_summary
 
 SCHEMA_VERSION = 1
 #: folder of the run that holds image tasks' recorded chunk observations

@@ -41,6 +41,7 @@ import gymnasium
 import numpy as np
 import torch
 
+from para_policy.bench.noise import seed_for
 from para_policy.evaluation.config import (
     FLAT_KEY,
     PIXELS_OBS_TYPE,
@@ -56,12 +57,6 @@ from para_policy.schedule import Schedule
 ENV_PREFIX_HINT = f"{ROBOSUITE_PREFIX}Lift"
 ROLLOUT_STREAM = 0
 LATENCY_STREAM = 1
-
-
-def seed_for(*keys: int) -> int:
-    """A 63-bit generator seed from integer keys (numpy's SeedSequence: distinct keys, independent streams)."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 def call_noise(
@@ -284,7 +279,7 @@ def _predict(loop: _BatchedLoop, batch: list[EpisodeSlot]) -> list[tuple[np.ndar
 
     With ``spec.warm_start`` each slot's chunk starts from its previous chunk's
     trajectory shifted by the ``Na`` executed actions (the first chunk starts cold). The
-    guesses go in explicitly (``predict_action(warm_start=(B, T, D), warm_rows=(B,))``, the path
+    guesses go in explicitly (``predict_action(guess=(B, T, D), guess_rows=(B,))``, the path
     the Controller's :meth:`~para_policy.controller.Controller.act` takes too), not through the
     policy session's memory: that holds one batch's trajectory, and the envs of a batch start
     and end their episodes at different chunks.
@@ -298,7 +293,7 @@ def _predict(loop: _BatchedLoop, batch: list[EpisodeSlot]) -> list[tuple[np.ndar
     if spec.warm_start and any(s.guess is not None for s in batch):
         rows = torch.tensor([s.guess is not None for s in batch])
         guess = torch.stack([x_T[i] if s.guess is None else s.guess[0] for i, s in enumerate(batch)])
-        warm = {"warm_start": guess, "warm_rows": rows}
+        warm = {"guess": guess, "guess_rows": rows}
     try:
         out = policy.predict_action(obs, x_T=x_T, noise=noise, sampler=spec, **warm)
     except Exception as e:

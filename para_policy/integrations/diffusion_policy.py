@@ -791,9 +791,10 @@ class SamplingPatch:
         """Forget the previous call's trajectory: the next call starts cold."""
         self.session.reset()
 
-    def schedule(self, scheduler: Any, steps: int, eta: float = 0.0) -> Schedule:
-        """The schedule of the policy's scheduler (or its DDIM twin) at ``steps``; cached."""
-        return self.session.schedule_for(self.spec, scheduler, steps, eta)
+    def schedule(self, noise_scheduler: Any, steps: int, eta: float = 0.0) -> Schedule:
+        """The schedule of the policy's diffusers ``noise_scheduler`` (or its twin the spec's kind names) at
+        ``steps``; cached."""
+        return self.session.schedule_for(self.spec, noise_scheduler, steps, eta)
 
     def _identity(self, model: torch.nn.Module) -> WindowIdentity:
         """The window cache's identity of the patched network: its weights digest and device, the plain model."""

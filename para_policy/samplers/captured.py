@@ -184,7 +184,7 @@ class CapturedPicard:
             output is cast to the state's dtype.
         schedule: the schedule; ``capture``: False runs the static buffers eagerly (CPU checks);
         weights_changed: as :class:`CapturedSequential`'s.
-    Call: ``(x_T, noise, condition=, inpaint=, init=, init_rows=, deadline=) -> (sample, stats)``.
+    Call: ``(x_T, noise, condition=, inpaint=, init=, init_rows=, deadline_at=) -> (sample, stats)``.
     """
 
     def __init__(self, denoiser: Denoiser, schedule: Schedule, *, window: int = 16, tolerance: float = 0.1,
@@ -221,7 +221,7 @@ class CapturedPicard:
     @torch.inference_mode()
     def __call__(self, x_T: torch.Tensor, noise: torch.Tensor | None = None, *, condition: torch.Tensor | None = None,
                  inpaint: Inpaint | None = None, init: torch.Tensor | None = None,
-                 init_rows: torch.Tensor | None = None, deadline: float | None = None
+                 init_rows: torch.Tensor | None = None, deadline_at: float | None = None
                  ) -> tuple[torch.Tensor, SampleStats]:
         noise = check_inputs(self.schedule, x_T, noise, condition, inpaint)
         setup, state = self._fresh(x_T, noise, condition, inpaint, init, init_rows)
@@ -231,12 +231,12 @@ class CapturedPicard:
         copy_into(static_setup, setup)
         copy_into(static_state, state)
         sample, stats = run_rounds(static_setup, static_state, lambda setup, state, rows: graph(), True,
-                                   self.max_iterations, deadline)
+                                   self.max_iterations, deadline_at)
         return sample.clone(), stats  # nothing of the static buffers leaves
 
 
 #: the per-call arguments a captured Picard sampler takes (the rest of a spec's options are baked in)
-CALL_OPTIONS = ("init", "init_rows", "deadline")
+CALL_OPTIONS = ("init", "init_rows", "deadline_at")
 
 
 def captured_sampler(spec: Any, schedule: Schedule, denoiser: Denoiser, *, capture: bool = True,

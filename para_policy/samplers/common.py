@@ -54,6 +54,53 @@ class SampleStats:
 
 Sampler = TypeVar("Sampler", bound=Callable[..., Any])
 
+#: keywords earlier releases took: old spelling → (the keyword that replaced it, what that one holds).
+#: A keyword in :data:`FLAG_KEYWORDS` keeps its name as a flag and is refused only with another value.
+RENAMED_KEYWORDS: dict[str, tuple[str, str]] = {
+    "deadline": ("deadline_at", "a time.perf_counter() instant after which no new round starts; deadline_ms, "
+                 "where it is taken (Controller, eval config), is a budget in ms"),
+    "warm_rows": ("guess_rows", "(B,) bool, the rows of guess= that hold a guess"),
+    "warm_start": ("guess", "a (B, T, D) guess of the clean normalized trajectory; warm_start is a flag: None "
+                   "(the spec's rule: the previous call's trajectory), True, or False (cold)"),
+}
+#: renamed keywords whose old name lives on as a flag (True / False / None)
+FLAG_KEYWORDS = ("warm_start",)
+
+
+def renamed_keyword_error(old: str) -> TypeError:
+    """The error for the old spelling ``old`` (a key of :data:`RENAMED_KEYWORDS`): it names the new keyword."""
+    new, what = RENAMED_KEYWORDS[old]
+    if old in FLAG_KEYWORDS:
+        return TypeError(f"{old}= takes True, False or None; pass the tensor as {new}= ({what})")
+    return TypeError(f"{old}= was renamed: pass {new}= ({what})")
+
+
+def refuse_renamed(*old: str) -> Callable[[Sampler], Sampler]:
+    """Decorate a function so that the old spellings ``old`` (keys of :data:`RENAMED_KEYWORDS`) raise a
+    ``TypeError`` naming the keyword that replaced each.
+
+    Why: a removed keyword would otherwise fail with Python's bare "unexpected keyword argument", or,
+    for a function that takes ``**options`` (``predict_action``), be read as an unknown sampler
+    option; and a flag given the value it used to take (``warm_start=<tensor>``) would be read as
+    true. A flag keyword (:data:`FLAG_KEYWORDS`) is refused only when its value is not None or a bool.
+    """
+    for name in old:
+        if name not in RENAMED_KEYWORDS:
+            raise KeyError(f"{name!r} is not a renamed keyword ({sorted(RENAMED_KEYWORDS)})")
+
+    def decorate(fn: Sampler) -> Sampler:
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for name in old:
+                if name in kwargs and (name not in FLAG_KEYWORDS
+                                       or not (kwargs[name] is None or isinstance(kwargs[name], bool))):
+                    raise renamed_keyword_error(name)
+            return fn(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate
+
 
 def float32_state(sample: Sampler) -> Sampler:
     """Run a sampler's own arithmetic in float32 (or ``x_T``'s dtype if wider), the model as the caller set it.
@@ -217,19 +264,19 @@ def check_options(schedule: Schedule, window: int, tolerance: float, max_iterati
     return schedule.num_steps if max_iterations is None else max_iterations
 
 
-def check_deadline(deadline: Any) -> float | None:
-    """``deadline`` (a ``time.perf_counter()`` instant) as a float, or None for no deadline.
+def check_deadline(deadline_at: Any) -> float | None:
+    """``deadline_at`` (a ``time.perf_counter()`` instant) as a float, or None for no deadline.
 
-    Why: the host loop stops when ``time.perf_counter() >= deadline``; that is never true for
+    Why: the host loop stops when ``time.perf_counter() >= deadline_at``; that is never true for
     NaN or +inf, so such a deadline would be silently ignored (and -inf is a clock reading
     no caller means). Raises ``ValueError`` naming the argument.
     """
-    if deadline is None:
+    if deadline_at is None:
         return None
-    if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real) or not math.isfinite(deadline):
-        raise ValueError(f"deadline must be a finite time.perf_counter() instant (None: no deadline), "
-                         f"got {deadline!r}")
-    return float(deadline)
+    if isinstance(deadline_at, bool) or not isinstance(deadline_at, numbers.Real) or not math.isfinite(deadline_at):
+        raise ValueError(f"deadline_at must be a finite time.perf_counter() instant (None: no deadline), "
+                         f"got {deadline_at!r}")
+    return float(deadline_at)
 
 
 def known_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ from para_policy.samplers.common import (
     float32_state,
     impose,
     known_mask,
+    refuse_renamed,
 )
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.samplers.solves import (
@@ -409,6 +410,7 @@ def _finish(setup: RoundSetup, state: WindowState, last: RoundRows | None, finis
     return apply_inpaint(final, setup.inpaint, None)
 
 
+@refuse_renamed("deadline")
 @torch.inference_mode()
 @float32_state
 def picard_sample(
@@ -425,7 +427,7 @@ def picard_sample(
     init: torch.Tensor | None = None,
     init_rows: torch.Tensor | None = None,
     per_sample_windows: bool = True,
-    deadline: float | None = None,
+    deadline_at: float | None = None,
     accelerator: Accelerator | None = None,
     linear_solve: bool = False,
     secant: bool = False,
@@ -458,7 +460,7 @@ def picard_sample(
             bool, which samples start from it (default all); see :func:`initial_window_state`.
         per_sample_windows: each sample's window slides on its own errors; ``False``
             makes the batch wait for its slowest sample (ParaDiGMS as published).
-        deadline: a ``time.perf_counter()`` instant; no new round starts after it (the first
+        deadline_at: a ``time.perf_counter()`` instant; no new round starts after it (the first
             round always runs), unfinished samples return as under ``max_iterations``, and
             ``stats.deadline_hit`` says so.
         accelerator: a per-round hook (:class:`Accelerator`), e.g. ParaTAA's.
@@ -477,7 +479,7 @@ def picard_sample(
     _check_round_shape(round_shape, compile_round)
     B = x_T.shape[0]
     S = schedule.num_steps
-    if min(window, S) == 1 and max_iterations >= S and deadline is None and accelerator is None:
+    if min(window, S) == 1 and max_iterations >= S and deadline_at is None and accelerator is None:
         # a window of one step is the sequential recursion (each round computes the next step from a
         # final point, so no guess is ever read): run the loop itself, without Picard's bookkeeping
         sample, stats = sequential_sample(denoiser, schedule, x_T, noise, condition=condition, inpaint=inpaint)
@@ -487,7 +489,7 @@ def picard_sample(
                              per_sample_windows, linear_solve, secant, jacobian)
     state = initial_window_state(x_T, S, None if init is None else init.to(x_T.dtype), init_rows)
     step = compiled_round() if compile_round else picard_round
-    return run_rounds(setup, state, step, round_shape == "fixed", max_iterations, deadline)
+    return run_rounds(setup, state, step, round_shape == "fixed", max_iterations, deadline_at)
 
 
 def _check_round_shape(round_shape: str, compile_round: bool) -> None:
@@ -501,7 +503,7 @@ def _check_round_shape(round_shape: str, compile_round: bool) -> None:
 
 
 def run_rounds(setup: RoundSetup, state: WindowState, step: Callable[..., RoundRows], fixed: bool,
-               max_iterations: int, deadline: float | None) -> tuple[torch.Tensor, SampleStats]:
+               max_iterations: int, deadline_at: float | None) -> tuple[torch.Tensor, SampleStats]:
     """The host loop: rounds until every window reached the end (or the cap, or the deadline).
 
     ``step(setup, state, rows)`` runs one round: :func:`picard_round`, its compiled form, or a
@@ -512,7 +514,7 @@ def run_rounds(setup: RoundSetup, state: WindowState, step: Callable[..., RoundR
     The one host read per round is each sample's window start: the stop test, and the
     compacting round's next row count.
     """
-    deadline = check_deadline(deadline)  # NaN or inf would never stop the loop
+    deadline_at = check_deadline(deadline_at)  # NaN or inf would never stop the loop
     B, S, W = state.begin.shape[0], setup.steps, setup.window
     rounds = model_evals = 0
     rows_per_round: list[int] = []
@@ -520,7 +522,7 @@ def run_rounds(setup: RoundSetup, state: WindowState, step: Callable[..., RoundR
     last: RoundRows | None = None
     begins = [0] * B  # every window starts at step 0
     while rounds < max_iterations and any(start < S for start in begins):
-        if deadline is not None and rounds > 0 and time.perf_counter() >= deadline:  # one round always runs
+        if deadline_at is not None and rounds > 0 and time.perf_counter() >= deadline_at:  # one round always runs
             deadline_hit = True
             break
         rounds += 1

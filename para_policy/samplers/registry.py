@@ -101,7 +101,7 @@ class Family:
 
     @property
     def iterative(self) -> bool:
-        """Takes ``init`` / warm starts / ``deadline`` (the Picard families)."""
+        """Takes ``init`` / warm starts / ``deadline_at`` (the Picard families)."""
         return self.options is not None
 
     @property
@@ -151,8 +151,11 @@ class SamplerConfig:
     values, then the family's defaults). Every field is checked here, so a spec that
     exists is one that runs.
 
-    name: a key of :data:`PRESETS`; scheduler: ``'ddpm'`` / ``'ddim'`` / ``'dpmsolver++'`` /
-    ``'sde-dpmsolver++'`` / None (the checkpoint's); num_inference_steps: >= 1 or None (the
+    name: a key of :data:`PRESETS`, required (no default here: ``sampler_spec()`` and
+    ``load_policy`` default to ``paradigms``, a policy built directly starts ``sequential``, and a
+    third default would be one too many); scheduler: the schedule's kind string, ``'ddpm'`` /
+    ``'ddim'`` / ``'dpmsolver++'`` / ``'sde-dpmsolver++'`` / None (the checkpoint's; the diffusers
+    object is ``noise_scheduler`` wherever one is passed); num_inference_steps: >= 1 or None (the
     checkpoint's); options: the family's complete options as a dict (``{}`` for sequential);
     warm_start: start each call from the previous call's trajectory (iterative families only;
     None: the preset's); solver_order: DPM-Solver++'s order, 1–3, only with a DPM scheduler
@@ -161,7 +164,7 @@ class SamplerConfig:
     checkpoint's scheduler when the schedule is built).
     """
 
-    name: str = "sequential"
+    name: str
     scheduler: str | None = None
     num_inference_steps: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -215,7 +218,7 @@ class SamplerConfig:
 
     @property
     def iterative(self) -> bool:
-        """Whether it takes warm starts, ``init`` and a ``deadline`` (the Picard families)."""
+        """Whether it takes warm starts, ``init`` and a ``deadline_at`` (the Picard families)."""
         return self.family.iterative
 
     @property
@@ -264,31 +267,32 @@ def sampler_spec(sampler: str | SamplerConfig | Mapping[str, Any] | None = DEFAU
     return SamplerConfig(name, options=opts, **fields)
 
 
-def scheduler_kind(scheduler: Any) -> str:
-    """``'ddim'`` for a diffusers DDIMScheduler, its ``algorithm_type`` (``'dpmsolver++'`` /
-    ``'sde-dpmsolver++'``) for a DPMSolverMultistepScheduler, ``'ddpm'`` otherwise."""
-    name = type(scheduler).__name__
+def scheduler_kind(noise_scheduler: Any) -> str:
+    """The kind string of a diffusers ``noise_scheduler`` object: ``'ddim'`` for a DDIMScheduler, its
+    ``algorithm_type`` (``'dpmsolver++'`` / ``'sde-dpmsolver++'``) for a DPMSolverMultistepScheduler,
+    ``'ddpm'`` otherwise."""
+    name = type(noise_scheduler).__name__
     if name == "DDIMScheduler":
         return "ddim"
     if name == "DPMSolverMultistepScheduler":
-        return str(scheduler.config.get("algorithm_type", "dpmsolver++"))
+        return str(noise_scheduler.config.get("algorithm_type", "dpmsolver++"))
     return "ddpm"
 
 
-def _ddpm_from(scheduler: Any) -> Any:
+def _ddpm_from(noise_scheduler: Any) -> Any:
     """The DDPM scheduler of a DPM-Solver++ scheduler's betas and prediction type (no clipping, as DPM-Solver)."""
     from diffusers import DDPMScheduler
 
-    cfg = scheduler.config
+    cfg = noise_scheduler.config
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                          beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
                          trained_betas=cfg.get("trained_betas"), clip_sample=False,
                          prediction_type=cfg.prediction_type)
 
 
-def build_schedule(spec: SamplerConfig, scheduler: Any, default_steps: int, eta: float = 0.0,
+def build_schedule(spec: SamplerConfig, noise_scheduler: Any, default_steps: int, eta: float = 0.0,
                    own: Callable[[], Any] | None = None) -> Schedule:
-    """The :class:`Schedule` ``spec`` runs on, from the policy's diffusers ``scheduler``.
+    """The :class:`Schedule` ``spec`` runs on, from the policy's diffusers ``noise_scheduler`` object.
 
     ``spec.scheduler`` None keeps the scheduler's own kind; ``'ddim'`` on a DDPM- or
     DPM-Solver-trained policy uses its DDIM twin (:func:`~para_policy.schedule.ddim_from`);
@@ -300,36 +304,38 @@ def build_schedule(spec: SamplerConfig, scheduler: Any, default_steps: int, eta:
     on a non-DPM schedule is refused. ``own`` makes a fresh copy of the policy's scheduler
     (default: the scheduler itself, whose timesteps :func:`make_schedule` sets).
     """
-    kind, steps, order = schedule_key(spec, scheduler, default_steps)
-    own_kind = scheduler_kind(scheduler)
+    kind, steps, order = schedule_key(spec, noise_scheduler, default_steps)
+    own_kind = scheduler_kind(noise_scheduler)
     if spec.solver_order is not None and kind not in DPM_SCHEDULERS:
         raise SamplerOptionError(f"solver_order is DPM-Solver++'s order, but the schedule is {kind!r} (the "
                                  "policy's scheduler); choose scheduler='dpmsolver++' or drop solver_order",
                                  "solver_order")
     if kind in DPM_SCHEDULERS:
         if own_kind in DPM_SCHEDULERS:
-            sched = own() if own is not None else scheduler
+            sched = own() if own is not None else noise_scheduler
             if (own_kind, sched.config.solver_order) != (kind, order):
                 sched = type(sched).from_config(sched.config, solver_order=order, algorithm_type=kind)
         else:
-            sched = dpm_from(scheduler, solver_order=order, algorithm_type=kind)
+            sched = dpm_from(noise_scheduler, solver_order=order, algorithm_type=kind)
     elif kind == own_kind:
-        sched = own() if own is not None else scheduler
+        sched = own() if own is not None else noise_scheduler
     elif kind == "ddim":
-        sched = ddim_from(scheduler)
+        sched = ddim_from(noise_scheduler)
     elif own_kind in DPM_SCHEDULERS:
-        sched = _ddpm_from(scheduler)
+        sched = _ddpm_from(noise_scheduler)
     else:
         raise SamplerOptionError("a DDPM schedule cannot be derived from a DDIM-trained policy's scheduler; "
                                  "use scheduler='ddim'")
     return make_schedule(sched, steps, eta=float(eta) if kind == "ddim" else 0.0)
 
 
-def schedule_key(spec: SamplerConfig, scheduler: Any, default_steps: int) -> tuple[str, int, int | None]:
-    """``(kind, steps, solver_order)`` of the schedule ``spec`` runs on (a cache key; order None unless DPM)."""
-    kind = spec.scheduler or scheduler_kind(scheduler)
+def schedule_key(spec: SamplerConfig, noise_scheduler: Any, default_steps: int) -> tuple[str, int, int | None]:
+    """``(kind, steps, solver_order)`` of the schedule ``spec`` runs on, for the policy's ``noise_scheduler``
+    object (a cache key; order None unless DPM)."""
+    kind = spec.scheduler or scheduler_kind(noise_scheduler)
     order = None
     if kind in DPM_SCHEDULERS:
-        own = scheduler.config.get("solver_order") if scheduler_kind(scheduler) in DPM_SCHEDULERS else None
+        dpm = scheduler_kind(noise_scheduler) in DPM_SCHEDULERS
+        own = noise_scheduler.config.get("solver_order") if dpm else None
         order = int(spec.solver_order or own or DEFAULT_SOLVER_ORDER)
     return kind, int(spec.num_inference_steps or default_steps), order

@@ -52,6 +52,7 @@ from para_policy.samplers.common import (
     Inpaint,
     SampleStats,
     float32_state,
+    refuse_renamed,
 )
 from para_policy.samplers.options import check_anderson_options
 from para_policy.samplers.picard import picard_sample
@@ -167,6 +168,7 @@ def anderson_correction(
     return torch.einsum("bwi,bwitd->bwtd", gamma, dX + dR)
 
 
+@refuse_renamed("deadline")
 @torch.inference_mode()
 @float32_state
 def taa_sample(
@@ -183,7 +185,7 @@ def taa_sample(
     init: torch.Tensor | None = None,
     init_rows: torch.Tensor | None = None,
     per_sample_windows: bool = True,
-    deadline: float | None = None,
+    deadline_at: float | None = None,
     linear_solve: bool = False,
     secant: bool = False,
     memory: int = 3,
@@ -195,7 +197,7 @@ def taa_sample(
 
     Arguments and stats are :func:`para_policy.samplers.picard_sample`'s (same window,
     tolerance, convergence test, per-sample windows, ``init`` / ``init_rows`` warm start,
-    ``linear_solve``, ``secant``, ``deadline``, ``round_shape`` and ``compile_round``), plus:
+    ``linear_solve``, ``secant``, ``deadline_at``, ``round_shape`` and ``compile_round``), plus:
 
     Args:
         memory: how many past iterate differences each slot mixes (2–5 are sensible;
@@ -215,6 +217,6 @@ def taa_sample(
     return picard_sample(denoiser, schedule, x_T, noise, window=window, tolerance=tolerance,
                          max_iterations=max_iterations, condition=condition, inpaint=inpaint, init=init,
                          init_rows=init_rows,
-                         per_sample_windows=per_sample_windows, deadline=deadline, accelerator=anderson,
+                         per_sample_windows=per_sample_windows, deadline_at=deadline_at, accelerator=anderson,
                          linear_solve=linear_solve, secant=secant, round_shape=round_shape,
                          compile_round=compile_round)

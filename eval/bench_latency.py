@@ -9,11 +9,12 @@ names (``--schedules``, ``ddpm100 ddim16 ddim10 ddim8`` by default; each built w
 - ``ddpm<N>``: DDPM with N steps (``ddpm100``, the shipped policy's own);
 - ``ddim<N>``: DDIM with N steps, eta 0 (``ddim10``);
 - ``dpm<order>-<N>``: DPM-Solver++ multistep (``scheduler='dpmsolver++'``, ``solver_order`` 1-3,
-  diffusers' defaults otherwise) with N steps: ``dpm2-10`` is order 2 (2M) at 10 steps, ``dpm3-5``
-  order 3 at 5. Labelled ``DPM-Solver++(2)-10`` in the tables. ``--dpm-lambda-min-clipped -5.1``
-  adds diffusers' ``lambda_min_clipped`` to these schedulers (what diffusers prescribes for cosine
-  beta schedules such as DiffusionPolicy's ``squaredcos_cap_v2``; without it DPM-Solver++'s first
-  clean-sample prediction divides by sqrt(ᾱ) = 5e-4 on the shipped policy, unclipped).
+  :func:`para_policy.schedule.dpm_from` otherwise) with N steps: ``dpm2-10`` is order 2 (2M) at 10
+  steps, ``dpm3-5`` order 3 at 5. Labelled ``DPM-Solver++(2)-10`` in the tables. ``dpm_from`` sets
+  diffusers' ``lambda_min_clipped=-5.1`` on cosine beta schedules such as DiffusionPolicy's
+  ``squaredcos_cap_v2`` (without it DPM-Solver++'s first clean-sample prediction divides by
+  sqrt(ᾱ) = 5e-4 on the shipped policy, unclipped); ``--dpm-lambda-min-clipped=LAMBDA`` overrides it
+  (``=-inf``: diffusers' own default, the unclipped solver).
 
 For every schedule, in ONE interleaved run:
 
@@ -1062,7 +1063,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--dpm-lambda-min-clipped", type=float, default=None, metavar="LAMBDA",
                         help="build the DPM-Solver++ schedules with diffusers' lambda_min_clipped=LAMBDA (e.g. -5.1, "
-                             "diffusers' value for cosine schedules); default: dpm_from's diffusers defaults")
+                             "diffusers' value for cosine schedules; =-inf: unclipped); "
+                             "default: dpm_from's (-5.1 on cosine betas)")
     parser.add_argument("--report-only", metavar="JSON", default=None,
                         help="re-render the markdown and plots of an earlier run's bench_latency.json")
     sc = parser.add_argument_group("scores")

@@ -649,13 +649,22 @@ def ddim_from(noise_scheduler):
     )
 
 
+#: ``lambda_min_clipped`` of the DPM-Solver++ twin of a cosine-schedule model (diffusers' value for it)
+COSINE_LAMBDA_MIN_CLIPPED = -5.1
+
+
 def dpm_from(noise_scheduler, solver_order: int = 2, algorithm_type: str = "dpmsolver++"):
     """The DPM-Solver++ scheduler a user would pair with a DDPM- or DDIM-trained model.
 
     Same betas and prediction type; diffusers' defaults otherwise (``linspace`` spacing,
     ``lower_order_final``, ``final_sigmas_type='zero'``), as RDT-1B and a DiffusionPolicy config
-    with ``_target_: diffusers.DPMSolverMultistepScheduler`` build it. DPM-Solver does not
-    clip the clean-sample prediction, so a ``clip_sample`` of the source scheduler is not carried.
+    with ``_target_: diffusers.DPMSolverMultistepScheduler`` build it, except one: on a cosine
+    (``squaredcos_cap_v2``) schedule ``lambda_min_clipped`` is :data:`COSINE_LAMBDA_MIN_CLIPPED`,
+    which diffusers documents as critical there. Why: DiffusionPolicy's cosine betas end at
+    ᾱ ≈ 2e-7, so the first clean-sample prediction ``(x − σ ε) / α`` multiplies the network's
+    error by about 2000; DPM-Solver does not clip it (a ``clip_sample`` of the source scheduler is
+    not carried), and the unclipped solver's actions are far off (docs/benchmarks.md). A
+    checkpoint that configures DPM-Solver itself is built as it says (:func:`build_scheduler`).
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -670,5 +679,7 @@ def dpm_from(noise_scheduler, solver_order: int = 2, algorithm_type: str = "dpms
         solver_order=solver_order,
         algorithm_type=algorithm_type,
     )
+    if cfg.beta_schedule == "squaredcos_cap_v2":
+        kwargs["lambda_min_clipped"] = COSINE_LAMBDA_MIN_CLIPPED
     check_dpm_config(kwargs)
     return DPMSolverMultistepScheduler(**kwargs)

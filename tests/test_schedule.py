@@ -263,3 +263,10 @@ def test_dpm_schedule_moves_every_tensor_once_per_device():
     assert isinstance(moved, MultistepSchedule) and moved is schedule.to("meta")
     assert all(getattr(moved, name).device.type == "meta" for name in MultistepSchedule._TENSORS)
     assert make_schedule(dp_ddpm(), 10).order == 1 and make_schedule(dp_ddim(), 10).order == 1
+
+
+def test_dpm_twin_of_a_cosine_model_clips_lambda():
+    # diffusers documents lambda_min_clipped as critical for cosine schedules (the shipped-policy test shows why)
+    assert dpm_from(dp_ddpm()).config.lambda_min_clipped == -5.1  # DiffusionPolicy's squaredcos_cap_v2
+    linear = dpm_from(dp_ddpm(beta_schedule="linear"))
+    assert linear.config.lambda_min_clipped == float("-inf")  # diffusers' default where it is not needed

@@ -42,6 +42,18 @@ def test_shipped_policy_gives_finite_actions_in_the_arena(policy):
     assert ((action > -20) & (action < 532)).all()  # pixels: the 512 x 512 arena
 
 
+def test_dpm_solver_on_the_ddpm_trained_policy_stays_in_the_arena(policy):
+    # the DPM-Solver++ twin of this cosine-schedule policy clips lambda (schedule.dpm_from); unclipped, its
+    # first clean-sample prediction amplifies the network's error ~2000x and the actions leave the arena
+    env = make_env()
+    obs, _ = env.reset(seed=100000)
+    env.close()
+    obs = torch.as_tensor(obs, dtype=torch.float32)[None, None].repeat(1, 2, 1)
+    out = policy.predict_action({"obs": obs}, generator=torch.Generator().manual_seed(0), sampler="sequential",
+                                scheduler="dpmsolver++", solver_order=2, num_inference_steps=8)
+    assert ((out["action"] > -20) & (out["action"] < 532)).all()
+
+
 def test_picard_on_the_real_network_reproduces_sequential(policy):
     obs = torch.tensor(np.random.default_rng(0).uniform(50, 450, (1, 2, 20)), dtype=torch.float32)
     kw = dict(scheduler="ddim", num_inference_steps=16)

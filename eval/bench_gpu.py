@@ -26,7 +26,7 @@ and latency is roughly rounds × one call. On one CUDA device, within ``--time-b
    chunk observations ``eval/bench_latency.py --record-only`` saved, so no simulator is needed
    here): ``sequential`` and ``paradigms`` (its ``window='auto'`` measured by the policy's own
    tuner on that runtime) on each of ``--runtimes`` (fp32 and CUDA graphs), and ParaDiGMS as
-   published on the first. It is ``eval/bench_latency.py``'s replay, summary and tables.
+   published on the first. It is ``eval/bench_latency.py``'s replay, summary and tables (``para_policy.bench.latency``).
 4. **DiffusionPolicy's default size, predicted**: its latency per schedule is not measured
    (rounds of random weights say nothing about a trained network); it is predicted from the
    shipped policy's rows per round in every replayed chunk and the default-size network's cost
@@ -60,29 +60,46 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/bench_latency.py: the shared replay
+import numpy as np
+import torch
 
-import bench_latency as bl  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from para_policy.checkpoints import atomic_write  # noqa: E402
-from para_policy.cuda_graphs import exact_fp32  # noqa: E402
-from para_policy.inference import configure_inference  # noqa: E402
-from para_policy.loading import load_policy  # noqa: E402
-from para_policy.policy import LowdimPolicy  # noqa: E402
-from para_policy.samplers import (  # noqa: E402
+from para_policy.bench.latency import (
+    CHECKPOINT,
+    DEFAULT_SCHEDULES,
+    REPLAY_STREAM,
+    ROOT,
+    cost_curves,
+    cost_table,
+    machine_line,
+    predicted_ms,
+    replay,
+    replay_noise,
+    resolve_paradigms,
+    row_label,
+    schedule_variants,
+    summarize,
+    table,
+    tuning_line,
+)
+from para_policy.bench.schedules import parse_schedule, schedule_label, schedule_spec
+from para_policy.bench.stream import load_stream, split_stream
+from para_policy.checkpoints import atomic_write
+from para_policy.cuda_graphs import exact_fp32
+from para_policy.inference import configure_inference
+from para_policy.loading import load_policy
+from para_policy.policy import LowdimPolicy
+from para_policy.samplers import (
     picard_sample,
     sampler_spec,
     sequential_sample,
     shift_trajectory,
     warm_start_init,
 )
-from para_policy.samplers.captured import CapturedPicard, CapturedSequential  # noqa: E402
-from para_policy.schedule import Schedule  # noqa: E402
-from para_policy.window import DEFAULT_BATCHES  # noqa: E402
+from para_policy.samplers.captured import CapturedPicard, CapturedSequential
+from para_policy.schedule import Schedule
+from para_policy.window import DEFAULT_BATCHES
 
-RESULTS = bl.ROOT / "eval" / "results" / "bench_gpu"
+RESULTS = ROOT / "eval" / "results" / "bench_gpu"
 STREAM = RESULTS / "stream.json"
 #: runtime name -> configure_inference settings
 MODES: dict[str, dict[str, Any]] = {
@@ -209,7 +226,7 @@ def measure_cost(networks: Mapping[str, LowdimPolicy], modes: Sequence[str], obs
                 continue
             print(f"cost curve: {net} {mode} ...", flush=True)
             try:
-                out[net][mode] = bl.cost_curves({mode: with_mode(policy, mode)}, obs, sizes.batches,
+                out[net][mode] = cost_curves({mode: with_mode(policy, mode)}, obs, sizes.batches,
                                                 reps=sizes.cost_reps, warmup=sizes.cost_warmup)[mode]
             except Exception as e:  # one failing runtime must not cost the rest of a GPU lease
                 out[net][mode] = failure(f"cost curve {net} {mode}", e, budget)
@@ -239,7 +256,7 @@ def replay_runtimes(shipped: LowdimPolicy, names: Sequence[str], obs: Any, sizes
             continue
         try:
             policy = with_mode(shipped, r)
-            bl.cost_curves({r: policy}, obs, sizes.batches, reps=1, warmup=0)
+            cost_curves({r: policy}, obs, sizes.batches, reps=1, warmup=0)
             runtimes[r] = policy
         except Exception as e:
             failure(f"runtime {r} of the per-schedule replay", e, budget)
@@ -255,13 +272,13 @@ def run_schedule(runtimes: Mapping[str, LowdimPolicy], schedule: str, chunks: li
     from the rows per round the shipped policy needed in each chunk (mean over chunks).
     """
     reference = next(iter(runtimes))
-    windows = {r: bl.resolve_paradigms(p, schedule, calib_obs, recalibrate=True, reps=sizes.tune_reps)
+    windows = {r: resolve_paradigms(p, schedule, calib_obs, recalibrate=True, reps=sizes.tune_reps)
                for r, p in runtimes.items()}
-    variants = bl.schedule_variants(schedule, windows, reference=reference)
-    bl.replay(runtimes, variants, chunks, noise_seed, progress=False)
-    rows = bl.summarize(variants, runtimes[reference].n_action_steps)
+    variants = schedule_variants(schedule, windows, reference=reference)
+    replay(runtimes, variants, chunks, noise_seed, progress=False)
+    rows = summarize(variants, runtimes[reference].n_action_steps)
     for row, v in zip(rows, variants, strict=True):
-        row["predicted_ms"] = {net: bl.predicted_ms(v.records, curves[v.runtime]) for net, curves in cost.items()
+        row["predicted_ms"] = {net: predicted_ms(v.records, curves[v.runtime]) for net, curves in cost.items()
                                if isinstance(curves.get(v.runtime), Mapping)}
     return rows
 
@@ -284,12 +301,12 @@ def predicted_table(schedules: Mapping[str, Any], net: str) -> list[str]:
              "predicted speed-up |", "|---|---|---|---|---|---|---|"]
     for s, part in schedules.items():
         if "skipped" in part:
-            lines.append(f"| {bl.schedule_label(s)} | {part['skipped']} | | | | | |")
+            lines.append(f"| {schedule_label(s)} | {part['skipped']} | | | | | |")
             continue
         speed = predicted_speedups(part["rows"], net)
         for r in part["rows"]:
             ms, up = r["predicted_ms"].get(net), speed.get(r["key"])
-            lines.append(f"| {bl.schedule_label(s)} | {bl.row_label(r)} | {r['runtime']} | {r['window'] or ''} | "
+            lines.append(f"| {schedule_label(s)} | {row_label(r)} | {r['runtime']} | {r['window'] or ''} | "
                          f"{r['rounds_mean']:.1f} | {_num(ms, '{:.1f}')} | {_num(up, '{:.2f}×')} |")
     return lines
 
@@ -436,9 +453,9 @@ def replay_captured(policy: LowdimPolicy, schedule_name: str, variants: Sequence
     note says why) instead of costing the schedule. The CPU fallback skips them (nothing to
     capture). Returns the variants that ran and the notes of those left out.
     """
-    spec = bl.schedule_spec("sequential", schedule_name)
+    spec = schedule_spec("sequential", schedule_name)
     schedule = policy.schedule_for(spec)
-    x_T, noise = bl.replay_noise(policy, spec, (bl.REPLAY_STREAM, noise_seed, -1, 0))
+    x_T, noise = replay_noise(policy, spec, (REPLAY_STREAM, noise_seed, -1, 0))
     failed: dict[str, str] = {}
     for v in variants if warmup else ():
         try:
@@ -449,7 +466,7 @@ def replay_captured(policy: LowdimPolicy, schedule_name: str, variants: Sequence
         v.previous.clear()
     variants = [v for v in variants if v.key not in failed]
     for i, ch in enumerate(chunks):
-        x_T, noise = bl.replay_noise(policy, spec, (bl.REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
+        x_T, noise = replay_noise(policy, spec, (REPLAY_STREAM, noise_seed, ch["episode"], ch["chunk"]))
         for v in (variants if i % 2 == 0 else variants[::-1]):
             v.records.append(captured_call(policy, schedule, v, ch, x_T, noise))
     return variants, failed
@@ -565,7 +582,7 @@ def run_captured(policy: LowdimPolicy, schedule_name: str, chunks: list[dict[str
     TF32 off throughout (:func:`~para_policy.cuda_graphs.exact_fp32`): an fp32 row's deviation
     is then fp32 rounding and the tolerance, not TF32's row-count-dependent rounding.
     """
-    schedule = policy.schedule_for(bl.schedule_spec("sequential", schedule_name))
+    schedule = policy.schedule_for(schedule_spec("sequential", schedule_name))
     wins = captured_windows(windows, schedule.num_steps)
     with exact_fp32():
         variants = captured_variants(policy, schedule, wins, capture)
@@ -587,11 +604,11 @@ def captured_part(shipped: LowdimPolicy, schedules: Sequence[str], chunks: list[
                             "schedules": {}}
     per_step_s = 0.0  # seconds per denoising step of the last schedule: the next one's estimate
     for s in schedules:
-        steps = bl.parse_schedule(s)[1]
+        steps = parse_schedule(s)[1]
         if not budget.allows(f"captured {s}", per_step_s * steps):
             part["schedules"][s] = {"skipped": "skipped: time budget"}
             continue
-        print(f"captured: {bl.schedule_label(s)} ...", flush=True)
+        print(f"captured: {schedule_label(s)} ...", flush=True)
         t0 = time.perf_counter()
         try:
             part["schedules"][s] = res = run_captured(shipped, s, chunks, args.captured_windows, sizes,
@@ -622,7 +639,7 @@ def captured_markdown(part: Mapping[str, Any]) -> list[str]:
               "deviation px mean | max | speed-up |", "|---|---|---|---|---|---|---|---|"]
     best, costs = [], []
     for s, res in part["schedules"].items():
-        label = bl.schedule_label(s)
+        label = schedule_label(s)
         if "skipped" in res:
             lines.append(f"| {label} | {res['skipped']} | | | | | | |")
             continue
@@ -693,7 +710,7 @@ def to_markdown(data: dict[str, Any]) -> str:
         where = ("**Ran on the CPU (no CUDA device): the CPU fallback, with reduced sizes; CUDA-graph rows are "
                  "skipped and bf16 is CPU autocast. These numbers say nothing about a GPU.**")
     lines = ["# GPU benchmark: cost curves, rounds and latency per schedule (batch 1)", "", where, "",
-             f"Command: `{meta['command']}`", "", bl.machine_line(info), "",
+             f"Command: `{meta['command']}`", "", machine_line(info), "",
              f"Sizes: {'reduced' if meta['reduced'] else 'full'} (rows "
              f"{', '.join(map(str, meta['sizes']['batches']))}; "
              f"{meta['n_chunks']} replayed chunks, {meta['n_calibration_chunks']} calibration chunks). Time: "
@@ -702,18 +719,18 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines += ["", "## Cost curves", "", "Median ms of one denoiser call on n rows:", ""]
     curves = {f"{nets[net]['label']}, {mode}": curve for net, modes in data["cost"].items()
               for mode, curve in modes.items()}
-    lines += [*bl.cost_table(curves), ""]
+    lines += [*cost_table(curves), ""]
     if data.get("captured"):
         lines += [*captured_markdown(data["captured"]), ""]
     lines += ["## Rounds and latency per schedule: the shipped PushT policy (measured)", ""]
     extra = [("predicted ms (model calls)", lambda r: _num(r["predicted_ms"].get("shipped"), "{:.1f}"))]
     for s, part in data["schedules"].items():
-        lines += [f"### {bl.schedule_label(s)}", ""]
+        lines += [f"### {schedule_label(s)}", ""]
         if "skipped" in part:
             lines += [part["skipped"], ""]
             continue
-        lines += [*bl.table(part["rows"], runtime_label="runtime", extra=extra), ""]
-        lines += [f"- {bl.tuning_line(r)}" for r in part["rows"] if r["name"] == "paradigms"]
+        lines += [*table(part["rows"], runtime_label="runtime", extra=extra), ""]
+        lines += [f"- {tuning_line(r)}" for r in part["rows"] if r["name"] == "paradigms"]
         lines.append("")
     lines += [f"## DiffusionPolicy's default size ({nets['default']['label']}): predicted, not measured", "",
               "Predicted from the shipped policy's measured rows per round and this network's cost curve "
@@ -725,11 +742,11 @@ def to_markdown(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(RESULTS), help="folder of bench_gpu.md / .json (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(bl.CHECKPOINT))
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--stream", default=str(STREAM),
                         help="recorded chunk observations, a stream.json of eval/bench_latency.py "
                              "(default: %(default)s)")
-    parser.add_argument("--schedules", nargs="+", default=list(bl.DEFAULT_SCHEDULES),
+    parser.add_argument("--schedules", nargs="+", default=list(DEFAULT_SCHEDULES),
                         help="schedules, ddpm<N> or ddim<N> (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES),
                         help="runtimes of the cost curves (default: %(default)s)")
@@ -754,7 +771,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         for s in [*args.schedules, *(args.captured_schedules or [])]:
-            bl.parse_schedule(s)
+            parse_schedule(s)
     except ValueError as e:
         parser.error(str(e))
     for w in args.captured_windows:
@@ -794,8 +811,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     shipped = load_policy(args.checkpoint, device=str(device))
     networks = {"shipped": shipped, "default": default_size_policy(shipped)}
-    stream, smeta = bl.load_stream(args.stream)
-    chunks, calib = bl.split_stream(stream, smeta["calibration_seed"], args.episodes or sizes.episodes,
+    stream, smeta = load_stream(args.stream)
+    chunks, calib = split_stream(stream, smeta["calibration_seed"], args.episodes or sizes.episodes,
                                     args.max_chunks or sizes.max_chunks, sizes.calib_chunks)
     data: dict[str, Any] = {
         "meta": {"command": "bash eval/bench_gpu.sh " + " ".join(argv), "device": str(device),
@@ -818,7 +835,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "replay" in args.parts else {}
     per_step_s = 0.0  # seconds per denoising step of the last schedule: the next one's estimate
     for s in args.schedules:
-        steps = bl.parse_schedule(s)[1]
+        steps = parse_schedule(s)[1]
         if "replay" not in args.parts:
             data["schedules"][s] = {"skipped": "skipped: not in --parts"}
         elif not runtimes:
@@ -826,7 +843,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif not budget.allows(f"schedule {s}", per_step_s * steps):
             data["schedules"][s] = {"skipped": "skipped: time budget"}
         else:
-            print(f"{bl.schedule_label(s)}: tuning and replaying ...", flush=True)
+            print(f"{schedule_label(s)}: tuning and replaying ...", flush=True)
             t0 = time.perf_counter()
             try:
                 data["schedules"][s] = {"rows": run_schedule(runtimes, s, chunks, [c["obs"] for c in calib], sizes,

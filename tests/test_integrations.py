@@ -241,3 +241,23 @@ def test_patch_real_lerobot_diffusion_policy():
     x, t = torch.randn(2, HORIZON, ACT_DIM), torch.tensor([3, 70])
     with torch.no_grad():
         assert torch.allclose(ours(x, t, global_cond=cond), model.unet(x, t, global_cond=cond), atol=1e-5)
+
+
+def test_patch_lerobot_samples_with_dpm_solver_at_any_order():
+    # reference: the stand-in's own diffusers loop with its scheduler swapped for the DPM-Solver++ twin
+    from para_policy.schedule import dpm_from
+
+    policy = LeRobotPolicyStandIn()
+    cond = torch.randn(2, OBS_DIM * TO)
+    x_T = torch.randn(2, HORIZON, ACT_DIM)
+    ddpm = policy.diffusion.noise_scheduler
+    for order in (2, 3):
+        policy.diffusion.noise_scheduler = dpm_from(ddpm, solver_order=order)
+        ref = policy.diffusion.conditional_sample(2, global_cond=cond, noise=x_T)
+        policy.diffusion.noise_scheduler = ddpm
+        for sampler in ("sequential", "paradigms"):
+            extra = {"window": 20, "tolerance": 0.0} if sampler == "paradigms" else {}
+            patch(policy, sampler, scheduler="dpmsolver++", solver_order=order, **extra)
+            out = policy.diffusion.conditional_sample(2, global_cond=cond, noise=x_T)
+            unpatch(policy)
+            assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), (order, sampler)

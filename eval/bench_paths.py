@@ -81,14 +81,18 @@ class DiffusionPolicyStyle(nn.Module):
         return {"action": action_pred[:, start: start + self.n_action_steps], "action_pred": action_pred}
 
 
-def replay(stream: list[dict], seed: int) -> dict[str, dict]:
-    """Rounds per chunk of the three library paths on ``stream`` (episode by episode, in order)."""
+def replay(stream: list[dict], seed: int, backend: str = "eager") -> dict[str, dict]:
+    """Rounds per chunk of the three library paths on ``stream`` (episode by episode, in order).
+
+    Every path runs the UNet on ``backend`` (a patched object runs its own network eagerly, so
+    ``eager`` compares the paths, not runtimes: the window is measured per runtime).
+    """
     episodes = sorted({c["episode"] for c in stream}, key=[c["episode"] for c in stream].index)
     by_ep = {e: [c["obs"] for c in stream if c["episode"] == e] for e in episodes}
     out: dict[str, dict] = {}
 
     t0 = time.perf_counter()
-    policy = load_policy(ASSET, sampler="paradigms")
+    policy = load_policy(ASSET, sampler="paradigms", backend=backend)
     rounds, windows = [], set()
     g = torch.Generator().manual_seed(seed)
     for e in episodes:
@@ -101,7 +105,7 @@ def replay(stream: list[dict], seed: int) -> dict[str, dict]:
                                                 "spec": policy.sampler.as_dict(), "wall_s": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
-    ctl = Controller(load_policy(ASSET), seed=seed)
+    ctl = Controller(load_policy(ASSET, backend=backend), seed=seed)
     for e in episodes:
         ctl.reset()
         for obs in by_ep[e]:
@@ -125,11 +129,12 @@ def replay(stream: list[dict], seed: int) -> dict[str, dict]:
     return out
 
 
-def run_eval(episodes: int, out_dir: Path) -> dict:
+def run_eval(episodes: int, out_dir: Path, backend: str = "eager") -> dict:
     """``eval.py task=pusht sampler=paradigms`` on ``episodes`` episodes (no baseline: rounds only)."""
     run_dir = out_dir / "eval_run"
     cmd = [sys.executable, str(ROOT / "eval.py"), "task=pusht", "sampler=paradigms", f"task.episodes={episodes}",
            "compare=false", "logger=none", "video.enabled=false", "progress=false", f"latency.calls={episodes * 12}",
+           f"+inference.backend={backend}",
            f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -150,18 +155,20 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=12, help="chunks per recorded episode (default 12)")
     ap.add_argument("--eval-episodes", type=int, default=8, help="episodes of the eval.py run (0: skip it)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="eager", help="the UNet's runtime on every path (default eager, which a "
+                    "patched object runs too)")
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "bench_paths")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stream = record_stream(load_policy(ASSET, sampler="sequential"), args.episodes, args.chunks, 100000,
                            keys=ROLLOUT_KEYS)
     print(f"recorded {len(stream)} chunks of {args.episodes} episodes")
-    paths = replay(stream, args.seed)
+    paths = replay(stream, args.seed, args.backend)
     rows = {name: {"rounds_mean": float(np.mean(p["rounds"])), "rounds_p95": float(np.percentile(p["rounds"], 95)),
                    "chunks": len(p["rounds"]), "window": p["spec"]["options"]["window"] if "windows" not in p
                    else p["windows"], "wall_s": round(p["wall_s"], 1)} for name, p in paths.items()}
     if args.eval_episodes:
-        ev = run_eval(args.eval_episodes, args.out)
+        ev = run_eval(args.eval_episodes, args.out, args.backend)
         rows["eval.py sampler=paradigms"] = {"rounds_mean": ev["rounds_mean"], "rounds_p95": None,
                                              "chunks": ev["n_calls"], "window": ev["spec"]["options"]["window"],
                                              "wall_s": round(ev["wall_s"], 1), "rollout_rounds_mean":
@@ -169,7 +176,8 @@ def main() -> None:
     lines = ["# Rounds per chunk of `paradigms` on every path", "",
              f"Shipped PushT policy; {len(stream)} recorded chunks of {args.episodes} episodes (seeds from 100000), "
              "batch 1, DDPM-100. `python eval/bench_paths.py` "
-             f"--episodes {args.episodes} --chunks {args.chunks} --eval-episodes {args.eval_episodes}.", "",
+             f"--episodes {args.episodes} --chunks {args.chunks} --eval-episodes {args.eval_episodes} "
+             f"--backend {args.backend}; every path on the `{args.backend}` runtime.", "",
              "| path | rounds/chunk mean | p95 | chunks | window |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         p95 = "" if r["rounds_p95"] is None else f"{r['rounds_p95']:.0f}"

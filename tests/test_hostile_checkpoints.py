@@ -107,10 +107,17 @@ def doubling_interpolations(depth: int) -> dict:
     return levels
 
 
+def lerobot_config_text() -> str:
+    """The fixture's LeRobot ``config.json`` (the test skips where the shared fixtures are absent)."""
+    if not LEROBOT_CONFIG.exists():
+        pytest.skip(f"{LEROBOT_CONFIG} is absent (the shared fixtures sit beside the checkout)")
+    return LEROBOT_CONFIG.read_text()
+
+
 def lerobot_dir(path: Path, **changes) -> Path:
     """A LeRobot directory holding the fixture's ``config.json`` with ``changes`` (no weights: refused before)."""
     path.mkdir(parents=True)
-    config = json.loads(LEROBOT_CONFIG.read_text())
+    config = json.loads(lerobot_config_text())
     config.update(changes)
     (path / "config.json").write_text(json.dumps(config))
     return path
@@ -350,7 +357,7 @@ def test_symlinks_that_a_checkpoint_directory_may_hold(tmp_path):
     snapshot = tmp_path / "models--x" / "snapshots" / "rev"
     snapshot.mkdir(parents=True)
     (tmp_path / "models--x" / "blobs").mkdir()
-    (tmp_path / "models--x" / "blobs" / "abc").write_text(LEROBOT_CONFIG.read_text())
+    (tmp_path / "models--x" / "blobs" / "abc").write_text(lerobot_config_text())
     (snapshot / "config.json").symlink_to("../../blobs/abc")
     with pytest.raises(FileNotFoundError, match="model.safetensors not found"):  # config.json was read
         read_lerobot_directory(snapshot)

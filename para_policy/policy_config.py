@@ -91,23 +91,20 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit + 2 else text[:limit] + "..."
 
 
-def config_int(key: str, value: Any, limit: str, minimum: int = 1) -> int:
+def config_int(key: str, value: Any, limit: str, minimum: int = 1, *, where: str = "policy config",
+               floats: bool = True) -> int:
     """``value`` as an int from ``minimum`` to the constant named ``limit``, or a ``ValueError`` naming the key.
 
-    An integral float (``16.0``, as YAML or JSON may write it) is accepted; ``16.7``, a bool or a
-    string is refused rather than truncated or parsed.
+    An integral float (``16.0``, as YAML or JSON may write it) is accepted unless ``floats`` is
+    False; ``16.7``, a bool or a string is refused rather than truncated or parsed. ``where``
+    names the file or config the key is in.
     """
     maximum = globals()[limit]
-    integral = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    integral = isinstance(value, int) or floats and isinstance(value, float) and value.is_integer()
     if isinstance(value, bool) or not integral or not minimum <= value <= maximum:
-        raise ValueError(f"policy config {key} must be an integer >= {minimum} and <= {maximum} ({limit}), "
+        raise ValueError(f"{where} {key} must be an integer >= {minimum} and <= {maximum} ({limit}), "
                          f"got {short_repr(value)}")
     return int(value)
-
-
-def _positive_int(key: str, value: Any, limit: str) -> int:
-    """``value`` as an int from 1 to the constant named ``limit`` (:func:`config_int`)."""
-    return config_int(key, value, limit)
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -335,13 +332,13 @@ class PolicyConfig:
         for key in ("model", "noise_scheduler"):
             self._set(key, _mapping(key, getattr(self, key)))
         for key, limit in _INT_FIELDS.items():
-            self._set(key, _positive_int(key, getattr(self, key), limit))
+            self._set(key, config_int(key, getattr(self, key), limit))
         for key in _FLAG_FIELDS:
             self._set(key, _flag(key, getattr(self, key)))
         train_steps = check_scheduler_size(self.noise_scheduler)
         steps = self.num_inference_steps
         self._set("num_inference_steps", train_steps if steps is None
-                  else _positive_int("num_inference_steps", steps, "MAX_INFERENCE_STEPS"))
+                  else config_int("num_inference_steps", steps, "MAX_INFERENCE_STEPS"))
         self._set("model_type", str(self.model_type))
         if self.obs_keys is not None and (not isinstance(self.obs_keys, Mapping) or not self.obs_keys):
             raise ValueError(f"obs_keys must be a non-empty mapping of key -> {{shape, type}}, got {self.obs_keys!r}")

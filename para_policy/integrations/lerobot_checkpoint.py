@@ -63,7 +63,6 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from para_policy import policy_config
 from para_policy.models.lerobot_keys import lerobot_to_diffusion_policy_keys
 from para_policy.normalizer import LEROBOT_EPS
 from para_policy.policy_config import (
@@ -72,6 +71,7 @@ from para_policy.policy_config import (
     MAX_FEATURE_DIM,
     MAX_UNET_LEVELS,
     PolicyConfig,
+    config_int,
     parse_json_config,
     short_repr,
 )
@@ -176,12 +176,9 @@ INT_LIMITS = {"horizon": "MAX_HORIZON", "n_obs_steps": "MAX_OBS_STEPS", "n_actio
 
 
 def _int(cfg: Mapping[str, Any], name: str, minimum: int = 1) -> int:
-    value, limit = cfg[name], INT_LIMITS.get(name, "MAX_FEATURE_DIM")
-    maximum = getattr(policy_config, limit)
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise ValueError(f"config.json: {name} must be an integer >= {minimum} and <= {maximum} ({limit}), "
-                         f"got {short_repr(value)}")
-    return value
+    """``cfg[name]`` as an int within its limit (:data:`INT_LIMITS`); JSON integers only, no floats."""
+    return config_int(name, cfg[name], INT_LIMITS.get(name, "MAX_FEATURE_DIM"), minimum, where="config.json:",
+                      floats=False)
 
 
 def _bool(cfg: Mapping[str, Any], name: str) -> bool:

@@ -16,7 +16,8 @@ Public API:
 - checkpoints: ``save_checkpoint``, ``load_checkpoint``
 - sampling state: ``SamplingSession`` (spec, schedules, ``window='auto'``, warm start; what policies and
   patches sample through)
-- robot loop: ``Controller`` and its ``ControllerConfig``
+- robot loop: ``Controller`` and its ``ControllerConfig``; ``RemoteController``, the same loop with the
+  policy on a server (``para-policy serve``; needs only numpy, grpcio and safetensors)
 - integrations: ``patch``, ``unpatch`` (live DiffusionPolicy / LeRobot policy objects)
 """
 
@@ -25,41 +26,55 @@ Public API:
 # eval.py and train.py choose passive waiting before torch starts; docs/reliability.md says when a
 # program should too (a busy machine) and the one line that does it.
 
-from para_policy.checkpoints import load_checkpoint, save_checkpoint
-from para_policy.controller import Controller, ControllerConfig
-from para_policy.image_policy import ImagePolicy
-from para_policy.inference import configure_inference
-from para_policy.integrations import patch, unpatch
-from para_policy.loading import load_policy
-from para_policy.models import ConditionalUnet1D, TransformerForDiffusion
-from para_policy.models.lerobot_vision import LeRobotObsEncoder
-from para_policy.models.vision import MultiImageObsEncoder, RobomimicObsEncoder
-from para_policy.normalizer import LinearNormalizer
-from para_policy.policy import LowdimPolicy, PolicyOutput
-from para_policy.policy_config import PolicyConfig
-from para_policy.samplers import (
-    PRESETS,
-    PicardOptions,
-    SamplerConfig,
-    SampleStats,
-    TaaOptions,
-    draw_noise,
-    mean_step_jacobians,
-    picard_sample,
-    sampler_spec,
-    sequential_sample,
-    shift_trajectory,
-    taa_sample,
-    warm_start_init,
-)
-from para_policy.schedule import Schedule, make_schedule
-from para_policy.session import SamplingSession
-from para_policy.window import tune_window
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it; imported on first use (PEP 562), so that
+#: ``from para_policy import RemoteController`` works on a robot computer without torch
+_EXPORTS = {
+    "ConditionalUnet1D": "para_policy.models",
+    "Controller": "para_policy.controller",
+    "ControllerConfig": "para_policy.controller",
+    "ImagePolicy": "para_policy.image_policy",
+    "LeRobotObsEncoder": "para_policy.models.lerobot_vision",
+    "LinearNormalizer": "para_policy.normalizer",
+    "LowdimPolicy": "para_policy.policy",
+    "MultiImageObsEncoder": "para_policy.models.vision",
+    "PRESETS": "para_policy.samplers",
+    "PicardOptions": "para_policy.samplers",
+    "PolicyConfig": "para_policy.policy_config",
+    "PolicyOutput": "para_policy.policy",
+    "RemoteController": "para_policy.serving.client",
+    "RobomimicObsEncoder": "para_policy.models.vision",
+    "SampleStats": "para_policy.samplers",
+    "SamplerConfig": "para_policy.samplers",
+    "SamplingSession": "para_policy.session",
+    "Schedule": "para_policy.schedule",
+    "TaaOptions": "para_policy.samplers",
+    "TransformerForDiffusion": "para_policy.models",
+    "configure_inference": "para_policy.inference",
+    "draw_noise": "para_policy.samplers",
+    "load_checkpoint": "para_policy.checkpoints",
+    "load_policy": "para_policy.loading",
+    "make_schedule": "para_policy.schedule",
+    "mean_step_jacobians": "para_policy.samplers",
+    "patch": "para_policy.integrations",
+    "picard_sample": "para_policy.samplers",
+    "sampler_spec": "para_policy.samplers",
+    "save_checkpoint": "para_policy.checkpoints",
+    "sequential_sample": "para_policy.samplers",
+    "shift_trajectory": "para_policy.samplers",
+    "taa_sample": "para_policy.samplers",
+    "tune_window": "para_policy.window",
+    "unpatch": "para_policy.integrations",
+    "warm_start_init": "para_policy.samplers",
+}
 
 __version__ = "0.2.0"
 
 __all__ = [
     "PRESETS",
+    "RemoteController",
     "ConditionalUnet1D",
     "Controller",
     "ControllerConfig",
@@ -95,3 +110,17 @@ __all__ = [
     "unpatch",
     "warm_start_init",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module when the name is first used (``para_policy.load_policy``, ...)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'para_policy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,6 +16,7 @@ EXTRAS = {
     "eval": "the evaluator and training (eval.py, train.py: Hydra, gymnasium, gym-pusht, zarr, W&B, plots, videos)",
     "lift": "the Lift task (robosuite 1.4.1, mujoco 2.3.7, h5py)",
     "diffusion-policy": "reading DiffusionPolicy .ckpt files (dill, omegaconf)",
+    "serve": "serving a policy over the network (para-policy serve, para_policy.serving: grpcio)",
 }
 
 

@@ -28,6 +28,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+# how frozen prefix actions are imposed before each step: clean, or at each step's noise level (defined with
+# the control loop, which imports no torch)
+from para_policy.chunk_loop import PREFIX_MODES as PREFIX_MODES
 from para_policy.samplers.captured import captured_sampler, run_captured
 from para_policy.samplers.common import Denoiser, Inpaint, SampleStats, diffuse_known, known_mask, refuse_renamed
 from para_policy.samplers.picard import picard_sample
@@ -36,8 +39,6 @@ from para_policy.samplers.warm_start import shift_trajectory, warm_start_init
 from para_policy.schedule import Schedule
 from para_policy.window import cached_window, resolve_window, tuned_spec, window_key
 
-#: how frozen prefix actions are imposed before each step: clean, or at each step's noise level
-PREFIX_MODES = ("clean", "noised")
 #: ``tune(spec) -> (window, info)``: measure the window of ``spec`` (cold, window 'auto') on the owner's problems
 Tune = Callable[[SamplerConfig], tuple[int, dict[str, Any]]]
 

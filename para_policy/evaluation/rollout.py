@@ -41,7 +41,7 @@ import gymnasium
 import numpy as np
 import torch
 
-from para_policy.bench.noise import seed_for
+from para_policy.bench.noise import keyed_noise, seed_for
 from para_policy.evaluation.config import (
     FLAT_KEY,
     PIXELS_OBS_TYPE,
@@ -51,7 +51,7 @@ from para_policy.evaluation.config import (
     format_shapes,
 )
 from para_policy.policy import LowdimPolicy
-from para_policy.samplers import SamplerConfig, draw_noise, shift_trajectory
+from para_policy.samplers import SamplerConfig, shift_trajectory
 from para_policy.schedule import Schedule
 
 ENV_PREFIX_HINT = f"{ROBOSUITE_PREFIX}Lift"
@@ -71,15 +71,10 @@ def call_noise(
     Args:
         schedule: the schedule the call samples on (it decides which steps draw noise).
         sample_shape: ``(T, D)`` of one trajectory.
-        keys: one key tuple per row, e.g. ``(stream, noise_seed, episode_seed, chunk_index)``.
+        keys: one key tuple per row, e.g. ``(stream, noise_seed, episode_seed, chunk_index)``, hashed by
+            :func:`~para_policy.bench.noise.seed_for` (the policy server draws a ``noise_key`` the same way).
     """
-    xs, ns = [], []
-    for key in keys:
-        g = torch.Generator(device="cpu").manual_seed(seed_for(*key))
-        x_T, noise = draw_noise(schedule, (1, *sample_shape), g)
-        xs.append(x_T)
-        ns.append(noise)
-    return torch.cat(xs).to(device=device, dtype=dtype), torch.cat(ns).to(device=device, dtype=dtype)
+    return keyed_noise(schedule, sample_shape, [seed_for(*key) for key in keys], device, dtype)
 
 
 def make_task_env(task: TaskSettings, render: bool = False, video_size: int = 256) -> gymnasium.Env:

@@ -418,6 +418,17 @@ class InferenceOwner(Protocol):
     def set_inference(self, **settings: Any) -> Any: ...
 
 
+class StagedNetwork:
+    """Gives a policy :meth:`staged`: its network cut into stages that run at once, what the ``asyncdiff``
+    sampler finds behind the policy's ``denoise`` (:func:`~para_policy.samplers.asyncdiff.find_staged`)."""
+
+    runtime: InferenceRuntime
+
+    def staged(self, num_stages: int) -> Any:
+        """:meth:`InferenceRuntime.staged` for this policy: a :class:`~para_policy.stages.StagePipeline`."""
+        return self.runtime.staged(self, num_stages)  # type: ignore[arg-type]
+
+
 class InferenceRuntime:
     """How one policy's network runs: its inference settings and the denoiser built from them, kept right.
 
@@ -443,8 +454,32 @@ class InferenceRuntime:
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and pickle keep: all but the denoiser, which :meth:`restore` builds again
-        (ONNX Runtime sessions do not pickle, and a copied closure would run the original's network)."""
-        return {**vars(self), "denoiser": None}
+        (ONNX Runtime sessions do not pickle, and a copied closure would run the original's network),
+        and the stage pipelines (worker threads; :meth:`staged` builds them again)."""
+        return {**vars(self), "denoiser": None, "stage_pipelines": {}}
+
+    def staged(self, owner: InferenceOwner, num_stages: int) -> Any:
+        """The owner's network as a :class:`~para_policy.stages.StagePipeline` of ``num_stages`` stages.
+
+        What the ``asyncdiff`` sampler runs: built on first use (the units timed, each stage exported to
+        ONNX Runtime where the network is CPU float32, else eager) on the owner's call shapes, and
+        again when the weights, device or dtype change (the old pipeline's threads are ended).
+        """
+        from para_policy.cuda_graphs import weights_identity
+        from para_policy.stages import stage_pipeline
+
+        cache: dict[int, tuple[Any, Any]] = vars(self).setdefault("stage_pipelines", {})
+        model = owner.model
+        identity = (str(owner.device), owner.dtype, weights_identity([*model.parameters(), *model.buffers()]))
+        entry = cache.get(num_stages)
+        if entry is None or entry[0] != identity:
+            if entry is not None:
+                entry[1].close()
+            with torch.inference_mode():
+                condition = owner.conditioning(owner.zero_observation(1))[0]
+                pipeline = stage_pipeline(model, num_stages, owner.trajectory_shape(1)[1:], condition)
+            cache[num_stages] = entry = (identity, pipeline)
+        return entry[1]
 
     def identity(self) -> str:
         """The settings as JSON: how the network runs, one part of what a measured window is specific to."""

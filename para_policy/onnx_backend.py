@@ -88,28 +88,52 @@ def export_onnx(model: nn.Module, sample_shape: Sequence[int], condition_shape: 
     with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
         warnings.simplefilter("ignore")  # tracer and deprecation warnings about the model's shape checks
         try:
-            return _export(graph, args, names)
+            return export_graph(graph, args, names)
         finally:
             model.train(training)
             torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _export(graph: nn.Module, args: tuple[torch.Tensor, ...], names: list[str]) -> bytes:
-    """The TorchScript-based exporter's ONNX bytes, or the ``torch.export``-based one's where it fails."""
+def export_graph(graph: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[str],
+                 outputs: Sequence[str] = ("out",)) -> bytes:
+    """The TorchScript-based exporter's ONNX bytes, or the ``torch.export``-based one's where it fails.
+
+    ``names``: one per tensor of ``args``; ``outputs``: one per output tensor. Dimension 0 of every
+    input and output is dynamic (rows). Call under ``torch.no_grad()`` with ``graph`` in eval mode.
+    """
+    names, outputs = list(names), list(outputs)
     try:
         buf = io.BytesIO()
         torch.onnx.export(graph, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
-                          output_names=["out"], dynamic_axes={k: {0: "rows"} for k in [*names, "out"]})
+                          output_names=outputs, dynamic_axes={k: {0: "rows"} for k in [*names, *outputs]})
         return buf.getvalue()
     except Exception as legacy_error:  # the legacy exporter may be gone, or refuse the model
         try:
             rows = torch.export.Dim("rows", min=1)
-            program = torch.onnx.export(graph, args, dynamo=True, input_names=names, output_names=["out"],
-                                        dynamic_shapes={k: {0: rows} for k in names}, verbose=False)
+            program = torch.onnx.export(graph, args, dynamo=True, input_names=names, output_names=outputs,
+                                        dynamic_shapes=tuple({0: rows} for _ in names), verbose=False)
         except Exception as e:
             raise RuntimeError(f"exporting the denoiser to ONNX failed (TorchScript exporter: {legacy_error}; "
                                f"torch.export exporter: {e})") from e
         return program.model_proto.SerializeToString()
+
+
+def make_session(graph: bytes, threads: int, optimization: str = "all") -> Any:
+    """An ``onnxruntime.InferenceSession`` of the serialized ``graph`` on the CPU with ``threads`` intra-op threads.
+
+    One inter-op thread, sequential execution, passive waiting (as ``OMP_WAIT_POLICY=PASSIVE`` for
+    torch: spinning workers slow a busy machine); ``optimization``: one of :data:`OPTIMIZATION_LEVELS`.
+    """
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization must be one of {list(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{optimization.upper()}")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def _weights_version(tensors: Sequence[torch.Tensor]) -> int:
@@ -162,17 +186,8 @@ class OnnxDenoiser:
             self.version = version
         key = (sample_shape, condition_shape)
         if key not in self.sessions:
-            ort = self.ort
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                                       f"ORT_ENABLE_{self.optimization.upper()}")
-            # passive waiting, as OMP_WAIT_POLICY=PASSIVE for torch: spinning workers slow a busy machine
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             graph = export_onnx(self.model, sample_shape, condition_shape, self.condition_kw)
-            self.sessions[key] = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            self.sessions[key] = make_session(graph, self.threads, self.optimization)
         return self.sessions[key]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from para_policy.inference import InferenceRuntime
+from para_policy.inference import InferenceRuntime, StagedNetwork
 from para_policy.models import ConditionalUnet1D, TransformerForDiffusion
 from para_policy.normalizer import LinearNormalizer
 from para_policy.policy_config import PolicyConfig
@@ -116,7 +116,7 @@ def denoising_mse(model: nn.Module, noise_scheduler: Any, condition_kw: str, tra
     loss = F.mse_loss(pred, target, reduction="none") * (~known)
     return loss.mean()
 
-class LowdimPolicy(nn.Module):
+class LowdimPolicy(StagedNetwork, nn.Module):
     """DiffusionPolicy's low-dim policies with pluggable sampling.
 
     ``model_type='unet'``: ``DiffusionUnetLowdimPolicy`` (``ConditionalUnet1D``);

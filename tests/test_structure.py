@@ -52,12 +52,25 @@ def _base(importer: str, node: ast.ImportFrom) -> str:
     return ".".join(parts + ([node.module] if node.module else []))
 
 
+def _lazy_exports(node: ast.AST) -> dict[str, str]:
+    """``{name: module}`` of a package's ``_EXPORTS = {...}`` literal (its lazy re-exports), else ``{}``."""
+    if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)
+            and isinstance(node.value, ast.Dict)):
+        return {k.value: v.value for k, v in zip(node.value.keys, node.value.values, strict=True)
+                if isinstance(k, ast.Constant) and isinstance(v, ast.Constant)}
+    return {}
+
+
 def _reexported(package: str, name: str, seen: frozenset[str] = frozenset()) -> str:
     """The module that defines ``name`` as ``package``'s ``__init__`` has it (the package itself if it
     defines the name; a re-export is followed to the module it comes from)."""
     if package in seen or package not in MODULES or not MODULES[package][1]:
         return package
     for node in ast.walk(MODULES[package][0]):
+        lazy = _lazy_exports(node)  # ``_EXPORTS = {name: module}``: imported on first use (PEP 562)
+        if name in lazy:  # a module, or a package whose __init__ re-exports it in turn
+            target = lazy[name]
+            return _reexported(target, name, seen | {package}) if target in MODULES and MODULES[target][1] else target
         if isinstance(node, ast.ImportFrom):
             for alias in node.names:
                 if (alias.asname or alias.name) == name:

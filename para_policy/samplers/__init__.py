@@ -1,11 +1,13 @@
 """Samplers: plain functions ``(denoiser, schedule, x_T, noise, **options) -> (sample, stats)``, and their registry."""
 
+from para_policy.samplers.asyncdiff import asyncdiff_sample
 from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, diffuse_known, draw_noise
 from para_policy.samplers.jacobians import mean_step_jacobians, step_jacobians
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.registry import (
     FAMILIES,
     PRESETS,
+    AsyncDiffOptions,
     PicardOptions,
     SamplerConfig,
     SamplerOptionError,
@@ -19,6 +21,7 @@ from para_policy.samplers.warm_start import shift_trajectory, warm_start_init
 __all__ = [
     "FAMILIES",
     "PRESETS",
+    "AsyncDiffOptions",
     "Denoiser",
     "PicardOptions",
     "SampleStats",
@@ -26,6 +29,7 @@ __all__ = [
     "SamplerOptionError",
     "TaaOptions",
     "apply_inpaint",
+    "asyncdiff_sample",
     "diffuse_known",
     "draw_noise",
     "mean_step_jacobians",

@@ -69,3 +69,16 @@ def check_anderson_options(memory: Any, ridge: Any) -> None:
     """Check ParaTAA's options (the one copy: :class:`TaaOptions` and :func:`~para_policy.samplers.taa_sample`)."""
     check_int("memory", memory, 1)
     check_number("ridge", ridge)
+
+
+def check_stage_options(stages: Any, warmup: Any, stride: Any, exact: Any, time_shift: Any = True) -> None:
+    """Check AsyncDiff's options (the one copy: :class:`AsyncDiffOptions` and :func:`asyncdiff_sample`).
+
+    ``stages`` >= 1 (workers; 1 is the whole network), ``warmup`` >= 1 (the stale steps need one
+    step's stage outputs to start from), ``stride`` >= 1, ``exact`` and ``time_shift`` flags.
+    """
+    check_int("stages", stages, 1)
+    check_int("warmup", warmup, 1)
+    check_int("stride", stride, 1)
+    check_bool("exact", exact)
+    check_bool("time_shift", time_shift)

@@ -7,12 +7,13 @@ sampler is chosen rather than at the first call. Every path builds its spec with
 :func:`sampler_spec`.
 
 * **Families** are the sampling functions: ``sequential`` (:func:`sequential_sample`),
-  ``picard`` (:func:`picard_sample`) and ``taa`` (:func:`taa_sample`). Each iterative
-  family has a dataclass of options (:class:`PicardOptions`, :class:`TaaOptions`)
-  whose defaults are the function's own.
+  ``picard`` (:func:`picard_sample`), ``taa`` (:func:`taa_sample`) and ``asyncdiff``
+  (:func:`asyncdiff_sample`, the network's stages at once on worker threads). Each family but
+  the sequential one has a dataclass of options (:class:`PicardOptions`, :class:`TaaOptions`,
+  :class:`AsyncDiffOptions`) whose defaults are the function's own.
 * **Presets** are named settings of a family (:data:`PRESETS`): ``paradigms`` is the
   fastest measured setting, ``paradigms_published`` ParaDiGMS as published, ``parataa``
-  ParaTAA, ``sequential`` the reference loop.
+  ParaTAA, ``sequential`` the reference loop, ``asyncdiff`` AsyncDiff's stage parallelism.
 * **The schedule** (``scheduler='ddpm'|'ddim'|'dpmsolver++'|'sde-dpmsolver++'``,
   ``num_inference_steps``, ``solver_order`` for DPM-Solver++) is orthogonal: any preset runs on
   any schedule; ``None`` means the checkpoint's own.
@@ -28,12 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from para_policy.samplers.asyncdiff import asyncdiff_sample
 from para_policy.samplers.options import (
     SamplerOptionError,
     check_anderson_options,
     check_bool,
     check_int,
     check_round_options,
+    check_stage_options,
 )
 from para_policy.samplers.picard import ROUND_SHAPES, picard_sample
 from para_policy.samplers.sequential import sequential_sample
@@ -93,16 +96,40 @@ class TaaOptions(PicardOptions):
 
 
 @dataclass(frozen=True)
+class AsyncDiffOptions:
+    """Options of :func:`~para_policy.samplers.asyncdiff_sample` (see it for their meaning).
+
+    stages: workers the network is cut over (>= 1); warmup: sequential steps first (>= 1);
+    stride: steps per parallel round (>= 1); exact: refine to the sequential answer;
+    time_shift: later stages embed the timestep their stale input was computed at.
+    """
+
+    stages: int = 2
+    warmup: int = 1
+    stride: int = 1
+    exact: bool = False
+    time_shift: bool = True
+
+    def __post_init__(self) -> None:
+        check_stage_options(self.stages, self.warmup, self.stride, self.exact, self.time_shift)
+
+
+@dataclass(frozen=True)
 class Family:
-    """A sampling function and its options class (None: it takes no options)."""
+    """A sampling function and its options class (None: it takes no options).
+
+    ``takes_init``: with options, whether it takes ``init`` / warm starts / ``deadline_at`` (the
+    Picard families do; AsyncDiff does not).
+    """
 
     sample: Callable[..., Any]
-    options: type[PicardOptions] | None
+    options: type[PicardOptions] | type[AsyncDiffOptions] | None
+    takes_init: bool = True
 
     @property
     def iterative(self) -> bool:
         """Takes ``init`` / warm starts / ``deadline_at`` (the Picard families)."""
-        return self.options is not None
+        return self.options is not None and self.takes_init
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -113,6 +140,7 @@ FAMILIES: dict[str, Family] = {
     "sequential": Family(sequential_sample, None),
     "picard": Family(picard_sample, PicardOptions),
     "taa": Family(taa_sample, TaaOptions),
+    "asyncdiff": Family(asyncdiff_sample, AsyncDiffOptions, takes_init=False),
 }
 
 #: name → family, warm_start and the options that differ from the family's defaults.
@@ -126,6 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                             "options": {"window": 16, "tolerance": 0.1, "per_sample_windows": False}},
     "parataa": {"family": "taa", "warm_start": False, "options": {"window": 16, "tolerance": 0.1}},
     "sequential": {"family": "sequential", "warm_start": False, "options": {}},
+    "asyncdiff": {"family": "asyncdiff", "warm_start": False, "options": {}},
 }
 DEFAULT_SAMPLER = "paradigms"
 #: the :class:`SamplerConfig` fields besides ``name`` and ``options`` (the schedule choice, warm start)

@@ -1,0 +1,126 @@
+"""The stage-parallel (AsyncDiff) benchmark: the cost model's terms and the interleaved latency table.
+
+``eval/bench_stages.py`` runs it. Two parts:
+
+* :func:`stage_costs`: one call of the whole network (ONNX Runtime, 1 and 2 intra-op threads),
+  each stage alone, the stages in turn (:meth:`~para_policy.stages.StagePipeline.run_stages`) and
+  overlapped (:meth:`~para_policy.stages.StagePipeline.stale_step`); the hand-off cost is the
+  overlapped step minus its slowest stage. These predict other worker counts (a prediction).
+* :func:`latency_rows`: per schedule, batch 1, the sequential loop on ONNX Runtime at 1 and 2
+  threads and ``asyncdiff`` (2 stages, and ``exact``) timed call by call, the variants'
+  order alternating every repetition so machine load hits them alike; p50 / p95 and the
+  executed actions' deviation from sequential (1 thread) on the same noise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from para_policy.bench.noise import keyed_noise
+from para_policy.bench.schedules import schedule_spec
+from para_policy.samplers import SamplerConfig
+from para_policy.stats import percentile_summary
+
+#: ``(label, preset, options, policy key)``: what each schedule's table compares
+VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
+    ("sequential ORT 1 thread", "sequential", {}, "ort1"),
+    ("sequential ORT 2 threads", "sequential", {}, "ort2"),
+    ("asyncdiff 2 stages", "asyncdiff", {"stages": 2}, "ort1"),
+    ("asyncdiff 2 stages exact", "asyncdiff", {"stages": 2, "exact": True}, "ort1"),
+)
+
+
+def median_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def stage_costs(policies: dict[str, Any], obs: np.ndarray, reps: int = 200) -> dict[str, Any]:
+    """The cost model's terms at batch 1 (ms, medians; see the module docstring), ``policies``: ``ort1``, ``ort2``."""
+    policy = policies["ort1"]
+    cond = policy.conditioning(policy.observation({"obs": torch.as_tensor(obs)[None]}))[0]
+    pipe = policy.staged(2)
+    x, t = torch.randn(policy.trajectory_shape(1)), torch.tensor([10.0])
+    _, carries = pipe.run_stages(x, t, cond)
+    carry = carries[0]
+    calls = {
+        "whole ORT 1 thread": lambda: policies["ort1"].denoise(x, t, cond),
+        "whole ORT 2 threads": lambda: policies["ort2"].denoise(x, t, cond),
+        "stage 0": lambda: pipe.runners[0]((x, t, cond)),
+        "stage 1": lambda: pipe.runners[1]((carry[0], t, cond, *carry[1:])),
+        "stages in turn": lambda: pipe.run_stages(x, t, cond),
+        "stages overlapped": lambda: pipe.stale_step(x, [t, t], cond, carries),
+    }
+    out: dict[str, Any] = {name: [] for name in calls}
+    for rep in range(3):  # interleaved blocks: load drifting during the run hits every call alike
+        for name in (calls if rep % 2 == 0 else reversed(list(calls))):
+            out[name].append(median_ms(calls[name], max(reps // 3, 5)))
+    ms = {name: statistics.median(v) for name, v in out.items()}
+    ms["hand-off"] = ms["stages overlapped"] - max(ms["stage 0"], ms["stage 1"])
+    ms["cuts"] = [[r.stage.start, r.stage.stop] for r in pipe.runners]
+    return ms
+
+
+def predict_action_ms(policy: Any, spec: SamplerConfig, obs: np.ndarray, x_T: torch.Tensor, noise: torch.Tensor
+                      ) -> tuple[float, torch.Tensor]:
+    """One timed batch-1 ``predict_action``: ``(ms, executed actions (n_action_steps, Da))``."""
+    o = {"obs": torch.as_tensor(obs)[None]}
+    t0 = time.perf_counter()
+    out = policy.predict_action(o, sampler=spec, x_T=x_T, noise=noise)
+    return (time.perf_counter() - t0) * 1e3, out["action"][0]
+
+
+def latency_rows(policies: dict[str, Any], schedule: str, observations: Sequence[np.ndarray], reps: int,
+                 variants: Sequence[tuple[str, str, dict[str, Any], str]] = VARIANTS) -> list[dict[str, Any]]:
+    """One row per variant on ``schedule`` (``'ddim10'`` …): p50 / p95 ms and action deviation (module docstring)."""
+    specs = [(label, schedule_spec(preset, schedule, **opts), key) for label, preset, opts, key in variants]
+    ref = policies["ort1"]
+    schedule_obj = ref.schedule_for(specs[0][1])
+    noises = [keyed_noise(schedule_obj, ref.trajectory_shape(1)[1:], [seed]) for seed in range(len(observations))]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
+    actions: dict[str, dict[int, torch.Tensor]] = {label: {} for label, _, _ in specs}
+    for _, spec, key in specs:  # warm-up: exports, stage pipelines, first calls
+        predict_action_ms(policies[key], spec, observations[0], *noises[0])
+    for rep in range(reps):
+        for i, obs in enumerate(observations):
+            order = specs if (rep + i) % 2 == 0 else specs[::-1]
+            for label, spec, key in order:
+                ms, a = predict_action_ms(policies[key], spec, obs, *noises[i])
+                times[label].append(ms)
+                actions[label][i] = a
+    base = actions[specs[0][0]]
+    rows = []
+    for label, spec, _ in specs:
+        dev = [float((actions[label][i] - base[i]).abs().max()) for i in base]
+        rows.append({"schedule": schedule, "variant": label, "spec": spec.as_dict(),
+                     **{k: percentile_summary(times[label])[k] for k in ("p50", "p95", "n")},
+                     "dev_mean": float(np.mean(dev)), "dev_max": float(np.max(dev))})
+    fastest = min(r["p50"] for r in rows if r["variant"].startswith("sequential"))
+    for r in rows:
+        r["speedup"] = fastest / r["p50"]
+    return rows
+
+
+def markdown(costs: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The report: the cost model's terms, then one table of every schedule's rows."""
+    lines = ["## Per-call costs at batch 1 (ms, medians)", "", "| call | ms |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in costs.items() if isinstance(v, float)]
+    lines += ["", "## Latency per chunk at batch 1 (interleaved)", "",
+              "| schedule | variant | p50 ms | p95 ms | speed-up vs fastest sequential | "
+              "action dev mean | action dev max |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['schedule']} | {r['variant']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['dev_mean']:.3f} | {r['dev_max']:.3f} |" for r in rows]
+    return lines

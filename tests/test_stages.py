@@ -1,0 +1,175 @@
+"""AsyncDiff's stage parallelism: the UNet's stage split, the stage workers, the asyncdiff sampler."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import dp_ddim, dp_ddpm, dp_dpm
+
+from para_policy.models.unet1d import ConditionalUnet1D
+from para_policy.models.unet_stages import balanced_cuts, split_unet, unet_units
+from para_policy.samplers import SamplerOptionError, asyncdiff_sample, draw_noise, sampler_spec, sequential_sample
+from para_policy.schedule import make_schedule
+from para_policy.stages import EagerStage, StageFailed, StagePipeline, stage_pipeline
+
+PUSHT = Path(__file__).resolve().parents[1] / "para_policy" / "assets" / "pusht_lowdim.safetensors"
+
+
+def tiny_unet(seed: int = 0) -> ConditionalUnet1D:
+    torch.manual_seed(seed)
+    return ConditionalUnet1D(2, global_cond_dim=3, diffusion_step_embed_dim=16, down_dims=(16, 32, 32),
+                             kernel_size=3, n_groups=4).eval()
+
+
+def eager_pipeline(model: ConditionalUnet1D, cuts: list[int]) -> StagePipeline:
+    return StagePipeline([EagerStage(s) for s in split_unet(model, len(cuts) - 1, cuts=cuts)])
+
+
+def chain(stages, x, t, cond):
+    carry = (x,)
+    with torch.inference_mode():
+        for s in stages:
+            carry = s(carry[0], t, cond, *carry[1:])
+    return carry[0]
+
+
+@pytest.fixture(scope="module")
+def pusht():
+    from para_policy import load_policy
+
+    return load_policy(PUSHT, sampler="asyncdiff", scheduler="ddim", num_inference_steps=10)
+
+
+def test_every_split_of_a_tiny_unet_recombines_to_the_whole_network() -> None:
+    model = tiny_unet()
+    U = len(unet_units(model))
+    x, t, cond = torch.randn(3, 8, 2), torch.tensor([1.0, 5.0, 9.0]), torch.randn(3, 3)
+    with torch.inference_mode():
+        whole = model(x, t, global_cond=cond)
+    for cut in range(1, U):
+        assert torch.equal(chain(split_unet(model, 2, cuts=[0, cut, U]), x, t, cond), whole), cut
+    assert torch.equal(chain(split_unet(model, 3, cuts=[0, 4, 11, U]), x[:1], t[:1], cond[:1]),
+                       model(x[:1], t[:1], global_cond=cond[:1]).detach())
+
+
+def test_the_shipped_unet_split_by_measured_cost_recombines_eager_and_onnx(pusht) -> None:
+    model = pusht.model
+    x, t, cond = torch.randn(1, 16, 2), torch.tensor([7.0]), torch.randn(1, 40)
+    with torch.inference_mode():
+        whole = model(x, t, global_cond=cond)
+    for n in (2, 3):
+        assert torch.equal(chain(split_unet(model, n, sample_shape=(16, 2), global_cond=cond), x, t, cond), whole)
+    with stage_pipeline(model, 2, (16, 2), cond, backend="onnxruntime") as pipe:
+        out, carries = pipe.run_stages(x, t, cond)
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
+        stale, _ = pipe.stale_step(x, [t, t], cond, carries)  # stale inputs that are the current ones
+        torch.testing.assert_close(stale, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_balanced_cuts_minimise_the_slowest_stage() -> None:
+    assert balanced_cuts([1, 1, 1, 1], 2) == [0, 2, 4]
+    assert balanced_cuts([5, 1, 1, 1, 1, 1], 2) == [0, 1, 6]
+    assert balanced_cuts([1, 2, 3], 3) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="num_stages"):
+        balanced_cuts([1, 2], 3)
+    with pytest.raises(ValueError, match="cuts must rise"):
+        split_unet(tiny_unet(), 2, cuts=[0, 0, len(unet_units(tiny_unet()))])
+
+
+def test_workers_shut_down_and_a_failing_worker_surfaces_in_the_caller() -> None:
+    before = threading.active_count()
+    model = tiny_unet()
+    pipe = eager_pipeline(model, [0, 5, 9, len(unet_units(model))])
+    assert threading.active_count() == before + 2
+    x, t = torch.randn(1, 8, 2), torch.tensor([3.0])
+    _, carries = pipe.run_stages(x, t, torch.randn(1, 3))
+    pipe.close()
+    pipe.close()
+    assert threading.active_count() == before
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe.stale_step(x, [t] * 3, None, carries)
+
+    calls = []
+
+    def broken_once(inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("stage blew up")
+        return inputs[:1]
+
+    with StagePipeline([lambda inputs: inputs[:1], broken_once]) as failing:
+        with pytest.raises(StageFailed, match="stage 1 of 2") as info:
+            failing.stale_step(x, [t, t], None, [(x,)])
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+        out, _ = failing.stale_step(x, [t, t], None, [(x + 1,)])  # the queues stayed in step
+        assert torch.equal(out, x + 1)
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("make,steps", [(dp_ddpm, 20), (dp_ddim, 8), (dp_dpm, 8)])
+def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
+    model = tiny_unet()
+    schedule = make_schedule(make(), steps)
+    x_T, noise = draw_noise(schedule, (2, 8, 2), torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 3)
+
+    def denoise(x, t, c):
+        return model(x, t, global_cond=c)
+
+    ref, _ = sequential_sample(denoise, schedule, x_T, noise, condition=cond)
+    with eager_pipeline(model, [0, 7, len(unet_units(model))]) as pipe:
+        out, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, warmup=steps)
+        assert torch.equal(out, ref)
+        assert stats.rounds == steps
+        approx, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, warmup=1)
+        assert stats.rounds == steps and not torch.equal(approx, ref)
+        exact, _ = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, exact=True)
+        torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
+        strided, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, stride=3)
+        assert stats.rounds == 1 + -(-(steps - 1) // 3) and torch.isfinite(strided).all()
+
+
+def test_the_asyncdiff_preset_on_the_shipped_policy_stays_close_to_sequential(pusht) -> None:
+    before = threading.active_count()
+    obs = {"obs": torch.randn(1, 2, 20, generator=torch.Generator().manual_seed(1))}
+    x_T, noise = draw_noise(pusht.schedule_for(pusht.sampler), (1, 16, 2), torch.Generator().manual_seed(0))
+    ref = pusht.predict_action(obs, x_T=x_T, noise=noise, sampler="sequential", scheduler="ddim",
+                               num_inference_steps=10)
+    out = pusht.predict_action(obs, x_T=x_T, noise=noise)
+    assert out.spec.name == "asyncdiff" and out.stats.rounds == 10
+    deviation = (out.trajectory - ref.trajectory).abs().max().item()
+    assert 0 < deviation < 0.3  # normalized units; measured about 0.05 (seeds differ by about 0.1)
+    exact = pusht.predict_action(obs, x_T=x_T, noise=noise, exact=True)
+    torch.testing.assert_close(exact.trajectory, ref.trajectory, atol=1e-4, rtol=1e-4)
+    assert threading.active_count() <= before + 1  # one worker, kept by the policy for the next call
+
+
+def test_asyncdiff_options_are_checked_when_chosen() -> None:
+    spec = sampler_spec("asyncdiff", stages=3, warmup=2, stride=2, exact=True)
+    assert spec.options == {"stages": 3, "warmup": 2, "stride": 2, "exact": True, "time_shift": True}
+    assert not spec.iterative
+    for bad in ({"stages": 0}, {"warmup": 0}, {"stride": 1.5}, {"exact": "yes"}, {"window": 4}):
+        with pytest.raises(SamplerOptionError):
+            sampler_spec("asyncdiff", **bad)
+    with pytest.raises(SamplerOptionError, match="warm_start"):
+        sampler_spec("asyncdiff", warm_start=True)
+    schedule = make_schedule(dp_ddim(), 4)
+    with pytest.raises(TypeError, match="cut into stages"):
+        asyncdiff_sample(lambda x, t, c: x, schedule, torch.randn(1, 8, 2))
+
+
+def test_eval_sampler_group_asyncdiff_is_the_preset() -> None:
+    pytest.importorskip("hydra")
+    from hydra import compose, initialize_config_dir
+
+    from para_policy.evaluation.config import sampler_config
+
+    config_dir = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["sampler=asyncdiff", "sampler.scheduler=ddim",
+                                                     "sampler.num_inference_steps=10", "sampler.warmup=2"])
+    assert sampler_config(cfg.sampler) == sampler_spec("asyncdiff", scheduler="ddim", num_inference_steps=10,
+                                                       warmup=2)

@@ -39,7 +39,7 @@ from para_policy.bench import command_line, machine_info, markdown_table, write_
 from para_policy.bench.image import real_robot_config  # noqa: E402
 from para_policy.bench.serving import history, load_level, overhead_rows, overhead_summary, walk_observations  # noqa: E402
 from para_policy.serving.client import PolicyClient, RemoteController  # noqa: E402
-from para_policy.serving.launch import ServerProcess  # noqa: E402
+from para_policy.serving.launch import ServerProcess, serve_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = Path(para_policy.__file__).parent / "assets" / "pusht_lowdim.safetensors"
@@ -79,7 +79,7 @@ def measure_overhead(args: argparse.Namespace, checkpoint: Path, image: bool) ->
         steps = [{k: (torch.from_numpy(v).mul(255).round().div(255).numpy() if k in cams else v)
                   for k, v in s.items()} for s in steps]
     hists = [history(steps[i: i + policy.n_obs_steps]) for i in range(args.calls)]
-    with ServerProcess(checkpoint, overrides(args), options=["--threads", str(args.threads)]) as server:
+    with ServerProcess(serve_command(checkpoint, overrides(args), ["--threads", str(args.threads)])) as server:
         client = PolicyClient(server.address, token=server.token, timeout_s=60)
         rows = overhead_rows(policy, spec, client, hists, uint8_keys=cams)
         client.close()
@@ -89,7 +89,7 @@ def measure_overhead(args: argparse.Namespace, checkpoint: Path, image: bool) ->
 def measure_load(args: argparse.Namespace) -> list[dict]:
     levels, n = [], 1
     options = ["--threads", str(args.threads), "--max-sessions", str(max(16, args.max_clients))]
-    with ServerProcess(ASSET, overrides(args), options=options) as server:
+    with ServerProcess(serve_command(ASSET, overrides(args), options)) as server:
         shapes = PolicyClient(server.address, token=server.token).metadata()["observations"]
         shapes = {k: tuple(v["shape"]) for k, v in shapes.items()}
 

@@ -146,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warm_up(policy: Any, spec: Any) -> None:
+    """One chunk on zero observations before the server listens, so that what a first call builds lazily (an
+    ONNX Runtime session per row count, allocations) does not land on a robot's first chunk."""
+    import torch
+
+    obs = {k: torch.zeros((1, policy.n_obs_steps, *shape)) for k, shape in policy.observation_shapes().items()}
+    policy.predict_action(obs, sampler=spec, warm_start=False, generator=torch.Generator().manual_seed(0))
+
+
 def start(args: argparse.Namespace) -> Any:
     """Check everything, load the policy, bind: the running :class:`~para_policy.serving.server.ServerHandle`."""
     node, inference = parse_overrides(args.overrides, args.sampler)
@@ -175,6 +184,7 @@ def start(args: argparse.Namespace) -> Any:
         policy = load_policy(checkpoint, sampler=spec, device=args.device, backend="eager")
         configure_inference(policy, **inference)
         spec = policy.resolve(spec)  # window='auto' tuned now, not on a client's first chunk
+        warm_up(policy, spec)
         return serve(policy, host=args.host, port=args.port, token=token, tls_cert=args.tls_cert,
                      tls_key=args.tls_key, sampler=spec, control_hz=args.control_hz, max_sessions=args.max_sessions,
                      max_pending=args.max_pending, max_workers=max(16, args.max_pending + 8),

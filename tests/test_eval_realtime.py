@@ -215,7 +215,7 @@ def test_settings_defaults_and_labels():
     cfg = compose_eval()
     assert dict(cfg.controller) == {"mode": "sync", "delay_steps": None, "clock": "steps", "control_hz": None,
                                     "prefix_mode": None, "soft_masking": None, "deadline_ms": None,
-                                    "extend_plan": None}
+                                    "extend_plan": None, "remote": None}
     assert controller_settings(cfg) == ControllerSettings() and ControllerSettings().batched
     wall = controller_settings(compose_eval(["controller.mode=rtc", "controller.clock=wall"]))
     assert (wall.delay_steps, wall.control_hz, wall.period_s) == (None, 10.0, 0.1)  # PushT's fps

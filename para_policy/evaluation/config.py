@@ -17,7 +17,8 @@ Config shape (``configs/eval.yaml`` composes it)::
     controller   mode (sync | async | rtc), delay_steps, clock (steps | wall), control_hz,
                  prefix_mode (rtc: clean | noised), soft_masking (rtc: true | false), extend_plan,
                  deadline_ms: how each env's chunks are scheduled (:class:`ControllerSettings`,
-                 checked by the Controller's own :class:`~para_policy.controller.ControllerConfig`)
+                 checked by the Controller's own :class:`~para_policy.controller.ControllerConfig`);
+                 remote (null | local | HOST:PORT): the candidate's chunks sampled by a policy server
     num_envs, seed, device, threads, latency.*, video.*, resume_dir, logger.*
 """
 
@@ -315,7 +316,33 @@ def baseline_config(candidate: SamplerConfig, schedule_kind: str, num_steps: int
 
 
 CONTROLLER_KEYS = ("mode", "delay_steps", "clock", "control_hz", "prefix_mode", "soft_masking", "deadline_ms",
-                   "extend_plan")
+                   "extend_plan", "remote")
+#: ``controller.remote``'s value that starts a policy server on loopback for the run
+REMOTE_LOCAL = "local"
+_REMOTE_HINT = "null (in process), 'local' (a policy server this run starts on loopback) or 'HOST:PORT' (a running one)"
+
+
+def checked_remote(value: Any) -> str | None:
+    """``controller.remote`` checked: None, ``'local'`` or ``'host:port'`` (port 1-65535); else :class:`EvalConfigError`
+    naming the key.
+
+    An IPv6 host is written in brackets (``'[::1]:50051'``, quoted on Hydra's command line), as gRPC reads it.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise EvalConfigError(f"controller.remote must be {_REMOTE_HINT}, got {value!r}")
+    text = value.strip()
+    if text == REMOTE_LOCAL:
+        return text
+    host, sep, port = text.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not bare or any(c.isspace() or c in "/[]" for c in bare) or (":" in bare and bare == host):
+        raise EvalConfigError(f"controller.remote must be {_REMOTE_HINT} (an IPv6 host in brackets: '[::1]:50051'), "
+                              f"got {value!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise EvalConfigError(f"controller.remote={text!r}: the port must be a number in 1..65535, got {port!r}")
+    return text
 
 
 @contextlib.contextmanager
@@ -360,6 +387,11 @@ class ControllerSettings:
         ``deadline_ms``: no new round starts after it, and the chunk is the clean-sample estimate
         of its first unfinished step). A Picard candidate only; the sequential baseline has no
         partial answer to return and runs without one. None: no deadline.
+    remote: None (in process), ``'local'`` (the run starts ``para-policy serve`` on loopback with the
+        candidate's sampler) or ``'host:port'`` (a running server): the candidate's episodes run
+        through a :class:`~para_policy.serving.client.RemoteController`, the same loop over the
+        network. The baseline runs in process either way. A remote candidate always runs through
+        the Controller's loop, so ``sync`` on the steps clock is then not the batched loop.
     """
 
     mode: str = "sync"
@@ -370,9 +402,11 @@ class ControllerSettings:
     soft_masking: bool | None = None
     deadline_ms: float | None = None
     extend_plan: bool = False
+    remote: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deadline_ms", self.controller_config().deadline_ms)  # checked; a float
+        object.__setattr__(self, "remote", checked_remote(self.remote))
 
     def controller_config(self, seed: int | None = None, with_deadline: bool = True) -> ControllerConfig:
         """The :class:`~para_policy.controller.ControllerConfig` these settings run with.
@@ -388,8 +422,14 @@ class ControllerSettings:
 
     @property
     def batched(self) -> bool:
-        """Whether the episodes run through the batched loop (:func:`~.rollout.run_rollouts`): sync, steps clock."""
-        return self.mode == "sync" and self.clock == "steps"
+        """Whether the episodes run through the batched loop (:func:`~.rollout.run_rollouts`): sync, steps clock,
+        in process (a remote candidate needs the Controller's loop, and both samplers run the same loop)."""
+        return self.mode == "sync" and self.clock == "steps" and self.remote is None
+
+    @property
+    def remote_kind(self) -> str | None:
+        """``'local'`` (a server this run starts), ``'server'`` (a running one at ``remote``) or None (in process)."""
+        return None if self.remote is None else (REMOTE_LOCAL if self.remote == REMOTE_LOCAL else "server")
 
     @property
     def deterministic(self) -> bool:
@@ -402,29 +442,43 @@ class ControllerSettings:
         return None if self.control_hz is None else 1.0 / self.control_hz
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON form: the four keys, ``period_s``, whether the run is deterministic."""
-        return {**asdict(self), "period_s": self.period_s, "deterministic": self.deterministic}
+        """JSON form: the settings, ``period_s``, whether the run is deterministic (``remote`` only where set)."""
+        out = {**asdict(self), "period_s": self.period_s, "deterministic": self.deterministic}
+        if self.remote is None:
+            del out["remote"]
+        return out
 
-    def fingerprint(self) -> dict[str, Any] | None:
+    def fingerprint(self, with_remote: bool = True) -> dict[str, Any] | None:
         """What a resumed run must share; None for today's protocol, so earlier run folders still resume.
 
-        ``prefix_mode`` and ``soft_masking`` only where they apply (rtc), ``deadline_ms`` and
-        ``extend_plan`` only where set, so earlier run folders resume too.
+        ``prefix_mode`` and ``soft_masking`` only where they apply (rtc), ``deadline_ms``,
+        ``extend_plan`` and ``remote`` only where set, so earlier run folders resume too. ``remote``
+        is fingerprinted by its kind (:attr:`remote_kind`), not its address: a server restarted on
+        another port serves the same run. ``with_remote=False``: the baseline's part, which runs in
+        process either way.
         """
         if self.batched:
             return None
-        return {k: v for k, v in asdict(self).items()
-                if (v is not None and v is not False) or k not in ("prefix_mode", "soft_masking", "deadline_ms",
-                                                                   "extend_plan")}
+        out = {k: v for k, v in asdict(self).items()
+               if (v is not None and v is not False) or k not in ("prefix_mode", "soft_masking", "deadline_ms",
+                                                                  "extend_plan", "remote")}
+        if "remote" in out:
+            out["remote"] = self.remote_kind
+        if not with_remote:
+            out.pop("remote", None)
+        return out
 
-    def label(self) -> str:
-        """Short name for progress bars and tables: ``sync``, ``rtc d=2``, ``rtc wall 10 Hz``."""
+    def label(self, served: bool = True) -> str:
+        """Short name for progress bars and tables: ``sync``, ``rtc d=2``, ``rtc wall 10 Hz``,
+        ``rtc d=2 remote=local`` (``served=False``: without ``remote``, for the baseline, which runs in process)."""
+        suffix = "" if self.remote is None or not served else f" remote={self.remote}"
         if self.clock == "wall":
             delay = "" if self.mode == "sync" else (" d measured" if self.delay_steps is None
                                                     else f" d={self.delay_steps}")
             deadline = "" if self.deadline_ms is None else f" deadline {self.deadline_ms:g} ms"
-            return f"{self.mode}{self._prefix_label()} wall {self.control_hz:g} Hz{delay}{deadline}"
-        return self.mode if self.mode == "sync" else f"{self.mode}{self._prefix_label()} d={self.delay_steps}"
+            return f"{self.mode}{self._prefix_label()} wall {self.control_hz:g} Hz{delay}{deadline}{suffix}"
+        steps = self.mode if self.mode == "sync" else f"{self.mode}{self._prefix_label()} d={self.delay_steps}"
+        return steps + suffix
 
     def _prefix_label(self) -> str:
         """Where it is not the default: `` hard`` (no soft masking), `` noised``, `` extend`` (extend_plan)."""
@@ -460,8 +514,8 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
     The evaluator's defaults: ``delay_steps: null`` is 0 in sync and on the steps clock, and
     "measured" on the wall clock; ``control_hz: null`` on the wall clock is the task's ``fps``;
     ``prefix_mode`` / ``soft_masking: null`` are rtc's clean / true; ``extend_plan: null`` is
-    false. The delay is checked against the policy's ``n_action_steps`` later
-    (:meth:`ControllerSettings.check_policy`).
+    false; ``remote: null`` runs in process. The delay is checked against the policy's
+    ``n_action_steps`` later (:meth:`ControllerSettings.check_policy`).
     """
     node = cfg.get("controller") if isinstance(cfg, DictConfig) else None
     if node is None:
@@ -481,7 +535,7 @@ def controller_settings(cfg: DictConfig, task: TaskSettings | None = None) -> Co
     if mode == "rtc":
         prefix, soft = prefix or "clean", True if soft is None else soft
     return ControllerSettings(mode, delay, clock, _control_hz(raw.get("control_hz"), clock, task), prefix, soft,
-                              raw.get("deadline_ms"), False if extend is None else extend)
+                              raw.get("deadline_ms"), False if extend is None else extend, raw.get("remote"))
 
 
 def resolve_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:

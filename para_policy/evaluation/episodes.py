@@ -9,7 +9,8 @@ episodes to the workers, the workers never call back into the runner).
 * :func:`check_env` checks that the task's env gives the observation the task (and so the policy) says.
 * :func:`roll_out_seeds` runs seeds with one sampler under the controller settings: the batched loop
   (:func:`~.rollout.run_rollouts`) in ``sync`` on the steps clock, else one Controller per env
-  (:func:`~.realtime.run_controller_rollouts`).
+  (:func:`~.realtime.run_controller_rollouts`), or a RemoteController on a policy server
+  (``controller.remote``, the candidate only).
 * :func:`read_progress` reads a run folder's ``progress.json`` (its finished episode records) and
   refuses one that is cut short, mistyped or holds an episode twice, naming the file and the fault.
 """
@@ -32,7 +33,7 @@ from para_policy.evaluation.config import (
     format_shapes,
     observation_mismatch,
 )
-from para_policy.evaluation.realtime import run_controller_rollouts
+from para_policy.evaluation.realtime import RemoteEndpoint, run_controller_rollouts
 from para_policy.evaluation.rollout import make_task_env, run_rollouts
 from para_policy.policy import LowdimPolicy
 from para_policy.samplers import SamplerConfig
@@ -123,7 +124,8 @@ def check_env(task: TaskSettings) -> None:
 
 def roll_out_seeds(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings, seeds: list[int],
                    ctl: ControllerSettings, opts: dict[str, Any], *, role: str,
-                   on_episode: Callable[[dict[str, Any]], None], video_seed: int | None) -> list[np.ndarray] | None:
+                   on_episode: Callable[[dict[str, Any]], None], video_seed: int | None,
+                   remote: RemoteEndpoint | None = None) -> list[np.ndarray] | None:
     """Run ``seeds`` with ``spec`` under the controller settings; return the video frames (or None).
 
     ``sync`` on the steps clock is the batched loop, exactly as before the controller modes
@@ -131,15 +133,17 @@ def roll_out_seeds(policy: LowdimPolicy, spec: SamplerConfig, task: TaskSettings
     the batched loop's noise per (episode, chunk). ``opts`` are the runner's checked settings
     (``seed``, ``num_envs``, ``video_size``, ``progress``); ``role`` (``'candidate'`` or
     ``'baseline'``) names the progress bar, and the candidate records its chunk observations.
+    ``remote``: the policy server that samples these episodes' chunks (``controller.remote``; the
+    runner gives it to the candidate only), through the same Controller loop.
     """
     common = dict(noise_seed=opts["seed"], video_seed=video_seed, video_size=opts["video_size"],
                   record_obs=(role == "candidate"), on_episode=on_episode, progress=opts["progress"])
-    if ctl.batched:
+    if ctl.batched and remote is None:
         _, frames = run_rollouts(policy, spec, task, seeds, num_envs=opts["num_envs"], desc=f"{role} ({spec.name})",
                                  **common)
     else:
         _, frames = run_controller_rollouts(policy, spec, task, seeds, ctl, desc=f"{role} ({spec.name}, "
-                                            f"{ctl.label()})", **common)
+                                            f"{ctl.label(served=remote is not None)})", remote=remote, **common)
     return frames
 
 

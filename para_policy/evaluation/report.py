@@ -7,7 +7,7 @@
                     observations_dir]}           # the last two for image policies
     machine {torch, torch_threads, cpu_count, platform, processor, load_avg}
     controller {mode, delay_steps, clock, control_hz, prefix_mode, soft_masking, period_s, deterministic,
-                label, n_action_steps}
+                label, n_action_steps[, remote]}      # remote: 'local' or 'HOST:PORT' where set
     inference {backend, compile, precision, cuda_graphs, note}   # how the denoiser ran, for both samplers
     samplers {role: {                        # role: 'candidate' (the chosen sampler), 'baseline'
         name, spec {name, scheduler, num_inference_steps, options}, schedule {kind, num_steps},
@@ -19,7 +19,10 @@
         controller {episodes, stalls, stalls_per_episode, switches, switch_discontinuity_mean,
                     switch_discontinuity_max, steps_in_flight, steps_in_flight_fraction, idle_steps,
                     delay_used_mean, delay_used_max, extended_steps[, late_steps, stall_wait_ms_max,
-                    chunk_latency_ms_p50, chunk_latency_ms_max, deadline_misses]} | null }}
+                    chunk_latency_ms_p50, chunk_latency_ms_max, deadline_misses][, round_trip_ms_p50,
+                    round_trip_ms_p95, overhead_ms_p50, failures, reconnects, held_steps]} | null }}
+                                             # the round trips only for a served candidate
+                                             # (controller.remote; realtime.REMOTE_FIELDS per episode)
                                              # 'controller' only where the run was not sync on the
                                              # steps clock (the batched loop); the episodes then
                                              # carry the Controller's per-episode statistics
@@ -83,6 +86,12 @@ CONTROLLER_ROWS: list[tuple[str, str, str]] = [
     ("late steps (wall clock)", "controller.late_steps", "{:d}"),
     ("chunks stopped at the deadline", "controller.deadline_misses", "{:d}"),
     ("steps run past n_action_steps (extend_plan)", "controller.extended_steps", "{:d}"),
+    ("round trip ms/chunk p50 (server)", "controller.round_trip_ms_p50", "{:.2f}"),
+    ("round trip ms/chunk p95 (server)", "controller.round_trip_ms_p95", "{:.2f}"),
+    ("network overhead ms/chunk p50", "controller.overhead_ms_p50", "{:.2f}"),
+    ("failed chunk calls (server)", "controller.failures", "{:d}"),
+    ("reconnects (server)", "controller.reconnects", "{:d}"),
+    ("held steps (server late)", "controller.held_steps", "{:d}"),
 ]
 RATIO_KEYS: dict[str, str] = {
     "mean_score": "mean_score",
@@ -140,7 +149,8 @@ def summarize_controller(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any
     (``|a_new - a_old|`` at a switch, in the task's action unit) averaged over all switches and
     maximised; ``steps_in_flight_fraction``: the share of control steps that ran while a chunk was
     being computed (the overlap asynchronous inference buys). ``idle_steps`` is None on the wall
-    clock, ``late_steps`` (steps that missed their tick) None on the steps clock.
+    clock, ``late_steps`` (steps that missed their tick) None on the steps clock. Served episodes
+    (``controller.remote``) add the round trips (:func:`summarize_remote`).
     """
     ok = [e for e in episodes if e.get("error") is None and "stalls" in e]
     if not ok:
@@ -181,7 +191,22 @@ def summarize_controller(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any
                    stall_wait_ms_max=max(waits) if waits else None,
                    chunk_latency_ms_p50=float(np.median(p50)) if p50 else None,
                    chunk_latency_ms_max=max(lat_max) if lat_max else None)
+    if any("round_trip_ms_p50" in e for e in ok):
+        out.update(summarize_remote(ok))
     return out
+
+
+def summarize_remote(episodes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The network's figures over served episodes (``controller.remote``), as the wall clock's latencies are
+    summarized: the median over episodes of each one's round-trip p50 and p95 and overhead p50 (ms per chunk
+    call), and the totals of failed chunk calls, reconnects and held steps."""
+    def median(key: str) -> float | None:
+        values = [e[key] for e in episodes if e.get(key) is not None]
+        return float(np.median(values)) if values else None
+
+    return {"round_trip_ms_p50": median("round_trip_ms_p50"), "round_trip_ms_p95": median("round_trip_ms_p95"),
+            "overhead_ms_p50": median("overhead_ms_p50"),
+            **{k: int(sum(int(e.get(k) or 0) for e in episodes)) for k in ("failures", "reconnects", "held_steps")}}
 
 
 def comparison(samplers: Mapping[str, Mapping[str, Any]], faith: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -262,11 +287,12 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         md.append(f"- {role}: `{s['name']}` on {s['schedule']['kind']} × {s['schedule']['num_steps']} steps "
                   f"({opts})")
     ctl = results.get("controller") or {}
-    if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps"):
+    if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps" and not ctl.get("remote")):
         md.append(f"- controller: `{ctl.get('label')}` (mode={ctl.get('mode')}, delay_steps={ctl.get('delay_steps')}, "
                   + (f"prefix_mode={ctl['prefix_mode']}, soft_masking={ctl.get('soft_masking')}, "
                      if ctl.get("prefix_mode") else "")
                   + f"clock={ctl.get('clock')}" + (f", {ctl.get('control_hz'):g} Hz" if ctl.get("control_hz") else "")
+                  + (f", remote={ctl['remote']}" if ctl.get("remote") else "")
                   + ")" + ("" if ctl.get("deterministic") else ": real time, not deterministic"))
     inference = results.get("inference")
     if inference:
@@ -287,7 +313,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     if lat.get("includes_obs_encoder"):
         md[-1] += (" The policy's observation encoder (its image ResNet) runs inside every call, so these figures "
                    "include it.")
-    if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps"):
+    if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps" and not ctl.get("remote")):
         md += ["", "## How chunks were scheduled", "", controller_note(ctl)]
     failures = [(role, f) for role, s in results["samplers"].items() for f in s.get("failures", [])]
     if failures:
@@ -313,12 +339,25 @@ def controller_note(ctl: Mapping[str, Any]) -> str:
         return (f"Each episode ran through one `Controller`: {what}. The env was stepped every {ctl.get('period_s')} s "
                 f"on a fixed grid (sleep to the next tick; a late step runs at once, without drift), and the delay was "
                 f"{delay}. Stalls are steps at which `act` waited for a chunk; late steps missed their tick. These "
-                "numbers depend on the machine and its load: another run gives others.")
+                "numbers depend on the machine and its load: another run gives others." + remote_note(ctl))
     return (f"Each episode ran through one `Controller`: {what}. On the steps clock a chunk requested at step s "
             f"counts as ready at step s + {d}, so the results are deterministic and machine-independent. The noise "
             "of each chunk is keyed by (noise seed, episode seed, chunk index), as in the batched loop, so both "
             "samplers get the same noise. Switch jump: the distance between the new chunk's action and the old "
-            "plan's at the switch step, in the task's action unit.")
+            "plan's at the switch step, in the task's action unit." + remote_note(ctl))
+
+
+def remote_note(ctl: Mapping[str, Any]) -> str:
+    """The sentences summary.md adds for a served candidate (``controller.remote``), else ``''``."""
+    remote = ctl.get("remote")
+    if not remote:
+        return ""
+    where = ("a policy server this run started on loopback (`para-policy serve`, its log in policy_server.log)"
+             if remote == "local" else f"the policy server at {remote}")
+    return (f" The candidate's chunks were sampled by {where} through a `RemoteController`, the same loop, with each "
+            "chunk's noise keyed as in process; the baseline ran in process. Round trip: a chunk call as the client "
+            "saw it; overhead: the round trip minus the server's sampling time (encoding, network, queue). The "
+            "candidate's chunk inputs stay on the server, so the batch-1 latency rows are left out.")
 
 
 def atomic_file(path: str | Path, write: Callable[[str], Any]) -> Path:

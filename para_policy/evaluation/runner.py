@@ -9,7 +9,8 @@ Hydra's config and run folder), and what tests call directly. In order:
    sequential baseline on the same schedule (role ``baseline``): same env seeds, same
    model, same noise per (episode, chunk), same ``controller`` settings (``sync``: the
    batched loop; ``async`` / ``rtc`` or the wall clock: one Controller per env,
-   :mod:`.realtime`); progress saved to ``progress.json`` after every episode, so
+   :mod:`.realtime`; ``controller.remote``: the candidate's through a policy server, started
+   here for ``local``); progress saved to ``progress.json`` after every episode, so
    ``resume_dir=<earlier run dir>`` continues an interrupted run: :func:`_roll_out_role`;
 3. time batch-1 calls of both samplers on chunk observations of the candidate's
    rollouts, with the same noise: latency and faithfulness (for image tasks the
@@ -65,6 +66,7 @@ from para_policy.evaluation.latency import (
     select_observations,
     time_samplers,
 )
+from para_policy.evaluation.realtime import remote_endpoint
 from para_policy.evaluation.report import (
     CHUNK_OBS_DIR,
     SCHEMA_VERSION,
@@ -446,6 +448,9 @@ def _checked_run(cfg: DictConfig, out: Path, original_cwd: str | Path | None) ->
     ctl = controller_settings(cfg, task)
     ctl.check_sampler(candidate)
     shards = cluster_settings(cfg)  # +cluster=ray: the episodes on Ray workers (.cluster)
+    if ctl.remote is not None and shards is not None:
+        raise EvalConfigError(f"controller.remote={ctl.remote} runs the candidate's episodes through one policy server "
+                              "client in this process; it does not combine with +cluster=ray (drop one of them)")
     ckpt = _checkpoint_path(cfg, task, original_cwd)
     resume_dir = resolve_path(cfg.resume_dir, original_cwd) if cfg.get("resume_dir") else None
     if resume_dir is not None and not resume_dir.is_dir():
@@ -512,7 +517,7 @@ def _baseline_cache_key(run: _EvalRun, spec: SamplerConfig) -> str:
     """The key of :data:`_BASELINE_CACHE`: what makes two runs' rollouts of ``spec`` the same episodes."""
     return json.dumps({"checkpoint": run.fingerprint["checkpoint"], "task": run.fingerprint["task"],
                        "noise_seed": run.opts["seed"], "spec": spec_dict(spec), "inference": run.opts["inference"],
-                       "controller": run.ctl.fingerprint()}, sort_keys=True)
+                       "controller": run.ctl.fingerprint(with_remote=False)}, sort_keys=True)  # in process
 
 
 def _reuse_baseline(run: _EvalRun, cache_key: str, todo: list[int]) -> tuple[list[int], Path | None]:
@@ -559,9 +564,13 @@ def _roll_out_role(run: _EvalRun, role: str, spec: SamplerConfig, roll_out: Any)
     frames = None
     if todo:
         record_video = opts["video"] and task.seeds[0] in todo
-        frames = roll_out(run.policy, spec, task, todo, run.ctl, opts, role=role,
-                          on_episode=functools.partial(_record_episode, run, role),
-                          video_seed=task.seeds[0] if record_video else None)
+        served = role == "candidate" and run.ctl.remote is not None  # the baseline runs in process
+        with (remote_endpoint(run.ctl, run.ckpt, spec, opts, run.out) if served
+              else contextlib.nullcontext()) as remote:
+            frames = roll_out(run.policy, spec, task, todo, run.ctl, opts, role=role,
+                              on_episode=functools.partial(_record_episode, run, role),
+                              video_seed=task.seeds[0] if record_video else None,
+                              **({"remote": remote} if served else {}))
     order = {s: i for i, s in enumerate(task.seeds)}
     run.done[role] = sorted((e for e in run.done[role] if e["seed"] in order), key=lambda e: order[e["seed"]])
     _save_progress(run)
@@ -741,6 +750,11 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
         "late_steps": "controller.late_steps",
         "deadline_misses": "controller.deadline_misses",
         "extended_steps": "controller.extended_steps",
+        # controller.remote (the candidate, served by a policy server)
+        "round_trip_ms_p50": "controller.round_trip_ms_p50",
+        "round_trip_ms_p95": "controller.round_trip_ms_p95",
+        "overhead_ms_p50": "controller.overhead_ms_p50",
+        "remote_failures": "controller.failures",
     }
     for role, s in results["samplers"].items():
         for name, path in paths.items():

@@ -222,6 +222,15 @@ class RemoteController(ChunkLoop):
         self._last_chunk = None
         self._chunk_index = 0
 
+    def reset_stats(self) -> None:
+        """Forget the loop's records and the network's figures (round trips, failures, reconnects, held steps)."""
+        super().reset_stats()
+        with self._lock:
+            self.round_trip_ms.clear()
+            self.server_ms.clear()
+            self.errors.clear()
+            self.failures = self.reconnects = self.held_steps = 0
+
     def key_noise(self, key: tuple[int, ...] | None) -> None:
         """Draw each chunk's noise from ``key + (chunk index since reset,)`` instead of the session's stream.
 

@@ -176,7 +176,11 @@ class RemoteController(ChunkLoop):
                                                    "takes no devices")
         self.client = PolicyClient(address, token=token, root_certificates=root_certificates, timeout_s=timeout_s)
         self.address = address
-        self.server = meta = self.client.metadata()
+        try:
+            self.server = meta = self.client.metadata()
+        except BaseException:
+            self.client.close()
+            raise
         self.shapes = {k: tuple(v["shape"]) for k, v in meta["observations"].items()}
         self.sampler = meta["sampler"]  # {"name", "iterative", "warm_start", "options"}
         config.check_sampler(_SpecView(self.sampler))

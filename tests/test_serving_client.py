@@ -204,3 +204,33 @@ def test_keyed_noise_is_the_in_process_keyed_noise():
                 remote.key_noise((-1,))
     finally:
         handle.stop(0)
+
+
+def test_a_busy_server_is_asked_again_within_the_timeout():
+    """max_pending=1 and a slow model: of two robots asking at once one is refused RESOURCE_EXHAUSTED by the
+    server, and its client asks again until it gets its chunk (its round trip includes the wait)."""
+    policy = load_policy(ASSET, backend="eager")
+    slow = policy.predict_action
+
+    def predict_action(*a, **k):
+        time.sleep(0.3)
+        return slow(*a, **k)
+
+    policy.predict_action = predict_action
+    handle = serve(policy, port=0, sampler=CHEAP, max_pending=1)
+    out = {}
+    try:
+        robots = [RemoteController(handle.address, seed=i, timeout_s=5.0) for i in range(2)]
+        threads = [threading.Thread(target=lambda r=r, i=i: out.setdefault(i, r.predict_chunk(observations(2))))
+                   for i, r in enumerate(robots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rtts = sorted(r.round_trip_ms[0] for r in robots)
+        for r in robots:
+            r.close()
+    finally:
+        handle.stop(0)
+    assert sorted(out) == [0, 1] and all(a.shape == (8, 2) for a in out.values())
+    assert rtts[1] >= 550  # the second waited for the first (0.3 s each, one at a time)

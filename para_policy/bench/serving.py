@@ -53,9 +53,11 @@ def history(steps: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([s[k] for s in steps]) for k in steps[0]}
 
 
-def _local_ms(policy: Any, spec: SamplerConfig, obs: dict[str, torch.Tensor], noise: tuple) -> float:
+def _local_ms(policy: Any, spec: SamplerConfig, obs: dict[str, torch.Tensor], key: tuple[int, ...]) -> float:
+    """``predict_action`` in this process, its keyed noise drawn inside the timing (as the server draws it)."""
     start = time.perf_counter()
-    policy.predict_action(obs, sampler=spec, x_T=noise[0], noise=noise[1], warm_start=False)
+    x_T, noise = chunk_noise(policy, spec, seed_for(*key))
+    policy.predict_action(obs, sampler=spec, x_T=x_T, noise=noise, warm_start=False)
     return (time.perf_counter() - start) * 1000
 
 
@@ -76,15 +78,14 @@ def overhead_rows(policy: Any, spec: SamplerConfig, client: PolicyClient, histor
     rows = []
     for i, h in enumerate(histories):
         key = (SERVING_STREAM, i, 0)
-        noise = chunk_noise(policy, spec, seed_for(*key))
         obs = {k: torch.from_numpy(v)[None] for k, v in h.items()}
         arrays = {OBS_PREFIX + k: (np.round(v * 255).astype(np.uint8) if k in uint8_keys else v) for k, v in h.items()}
         meta = {"session": session, "warm": None, "deadline_ms": None, "noise_key": list(key)}
         if i % 2:
             rtt, server = _remote_ms(client, meta, arrays)
-            local_ms = _local_ms(policy, spec, obs, noise)
+            local_ms = _local_ms(policy, spec, obs, key)
         else:
-            local_ms = _local_ms(policy, spec, obs, noise)
+            local_ms = _local_ms(policy, spec, obs, key)
             rtt, server = _remote_ms(client, meta, arrays)
         rows.append({"local_ms": local_ms, "round_trip_ms": rtt, "server_ms": server})
     client.close_session(session)

@@ -38,7 +38,8 @@ from para_policy.stats import percentile_summary
 #: gRPC codes after which the next chunk is simply requested again (after a backoff)
 RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "NOT_FOUND", "INTERNAL", "CANCELLED",
                "UNKNOWN")
-BACKOFF_S = (0.05, 2.0)  # the first retry's wait and the longest, doubling in between
+BACKOFF_S = (0.05, 2.0)  # after a failed chunk: the first wait before the next and the longest, doubling
+RETRY_WAIT_S = (0.005, 0.1)  # within one chunk's timeout: waits before asking a busy server again, doubling
 ERRORS_KEPT = 20
 
 
@@ -289,8 +290,20 @@ class RemoteController(ChunkLoop):
             return self._call_chunk(arrays, {**meta, "warm": None})
 
     def _call_chunk(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> ChunkResult:
+        """One ``Chunk`` call, asked again while the server is busy or unreachable (``RESOURCE_EXHAUSTED``,
+        ``UNAVAILABLE``: a full queue, a restart) until ``timeout_s`` from the first try has passed."""
         start = time.perf_counter()
-        reply, info = self.client.call("Chunk", {**meta, "session": self.session}, arrays)
+        end, wait = start + self.client.timeout_s, RETRY_WAIT_S[0]
+        while True:
+            try:
+                reply, info = self.client.call("Chunk", {**meta, "session": self.session}, arrays,
+                                               timeout_s=max(end - time.perf_counter(), 0.001))
+                break
+            except RemoteError as e:
+                if e.code not in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") or time.perf_counter() + wait >= end:
+                    raise
+                time.sleep(wait)
+                wait = min(2 * wait, RETRY_WAIT_S[1])
         rtt = (time.perf_counter() - start) * 1000
         with self._lock:
             self.round_trip_ms.append(rtt)

@@ -453,11 +453,11 @@ class PolicyServer:
             kwargs.update(prefix_actions=torch.from_numpy(request.prefix)[None], prefix_mode=request.prefix_mode)
         if request.guide is not None:
             kwargs["guide_actions"] = torch.from_numpy(request.guide)[None]
-        if request.noise_key is not None:  # this chunk's own noise, as the evaluator draws it in process
-            kwargs["x_T"], kwargs["noise"] = chunk_noise(policy, spec, seed_for(*request.noise_key))
         obs = {k: torch.from_numpy(v)[None] for k, v in request.obs.items()}
         with self._model:
-            start = time.perf_counter()
+            start = time.perf_counter()  # server_ms: the sampling, noise draws included (as in process)
+            if request.noise_key is not None:  # this chunk's own noise, as the evaluator draws it in process
+                kwargs["x_T"], kwargs["noise"] = chunk_noise(policy, spec, seed_for(*request.noise_key))
             deadline = (None if request.deadline_ms is None or not spec.iterative
                         else start + request.deadline_ms / 1000)
             session.generator = generator_on(session.generator, policy.device)

@@ -528,7 +528,8 @@ class ChunkLoop:
         if self._chunk is not None:
             old = self._chunk.plan
             a_old = old[min(t - self._chunk.start, old.shape[0] - 1)]  # what the old chunk planned for step t
-            record.discontinuity = float(np.linalg.norm(plan[t - start] - a_old))
+            a_new = plan[min(t - start, plan.shape[0] - 1)]  # (a chunk later than its whole plan: its last action)
+            record.discontinuity = float(np.linalg.norm(a_new - a_old))
         record.switch_step = t
         self._chunk = _Chunk(start, plan, result.source)
 
@@ -568,6 +569,8 @@ class ChunkLoop:
                 self._switch()
                 if not self.actions and self.extend_plan:
                     self._extend()
+                if not self.actions:  # it arrived after its whole plan (a held loop): hold on, ask again
+                    self._hold()
                 if len(self.actions) <= self._delay() and self._may_launch():  # d >= H - d: the next one at once
                     self._launch()
         if self._in_flight is not None:

@@ -234,3 +234,28 @@ def test_a_busy_server_is_asked_again_within_the_timeout():
         handle.stop(0)
     assert sorted(out) == [0, 1] and all(a.shape == (8, 2) for a in out.values())
     assert rtts[1] >= 550  # the second waited for the first (0.3 s each, one at a time)
+
+
+def test_a_chunk_later_than_its_whole_plan_is_taken_over_and_the_loop_holds():
+    """A slow server (0.6 s a chunk at 30 ms a step: 20 steps late, past the 15-step plan): act never raises,
+    the loop holds the last action, and each late chunk still takes over (its jump measured at its last action)."""
+    policy = load_policy(ASSET, backend="eager")
+    fast = policy.predict_action
+    slow = {"on": False}
+
+    def predict_action(*a, **k):
+        if slow["on"]:
+            time.sleep(0.6)
+        return fast(*a, **k)
+
+    policy.predict_action = predict_action
+    handle = serve(policy, port=0, sampler=CHEAP)
+    try:
+        with RemoteController(handle.address, mode="rtc", period_s=0.03, timeout_s=5.0, seed=0) as ctl:
+            run_steps(ctl, observations(10), 0.03)
+            slow["on"] = True
+            run_steps(ctl, observations(80, seed=1), 0.03)
+            stats = ctl.stats()
+    finally:
+        handle.stop(0)
+    assert stats["held_steps"] > 0 and stats["failures"] == 0 and stats["switches"] >= 2

@@ -8,9 +8,9 @@ Starts real ``para-policy serve`` processes (one per policy) on 127.0.0.1 and me
    same keyed noise, in process and through the server, alternating; round trip minus in-process
    latency at p50 (the issue's targets: 2 ms low-dim, 5 ms images) and p95, and the round trip
    minus the server's own sampling time per call. Images travel as uint8, as a camera gives them.
-2. load, PushT low-dim: 1, 2, 4, 8, ... RemoteControllers in rtc mode at 10 Hz for ``--seconds``
-   each, until a level stalls or ``--max-clients``: stalls, held steps, failed chunks, chunk
-   round trips p50/p95.
+2. load, PushT low-dim: 1, 2, 4, 8, 12, ... RemoteControllers (``--levels``) in rtc mode at 10 Hz
+   for ``--seconds`` each, until a level stalls, holds or fails a chunk: stalls, held steps,
+   failed chunks, chunk round trips p50/p95.
 
 Both sides sample with the same spec (default ``sequential`` on DDIM-10, the fastest sampler on
 the shipped policy's DDIM schedules) and ``--threads`` intra-op threads. Writes
@@ -37,7 +37,14 @@ import para_policy  # noqa: E402
 from para_policy import ImagePolicy, load_policy, sampler_spec, save_checkpoint  # noqa: E402
 from para_policy.bench import command_line, machine_info, markdown_table, write_report  # noqa: E402
 from para_policy.bench.image import real_robot_config  # noqa: E402
-from para_policy.bench.serving import history, load_level, overhead_rows, overhead_summary, walk_observations  # noqa: E402
+from para_policy.bench.serving import (  # noqa: E402
+    history,
+    idle_round_trips,
+    load_level,
+    overhead_rows,
+    overhead_summary,
+    walk_observations,
+)
 from para_policy.serving.client import PolicyClient, RemoteController  # noqa: E402
 from para_policy.serving.launch import ServerProcess, serve_command  # noqa: E402
 
@@ -55,12 +62,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=200, help="overhead: chunks per policy")
     p.add_argument("--seconds", type=float, default=20.0, help="load: seconds per level")
     p.add_argument("--hz", type=float, default=10.0, help="load: control rate of each robot")
-    p.add_argument("--max-clients", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 20 calls, 3 s levels, up to 2 clients")
+    p.add_argument("--levels", default="1,2,4,8,12,16,20,24,28,32",
+                   help="load: client counts, run in order until one stalls, holds or fails a chunk")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 20 calls, 3 s levels of 1 and 2 clients")
     p.add_argument("--out", default=str(ROOT / "eval" / "results" / "bench_serving"))
     args = p.parse_args()
     if args.quick:
-        args.calls, args.seconds, args.max_clients = 20, 3.0, 2
+        args.calls, args.seconds, args.levels = 20, 3.0, "1,2"
     return args
 
 
@@ -82,13 +90,15 @@ def measure_overhead(args: argparse.Namespace, checkpoint: Path, image: bool) ->
     with ServerProcess(serve_command(checkpoint, overrides(args), ["--threads", str(args.threads)])) as server:
         client = PolicyClient(server.address, token=server.token, timeout_s=60)
         rows = overhead_rows(policy, spec, client, hists, uint8_keys=cams)
+        idle = idle_round_trips(client)
         client.close()
-    return {"policy": "two 96x96 cameras" if image else "PushT low-dim", **overhead_summary(rows)}
+    return {"policy": "two 96x96 cameras" if image else "PushT low-dim", **overhead_summary(rows),
+            "health_round_trip_ms": idle}
 
 
 def measure_load(args: argparse.Namespace) -> list[dict]:
-    levels, n = [], 1
-    options = ["--threads", str(args.threads), "--max-sessions", str(max(16, args.max_clients))]
+    levels, counts = [], [int(n) for n in args.levels.split(",")]
+    options = ["--threads", str(args.threads), "--max-sessions", str(max(16, *counts))]
     with ServerProcess(serve_command(ASSET, overrides(args), options)) as server:
         shapes = PolicyClient(server.address, token=server.token).metadata()["observations"]
         shapes = {k: tuple(v["shape"]) for k, v in shapes.items()}
@@ -101,14 +111,13 @@ def measure_load(args: argparse.Namespace) -> list[dict]:
             return RemoteController(server.address, token=server.token, mode="rtc", period_s=1 / args.hz,
                                     timeout_s=2.0)
 
-        while n <= args.max_clients:
+        for n in counts:
             level = load_level(make, shapes, n, args.seconds, 1 / args.hz)
             levels.append(level)
             print(f"{n} clients: {level['chunks']} chunks, stalls {level['stalls']}, held {level['held_steps']}, "
                   f"failures {level['failures']}, round trip p95 {level['round_trip_ms']['p95']:.1f} ms", flush=True)
             if level["stalls"] or level["held_steps"] or level["failures"] or level["errors"]:
                 break
-            n *= 2
     return levels
 
 
@@ -125,6 +134,11 @@ def report(args: argparse.Namespace, over: list[dict], levels: list[dict], machi
         [[o["policy"], f(o["local_ms"]["p50"]), f(o["round_trip_ms"]["p50"]), f(o["overhead_p50_ms"]),
           f(o["local_ms"]["p95"]), f(o["round_trip_ms"]["p95"]), f(o["overhead_p95_ms"]),
           f(o["transport_ms"]["p50"])] for o in over])
+    lines += ["", "A `Health` call (no sampling, no payload) back to back and after an idle gap, p50 / p95 ms: "
+              "the part of the overhead that is gRPC waking up after the control period's wait.", ""]
+    idle = [[o["policy"], *(f"{v['p50']:.2f} / {v['p95']:.2f}" for v in o["health_round_trip_ms"].values())]
+            for o in over]
+    lines += markdown_table(["policy server", *over[0]["health_round_trip_ms"]], idle)
     lines += ["", f"## Load: robots at {args.hz:g} Hz, rtc, {args.seconds:g} s per level", ""]
     lines += markdown_table(
         ["clients", "chunks", "stalls", "held steps", "failed chunks", "late ticks", "round trip p50",

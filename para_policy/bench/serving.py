@@ -92,6 +92,22 @@ def overhead_rows(policy: Any, spec: SamplerConfig, client: PolicyClient, histor
     return rows
 
 
+def idle_round_trips(client: PolicyClient, idles_s: Sequence[float] = (0.0, 0.025), calls: int = 60
+                     ) -> dict[str, dict[str, Any]]:
+    """``Health`` round trips (ms) after each idle gap: what gRPC's own wake-up costs, apart from any sampling
+    (a chunk call always follows an idle gap: the robot's control period)."""
+    out = {}
+    for idle in idles_s:
+        times = []
+        for _ in range(calls):
+            time.sleep(idle)
+            start = time.perf_counter()
+            client.health()
+            times.append((time.perf_counter() - start) * 1000)
+        out[f"{idle * 1000:g} ms idle"] = percentile_summary(times[5:])
+    return out
+
+
 def overhead_summary(rows: Sequence[Mapping[str, float]], warmup: int = 3) -> dict[str, Any]:
     """Percentiles of :func:`overhead_rows` (the first ``warmup`` rows dropped) and the two overheads, in ms."""
     rows = rows[warmup:]

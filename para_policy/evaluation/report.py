@@ -303,16 +303,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     lat = results.get("latency_method") or {}
     machine = results.get("machine") or {}
-    md += ["", "## How latency was measured", "",
-           f"Wall-clock of one `predict_action` call at batch 1 on {lat.get('n_calls', 0)} chunk observations "
-           f"recorded during the rollouts, the same noise for both samplers, {lat.get('warmup', 0)} warm-up "
-           "calls excluded, samplers alternating which goes first. ms/action = ms/chunk / n_action_steps "
-           f"({lat.get('n_action_steps')}). Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
-           f"torch {machine.get('torch')} with {machine.get('torch_threads')} threads, load average "
-           f"{machine.get('load_avg')} at the time (latency taken on a busy machine is not a claim)."]
-    if lat.get("includes_obs_encoder"):
-        md[-1] += (" The policy's observation encoder (its image ResNet) runs inside every call, so these figures "
-                   "include it.")
+    md += ["", "## How latency was measured", "", latency_note(lat, machine)]
     if ctl and not (ctl.get("mode") == "sync" and ctl.get("clock") == "steps" and not ctl.get("remote")):
         md += ["", "## How chunks were scheduled", "", controller_note(ctl)]
     failures = [(role, f) for role, s in results["samplers"].items() for f in s.get("failures", [])]
@@ -320,6 +311,24 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         md += ["", "## Failed episodes", ""]
         md += [f"- {role} seed {f['seed']}: {f['error']}" for role, f in failures]
     return "\n".join(md) + "\n"
+
+
+def latency_note(lat: Mapping[str, Any], machine: Mapping[str, Any]) -> str:
+    """summary.md's paragraph on how batch-1 latency was measured (``results['latency_method']``), or why not."""
+    if not lat.get("n_calls"):  # a served candidate: its chunk inputs stayed on the server, no batch-1 pass
+        return ("No batch-1 latency pass: the candidate's chunks were sampled by a policy server, whose round trips "
+                f"are in the table above. Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
+                f"torch {machine.get('torch')}, load average {machine.get('load_avg')} at the time.")
+    note = (f"Wall-clock of one `predict_action` call at batch 1 on {lat.get('n_calls', 0)} chunk observations "
+            f"recorded during the rollouts, the same noise for both samplers, {lat.get('warmup', 0)} warm-up "
+            "calls excluded, samplers alternating which goes first. ms/action = ms/chunk / n_action_steps "
+            f"({lat.get('n_action_steps')}). Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
+            f"torch {machine.get('torch')} with {machine.get('torch_threads')} threads, load average "
+            f"{machine.get('load_avg')} at the time (latency taken on a busy machine is not a claim).")
+    if lat.get("includes_obs_encoder"):
+        note += (" The policy's observation encoder (its image ResNet) runs inside every call, so these figures "
+                 "include it.")
+    return note
 
 
 def controller_note(ctl: Mapping[str, Any]) -> str:

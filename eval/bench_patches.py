@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
     lines = ["# Patch parallelism over the horizon (DistriFusion) vs the whole network, batch 1", "",
              f"`{command_line('bench_patches.py', argv)}`", "",
              f"Machine: {info['cpu_count']} CPUs, load average before {load_before}, after {info['load_avg']}"
-             + (" (**loaded: other jobs shared the CPU; ratios only**)" if max(load_before or [0]) > 0.5 else ""),
+             + (" (**load average above 0.5 before the run: ratios only**)" if max(load_before or [0]) > 0.5 else ""),
              "", *cost_lines(costs), "", *cost_model_lines(costs), "",
              "## DDIM-10 sampling call at batch 1 (ms, interleaved)", "",
              *markdown_table(["network", "variant", "p50 ms", "p95 ms", "speed-up vs fastest sequential"],

@@ -16,7 +16,7 @@ import difflib
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -339,6 +339,20 @@ class _InFlight:
         """Cancel it, or wait for it when it is running (its result or error is dropped)."""
         if self.future is not None and not self.future.cancel():
             self.future.exception()
+
+
+def by_key(observation: Any, keys: Sequence[str]) -> Mapping[str, Any]:
+    """``observation`` as a mapping over the policy's observation ``keys`` (a bare array is the one key's value);
+    a ``ValueError`` naming the keys when it is not a dict of a multi-key policy or misses one. Both
+    controllers' observation checks start here."""
+    if not isinstance(observation, Mapping):
+        if len(keys) != 1:
+            raise ValueError(f"observation must be a dict with keys {list(keys)}, got {type(observation).__name__}")
+        observation = {keys[0]: observation}
+    missing = [k for k in keys if k not in observation]
+    if missing:
+        raise ValueError(f"observation is missing {missing}; this policy takes {list(keys)}")
+    return observation
 
 
 def _summary(values: Sequence[float]) -> dict[str, float | None]:

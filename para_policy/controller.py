@@ -28,6 +28,7 @@ from para_policy.chunk_loop import (
     ChunkResult,
     ControllerConfig,
     ControllerConfigError,
+    by_key,
     chunk_stats,
     loop_stats,
 )
@@ -85,13 +86,7 @@ def generator_on(generator: torch.Generator, device: torch.device | str) -> torc
 def _keyed(policy: LowdimPolicy, observation: Any) -> dict[str, torch.Tensor]:
     """``observation`` as ``{key: tensor}`` over the policy's keys (a bare array is the low-dim ``'obs'``)."""
     shapes = policy.observation_shapes()
-    if not isinstance(observation, Mapping):
-        if len(shapes) != 1:
-            raise ValueError(f"observation must be a dict with keys {list(shapes)}, got {type(observation).__name__}")
-        observation = {next(iter(shapes)): observation}
-    missing = [k for k in shapes if k not in observation]
-    if missing:
-        raise ValueError(f"observation is missing {missing}; this policy takes {list(shapes)}")
+    observation = by_key(observation, list(shapes))
     out = {}
     for key in shapes:
         x = observation[key]

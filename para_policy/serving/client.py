@@ -29,6 +29,7 @@ from para_policy.chunk_loop import (
     ChunkResult,
     ControllerConfig,
     ControllerConfigError,
+    by_key,
 )
 from para_policy.extras import require
 from para_policy.serving.protocol import AUTH_HEADER, DEFAULT_MAX_MESSAGE_BYTES, OBS_PREFIX, TOKEN_ENV, method_path
@@ -119,13 +120,7 @@ class PolicyClient:
 def _observation_arrays(observation: Any, shapes: Mapping[str, tuple[int, ...]], lead: tuple[int, ...] = ()
                         ) -> dict[str, np.ndarray]:
     """``observation`` (a dict, or a bare array for one key) as checked float32 arrays ``{key: (*lead, *shape)}``."""
-    if not isinstance(observation, Mapping):
-        if len(shapes) != 1:
-            raise ValueError(f"observation must be a dict with keys {list(shapes)}, got {type(observation).__name__}")
-        observation = {next(iter(shapes)): observation}
-    missing = [k for k in shapes if k not in observation]
-    if missing:
-        raise ValueError(f"observation is missing {missing}; this policy takes {list(shapes)}")
+    observation = by_key(observation, list(shapes))
     out = {}
     for key, shape in shapes.items():
         x = np.asarray(observation[key])

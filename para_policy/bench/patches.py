@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from para_policy.models.unet1d import ConditionalUnet1D
 from para_policy.models.unet_patches import PatchExchange, PatchUnet, neighbour_inputs
 from para_policy.onnx_backend import export_graph, export_onnx, make_session
-from para_policy.samplers.asyncdiff import schedule_step
+from para_policy.samplers.sequential import schedule_step
 from para_policy.schedule import Schedule
 from para_policy.stages import StagePipeline
 from para_policy.stats import percentile_summary

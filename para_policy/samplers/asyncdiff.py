@@ -40,6 +40,7 @@ import torch
 from para_policy.samplers.common import Denoiser, Inpaint, SampleStats, apply_inpaint, check_inputs
 from para_policy.samplers.options import check_stage_options
 from para_policy.samplers.picard import picard_sample
+from para_policy.samplers.sequential import schedule_step
 from para_policy.schedule import Schedule
 
 
@@ -79,20 +80,6 @@ def find_staged(denoiser: Any, stages: int) -> StagedDenoiser:
     if found.num_stages != stages:
         raise ValueError(f"stages={stages}, but the staged denoiser has {found.num_stages} stages")
     return found
-
-
-def schedule_step(schedule: Schedule, x: torch.Tensor, k: int, model_output: torch.Tensor,
-                  x0s: torch.Tensor | None, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x_{k+1}`` from ``x_k`` (B,T,D) and the model output, as :func:`sequential_sample` steps; ``x0s``
-    (B, ≤ m, T, D): a multistep schedule's clean-sample history, newest first (None for order 1)."""
-    k_rows = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
-    if schedule.order == 1:
-        mean = schedule.step_mean(x, k_rows, model_output)
-    else:
-        x0 = schedule.predict_x0(x, k_rows, model_output)[:, None]
-        x0s = x0 if x0s is None else torch.cat([x0, x0s[:, : schedule.order - 1]], dim=1)
-        mean = schedule.step_from_x0(x, k_rows, x0s)
-    return mean + schedule.noise_std[k] * noise[:, k], x0s
 
 
 def round_timesteps(steps: torch.Tensor, k: int, r: int, num_stages: int, batch: int, time_shift: bool

@@ -56,13 +56,7 @@ def sequential_sample(
         x = apply_inpaint(x, inpaint, k)
         k_rows = torch.full((B,), k, dtype=torch.long, device=x.device)
         model_output = denoiser(x, schedule.timesteps[k_rows], condition)
-        if schedule.order == 1:
-            mean = schedule.step_mean(x, k_rows, model_output)
-        else:
-            x0 = schedule.predict_x0(x, k_rows, model_output)[:, None]
-            x0s = x0 if x0s is None else torch.cat([x0, x0s[:, : schedule.order - 1]], dim=1)
-            mean = schedule.step_from_x0(x, k_rows, x0s)
-        x = mean + schedule.noise_std[k] * noise[:, k]
+        x, x0s = schedule_step(schedule, x, k, model_output, x0s, noise, k_rows)
     x = apply_inpaint(x, inpaint, None)
     S = schedule.num_steps
     return x, SampleStats(
@@ -71,3 +65,20 @@ def sequential_sample(
         converged=torch.ones(B, dtype=torch.bool),
         rounds_per_sample=torch.full((B,), S, dtype=torch.long),
     )
+
+
+def schedule_step(schedule: Schedule, x: torch.Tensor, k: int, model_output: torch.Tensor,
+                  x0s: torch.Tensor | None, noise: torch.Tensor, k_rows: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of the sequential loop: ``x_{k+1}`` from ``x_k`` (B,T,D) and the model output; ``x0s``
+    (B, ≤ m, T, D): a multistep schedule's clean-sample history, newest first (None for order 1).
+    Returns ``(x_{k+1}, x0s)``; the samplers that step one step at a time (sequential, asyncdiff) share it."""
+    if k_rows is None:  # (B,) the step index per row; the caller's, when it has made it already
+        k_rows = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+    if schedule.order == 1:
+        mean = schedule.step_mean(x, k_rows, model_output)
+    else:
+        x0 = schedule.predict_x0(x, k_rows, model_output)[:, None]
+        x0s = x0 if x0s is None else torch.cat([x0, x0s[:, : schedule.order - 1]], dim=1)
+        mean = schedule.step_from_x0(x, k_rows, x0s)
+    return mean + schedule.noise_std[k] * noise[:, k], x0s

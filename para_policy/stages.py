@@ -14,15 +14,17 @@ two calls the sampler needs:
 
 * :meth:`StagePipeline.run_stages`: the stages one after the other on current inputs (the whole
   network; warm-up steps), returning every cut's state (the *carries*);
-* :meth:`StagePipeline.stale_step`: all stages at once, stage ``i`` on stage ``i-1``'s carry from
-  the previous call (AsyncDiff's step), handed over through queues.
+* :meth:`StagePipeline.stale_rounds`: AsyncDiff's parallel rounds, stage ``i`` of each round on
+  stage ``i-1``'s carry from the round before, streamed from stage to stage through queues.
 
 A runner is ``runner((x, t, condition | None, *skips)) -> (x, *skips)`` over torch tensors
-(:class:`~para_policy.models.unet_stages.UnetStage`'s signature).
+(a stage module's signature, :data:`Stage`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import queue
 import threading
 import warnings
@@ -33,13 +35,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from para_policy.models.unet_stages import UnetStage, split_unet
+from para_policy.models.unet1d import ConditionalUnet1D
+from para_policy.models.unet_stages import split_unet
 from para_policy.onnx_backend import check_exportable, export_graph, make_session
 
 #: ``runner((x, t, condition | None, *skips)) -> (x, *skips)``
 StageRunner = Callable[[tuple[Tensor | None, ...]], tuple[Tensor, ...]]
 #: the state at each cut: ``carries[i]`` is stage ``i``'s output ``(x, *skips)``
 Carries = list[tuple[Tensor, ...]]
+#: a stage module: :class:`~para_policy.models.unet_stages.UnetStage` or
+#: :class:`~para_policy.models.transformer_stages.TransformerStage` (``forward(x, t, condition, *skips)``)
+Stage = nn.Module
 STAGE_BACKENDS = ("onnxruntime", "eager", "default")
 
 
@@ -48,7 +54,7 @@ class StageFailed(RuntimeError):
 
 
 class EagerStage:
-    """A :class:`UnetStage` called in eager PyTorch (holds the GIL between operators: for exactness, fallbacks)."""
+    """A :data:`Stage` called in eager PyTorch (holds the GIL between operators: for exactness, fallbacks)."""
 
     def __init__(self, stage: nn.Module) -> None:
         self.stage = stage
@@ -61,7 +67,7 @@ class EagerStage:
 class StageGraph(nn.Module):
     """What one stage's ONNX graph computes: positional ``(x, t[, condition], *skips)`` -> ``(x, *skips)``."""
 
-    def __init__(self, stage: UnetStage, conditioned: bool) -> None:
+    def __init__(self, stage: Stage, conditioned: bool) -> None:
         super().__init__()
         self.stage = stage
         self.conditioned = conditioned
@@ -72,14 +78,14 @@ class StageGraph(nn.Module):
 
 
 class OnnxStage:
-    """A :class:`UnetStage` exported to ONNX and run by its own ONNX Runtime session (releases the GIL).
+    """A :data:`Stage` exported to ONNX and run by its own ONNX Runtime session (releases the GIL).
 
     ``example``: one call's inputs ``(x, t, condition | None, *skips)`` at 2 rows or more (a 1-row
     example would trace the UNet's batch-1 fast path); rows are dynamic. ``threads``: intra-op
     threads of the session (1: the stage keeps to one core, the others are the other stages').
     """
 
-    def __init__(self, stage: UnetStage, example: tuple[Tensor | None, ...], threads: int = 1) -> None:
+    def __init__(self, stage: Stage, example: tuple[Tensor | None, ...], threads: int = 1) -> None:
         check_exportable(stage)
         conditioned = example[2] is not None
         args = tuple(a for a in example if a is not None)
@@ -120,20 +126,20 @@ def stage_backend(model: nn.Module, backend: str = "default") -> str:
     return "onnxruntime"
 
 
-def stage_runners(stages: Sequence[UnetStage], sample_shape: Sequence[int], condition: Tensor | None, *,
+def stage_runners(stages: Sequence[Stage], sample_shape: Sequence[int], condition: Tensor | None, *,
                   backend: str = "default", threads: int = 1) -> list[StageRunner]:
     """One runner per stage: ONNX Runtime sessions (exported now) or eager calls.
 
     ``sample_shape``: ``(T, D)``; ``condition``: one row's conditioning (1, G) or None; the stages'
     example inputs are made by running the chain once on 2 rows.
     """
-    backend = stage_backend(stages[0].unet, backend)
+    backend = stage_backend(stages[0].network, backend)
     if backend == "eager":
         return [EagerStage(s) for s in stages]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *sample_shape, generator=g)
     t = torch.tensor([3.0, 7.0])
-    cond = None if condition is None else condition.detach().float().reshape(1, -1).expand(2, -1).contiguous()
+    cond = None if condition is None else condition.detach().float()[:1].expand(2, *condition.shape[1:]).contiguous()
     runners: list[StageRunner] = []
     carry: tuple[Tensor, ...] = (x,)
     for stage in stages:
@@ -144,22 +150,24 @@ def stage_runners(stages: Sequence[UnetStage], sample_shape: Sequence[int], cond
     return runners
 
 
-def _worker(runner: StageRunner, jobs: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
-    """A stage's thread: run each job, hand back its result or the exception it raised; None ends it."""
+def _worker(runner: StageRunner, jobs: queue.SimpleQueue, deliver: Callable[[int, int, bool, Any], None]) -> None:
+    """A stage's thread: run each job ``(call, round, inputs)`` and deliver its result or exception; None ends it."""
     while True:
         job = jobs.get()
         if job is None:
             return
+        call, j, inputs = job
         try:
-            results.put((True, runner(job)))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
-            results.put((False, e))
+            out, ok = runner(inputs), True
+        except BaseException as e:  # noqa: BLE001 - delivered to the caller, who raises it
+            out, ok = e, False
+        deliver(call, j, ok, out)
 
 
-def _close_workers(workers: list[tuple[threading.Thread, queue.SimpleQueue, queue.SimpleQueue]]) -> None:
-    for _, jobs, _ in workers:
+def _close_workers(workers: list[tuple[threading.Thread, queue.SimpleQueue]]) -> None:
+    for _, jobs in workers:
         jobs.put(None)
-    for thread, _, _ in workers:
+    for thread, _ in workers:
         thread.join(timeout=10.0)
     workers.clear()
 
@@ -169,29 +177,47 @@ def _repeat_rows(t: Tensor | None, times: int) -> Tensor | None:
     return t if t is None or times == 1 else t.repeat(times, *([1] * (t.dim() - 1)))
 
 
+#: ``advance(j, out (r·B, T, D)) -> x (B, T, D) | None``: the caller's steps of round ``j``, returning
+#: stage 0's input for round ``j + 1`` (None after the last round)
+Advance = Callable[[int, Tensor], Tensor | None]
+
+
 class StagePipeline:
     """The stages of one network, the first in the caller's thread, each later one on its own worker thread.
 
     Args:
         runners: one per stage (:func:`stage_runners`), in network order.
+        time_in_every_stage: whether every stage embeds the timestep it is given (the UNet's do;
+            a transformer's later stages read it from the carried memory): what a stride needs.
     A denoiser itself (``pipeline(x (N, T, D), t (N,), condition (N, G) | None) -> (N, T, D)``, the
     stages in order), and the staged form :func:`~para_policy.samplers.asyncdiff_sample` looks for
-    (:meth:`run_stages`, :meth:`stale_step`). :meth:`close` (or ``with``, or garbage collection)
+    (:meth:`run_stages`, :meth:`stale_rounds`). :meth:`close` (or ``with``, or garbage collection)
     ends the worker threads. Calls from several threads at once are not supported.
+
+    Why the rounds are streamed, not run in lock step: round ``j+1``'s stage ``i`` needs only
+    stage ``i-1``'s output of round ``j``, so each stage hands its output straight to the next
+    stage's queue and that stage starts as soon as it is free, while the caller, once it has run
+    stage 0, waits only for the last stage and steps the sample. The caller's step then overlaps
+    the workers' next stage instead of following a barrier, and a worker finds its next job queued
+    (no wake-up). The arithmetic is that of lock-step rounds, so the results are the same.
     """
 
-    def __init__(self, runners: Sequence[StageRunner]) -> None:
+    def __init__(self, runners: Sequence[StageRunner], *, time_in_every_stage: bool = True) -> None:
         if not runners:
             raise ValueError("a StagePipeline needs at least one stage")
         self.runners = list(runners)
-        self.workers: list[tuple[threading.Thread, queue.SimpleQueue, queue.SimpleQueue]] = []
+        self.time_in_every_stage = time_in_every_stage
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers: list[tuple[threading.Thread, queue.SimpleQueue]] = []
+        self._calls = itertools.count()
+        #: the call being streamed: (call id, rounds' timesteps, condition); None between calls
+        self._active: tuple[int, Sequence[Sequence[Tensor]], Tensor | None] | None = None
         for i, runner in enumerate(self.runners[1:], start=1):
             jobs: queue.SimpleQueue = queue.SimpleQueue()
-            results: queue.SimpleQueue = queue.SimpleQueue()
-            thread = threading.Thread(target=_worker, args=(runner, jobs, results), daemon=True,
-                                      name=f"para_policy-stage-{i}")
+            thread = threading.Thread(target=_worker, args=(runner, jobs, functools.partial(self._deliver, i)),
+                                      daemon=True, name=f"para_policy-stage-{i}")
             thread.start()
-            self.workers.append((thread, jobs, results))
+            self.workers.append((thread, jobs))
         self._finalizer = weakref.finalize(self, _close_workers, self.workers)
 
     @property
@@ -199,7 +225,7 @@ class StagePipeline:
         return len(self.runners)
 
     def close(self) -> None:
-        """End the worker threads (joined); later :meth:`stale_step` calls raise. Idempotent."""
+        """End the worker threads (joined); later :meth:`stale_rounds` calls raise. Idempotent."""
         self._finalizer()
 
     def __enter__(self) -> StagePipeline:
@@ -215,7 +241,7 @@ class StagePipeline:
         """The stages one after the other in this thread on current inputs: ``(out (N, T, D), carries)``.
 
         ``carries[i]``: stage ``i``'s output ``(x, *skips)`` (N−1 of them), which the next
-        :meth:`stale_step` hands to stage ``i+1``.
+        :meth:`stale_rounds` hands to stage ``i+1``.
         """
         t = t.reshape(-1).expand(x.shape[0]).to(torch.float32)
         carries: Carries = []
@@ -225,61 +251,136 @@ class StagePipeline:
             carries.append(carry)
         return carry[0], carries[:-1]
 
-    def stale_step(self, x: Tensor, ts: Sequence[Tensor], condition: Tensor | None, carries: Carries
-                   ) -> tuple[Tensor, Carries]:
-        """All stages at once: stage 0 on ``x``, stage ``i`` on ``carries[i-1]`` (the previous call's).
+    def stale_rounds(self, x: Tensor, rounds: Sequence[Sequence[Tensor]], condition: Tensor | None,
+                     carries: Carries, advance: Advance) -> Carries:
+        """AsyncDiff's parallel rounds: in round ``j`` stage 0 runs on the current sample and stage ``i``
+        on stage ``i-1``'s output of round ``j-1`` (of the given ``carries`` in round 0), streamed
+        (class docstring).
 
         Args:
-            x: (B, T, D) the current sample.
-            ts: one timestep tensor per stage: (B,) for all but the last, (r·B,) for the last, which
-                then runs its carry once per block of B rows (a stride of r steps).
+            x: (B, T, D) stage 0's input in round 0.
+            rounds: per round, one float32 timestep tensor per stage: (B,) for all but the last,
+                (r·B,) for the last, which then runs its input once per block of B rows (a stride
+                of r steps).
             condition: (B, G) or None, repeated for the last stage's r blocks.
-            carries: the previous :meth:`run_stages` or :meth:`stale_step`'s.
+            carries: what :meth:`run_stages` (or the previous call) returned.
+            advance: ``advance(j, out (r·B, T, D))`` takes round ``j``'s last-stage output and
+                returns stage 0's input for round ``j+1`` (:data:`Advance`); called in this thread.
         Returns:
-            ``(out (r·B, T, D), carries)``: the last stage's output and this call's carries.
+            the last round's carries, as :meth:`run_stages` returns them.
         Raises:
-            StageFailed: a worker's stage raised (after every stage of the call has finished).
+            StageFailed: a worker's stage raised (what it was running when this call stopped is
+                left to finish and dropped; the pipeline stays usable).
         """
-        if len(carries) != self.num_stages - 1 or len(ts) != self.num_stages:
-            raise ValueError(f"stale_step takes {self.num_stages} timestep tensors and {self.num_stages - 1} "
-                             f"carries, got {len(ts)} and {len(carries)}")
+        N = self.num_stages
+        if len(carries) != N - 1 or any(len(ts) != N for ts in rounds):
+            raise ValueError(f"stale_rounds takes {N} timestep tensors per round and {N - 1} carries, got "
+                             f"{sorted({len(ts) for ts in rounds})} and {len(carries)}")
         if not self._finalizer.alive:
             raise RuntimeError("this StagePipeline is closed")
-        B = x.shape[0]
-        ts = [t.reshape(-1).to(torch.float32) for t in ts]
-        reps = ts[-1].shape[0] // B
-        if self.num_stages == 1:
-            return self.runners[0]((x.repeat(reps, 1, 1), ts[0], _repeat_rows(condition, reps)))[0], []
-        for i, (_, jobs, _) in enumerate(self.workers, start=1):
-            n = reps if i == self.num_stages - 1 else 1
-            carry = carries[i - 1]
-            jobs.put((_repeat_rows(carry[0], n), ts[i], _repeat_rows(condition, n),
-                      *(_repeat_rows(s, n) for s in carry[1:])))
-        first: tuple[Tensor, ...] | BaseException
+        if N == 1:
+            for j, (t,) in enumerate(rounds):
+                reps = t.shape[0] // x.shape[0]
+                x = advance(j, self.runners[0]((_repeat_rows(x, reps), t, _repeat_rows(condition, reps)))[0])
+            return []
+        call = next(self._calls)
+        self._active = (call, rounds, condition)
         try:
-            first = self.runners[0]((x, ts[0].expand(B), condition))
-        except BaseException as e:  # collect the workers' results first, so the queues stay in step
-            first = e
-        outcomes = [results.get() for _, _, results in self.workers]
-        if isinstance(first, BaseException):
-            raise first
-        for i, (ok, value) in enumerate(outcomes, start=1):
-            if not ok:
-                raise StageFailed(f"stage {i} of {self.num_stages} failed in its worker thread: {value!r}") from value
-        outs = [first, *(value for _, value in outcomes)]
-        return outs[-1][0], outs[:-1]
+            for i in range(1, N):
+                self._submit(i, call, 0, carries[i - 1])
+            return self._stream(call, x, rounds, condition, advance)
+        finally:
+            self._active = None
+
+    def _stream(self, call: int, x: Tensor, rounds: Sequence[Sequence[Tensor]], condition: Tensor | None,
+                advance: Advance) -> Carries:
+        """:meth:`stale_rounds`' loop in the caller's thread: stage 0, hand on, await the last stage, step."""
+        N, J = self.num_stages, len(rounds)
+        final: list[tuple[Tensor, ...] | None] = [None] * (N - 1)
+        for j in range(J):
+            carry = self.runners[0]((x, rounds[j][0], condition))
+            if j + 1 < J:
+                self._submit(1, call, j + 1, carry)
+            else:
+                final[0] = carry
+            out: Tensor | None = None
+            while out is None or (j + 1 == J and any(c is None for c in final)):
+                c, i, jj, ok, value = self.results.get()
+                if c != call:
+                    continue  # a result of a call that stopped at an error
+                if not ok:
+                    raise StageFailed(f"stage {i} of {N} failed in its worker thread: {value!r}") from value
+                if i == N - 1 and jj == j:
+                    out = value[0]
+                else:
+                    final[i] = value
+            x = advance(j, out)
+        return [c for c in final if c is not None]
+
+    def _submit(self, i: int, call: int, j: int, carry: tuple[Tensor, ...]) -> None:
+        """Queue stage ``i`` of round ``j`` of call ``call`` on ``carry`` (stage ``i-1``'s output)."""
+        active = self._active
+        if active is None or active[0] != call:
+            return
+        ts, condition = active[1][j][i], active[2]
+        n = ts.shape[0] // carry[0].shape[0] if i == self.num_stages - 1 else 1
+        self.workers[i - 1][1].put((call, j, (_repeat_rows(carry[0], n), ts, _repeat_rows(condition, n),
+                                              *(_repeat_rows(s, n) for s in carry[1:]))))
+
+    def _deliver(self, i: int, call: int, j: int, ok: bool, value: Any) -> None:
+        """Stage ``i``'s worker is done with round ``j``: the output to the caller (last stage, last round,
+        error), the carry on to stage ``i+1``'s round ``j+1``."""
+        active = self._active
+        if active is None or active[0] != call:
+            return
+        last_round = j + 1 == len(active[1])
+        if not ok or i == self.num_stages - 1 or last_round:
+            self.results.put((call, i, j, ok, value))
+        if ok and i < self.num_stages - 1 and not last_round:
+            self._submit(i + 1, call, j + 1, value)
+
+    def stale_step(self, x: Tensor, ts: Sequence[Tensor], condition: Tensor | None, carries: Carries
+                   ) -> tuple[Tensor, Carries]:
+        """One round of :meth:`stale_rounds`: ``(out (r·B, T, D), carries)``; ``ts`` as one round's timesteps."""
+        outs: list[Tensor] = []
+
+        def keep(j: int, out: Tensor) -> None:
+            outs.append(out)
+
+        carries = self.stale_rounds(x, [[t.reshape(-1).to(torch.float32) for t in ts]], condition, carries, keep)
+        return outs[0], carries
+
+
+def split_network(model: nn.Module, num_stages: int, *, costs: Sequence[float] | None = None,
+                  cuts: Sequence[int] | None = None, sample_shape: Sequence[int] | None = None,
+                  condition: Tensor | None = None) -> list[Stage]:
+    """``model`` cut into ``num_stages`` stages: :func:`~para_policy.models.unet_stages.split_unet` for a
+    ConditionalUnet1D, :func:`~para_policy.models.transformer_stages.split_transformer` for a
+    TransformerForDiffusion (``condition``: its ``global_cond`` (1, G) or ``cond`` tokens (1, To, Dc))."""
+    from para_policy.models.transformer import TransformerForDiffusion
+    from para_policy.models.transformer_stages import split_transformer
+
+    if isinstance(model, TransformerForDiffusion):
+        return list(split_transformer(model, num_stages, costs=costs, cuts=cuts, sample_shape=sample_shape,
+                                      cond=condition))
+    if not isinstance(model, ConditionalUnet1D):
+        raise TypeError(f"the asyncdiff stages cut a ConditionalUnet1D or a TransformerForDiffusion, "
+                        f"got {type(model).__name__}")
+    return list(split_unet(model, num_stages, costs=costs, cuts=cuts, sample_shape=sample_shape,
+                           global_cond=condition))
 
 
 def stage_pipeline(model: nn.Module, num_stages: int, sample_shape: Sequence[int], condition: Tensor | None = None,
                    *, backend: str = "default", threads: int = 1, costs: Sequence[float] | None = None,
                    cuts: Sequence[int] | None = None) -> StagePipeline:
-    """``model`` (a :class:`~para_policy.models.ConditionalUnet1D`) as a :class:`StagePipeline` of ``num_stages``.
+    """``model`` (a ConditionalUnet1D or a TransformerForDiffusion) as a :class:`StagePipeline` of ``num_stages``.
 
-    Cut where the stages balance (:func:`~para_policy.models.unet_stages.split_unet`: ``cuts``, or
-    ``costs`` per unit, or each unit timed now on ``sample_shape`` ``(T, D)`` and ``condition``
-    (1, G)); run on ``backend`` (:func:`stage_backend`: ``'default'`` is ONNX Runtime where it can,
-    one intra-op thread per stage, ``threads``).
+    Cut where the stages balance (:func:`split_network`: ``cuts``, or ``costs`` per unit, or each
+    unit timed now on ``sample_shape`` ``(T, D)`` and ``condition`` (1, ...)); run on ``backend``
+    (:func:`stage_backend`: ``'default'`` is ONNX Runtime where it can, one intra-op thread per
+    stage, ``threads``).
     """
     cond = None if condition is None else condition.detach()[:1].float().cpu()
-    stages = split_unet(model, num_stages, costs=costs, cuts=cuts, sample_shape=sample_shape, global_cond=cond)
-    return StagePipeline(stage_runners(stages, sample_shape, cond, backend=backend, threads=threads))
+    stages = split_network(model, num_stages, costs=costs, cuts=cuts, sample_shape=sample_shape, condition=cond)
+    return StagePipeline(stage_runners(stages, sample_shape, cond, backend=backend, threads=threads),
+                         time_in_every_stage=all(s.reads_time for s in stages))

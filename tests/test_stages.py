@@ -109,6 +109,51 @@ def test_workers_shut_down_and_a_failing_worker_surfaces_in_the_caller() -> None
     assert threading.active_count() == before
 
 
+def lockstep_asyncdiff(stages, schedule, x_T, noise, cond, warmup, stride):
+    """AsyncDiff written out in lock step, the stages called in turn (the reference for the streamed pipeline)."""
+    from para_policy.samplers.sequential import schedule_step
+
+    B, S, N = x_T.shape[0], schedule.num_steps, len(stages)
+    steps = schedule.timesteps.float()
+    x, x0s, k, carries = x_T, None, 0, None
+    with torch.inference_mode():
+        while k < warmup:
+            carry, carries = (x,), []
+            for s in stages:
+                carry = s(carry[0], steps[k].expand(B), cond, *carry[1:])
+                carries.append(carry)
+            x, x0s = schedule_step(schedule, x, k, carry[0], x0s, noise)
+            k += 1
+        while k < S:
+            r = min(stride, S - k)
+            t_last = steps[[max(k + i - r, 0) for i in range(r)]].repeat_interleave(B)
+            outs = [stages[0](x, steps[k + r - 1].expand(B), cond)]
+            for i in range(1, N):
+                c, n = carries[i - 1], (r if i == N - 1 else 1)
+                t_i = t_last if i == N - 1 else t_last[-1].expand(B)
+                outs.append(stages[i](c[0].repeat(n, 1, 1), t_i, cond.repeat(n, 1), *(h.repeat(n, 1, 1) for h in c[1:])))
+            carries = outs
+            for i, eps in enumerate(outs[-1][0].split(B)):
+                x, x0s = schedule_step(schedule, x, k + i, eps, x0s, noise)
+            k += r
+    return x
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_the_streamed_rounds_equal_asyncdiff_in_lock_step(stride) -> None:
+    model = tiny_unet()
+    cuts = [0, 4, 9, 14, len(unet_units(model))]
+    schedule = make_schedule(dp_ddpm(), 10)
+    x_T, noise = draw_noise(schedule, (2, 8, 2), torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 3)
+    ref = lockstep_asyncdiff(split_unet(model, 4, cuts=cuts), schedule, x_T, noise, cond, 2, stride)
+    with eager_pipeline(model, cuts) as pipe:
+        out, stats = asyncdiff_sample(None, schedule, x_T, noise, condition=cond, staged=pipe, stages=4,
+                                      warmup=2, stride=stride)
+    assert torch.equal(out, ref)
+    assert stats.rounds == 2 + -(-8 // stride)
+
+
 @pytest.mark.parametrize("make,steps", [(dp_ddpm, 20), (dp_ddim, 8), (dp_dpm, 8)])
 def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
     model = tiny_unet()
@@ -130,6 +175,26 @@ def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
         torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
         strided, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, stride=3)
         assert stats.rounds == 1 + -(-(steps - 1) // 3) and torch.isfinite(strided).all()
+
+
+def test_a_transformer_runs_staged_and_refuses_a_stride() -> None:
+    from para_policy.models.transformer import TransformerForDiffusion
+
+    torch.manual_seed(0)
+    model = TransformerForDiffusion(2, 2, horizon=8, n_obs_steps=2, cond_dim=3, n_layer=3, n_head=2, n_emb=16,
+                                    p_drop_emb=0.0, p_drop_attn=0.0).eval()
+    schedule = make_schedule(dp_ddim(), 6)
+    x_T, noise = draw_noise(schedule, (2, 8, 2), torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 2, 3)
+    ref, _ = sequential_sample(lambda x, t, c: model(x, t, c), schedule, x_T, noise, condition=cond)
+    with stage_pipeline(model, 2, (8, 2), cond, backend="eager") as pipe:
+        assert not pipe.time_in_every_stage
+        out, _ = asyncdiff_sample(None, schedule, x_T, noise, condition=cond, staged=pipe, warmup=6)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        approx, _ = asyncdiff_sample(None, schedule, x_T, noise, condition=cond, staged=pipe)
+        assert torch.isfinite(approx).all() and not torch.equal(approx, ref)
+        with pytest.raises(ValueError, match="stride=2"):
+            asyncdiff_sample(None, schedule, x_T, noise, condition=cond, staged=pipe, stride=2)
 
 
 def test_the_asyncdiff_preset_on_the_shipped_policy_stays_close_to_sequential(pusht) -> None:

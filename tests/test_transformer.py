@@ -94,7 +94,8 @@ def test_load_policy_reads_the_transformer_checkpoint_and_every_preset_reproduce
     for i, k in enumerate(torch.nonzero(schedule.draws_noise).flatten().tolist()):
         noise[:, k] = draws[1 + i]
     for sampler, opts in {"sequential": {}, "paradigms": {"window": 100, "tolerance": 0.0},
-                          "parataa": {"window": 100, "tolerance": 0.0}}.items():
+                          "parataa": {"window": 100, "tolerance": 0.0},
+                          "asyncdiff": {"warmup": 100}}.items():  # the stages in turn on ONNX Runtime
         out = policy.predict_action({"obs": rec["input.obs.obs"]}, x_T=x_T, noise=noise, sampler=sampler, **opts)
         torch.testing.assert_close(out["action"], rec["ddpm.action"], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(out["action_pred"], rec["ddpm.action_pred"], rtol=1e-5, atol=1e-4)

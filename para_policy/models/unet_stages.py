@@ -77,18 +77,19 @@ class UnetStage(nn.Module):
         units = unet_units(model)
         if not 0 <= start < stop <= len(units):
             raise ValueError(f"a stage needs 0 <= start < stop <= {len(units)}, got [{start}, {stop})")
-        self.unet = model
+        self.network = model
         self.start, self.stop = start, stop
         self.units = units[start:stop]
         self.skips_in = len(live_skips(model, start))
         self.skips_out = len(live_skips(model, stop))
         self.first, self.last = start == 0, stop == len(units)
+        self.reads_time = True  # every stage embeds the timestep it is given (a stride runs one stage at several)
 
     def forward(self, x: Tensor, t: Tensor, global_cond: Tensor | None = None, *skips: Tensor,
                 local_cond: Tensor | None = None) -> tuple[Tensor, ...]:
         if len(skips) != self.skips_in:
             raise ValueError(f"stage [{self.start}, {self.stop}) takes {self.skips_in} skips, got {len(skips)}")
-        net = self.unet
+        net = self.network
         cond = net.diffusion_step_encoder(t.reshape(-1).expand(x.shape[0]))
         if global_cond is not None:
             cond = torch.cat((cond, global_cond), dim=-1)
@@ -105,7 +106,7 @@ class UnetStage(nn.Module):
 
     def _unit(self, kind: str, level: int, part: int, x: Tensor, cond: Tensor, stack: list[Tensor],
               local_feat: Tensor | None) -> Tensor:
-        net = self.unet
+        net = self.network
         if kind == "down":
             block = net.down_modules[level][part]
             if part == 2:

@@ -33,6 +33,8 @@ in :func:`~para_policy.samplers.sequential_sample`.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -48,26 +50,29 @@ class StagedDenoiser(Protocol):
     """A network cut into stages (:class:`para_policy.stages.StagePipeline` is one).
 
     ``run_stages(x (B,T,D), t (B,), condition) -> (ε (B,T,D), carries)``: the stages in order on
-    current inputs; ``stale_step(x, t, condition, carries, last_t (r·B,) | None) -> (ε (r·B,T,D),
-    carries)``: all stages at once, stage ``i`` on the previous call's ``carries[i-1]``.
+    current inputs; ``stale_rounds(x, rounds, condition, carries, advance) -> carries``: the
+    parallel rounds, stage ``i`` of round ``j`` on stage ``i-1``'s output of round ``j-1``, each
+    round's last-stage output (r·B, T, D) handed to ``advance(j, out)``, which returns stage 0's
+    input for round ``j+1`` (:meth:`para_policy.stages.StagePipeline.stale_rounds`).
     """
 
     num_stages: int
 
     def run_stages(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None) -> tuple[Any, Any]: ...
 
-    def stale_step(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None, carries: Any,
-                   last_t: torch.Tensor | None = None) -> tuple[Any, Any]: ...
+    def stale_rounds(self, x: torch.Tensor, rounds: Sequence[Sequence[torch.Tensor]],
+                     condition: torch.Tensor | None, carries: Any,
+                     advance: Callable[[int, torch.Tensor], torch.Tensor | None]) -> Any: ...
 
 
 def find_staged(denoiser: Any, stages: int) -> StagedDenoiser:
     """The staged form of ``denoiser`` with ``stages`` stages.
 
-    Looked for in order: ``denoiser`` itself when it has ``stale_step`` (a StagePipeline);
+    Looked for in order: ``denoiser`` itself when it has ``stale_rounds`` (a StagePipeline);
     ``denoiser.staged(stages)``; the owner of a bound-method denoiser, ``denoiser.__self__.staged(stages)``
     (a policy's ``policy.denoise``: :meth:`para_policy.policy.LowdimPolicy.staged`).
     """
-    if callable(getattr(denoiser, "stale_step", None)):
+    if callable(getattr(denoiser, "stale_rounds", None)):
         found = denoiser
     else:
         make = getattr(denoiser, "staged", None) or getattr(getattr(denoiser, "__self__", None), "staged", None)
@@ -82,41 +87,70 @@ def find_staged(denoiser: Any, stages: int) -> StagedDenoiser:
     return found
 
 
-def round_timesteps(steps: torch.Tensor, k: int, r: int, num_stages: int, batch: int, time_shift: bool
-                    ) -> list[torch.Tensor]:
-    """Each stage's timesteps in the parallel round of steps ``k … k+r-1`` (``steps`` (S,) float):
-    (B,) for all but the last stage, (r·B,) for the last (module docstring)."""
-    shift = r if time_shift else 0
-    later = steps[(torch.arange(k, k + r) - shift).clamp(min=0)]  # the last stage's r timesteps
-    ts = [steps[k + r - 1].expand(batch)] + [later[-1].expand(batch)] * (num_stages - 2)
-    return [*ts, later.repeat_interleave(batch)] if num_stages > 1 else [steps[k: k + r].repeat_interleave(batch)]
+def round_plan(steps: torch.Tensor, start: int, stride: int, num_stages: int, batch: int, time_shift: bool
+               ) -> tuple[list[int], list[list[torch.Tensor]]]:
+    """The parallel rounds from step ``start`` on, ``stride`` steps each: ``(first step of each round,
+    each round's timesteps per stage)``, made once, before the first round.
+
+    ``steps`` (S,) float. Per round of steps ``k … k+r-1``: (B,) tensors for all stages but the
+    last (stage 0 at ``t_{k+r-1}``, the middle ones at the last stage's last timestep), (r·B,) for
+    the last, its r timesteps each repeated B times (``t_{k+i-r}`` with ``time_shift``, clamped at
+    step 0; ``t_{k+i}`` without). One stage: its r timesteps.
+    """
+    S = steps.shape[0]
+    starts = list(range(start, S, stride))
+    sizes = [min(stride, S - k) for k in starts]
+    last = [max(k + i - (r if time_shift else 0), 0) for k, r in zip(starts, sizes, strict=True) for i in range(r)]
+    if num_stages == 1:
+        last = [k + i for k, r in zip(starts, sizes, strict=True) for i in range(r)]
+    first = [k + r - 1 for k, r in zip(starts, sizes, strict=True)]
+    middle = [last[end - 1] for end in itertools.accumulate(sizes)]
+
+    def rows(index: list[int], split: list[int]) -> tuple[torch.Tensor, ...]:
+        idx = torch.tensor(index, dtype=torch.long, device=steps.device).repeat_interleave(batch)
+        return steps[idx].split([n * batch for n in split])
+
+    lasts = rows(last, sizes)
+    if num_stages == 1:
+        return starts, [[t] for t in lasts]
+    firsts, middles = rows(first, [1] * len(starts)), rows(middle, [1] * len(starts))
+    return starts, [[f, *[m] * (num_stages - 2), t] for f, m, t in zip(firsts, middles, lasts, strict=True)]
 
 
 def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
                      condition: torch.Tensor | None, inpaint: Inpaint | None, warmup: int, stride: int,
                      time_shift: bool = True) -> tuple[torch.Tensor, list[int]]:
-    """AsyncDiff's loop (module docstring): ``(x_1 … x_S (B, S, T, D), rows of each parallel round)``."""
+    """AsyncDiff's loop (module docstring): ``(x_1 … x_S (B, S, T, D), rows of each parallel round)``.
+
+    The warm-up steps (at least one: the first parallel round needs every stage's output) run the
+    stages in turn; the parallel rounds are streamed (:meth:`StagedDenoiser.stale_rounds`), the
+    schedule's steps taken in :func:`advance <stale_trajectory>`'s callback as each round's output arrives.
+    """
     B, S = x_T.shape[0], schedule.num_steps
     steps = schedule.timesteps.to(torch.float32)
-    x, x0s, carries, traj, rounds, k = x_T, None, None, [], [], 0
-    while k < S:
+    x, x0s, carries, traj = x_T, None, None, []
+    for k in range(min(max(warmup, 1), S)):
         x_in = apply_inpaint(x, inpaint, k)
-        if k < warmup or carries is None:
-            out, carries = staged.run_stages(x_in, steps[k].expand(B), condition)
-            outs = [out]
-        else:
-            r = min(stride, S - k)
-            ts = round_timesteps(steps, k, r, staged.num_stages, B, time_shift)
-            out, carries = staged.stale_step(x_in, ts, condition, carries)
-            outs = list(out.to(x.dtype).split(B))
-            rounds.append(r * B)
-        for j, eps in enumerate(outs):
-            if j:
-                x_in = apply_inpaint(x, inpaint, k + j)
-            x, x0s = schedule_step(schedule, x_in, k + j, eps.to(x.dtype), x0s, noise)
+        out, carries = staged.run_stages(x_in, steps[k].expand(B), condition)
+        x, x0s = schedule_step(schedule, x_in, k, out.to(x.dtype), x0s, noise)
+        traj.append(x)
+    starts, rounds = round_plan(steps, len(traj), stride, staged.num_stages, B, time_shift)
+    state = [apply_inpaint(x, inpaint, len(traj)), x0s]  # round j's stage-0 input and x0 history
+
+    def advance(j: int, out: torch.Tensor) -> torch.Tensor | None:
+        x_in, x0s = state
+        x = x_in
+        for i, eps in enumerate(out.to(x_in.dtype).split(B)):
+            if i:
+                x_in = apply_inpaint(x, inpaint, starts[j] + i)
+            x, x0s = schedule_step(schedule, x_in, starts[j] + i, eps, x0s, noise)
             traj.append(x)
-        k += len(outs)
-    return torch.stack(traj, dim=1), rounds
+        state[:] = apply_inpaint(x, inpaint, len(traj)), x0s
+        return state[0] if j + 1 < len(starts) else None
+
+    if starts:
+        staged.stale_rounds(state[0], rounds, condition, carries, advance)
+    return torch.stack(traj, dim=1), [ts[-1].shape[0] for ts in rounds]
 
 
 @torch.inference_mode()
@@ -154,6 +188,10 @@ def asyncdiff_sample(
     check_stage_options(stages, warmup, stride, exact, time_shift)
     noise = check_inputs(schedule, x_T, noise, condition, inpaint)
     staged = find_staged(denoiser if staged is None else staged, stages)
+    if stride > 1 and not getattr(staged, "time_in_every_stage", True):
+        raise ValueError(f"stride={stride} runs the last stage at several timesteps at once, but this network's "
+                         f"later stages take the timestep from the carried state (a TransformerForDiffusion's "
+                         f"memory), so every one would give the same output: use stride=1")
     dtype = torch.promote_types(x_T.dtype, torch.float32)
     x_T, noise = x_T.to(dtype), noise.to(dtype)
     if inpaint is not None:

@@ -126,28 +126,36 @@ def stage_backend(model: nn.Module, backend: str = "default") -> str:
     return "onnxruntime"
 
 
-def stage_runners(stages: Sequence[Stage], sample_shape: Sequence[int], condition: Tensor | None, *,
-                  backend: str = "default", threads: int = 1) -> list[StageRunner]:
-    """One runner per stage: ONNX Runtime sessions (exported now) or eager calls.
+def stage_examples(stages: Sequence[Stage], sample_shape: Sequence[int], condition: Tensor | None
+                   ) -> list[tuple[Tensor | None, ...]]:
+    """Each stage's example inputs ``(x, t, condition | None, *skips)`` at 2 rows (what ONNX export traces).
 
-    ``sample_shape``: ``(T, D)``; ``condition``: one row's conditioning (1, G) or None; the stages'
-    example inputs are made by running the chain once on 2 rows.
+    The chain run once on a seeded (2, T, D) sample at timesteps (3, 7); ``condition``: one row's
+    (1, ...) or None. Two rows, not one: a 1-row example would trace the UNet's batch-1 fast path.
     """
-    backend = stage_backend(stages[0].network, backend)
-    if backend == "eager":
-        return [EagerStage(s) for s in stages]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *sample_shape, generator=g)
     t = torch.tensor([3.0, 7.0])
-    cond = None if condition is None else condition.detach().float()[:1].expand(2, *condition.shape[1:]).contiguous()
-    runners: list[StageRunner] = []
+    cond = None if condition is None else condition.detach().float().cpu()[:1].expand(2, *condition.shape[1:])
+    examples: list[tuple[Tensor | None, ...]] = []
     carry: tuple[Tensor, ...] = (x,)
     for stage in stages:
-        example = (carry[0], t, cond, *carry[1:])
-        runners.append(OnnxStage(stage, example, threads))
+        examples.append((carry[0], t, None if cond is None else cond.contiguous(), *carry[1:]))
         with torch.inference_mode():
-            carry = tuple(t.clone() for t in stage(*example))
-    return runners
+            carry = tuple(c.clone() for c in stage(*examples[-1]))
+    return examples
+
+
+def stage_runners(stages: Sequence[Stage], sample_shape: Sequence[int], condition: Tensor | None, *,
+                  backend: str = "default", threads: int = 1) -> list[StageRunner]:
+    """One runner per stage: ONNX Runtime sessions (exported now, on :func:`stage_examples`) or eager calls.
+
+    ``sample_shape``: ``(T, D)``; ``condition``: one row's conditioning (1, ...) or None.
+    """
+    if stage_backend(stages[0].network, backend) == "eager":
+        return [EagerStage(s) for s in stages]
+    return [OnnxStage(stage, example, threads)
+            for stage, example in zip(stages, stage_examples(stages, sample_shape, condition), strict=True)]
 
 
 def _worker(runner: StageRunner, jobs: queue.SimpleQueue, deliver: Callable[[int, int, bool, Any], None]) -> None:
@@ -172,7 +180,7 @@ def _close_workers(workers: list[tuple[threading.Thread, queue.SimpleQueue]]) ->
     workers.clear()
 
 
-def _repeat_rows(t: Tensor | None, times: int) -> Tensor | None:
+def repeat_rows(t: Tensor | None, times: int) -> Tensor | None:
     """``t`` (B, ...) stacked ``times`` times along rows: (times·B, ...) (a stride's several timesteps)."""
     return t if t is None or times == 1 else t.repeat(times, *([1] * (t.dim() - 1)))
 
@@ -281,7 +289,7 @@ class StagePipeline:
         if N == 1:
             for j, (t,) in enumerate(rounds):
                 reps = t.shape[0] // x.shape[0]
-                x = advance(j, self.runners[0]((_repeat_rows(x, reps), t, _repeat_rows(condition, reps)))[0])
+                x = advance(j, self.runners[0]((repeat_rows(x, reps), t, repeat_rows(condition, reps)))[0])
             return []
         call = next(self._calls)
         self._active = (call, rounds, condition)
@@ -324,8 +332,8 @@ class StagePipeline:
             return
         ts, condition = active[1][j][i], active[2]
         n = ts.shape[0] // carry[0].shape[0] if i == self.num_stages - 1 else 1
-        self.workers[i - 1][1].put((call, j, (_repeat_rows(carry[0], n), ts, _repeat_rows(condition, n),
-                                              *(_repeat_rows(s, n) for s in carry[1:]))))
+        self.workers[i - 1][1].put((call, j, (repeat_rows(carry[0], n), ts, repeat_rows(condition, n),
+                                              *(repeat_rows(s, n) for s in carry[1:]))))
 
     def _deliver(self, i: int, call: int, j: int, ok: bool, value: Any) -> None:
         """Stage ``i``'s worker is done with round ``j``: the output to the caller (last stage, last round,

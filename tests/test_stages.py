@@ -109,49 +109,62 @@ def test_workers_shut_down_and_a_failing_worker_surfaces_in_the_caller() -> None
     assert threading.active_count() == before
 
 
-def lockstep_asyncdiff(stages, schedule, x_T, noise, cond, warmup, stride):
+def lockstep_asyncdiff(stages, schedule, x_T, noise, cond, warmup, stride, tail=0, extrapolate=False):
     """AsyncDiff written out in lock step, the stages called in turn (the reference for the streamed pipeline)."""
     from para_policy.samplers.sequential import schedule_step
 
     B, S, N = x_T.shape[0], schedule.num_steps, len(stages)
     steps = schedule.timesteps.float()
-    x, x0s, k, carries = x_T, None, 0, None
+    x, x0s, k, carries, prev = x_T, None, 0, None, None
+
+    def chain_at(x, k):
+        carry, carries = (x,), []
+        for s in stages:
+            carry = s(carry[0], steps[k].expand(B), cond, *carry[1:])
+            carries.append(carry)
+        return carry[0], carries
+
     with torch.inference_mode():
         while k < warmup:
-            carry, carries = (x,), []
-            for s in stages:
-                carry = s(carry[0], steps[k].expand(B), cond, *carry[1:])
-                carries.append(carry)
-            x, x0s = schedule_step(schedule, x, k, carry[0], x0s, noise)
+            prev, carries = chain_at(x, k)
+            x, x0s = schedule_step(schedule, x, k, prev, x0s, noise)
             k += 1
-        while k < S:
-            r = min(stride, S - k)
+        while k < S - tail:
+            r = min(stride, S - tail - k)
             t_last = steps[[max(k + i - r, 0) for i in range(r)]].repeat_interleave(B)
             outs = [stages[0](x, steps[k + r - 1].expand(B), cond)]
             for i in range(1, N):
                 c, n = carries[i - 1], (r if i == N - 1 else 1)
                 t_i = t_last if i == N - 1 else t_last[-1].expand(B)
-                outs.append(stages[i](c[0].repeat(n, 1, 1), t_i, cond.repeat(n, 1), *(h.repeat(n, 1, 1) for h in c[1:])))
-            carries = outs
-            for i, eps in enumerate(outs[-1][0].split(B)):
+                skips = (h.repeat(n, 1, 1) for h in c[1:])
+                outs.append(stages[i](c[0].repeat(n, 1, 1), t_i, cond.repeat(n, 1), *skips))
+            carries, out = outs, outs[-1][0]
+            served = out + (N - 1) * (out - prev) if extrapolate else out
+            prev = out
+            for i, eps in enumerate(served.split(B)):
                 x, x0s = schedule_step(schedule, x, k + i, eps, x0s, noise)
             k += r
+        for j in range(k, S):
+            x, x0s = schedule_step(schedule, x, j, chain_at(x, j)[0], x0s, noise)
     return x
 
 
-@pytest.mark.parametrize("stride", [1, 3])
-def test_the_streamed_rounds_equal_asyncdiff_in_lock_step(stride) -> None:
+@pytest.mark.parametrize("stride,tail,extrapolate", [(1, 0, False), (3, 0, False), (3, 2, False), (1, 2, True)])
+def test_the_streamed_rounds_equal_asyncdiff_in_lock_step(stride, tail, extrapolate) -> None:
     model = tiny_unet()
     cuts = [0, 4, 9, 14, len(unet_units(model))]
     schedule = make_schedule(dp_ddpm(), 10)
     x_T, noise = draw_noise(schedule, (2, 8, 2), torch.Generator().manual_seed(0))
     cond = torch.randn(2, 3)
-    ref = lockstep_asyncdiff(split_unet(model, 4, cuts=cuts), schedule, x_T, noise, cond, 2, stride)
+    ref = lockstep_asyncdiff(split_unet(model, 4, cuts=cuts), schedule, x_T, noise, cond, 2, stride, tail, extrapolate)
     with eager_pipeline(model, cuts) as pipe:
         out, stats = asyncdiff_sample(None, schedule, x_T, noise, condition=cond, staged=pipe, stages=4,
-                                      warmup=2, stride=stride)
+                                      warmup=2, stride=stride, tail=tail, extrapolate=extrapolate)
     assert torch.equal(out, ref)
-    assert stats.rounds == 2 + -(-8 // stride)
+    assert stats.rounds == 2 + -(-(8 - tail) // stride) + tail
+    rest = (8 - tail) % stride
+    parallel = [2 * stride] * ((8 - tail) // stride) + [2 * rest] * (rest > 0)
+    assert stats.rows_per_round == [2] * 2 + parallel + [2] * tail
 
 
 @pytest.mark.parametrize("make,steps", [(dp_ddpm, 20), (dp_ddim, 8), (dp_dpm, 8)])
@@ -173,8 +186,9 @@ def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
         assert stats.rounds == steps and not torch.equal(approx, ref)
         exact, _ = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, exact=True)
         torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
-        strided, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, stride=3)
-        assert stats.rounds == 1 + -(-(steps - 1) // 3) and torch.isfinite(strided).all()
+        strided, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, stride=3,
+                                          extrapolate=False)
+        assert stats.rounds == 1 + -(-(steps - 2) // 3) + 1 and torch.isfinite(strided).all()
 
 
 def test_a_transformer_runs_staged_and_refuses_a_stride() -> None:
@@ -213,10 +227,12 @@ def test_the_asyncdiff_preset_on_the_shipped_policy_stays_close_to_sequential(pu
 
 
 def test_asyncdiff_options_are_checked_when_chosen() -> None:
-    spec = sampler_spec("asyncdiff", stages=3, warmup=2, stride=2, exact=True)
-    assert spec.options == {"stages": 3, "warmup": 2, "stride": 2, "exact": True, "time_shift": True}
+    spec = sampler_spec("asyncdiff", stages=3, warmup=2, stride=2, exact=True, extrapolate=False)
+    assert spec.options == {"stages": 3, "warmup": 2, "tail": 1, "stride": 2, "exact": True, "time_shift": True,
+                            "extrapolate": False}
     assert not spec.iterative
-    for bad in ({"stages": 0}, {"warmup": 0}, {"stride": 1.5}, {"exact": "yes"}, {"window": 4}):
+    for bad in ({"stages": 0}, {"warmup": 0}, {"tail": -1}, {"stride": 1.5}, {"exact": "yes"}, {"window": 4},
+                {"stride": 2}):  # extrapolate (on by default) needs stride 1
         with pytest.raises(SamplerOptionError):
             sampler_spec("asyncdiff", **bad)
     with pytest.raises(SamplerOptionError, match="warm_start"):

@@ -71,14 +71,22 @@ def check_anderson_options(memory: Any, ridge: Any) -> None:
     check_number("ridge", ridge)
 
 
-def check_stage_options(stages: Any, warmup: Any, stride: Any, exact: Any, time_shift: Any = True) -> None:
+def check_stage_options(stages: Any, warmup: Any, stride: Any, exact: Any, time_shift: Any = True, tail: Any = 0,
+                        extrapolate: Any = False) -> None:
     """Check AsyncDiff's options (the one copy: :class:`AsyncDiffOptions` and :func:`asyncdiff_sample`).
 
     ``stages`` >= 1 (workers; 1 is the whole network), ``warmup`` >= 1 (the stale steps need one
-    step's stage outputs to start from), ``stride`` >= 1, ``exact`` and ``time_shift`` flags.
+    step's stage outputs to start from), ``stride`` >= 1, ``tail`` >= 0, ``exact``, ``time_shift``
+    and ``extrapolate`` flags; ``extrapolate`` reads the previous round's output, so needs stride 1.
     """
     check_int("stages", stages, 1)
     check_int("warmup", warmup, 1)
     check_int("stride", stride, 1)
+    check_int("tail", tail, 0)
     check_bool("exact", exact)
     check_bool("time_shift", time_shift)
+    check_bool("extrapolate", extrapolate)
+    if extrapolate and stride > 1:
+        raise SamplerOptionError(f"extrapolate=True extrapolates each step's output from the step before, so it "
+                                 f"needs stride=1, got stride={stride} (set extrapolate=False to stride)",
+                                 "extrapolate")

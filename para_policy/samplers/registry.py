@@ -100,18 +100,22 @@ class AsyncDiffOptions:
     """Options of :func:`~para_policy.samplers.asyncdiff_sample` (see it for their meaning).
 
     stages: workers the network is cut over (>= 1); warmup: sequential steps first (>= 1);
-    stride: steps per parallel round (>= 1); exact: refine to the sequential answer;
-    time_shift: later stages embed the timestep their stale input was computed at.
+    tail: sequential steps last (>= 0); stride: steps per parallel round (>= 1); exact: refine to
+    the sequential answer; time_shift: later stages embed the timestep their stale input was
+    computed at; extrapolate: each stale output extrapolated one step forward (stride 1).
     """
 
     stages: int = 2
     warmup: int = 1
+    tail: int = 1
     stride: int = 1
     exact: bool = False
     time_shift: bool = True
+    extrapolate: bool = True
 
     def __post_init__(self) -> None:
-        check_stage_options(self.stages, self.warmup, self.stride, self.exact, self.time_shift)
+        check_stage_options(self.stages, self.warmup, self.stride, self.exact, self.time_shift, self.tail,
+                            self.extrapolate)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """AsyncDiff stage parallelism against the fastest sequential sampler, shipped PushT policy, batch 1, this CPU.
 
 Per schedule (DDPM-100, DDIM-16, DDIM-10): the sequential loop on ONNX Runtime with 1 and 2
-intra-op threads, and ``asyncdiff`` at 2 stages (one ONNX Runtime session and one core per
-stage) and its ``exact`` mode, interleaved call by call on recorded PushT observations; p50 / p95
-latency and the executed actions' deviation from sequential on the same noise. First the cost
-model's terms: each stage's time and the hand-off cost (:mod:`para_policy.bench.stages`).
-Timings mean something only on a quiet machine.
+intra-op threads, ``paradigms``, and ``asyncdiff`` at 2 stages (one ONNX Runtime session and one
+core per stage: the defaults, ``tail=2``, AsyncDiff as published, and the ``exact`` mode),
+interleaved call by call on recorded PushT observations; p50 / p95 latency and the executed
+actions' deviation from sequential on the same noise. First the cost model's terms (each
+stage's time, the hand-off cost), last its prediction for 4 and 8 stages on as many cores
+(:mod:`para_policy.bench.stages`). Timings mean something only on a quiet machine.
 
     python eval/bench_stages.py            # writes eval/results/bench_stages.{md,json}
     python eval/bench_stages.py --quick    # a smoke run: DDIM-10, a few chunks, no files
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from para_policy.bench import command_line, load_stream, machine_info, write_report
-from para_policy.bench.stages import latency_rows, markdown, stage_costs
+from para_policy.bench.stages import latency_rows, markdown, predictions, stage_costs, stage_splits
 from para_policy.loading import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,13 +32,13 @@ SCHEDULES = ("ddpm100", "ddim16", "ddim10")
 
 
 def policies() -> dict[str, object]:
-    """The shipped policy on ONNX Runtime with 1 and with 2 intra-op threads (the thread count read at export)."""
+    """The shipped policy on ONNX Runtime with 1 and with 2 intra-op threads (the thread count read at export),
+    and on the ``auto`` backend with 2 threads (``paradigms``' batched rounds)."""
     out = {}
-    for key, threads in (("ort1", 1), ("ort2", 2)):
+    for key, threads, backend in (("ort1", 1, "onnxruntime"), ("ort2", 2, "onnxruntime"), ("auto", 2, "auto")):
         torch.set_num_threads(threads)
-        out[key] = load_policy(CHECKPOINT, sampler="sequential", backend="onnxruntime")
-    torch.set_num_threads(1)
-    return out
+        out[key] = load_policy(CHECKPOINT, sampler="sequential", backend=backend)
+    return out  # torch left at 2 threads: the auto backend's eager calls (the ONNX sessions keep their own)
 
 
 def main(argv: list[str]) -> None:
@@ -53,13 +54,18 @@ def main(argv: list[str]) -> None:
     obs = [np.asarray(c["obs"], dtype=np.float32) for c in load_stream(STREAM)[0][:chunks]] if STREAM.exists() \
         else [np.random.default_rng(i).standard_normal((2, 20)).astype(np.float32) for i in range(chunks)]
     costs = stage_costs(pols, obs[0], reps=30 if args.quick else 300)
-    rows = [r for s in (("ddim10",) if args.quick else SCHEDULES) for r in latency_rows(pols, s, obs, reps)]
+    schedules = ("ddim10",) if args.quick else SCHEDULES
+    rows = [r for s in schedules for r in latency_rows(pols, s, obs, reps)]
+    splits = stage_splits(pols["ort1"], obs[0], counts=(2,) if args.quick else (2, 4, 8),
+                          reps=10 if args.quick else 100)
+    predicted = predictions(rows, splits)
     lines = ["# AsyncDiff stage parallelism vs sequential (batch 1)", "",
-             f"`{command_line('bench_stages.py', argv)}`", "", *markdown(costs, rows)]
+             f"`{command_line('bench_stages.py', argv)}`", "", *markdown(costs, rows, predicted, splits)]
     print("\n".join(lines))
     if not args.quick:
         print(write_report(args.out, "\n".join(lines) + "\n",
-                           {"costs": costs, "rows": rows, "machine": machine_info(), "argv": argv}))
+                           {"costs": costs, "rows": rows, "splits": splits, "predicted": predicted,
+                            "machine": machine_info(), "argv": argv}))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,29 @@ def test_patch_diffusion_policy_matches_and_unpatch_restores_exactly(global_cond
         unpatch(policy)
 
 
+def test_patch_with_asyncdiff_runs_the_stages_and_unpatch_ends_them():
+    import threading
+
+    policy = DPStandIn(True, seed=4)
+    obs = torch.rand(2, TO, OBS_DIM) * 500
+    before = dp_actions(policy, obs, 11)
+    threads = threading.active_count()
+    patch(policy, "asyncdiff", warmup=policy.num_inference_steps)  # every step with the stages in turn
+    assert torch.allclose(dp_actions(policy, obs, 11), before, atol=1e-3)
+    patch(policy, "asyncdiff")  # stale stages: close to the original, not equal
+    approx = dp_actions(policy, obs, 11)
+    assert policy.para_stats.rounds == policy.num_inference_steps and not torch.equal(approx, before)
+    assert threading.active_count() == threads + 1  # stage 1's worker, kept for the next call
+    unpatch(policy)
+    assert threading.active_count() == threads
+    local = DPStandIn(False, seed=5, local_cond=True)
+    patch(local, "asyncdiff")
+    data = torch.zeros(2, HORIZON, ACT_DIM)
+    with pytest.raises(ValueError, match="local_cond"):
+        local.conditional_sample(data, torch.zeros_like(data, dtype=torch.bool),
+                                 local_cond=torch.randn(2, HORIZON, OBS_DIM))
+
+
 def test_patch_keeps_generator_reproducibility_and_local_cond():
     policy = DPStandIn(False, seed=5, local_cond=True)
     B = 2

@@ -185,7 +185,8 @@ def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
         approx, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, warmup=1)
         assert stats.rounds == steps and not torch.equal(approx, ref)
         exact, _ = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, exact=True)
-        torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
+        scale = float(ref.abs().max())  # DPM-Solver on a random network reaches thousands: roundoff scales with it
+        torch.testing.assert_close(exact, ref, atol=1e-5 * scale, rtol=1e-5)
         strided, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, stride=3,
                                           extrapolate=False)
         assert stats.rounds == 1 + -(-(steps - 2) // 3) + 1 and torch.isfinite(strided).all()

@@ -31,9 +31,17 @@ from para_policy.stats import percentile_summary
 VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("sequential ORT 1 thread", "sequential", {}, "ort1"),
     ("sequential ORT 2 threads", "sequential", {}, "ort2"),
+    ("paradigms (auto backend, 2 threads)", "paradigms", {}, "auto"),
     ("asyncdiff 2 stages", "asyncdiff", {"stages": 2}, "ort1"),
+    ("asyncdiff 2 stages, tail 2", "asyncdiff", {"stages": 2, "tail": 2}, "ort1"),
+    ("asyncdiff 2 stages as published (tail 0, no extrapolation)", "asyncdiff",
+     {"stages": 2, "tail": 0, "extrapolate": False}, "ort1"),
     ("asyncdiff 2 stages exact", "asyncdiff", {"stages": 2, "exact": True}, "ort1"),
 )
+#: variants timed on the first repetition only (each call takes many sequential samples' time)
+SLOW = ("asyncdiff 2 stages exact",)
+#: stage counts the cost model measures (each stage alone on one core) and predicts for
+PREDICT_STAGES = (2, 4, 8)
 
 
 def median_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
@@ -49,29 +57,90 @@ def median_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
 
 
 def stage_costs(policies: dict[str, Any], obs: np.ndarray, reps: int = 200) -> dict[str, Any]:
-    """The cost model's terms at batch 1 (ms, medians; see the module docstring), ``policies``: ``ort1``, ``ort2``."""
+    """The cost model's terms at batch 1 (ms, medians; see the module docstring), ``policies``: ``ort1``, ``ort2``.
+
+    ``stages streamed`` is one round of :meth:`~para_policy.stages.StagePipeline.stale_rounds` in a
+    run of 50, the sample stepped in between by nothing but a copy (what the streamed rounds cost
+    beyond the slowest stage is the hand-off).
+    """
     policy = policies["ort1"]
     cond = policy.conditioning(policy.observation({"obs": torch.as_tensor(obs)[None]}))[0]
     pipe = policy.staged(2)
     x, t = torch.randn(policy.trajectory_shape(1)), torch.tensor([10.0])
     _, carries = pipe.run_stages(x, t, cond)
     carry = carries[0]
+    rounds = [[t, t]] * 50
+
+    def streamed() -> None:
+        pipe.stale_rounds(x, rounds, cond, carries, lambda j, out: x)
+
     calls = {
         "whole ORT 1 thread": lambda: policies["ort1"].denoise(x, t, cond),
         "whole ORT 2 threads": lambda: policies["ort2"].denoise(x, t, cond),
         "stage 0": lambda: pipe.runners[0]((x, t, cond)),
         "stage 1": lambda: pipe.runners[1]((carry[0], t, cond, *carry[1:])),
         "stages in turn": lambda: pipe.run_stages(x, t, cond),
-        "stages overlapped": lambda: pipe.stale_step(x, [t, t], cond, carries),
+        "stages overlapped, one round": lambda: pipe.stale_step(x, [t, t], cond, carries),
+        "stages streamed, per round": streamed,
     }
     out: dict[str, Any] = {name: [] for name in calls}
     for rep in range(3):  # interleaved blocks: load drifting during the run hits every call alike
         for name in (calls if rep % 2 == 0 else reversed(list(calls))):
-            out[name].append(median_ms(calls[name], max(reps // 3, 5)))
+            n = max(reps // 150, 3) if name == "stages streamed, per round" else max(reps // 3, 5)
+            out[name].append(median_ms(calls[name], n) / (len(rounds) if name == "stages streamed, per round" else 1))
     ms = {name: statistics.median(v) for name, v in out.items()}
-    ms["hand-off"] = ms["stages overlapped"] - max(ms["stage 0"], ms["stage 1"])
+    ms["hand-off"] = ms["stages streamed, per round"] - max(ms["stage 0"], ms["stage 1"])
     ms["cuts"] = [[r.stage.start, r.stage.stop] for r in pipe.runners]
     return ms
+
+
+def stage_splits(policy: Any, obs: np.ndarray, counts: Sequence[int] = PREDICT_STAGES, reps: int = 60
+                 ) -> dict[str, Any]:
+    """Each stage's time alone (ms, ONNX Runtime, one thread) when the network is cut into each of ``counts``.
+
+    The measured terms of the cost model's prediction for more cores (:func:`predictions`): the
+    stages run here one at a time, so no core is shared.
+    """
+    from para_policy.stages import stage_pipeline
+
+    cond = policy.conditioning(policy.observation({"obs": torch.as_tensor(obs)[None]}))[0]
+    x, t = torch.randn(policy.trajectory_shape(1)), torch.tensor([10.0])
+    out: dict[str, Any] = {}
+    for n in counts:
+        with stage_pipeline(policy.model, n, tuple(x.shape[1:]), cond) as pipe:
+            _, carries = pipe.run_stages(x, t, cond)
+            inputs = [(x, t, cond), *((c[0], t, cond, *c[1:]) for c in carries)]
+            out[str(n)] = {"cuts": [[r.stage.start, r.stage.stop] for r in pipe.runners],
+                           "stage_ms": [median_ms(lambda r=r, i=i: r(i), reps) for r, i in zip(pipe.runners, inputs,
+                                                                                                strict=True)]}
+    return out
+
+
+def predictions(rows: Sequence[dict[str, Any]], splits: dict[str, Any], variant: str = "asyncdiff 2 stages",
+                warmup: int = 1, tail: int = 1) -> list[dict[str, Any]]:
+    """The cost model: ``variant``'s measured chunk latency at 2 stages carried to N stages on N cores (a prediction).
+
+    Per schedule of S steps, the ``S − warmup − tail`` streamed rounds each cost the slowest stage
+    plus the hand-off; at N stages the slowest stage is ``splits[N]``'s, the hand-off and
+    everything else in the chunk (the sequential steps, observation handling) as measured at 2:
+
+        chunk_N = chunk_2 − (S − warmup − tail) · (slowest_2 − slowest_N)
+
+    against the fastest sequential sampler's measured chunk (which more cores do not speed up at
+    batch 1: a second ONNX Runtime thread already gains little).
+    """
+    out = []
+    slowest = {int(n): max(split["stage_ms"]) for n, split in splits.items()}
+    for schedule in dict.fromkeys(r["schedule"] for r in rows):
+        mine = [r for r in rows if r["schedule"] == schedule]
+        measured = next(r["p50"] for r in mine if r["variant"] == variant)
+        sequential = min(r["p50"] for r in mine if r["variant"].startswith("sequential"))
+        rounds = int("".join(c for c in schedule if c.isdigit())) - warmup - tail
+        for n, stage in sorted(slowest.items()):
+            chunk = measured - rounds * (slowest[2] - stage)
+            out.append({"schedule": schedule, "stages": n, "slowest_stage_ms": stage, "chunk_ms": chunk,
+                        "speedup": sequential / chunk})
+    return out
 
 
 def predict_action_ms(policy: Any, spec: SamplerConfig, obs: np.ndarray, x_T: torch.Tensor, noise: torch.Tensor
@@ -98,6 +167,8 @@ def latency_rows(policies: dict[str, Any], schedule: str, observations: Sequence
         for i, obs in enumerate(observations):
             order = specs if (rep + i) % 2 == 0 else specs[::-1]
             for label, spec, key in order:
+                if rep and label in SLOW:
+                    continue
                 ms, a = predict_action_ms(policies[key], spec, obs, *noises[i])
                 times[label].append(ms)
                 actions[label][i] = a
@@ -114,13 +185,24 @@ def latency_rows(policies: dict[str, Any], schedule: str, observations: Sequence
     return rows
 
 
-def markdown(costs: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The report: the cost model's terms, then one table of every schedule's rows."""
+def markdown(costs: dict[str, Any], rows: Sequence[dict[str, Any]], predicted: Sequence[dict[str, Any]] = (),
+             splits: dict[str, Any] | None = None) -> list[str]:
+    """The report: the cost model's terms, the latency table of every schedule, the cost model's predictions."""
     lines = ["## Per-call costs at batch 1 (ms, medians)", "", "| call | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in costs.items() if isinstance(v, float)]
     lines += ["", "## Latency per chunk at batch 1 (interleaved)", "",
-              "| schedule | variant | p50 ms | p95 ms | speed-up vs fastest sequential | "
-              "action dev mean | action dev max |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['schedule']} | {r['variant']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['speedup']:.2f}x | "
-              f"{r['dev_mean']:.3f} | {r['dev_max']:.3f} |" for r in rows]
+              "| schedule | variant | p50 ms | p95 ms | calls | speed-up vs fastest sequential | "
+              "action dev mean (px) | action dev max (px) |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['schedule']} | {r['variant']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['n']} | "
+              f"{r['speedup']:.2f}x | {r['dev_mean']:.3f} | {r['dev_max']:.3f} |" for r in rows]
+    if splits:
+        lines += ["", "## Stage times when cut into N stages (ms, each stage alone, ONNX Runtime, 1 thread)", "",
+                  "| N | cuts | stage ms |", "|---|---|---|"]
+        lines += [f"| {n} | {s['cuts']} | {', '.join(f'{v:.3f}' for v in s['stage_ms'])} |" for n, s in splits.items()]
+    if predicted:
+        lines += ["", "## Cost model: `asyncdiff` predicted at N stages on N cores (the 2-stage row is measured)", "",
+                  "| schedule | stages | slowest stage ms | chunk ms | speed-up vs fastest sequential |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['schedule']} | {r['stages']} | {r['slowest_stage_ms']:.3f} | {r['chunk_ms']:.1f} | "
+                  f"{r['speedup']:.2f}x |" for r in predicted]
     return lines

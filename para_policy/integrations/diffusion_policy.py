@@ -778,6 +778,8 @@ class SamplingPatch:
         self.stats: SampleStats | None = None
         self.last_spec: SamplerConfig | None = None
         self._model_id: str | None = None
+        #: the ``asyncdiff`` stage pipelines: stage count -> (what they were built for, pipeline)
+        self.pipelines: dict[int, tuple[Any, Any]] = {}
 
     @property
     def spec(self) -> SamplerConfig:
@@ -811,6 +813,8 @@ class SamplingPatch:
         inf raises a ``ValueError`` instead of reaching the caller's unnormalization.
         """
         problem = Problem(tuple(x_T.shape), condition, inpaint)
+        if self.spec.family.staged:
+            denoiser = self.offer_stages(denoiser, model, tuple(x_T.shape[1:]), condition)
         with torch.inference_mode():
             spec = self.session.resolve(
                 self.spec, schedule, x_T.shape[0], lambda: self._identity(model),
@@ -823,6 +827,41 @@ class SamplingPatch:
         # samplers run in inference mode; a clone made here is an ordinary tensor, so caller code
         # that edits the result in place (as the original loop's output allowed) keeps working
         return sample.clone() if not torch.is_inference_mode_enabled() else sample
+
+    def offer_stages(self, denoiser: Callable[..., torch.Tensor], model: torch.nn.Module,
+                     sample_shape: tuple[int, ...], condition: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+        """``denoiser`` with ``staged(n)``: ``model`` cut into n stages, what the ``asyncdiff`` sampler runs.
+
+        Built on first use (:func:`~para_policy.stages.stage_pipeline`, on ``sample_shape`` (T, D) and
+        one row of ``condition``) and again when the weights, device, dtype or shapes change.
+        """
+        from para_policy.cuda_graphs import weights_identity
+        from para_policy.stages import stage_pipeline
+
+        if condition is not None and not condition.is_floating_point():
+            raise ValueError("sampler 'asyncdiff' runs a network's stages on global_cond / cond only; this call "
+                             "passes local_cond, which the stages do not carry: use another sampler")
+        weights = [*model.parameters(), *model.buffers()]
+        if weights[0].dtype != torch.float32:
+            raise ValueError(f"sampler 'asyncdiff' runs the network's stages in float32; this network is "
+                             f"{weights[0].dtype}: use another sampler, or the network in float32")
+        identity = (sample_shape, None if condition is None else tuple(condition.shape[1:]),
+                    str(weights[0].device), weights[0].dtype, weights_identity(weights))
+
+        def staged(num_stages: int) -> Any:
+            entry = self.pipelines.get(num_stages)
+            if entry is None or entry[0] != identity:
+                if entry is not None:
+                    entry[1].close()
+                cond = None if condition is None else condition[:1]
+                entry = self.pipelines[num_stages] = (identity, stage_pipeline(model, num_stages, sample_shape, cond))
+            return entry[1]
+
+        def call(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            return denoiser(x, t, c)
+
+        call.staged = staged  # type: ignore[attr-defined]
+        return call
 
     def _replace(self, obj: Any, name: str, fn: Callable[..., Any]) -> None:
         self.saved[(obj, name)] = (name in vars(obj), vars(obj).get(name))
@@ -841,6 +880,9 @@ class SamplingPatch:
         vars(self.owner)["para_stats"] = None
 
     def remove(self) -> None:
+        for _, pipeline in self.pipelines.values():
+            pipeline.close()
+        self.pipelines.clear()
         for (obj, name), (had_own, original) in self.saved.items():
             if had_own:
                 vars(obj)[name] = original

@@ -136,6 +136,11 @@ class Family:
         return self.options is not None and self.takes_init
 
     @property
+    def staged(self) -> bool:
+        """Runs the network cut into stages (AsyncDiff): the denoiser must offer ``staged(n)``."""
+        return self.options is AsyncDiffOptions
+
+    @property
     def option_names(self) -> tuple[str, ...]:
         return () if self.options is None else tuple(f.name for f in dataclasses.fields(self.options))
 

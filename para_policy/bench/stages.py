@@ -34,7 +34,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("paradigms (auto backend, 2 threads)", "paradigms", {}, "auto"),
     ("asyncdiff 2 stages", "asyncdiff", {"stages": 2}, "ort1"),
     ("asyncdiff 2 stages, tail 2", "asyncdiff", {"stages": 2, "tail": 2}, "ort1"),
-    ("asyncdiff 2 stages as published (tail 0, no extrapolation)", "asyncdiff",
+    ("asyncdiff 2 stages, tail 0, no extrapolation", "asyncdiff",
      {"stages": 2, "tail": 0, "extrapolate": False}, "ort1"),
     ("asyncdiff 2 stages exact", "asyncdiff", {"stages": 2, "exact": True}, "ort1"),
 )
@@ -91,7 +91,36 @@ def stage_costs(policies: dict[str, Any], obs: np.ndarray, reps: int = 200) -> d
     ms = {name: statistics.median(v) for name, v in out.items()}
     ms["hand-off"] = ms["stages streamed, per round"] - max(ms["stage 0"], ms["stage 1"])
     ms["cuts"] = [[r.stage.start, r.stage.stop] for r in pipe.runners]
+    ms.update(worker_kinds(policy.model, [0, *ms["cuts"][1]], x, t, cond, reps))
     return ms
+
+
+def worker_kinds(model: Any, cuts: list[int], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                 reps: int) -> dict[str, float]:
+    """One stale round (ms, median) of the same 2 stages with eager PyTorch on a worker thread, and in a
+    worker process (:mod:`para_policy.distributed_stages`, gloo) with eager PyTorch and with ONNX Runtime.
+
+    Why: eager stages on threads take turns on the GIL; in processes they overlap. Process start-up
+    (spawn, export) is left out. ``cuts``: the 2-stage split ``[0, c, U]``.
+    """
+    from para_policy.distributed_stages import distributed_stage_pipeline
+    from para_policy.stages import stage_pipeline
+
+    shape = tuple(x.shape[1:])
+    builds = {
+        "stale round, eager stages on threads": lambda: stage_pipeline(model, 2, shape, cond, backend="eager",
+                                                                        cuts=cuts),
+        "stale round, eager stages in processes (gloo)": lambda: distributed_stage_pipeline(
+            model, 2, shape, cond, backend="eager", cuts=cuts),
+        "stale round, ONNX Runtime stages in processes (gloo)": lambda: distributed_stage_pipeline(
+            model, 2, shape, cond, backend="onnxruntime", cuts=cuts),
+    }
+    out = {}
+    for name, build in builds.items():
+        with build() as pipe:
+            _, carries = pipe.run_stages(x, t, cond)
+            out[name] = median_ms(lambda p=pipe, c=carries: p.stale_step(x, [t, t], cond, c), max(reps // 3, 5))
+    return out
 
 
 def stage_splits(policy: Any, obs: np.ndarray, counts: Sequence[int] = PREDICT_STAGES, reps: int = 60

@@ -39,8 +39,6 @@ The stages share the network's modules (no copies): changing its weights changes
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import pairwise
@@ -49,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from para_policy.models.transformer import TransformerForDiffusion
-from para_policy.models.unet_stages import Unit, balanced_cuts
+from para_policy.models.unet_stages import Unit, resolve_cuts, time_units
 
 __all__ = ["TransformerStage", "carried_state", "split_transformer", "transformer_unit_costs",
            "transformer_units"]
@@ -183,7 +181,6 @@ class TransformerStage(nn.Module):
         return net.head(net.ln_f(x))
 
 
-@torch.inference_mode()
 def transformer_unit_costs(model: TransformerForDiffusion, sample_shape: Sequence[int], cond: Tensor | None = None,
                            *, reps: int = 7) -> list[float]:
     """Each unit's median wall time (seconds) in eager PyTorch at one row, on this machine now.
@@ -191,23 +188,11 @@ def transformer_unit_costs(model: TransformerForDiffusion, sample_shape: Sequenc
     ``sample_shape``: ``(T, input_dim)``; ``cond``: (1, To, cond_dim) or None. Eager for the
     reasons of :func:`~para_policy.models.unet_stages.unit_costs`.
     """
-    units = transformer_units(model)
     p = next(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, *sample_shape, generator=g).to(p.device, p.dtype)
-    t = torch.tensor([10.0], device=p.device)
-    cond = None if cond is None else cond.to(p.device, p.dtype)
-    stages = [TransformerStage(model, u, u + 1) for u in range(len(units))]
-    times: list[list[float]] = [[] for _ in units]
-    for _ in range(reps + 1):
-        carry: tuple[Tensor, ...] = (x0,)
-        for u, stage in enumerate(stages):
-            t0 = time.perf_counter()
-            carry = stage(carry[0], t, cond, *carry[1:])
-            if p.device.type == "cuda":
-                torch.cuda.synchronize(p.device)
-            times[u].append(time.perf_counter() - t0)
-    return [statistics.median(ts[1:]) for ts in times]
+    x0 = torch.randn(1, *sample_shape, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    stages = [TransformerStage(model, u, u + 1) for u in range(len(transformer_units(model)))]
+    return time_units(stages, x0, torch.tensor([10.0], device=p.device),
+                      None if cond is None else cond.to(p.device, p.dtype), reps)
 
 
 def split_transformer(model: TransformerForDiffusion, num_stages: int, *, costs: Sequence[float] | None = None,
@@ -222,16 +207,6 @@ def split_transformer(model: TransformerForDiffusion, num_stages: int, *, costs:
     """
     if not isinstance(model, TransformerForDiffusion):
         raise TypeError(f"split_transformer cuts a TransformerForDiffusion, got {type(model).__name__}")
-    U = len(transformer_units(model))
-    if cuts is None:
-        if costs is None:
-            if sample_shape is None:
-                raise ValueError("split_transformer needs cuts=, costs= or sample_shape= (to measure the units' costs)")
-            costs = transformer_unit_costs(model, sample_shape, cond)
-        if len(costs) != U:
-            raise ValueError(f"costs must give one number per unit ({U}), got {len(costs)}")
-        cuts = balanced_cuts(costs, num_stages)
-    cuts = [int(c) for c in cuts]
-    if len(cuts) != num_stages + 1 or cuts[0] != 0 or cuts[-1] != U or any(a >= b for a, b in pairwise(cuts)):
-        raise ValueError(f"cuts must rise strictly from 0 to {U} in {num_stages} stages, got {cuts}")
+    measure = None if sample_shape is None else (lambda: transformer_unit_costs(model, sample_shape, cond))
+    cuts = resolve_cuts("split_transformer", len(transformer_units(model)), num_stages, cuts, costs, measure)
     return [TransformerStage(model, a, b) for a, b in pairwise(cuts)]

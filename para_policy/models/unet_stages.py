@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 
 import torch
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from para_policy.models.unet1d import ConditionalUnet1D
 
-__all__ = ["UnetStage", "balanced_cuts", "split_unet", "unet_units", "unit_costs"]
+__all__ = ["UnetStage", "balanced_cuts", "resolve_cuts", "split_unet", "time_units", "unet_units", "unit_costs"]
 
 #: a unit: (kind, level, part); kinds 'down' (parts 0 res1, 1 res2, 2 downsample), 'mid' (part 0),
 #: 'up' (0 cat + res1, 1 res2, 2 upsample) and 'final'
@@ -158,6 +158,26 @@ def balanced_cuts(costs: Sequence[float], num_stages: int) -> list[int]:
 
 
 @torch.inference_mode()
+def time_units(stages: Sequence[nn.Module], x0: Tensor, t: Tensor, condition: Tensor | None, reps: int
+               ) -> list[float]:
+    """Each one-unit stage's median wall time (seconds) over ``reps`` chains from ``x0`` (after one warm-up chain).
+
+    ``stages[u]`` holds unit ``u`` alone (``forward(x, t, condition, *skips) -> (x, *skips)``); on a
+    CUDA network each call is synchronized, so its own time is what is read.
+    """
+    cuda = x0.device.type == "cuda"
+    times: list[list[float]] = [[] for _ in stages]
+    for _ in range(reps + 1):
+        carry: tuple[Tensor, ...] = (x0,)
+        for u, stage in enumerate(stages):
+            t0 = time.perf_counter()
+            carry = stage(carry[0], t, condition, *carry[1:])
+            if cuda:
+                torch.cuda.synchronize(x0.device)
+            times[u].append(time.perf_counter() - t0)
+    return [statistics.median(ts[1:]) for ts in times]
+
+
 def unit_costs(model: ConditionalUnet1D, sample_shape: Sequence[int], global_cond: Tensor | None = None, *,
                reps: int = 7) -> list[float]:
     """Each unit's median wall time (seconds) in eager PyTorch at one row, on this machine now.
@@ -166,19 +186,27 @@ def unit_costs(model: ConditionalUnet1D, sample_shape: Sequence[int], global_con
     and the relative cost of the blocks (what balancing reads) follows their arithmetic, which
     every backend shares. The stage's own timestep embedding is counted in its first unit.
     """
-    units = unet_units(model)
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, *sample_shape, generator=g)
-    t = torch.tensor([10.0])
-    times: list[list[float]] = [[] for _ in units]
-    for _ in range(reps + 1):
-        carry: tuple[Tensor, ...] = (x0,)
-        for u in range(len(units)):
-            stage = UnetStage(model, u, u + 1)
-            t0 = time.perf_counter()
-            carry = stage(carry[0], t, global_cond, *carry[1:])
-            times[u].append(time.perf_counter() - t0)
-    return [statistics.median(ts[1:]) for ts in times]
+    x0 = torch.randn(1, *sample_shape, generator=torch.Generator().manual_seed(0))
+    stages = [UnetStage(model, u, u + 1) for u in range(len(unet_units(model)))]
+    return time_units(stages, x0, torch.tensor([10.0]), global_cond, reps)
+
+
+def resolve_cuts(network: str, units: int, num_stages: int, cuts: Sequence[int] | None,
+                 costs: Sequence[float] | None, measure: Callable[[], Sequence[float]] | None) -> list[int]:
+    """The cut points ``0 = c_0 < … < c_N = units``: ``cuts`` checked, else :func:`balanced_cuts` of
+    ``costs``, else of ``measure()`` (None: nothing to measure on; ``network`` names the caller in errors)."""
+    if cuts is None:
+        if costs is None:
+            if measure is None:
+                raise ValueError(f"{network} needs cuts=, costs= or sample_shape= (to measure the units' costs)")
+            costs = measure()
+        if len(costs) != units:
+            raise ValueError(f"costs must give one number per unit ({units}), got {len(costs)}")
+        cuts = balanced_cuts(costs, num_stages)
+    cuts = [int(c) for c in cuts]
+    if len(cuts) != num_stages + 1 or cuts[0] != 0 or cuts[-1] != units or any(a >= b for a, b in pairwise(cuts)):
+        raise ValueError(f"cuts must rise strictly from 0 to {units} in {num_stages} stages, got {cuts}")
+    return cuts
 
 
 def split_unet(model: ConditionalUnet1D, num_stages: int, *, costs: Sequence[float] | None = None,
@@ -192,16 +220,6 @@ def split_unet(model: ConditionalUnet1D, num_stages: int, *, costs: Sequence[flo
     """
     if not isinstance(model, ConditionalUnet1D):
         raise TypeError(f"split_unet cuts a ConditionalUnet1D, got {type(model).__name__}")
-    U = len(unet_units(model))
-    if cuts is None:
-        if costs is None:
-            if sample_shape is None:
-                raise ValueError("split_unet needs cuts=, costs= or sample_shape= (to measure the units' costs)")
-            costs = unit_costs(model, sample_shape, global_cond)
-        if len(costs) != U:
-            raise ValueError(f"costs must give one number per unit ({U}), got {len(costs)}")
-        cuts = balanced_cuts(costs, num_stages)
-    cuts = [int(c) for c in cuts]
-    if len(cuts) != num_stages + 1 or cuts[0] != 0 or cuts[-1] != U or any(a >= b for a, b in pairwise(cuts)):
-        raise ValueError(f"cuts must rise strictly from 0 to {U} in {num_stages} stages, got {cuts}")
+    measure = None if sample_shape is None else (lambda: unit_costs(model, sample_shape, global_cond))
+    cuts = resolve_cuts("split_unet", len(unet_units(model)), num_stages, cuts, costs, measure)
     return [UnetStage(model, a, b) for a, b in pairwise(cuts)]

@@ -2,7 +2,7 @@
 
 Per schedule (DDPM-100, DDIM-16, DDIM-10): the sequential loop on ONNX Runtime with 1 and 2
 intra-op threads, ``paradigms``, and ``asyncdiff`` at 2 stages (one ONNX Runtime session and one
-core per stage: the defaults, ``tail=2``, AsyncDiff as published, and the ``exact`` mode),
+core per stage: the defaults, ``tail=1``, ``tail=0`` without extrapolation, and the ``exact`` mode),
 interleaved call by call on recorded PushT observations; p50 / p95 latency and the executed
 actions' deviation from sequential on the same noise. First the cost model's terms (each
 stage's time, the hand-off cost), last its prediction for 4 and 8 stages on as many cores

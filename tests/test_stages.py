@@ -189,7 +189,7 @@ def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
         torch.testing.assert_close(exact, ref, atol=1e-5 * scale, rtol=1e-5)
         strided, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, stride=3,
                                           extrapolate=False)
-        assert stats.rounds == 1 + -(-(steps - 2) // 3) + 1 and torch.isfinite(strided).all()
+        assert stats.rounds == 1 + -(-(steps - 3) // 3) + 2 and torch.isfinite(strided).all()
 
 
 def test_a_transformer_runs_staged_and_refuses_a_stride() -> None:
@@ -229,7 +229,7 @@ def test_the_asyncdiff_preset_on_the_shipped_policy_stays_close_to_sequential(pu
 
 def test_asyncdiff_options_are_checked_when_chosen() -> None:
     spec = sampler_spec("asyncdiff", stages=3, warmup=2, stride=2, exact=True, extrapolate=False)
-    assert spec.options == {"stages": 3, "warmup": 2, "tail": 1, "stride": 2, "exact": True, "time_shift": True,
+    assert spec.options == {"stages": 3, "warmup": 2, "tail": 2, "stride": 2, "exact": True, "time_shift": True,
                             "extrapolate": False}
     assert not spec.iterative
     for bad in ({"stages": 0}, {"warmup": 0}, {"tail": -1}, {"stride": 1.5}, {"exact": "yes"}, {"window": 4},

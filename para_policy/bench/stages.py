@@ -33,7 +33,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("sequential ORT 2 threads", "sequential", {}, "ort2"),
     ("paradigms (auto backend, 2 threads)", "paradigms", {}, "auto"),
     ("asyncdiff 2 stages", "asyncdiff", {"stages": 2}, "ort1"),
-    ("asyncdiff 2 stages, tail 2", "asyncdiff", {"stages": 2, "tail": 2}, "ort1"),
+    ("asyncdiff 2 stages, tail 1", "asyncdiff", {"stages": 2, "tail": 1}, "ort1"),
     ("asyncdiff 2 stages, tail 0, no extrapolation", "asyncdiff",
      {"stages": 2, "tail": 0, "extrapolate": False}, "ort1"),
     ("asyncdiff 2 stages exact", "asyncdiff", {"stages": 2, "exact": True}, "ort1"),
@@ -146,7 +146,7 @@ def stage_splits(policy: Any, obs: np.ndarray, counts: Sequence[int] = PREDICT_S
 
 
 def predictions(rows: Sequence[dict[str, Any]], splits: dict[str, Any], variant: str = "asyncdiff 2 stages",
-                warmup: int = 1, tail: int = 1) -> list[dict[str, Any]]:
+                warmup: int = 1, tail: int = 2) -> list[dict[str, Any]]:
     """The cost model: ``variant``'s measured chunk latency at 2 stages carried to N stages on N cores (a prediction).
 
     Per schedule of S steps, the ``S − warmup − tail`` streamed rounds each cost the slowest stage

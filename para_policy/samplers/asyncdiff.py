@@ -182,7 +182,7 @@ def asyncdiff_sample(
     inpaint: Inpaint | None = None,
     stages: int = 2,
     warmup: int = 1,
-    tail: int = 1,
+    tail: int = 2,
     stride: int = 1,
     exact: bool = False,
     time_shift: bool = True,

@@ -107,7 +107,7 @@ class AsyncDiffOptions:
 
     stages: int = 2
     warmup: int = 1
-    tail: int = 1
+    tail: int = 2
     stride: int = 1
     exact: bool = False
     time_shift: bool = True

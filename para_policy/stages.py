@@ -23,7 +23,6 @@ A runner is ``runner((x, t, condition | None, *skips)) -> (x, *skips)`` over tor
 
 from __future__ import annotations
 
-import functools
 import itertools
 import queue
 import threading
@@ -172,6 +171,17 @@ def _worker(runner: StageRunner, jobs: queue.SimpleQueue, deliver: Callable[[int
         deliver(call, j, ok, out)
 
 
+def _deliverer(pipeline: weakref.ref, i: int) -> Callable[[int, int, bool, Any], None]:
+    """Stage ``i``'s worker's ``deliver``, holding its pipeline weakly: a pipeline nobody holds is
+    collected (its finalizer ends the workers) even while they wait for jobs."""
+    def deliver(call: int, j: int, ok: bool, value: Any) -> None:
+        owner = pipeline()
+        if owner is not None:
+            owner._deliver(i, call, j, ok, value)
+
+    return deliver
+
+
 def _close_workers(workers: list[tuple[threading.Thread, queue.SimpleQueue]]) -> None:
     for _, jobs in workers:
         jobs.put(None)
@@ -222,7 +232,7 @@ class StagePipeline:
         self._active: tuple[int, Sequence[Sequence[Tensor]], Tensor | None] | None = None
         for i, runner in enumerate(self.runners[1:], start=1):
             jobs: queue.SimpleQueue = queue.SimpleQueue()
-            thread = threading.Thread(target=_worker, args=(runner, jobs, functools.partial(self._deliver, i)),
+            thread = threading.Thread(target=_worker, args=(runner, jobs, _deliverer(weakref.ref(self), i)),
                                       daemon=True, name=f"para_policy-stage-{i}")
             thread.start()
             self.workers.append((thread, jobs))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ def test_quick_run_prints_the_cost_terms_and_every_variant(capsys) -> None:
     spec = importlib.util.spec_from_file_location("bench_stages", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    gc.collect()  # other tests' pipelines left for the collector end their workers now
     before = threading.active_count()
     module.main(["--quick", "--chunks", "2"])
     out = capsys.readouterr().out

@@ -46,20 +46,21 @@ def test_patch_diffusion_policy_matches_and_unpatch_restores_exactly(global_cond
 
 
 def test_patch_with_asyncdiff_runs_the_stages_and_unpatch_ends_them():
-    import threading
+    from para_policy.integrations.diffusion_policy import SamplingPatch
 
     policy = DPStandIn(True, seed=4)
     obs = torch.rand(2, TO, OBS_DIM) * 500
     before = dp_actions(policy, obs, 11)
-    threads = threading.active_count()
     patch(policy, "asyncdiff", warmup=policy.num_inference_steps)  # every step with the stages in turn
     assert torch.allclose(dp_actions(policy, obs, 11), before, atol=1e-3)
     patch(policy, "asyncdiff")  # stale stages: close to the original, not equal
     approx = dp_actions(policy, obs, 11)
     assert policy.para_stats.rounds == policy.num_inference_steps and not torch.equal(approx, before)
-    assert threading.active_count() == threads + 1  # stage 1's worker, kept for the next call
+    pipelines = [pipe for _, pipe in vars(policy)[SamplingPatch.ATTRIBUTE].pipelines.values()]
+    threads = [thread for pipe in pipelines for thread, _ in pipe.workers]
+    assert len(threads) == 1 and threads[0].is_alive()  # stage 1's worker, kept for the next call
     unpatch(policy)
-    assert threading.active_count() == threads
+    assert not threads[0].is_alive()
     local = DPStandIn(False, seed=5, local_cond=True)
     patch(local, "asyncdiff")
     data = torch.zeros(2, HORIZON, ACT_DIM)

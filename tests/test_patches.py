@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def test_onnx_patches_on_worker_threads_match_eager_and_shut_down() -> None:
     schedule = make_schedule(dp_ddim(), num_inference_steps=6)
     x_T, noise = draw_noise(schedule, (1, 16, 2), torch.Generator().manual_seed(5))
     cond = torch.randn(1, 3)
+    gc.collect()  # other tests' pipelines left for the collector end their workers now, not during the count
     before = threading.active_count()
     runner = OnnxPatches(patched, (16, 2), 3)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -79,16 +80,21 @@ def test_balanced_cuts_minimise_the_slowest_stage() -> None:
         split_unet(tiny_unet(), 2, cuts=[0, 0, len(unet_units(tiny_unet()))])
 
 
+def worker_threads(pipe: StagePipeline) -> list[threading.Thread]:
+    """The pipeline's own worker threads (other tests' pipelines may end theirs meanwhile: no global count)."""
+    return [thread for thread, _ in pipe.workers]
+
+
 def test_workers_shut_down_and_a_failing_worker_surfaces_in_the_caller() -> None:
-    before = threading.active_count()
     model = tiny_unet()
     pipe = eager_pipeline(model, [0, 5, 9, len(unet_units(model))])
-    assert threading.active_count() == before + 2
+    threads = worker_threads(pipe)
+    assert len(threads) == 2 and all(t.is_alive() for t in threads)
     x, t = torch.randn(1, 8, 2), torch.tensor([3.0])
     _, carries = pipe.run_stages(x, t, torch.randn(1, 3))
     pipe.close()
     pipe.close()
-    assert threading.active_count() == before
+    assert not any(t.is_alive() for t in threads)
     with pytest.raises(RuntimeError, match="closed"):
         pipe.stale_step(x, [t] * 3, None, carries)
 
@@ -101,12 +107,19 @@ def test_workers_shut_down_and_a_failing_worker_surfaces_in_the_caller() -> None
         return inputs[:1]
 
     with StagePipeline([lambda inputs: inputs[:1], broken_once]) as failing:
+        threads = worker_threads(failing)
         with pytest.raises(StageFailed, match="stage 1 of 2") as info:
             failing.stale_step(x, [t, t], None, [(x,)])
         assert isinstance(info.value.__cause__, ZeroDivisionError)
         out, _ = failing.stale_step(x, [t, t], None, [(x + 1,)])  # the queues stayed in step
         assert torch.equal(out, x + 1)
-    assert threading.active_count() == before
+    assert not any(t.is_alive() for t in threads)
+    forgotten = StagePipeline([lambda inputs: inputs[:1], lambda inputs: inputs[:1]])
+    threads = worker_threads(forgotten)
+    assert all(t.is_alive() for t in threads)
+    del forgotten  # never closed: collecting it ends its worker
+    gc.collect()
+    assert not any(t.is_alive() for t in threads)
 
 
 def lockstep_asyncdiff(stages, schedule, x_T, noise, cond, warmup, stride, tail=0, extrapolate=False):
@@ -213,6 +226,7 @@ def test_a_transformer_runs_staged_and_refuses_a_stride() -> None:
 
 
 def test_the_asyncdiff_preset_on_the_shipped_policy_stays_close_to_sequential(pusht) -> None:
+    gc.collect()  # other tests' pipelines left for the collector end their workers now
     before = threading.active_count()
     obs = {"obs": torch.randn(1, 2, 20, generator=torch.Generator().manual_seed(1))}
     x_T, noise = draw_noise(pusht.schedule_for(pusht.sampler), (1, 16, 2), torch.Generator().manual_seed(0))

@@ -466,20 +466,17 @@ class InferenceRuntime:
         again when the weights, device or dtype change (the old pipeline's threads are ended).
         """
         from para_policy.cuda_graphs import weights_identity
-        from para_policy.stages import stage_pipeline
+        from para_policy.stages import cached_pipeline, stage_pipeline
 
-        cache: dict[int, tuple[Any, Any]] = vars(self).setdefault("stage_pipelines", {})
         model = owner.model
         identity = (str(owner.device), owner.dtype, weights_identity([*model.parameters(), *model.buffers()]))
-        entry = cache.get(num_stages)
-        if entry is None or entry[0] != identity:
-            if entry is not None:
-                entry[1].close()
+
+        def build() -> Any:
             with torch.inference_mode():
                 condition = owner.conditioning(owner.zero_observation(1))[0]
-                pipeline = stage_pipeline(model, num_stages, owner.trajectory_shape(1)[1:], condition)
-            cache[num_stages] = entry = (identity, pipeline)
-        return entry[1]
+                return stage_pipeline(model, num_stages, owner.trajectory_shape(1)[1:], condition)
+
+        return cached_pipeline(vars(self).setdefault("stage_pipelines", {}), num_stages, identity, build)
 
     def identity(self) -> str:
         """The settings as JSON: how the network runs, one part of what a measured window is specific to."""

@@ -369,6 +369,22 @@ class StagePipeline:
         return outs[0], carries
 
 
+def cached_pipeline(cache: dict[int, tuple[Any, StagePipeline]], num_stages: int, identity: Any,
+                    build: Callable[[], StagePipeline]) -> StagePipeline:
+    """``cache[num_stages]``'s pipeline while it was built for ``identity``, else ``build()`` (the old one closed).
+
+    Why: a pipeline holds worker threads and sessions exported from one network's weights, device,
+    dtype and call shapes (what ``identity`` stands for), so it is built once per stage count and
+    again only when those change.
+    """
+    entry = cache.get(num_stages)
+    if entry is None or entry[0] != identity:
+        if entry is not None:
+            entry[1].close()
+        entry = cache[num_stages] = (identity, build())
+    return entry[1]
+
+
 def split_network(model: nn.Module, num_stages: int, *, costs: Sequence[float] | None = None,
                   cuts: Sequence[int] | None = None, sample_shape: Sequence[int] | None = None,
                   condition: Tensor | None = None) -> list[Stage]:

@@ -836,7 +836,7 @@ class SamplingPatch:
         one row of ``condition``) and again when the weights, device, dtype or shapes change.
         """
         from para_policy.cuda_graphs import weights_identity
-        from para_policy.stages import stage_pipeline
+        from para_policy.stages import cached_pipeline, stage_pipeline
 
         if condition is not None and not condition.is_floating_point():
             raise ValueError("sampler 'asyncdiff' runs a network's stages on global_cond / cond only; this call "
@@ -848,14 +848,11 @@ class SamplingPatch:
         identity = (sample_shape, None if condition is None else tuple(condition.shape[1:]),
                     str(weights[0].device), weights[0].dtype, weights_identity(weights))
 
+        cond = None if condition is None else condition[:1]
+
         def staged(num_stages: int) -> Any:
-            entry = self.pipelines.get(num_stages)
-            if entry is None or entry[0] != identity:
-                if entry is not None:
-                    entry[1].close()
-                cond = None if condition is None else condition[:1]
-                entry = self.pipelines[num_stages] = (identity, stage_pipeline(model, num_stages, sample_shape, cond))
-            return entry[1]
+            return cached_pipeline(self.pipelines, num_stages, identity,
+                                   lambda: stage_pipeline(model, num_stages, sample_shape, cond))
 
         def call(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
             return denoiser(x, t, c)

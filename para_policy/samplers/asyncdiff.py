@@ -109,8 +109,8 @@ def round_plan(steps: torch.Tensor, start: int, stop: int, stride: int, num_stag
     """
     starts = list(range(start, stop, stride))
     sizes = [min(stride, stop - k) for k in starts]
-    shift = (lambda r: r) if time_shift and num_stages > 1 else (lambda r: 0)
-    last = [max(k + i - shift(r), 0) for k, r in zip(starts, sizes, strict=True) for i in range(r)]
+    shifted = time_shift and num_stages > 1
+    last = [max(k + i - (r if shifted else 0), 0) for k, r in zip(starts, sizes, strict=True) for i in range(r)]
     first = [k + r - 1 for k, r in zip(starts, sizes, strict=True)]
     middle = [last[end - 1] for end in itertools.accumulate(sizes)]
 
@@ -140,7 +140,7 @@ def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tens
     steps = schedule.timesteps.to(torch.float32)
     warm = min(max(warmup, 1), S)
     stop = max(S - tail, warm)
-    state: list[Any] = [x_T, None, None]  # the sample, the x0 history, the last network output
+    state: list[Any] = [x_T, None, None, None]  # the sample, the x0 history, the last output, the round's input
     traj: list[torch.Tensor] = []
 
     def take(k: int, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -160,11 +160,13 @@ def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tens
         served = out + lag * (out - state[2]) if extrapolate else out  # linear, over the lag
         state[2] = out
         for i, eps in enumerate(served.split(B)):
-            take(starts[j] + i, apply_inpaint(state[0], inpaint, starts[j] + i), eps)
-        return apply_inpaint(state[0], inpaint, len(traj)) if j + 1 < len(starts) else None
+            take(starts[j] + i, state[3] if i == 0 else apply_inpaint(state[0], inpaint, starts[j] + i), eps)
+        state[3] = apply_inpaint(state[0], inpaint, len(traj)) if j + 1 < len(starts) else None
+        return state[3]
 
     if starts:
-        staged.stale_rounds(apply_inpaint(state[0], inpaint, warm), rounds, condition, carries, advance)
+        state[3] = apply_inpaint(state[0], inpaint, warm)
+        staged.stale_rounds(state[3], rounds, condition, carries, advance)
     for k in range(stop, S):
         x_in = apply_inpaint(state[0], inpaint, k)
         take(k, x_in, staged.run_stages(x_in, steps[k].expand(B), condition)[0])

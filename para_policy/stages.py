@@ -304,7 +304,8 @@ class StagePipeline:
         call = next(self._calls)
         self._active = (call, rounds, condition)
         try:
-            for i in range(1, N):
+            # last stage first: stage i's round-0 job must be queued before stage i-1 can hand it round 1
+            for i in range(N - 1, 0, -1):
                 self._submit(i, call, 0, carries[i - 1])
             return self._stream(call, x, rounds, condition, advance)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,27 @@ def test_the_streamed_rounds_equal_asyncdiff_in_lock_step(stride, tail, extrapol
     rest = (8 - tail) % stride
     parallel = [2 * stride] * ((8 - tail) // stride) + [2 * rest] * (rest > 0)
     assert stats.rows_per_round == [2] * 2 + parallel + [2] * tail
+
+
+def test_a_slow_caller_between_the_first_jobs_keeps_every_stage_in_round_order(monkeypatch) -> None:
+    model = tiny_unet()
+    cuts = [0, 4, 9, 14, len(unet_units(model))]
+    schedule = make_schedule(dp_ddpm(), 10)
+    x_T, noise = draw_noise(schedule, (2, 8, 2), torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 3)
+    ref = lockstep_asyncdiff(split_unet(model, 4, cuts=cuts), schedule, x_T, noise, cond, 2, 3, 2)
+    with eager_pipeline(model, cuts) as pipe:
+        submit = pipe._submit
+
+        def slow(i, call, j, carry):  # the caller preempted after each first-round job: workers run ahead
+            submit(i, call, j, carry)
+            if j == 0:
+                time.sleep(0.05)
+
+        monkeypatch.setattr(pipe, "_submit", slow)
+        out, _ = asyncdiff_sample(None, schedule, x_T, noise, condition=cond, staged=pipe, stages=4, warmup=2,
+                                  stride=3, tail=2, extrapolate=False)
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("make,steps", [(dp_ddpm, 20), (dp_ddim, 8), (dp_dpm, 8)])

@@ -60,6 +60,32 @@ class Schedule:
     clip_sample_range: float
     eta: float = 0.0
     _copies: dict = field(default_factory=dict, compare=False, repr=False)  # device -> Schedule, by to()
+    _coeffs: dict = field(default_factory=dict, compare=False, repr=False)  # name -> (S, 1, 1), __post_init__
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_coeffs", self.step_coeffs())
+
+    def step_coeffs(self) -> dict[str, torch.Tensor]:
+        """The coefficients :meth:`step_mean` and :meth:`predict_x0` read, each ``(S, 1, 1)``, made once.
+
+        Why a table: a step on a few rows is dominated by the twenty-odd small tensor operations
+        that make its coefficients from ``alpha_t`` / ``alpha_prev``, on the host every step.
+        Computed elementwise over all steps at once they are bitwise the values a row's own
+        computation gives (IEEE sums, products, quotients and square roots), so a step indexes
+        them and its result is unchanged. ``sqrt_a`` = √ᾱ_t, ``sqrt_beta`` = √(1−ᾱ_t); DDPM's
+        posterior-mean weights ``x0`` and ``x``; DDIM's ``x0`` = √ᾱ_prev and ``eps`` = √(1−ᾱ_prev−σ²).
+        """
+        a_t, a_prev = self.alpha_t.view(-1, 1, 1), self.alpha_prev.view(-1, 1, 1)
+        beta_t = 1 - a_t
+        coeffs = {"sqrt_a": a_t**0.5, "sqrt_beta": beta_t**0.5}
+        if self.kind == "ddpm":
+            current_alpha = a_t / a_prev
+            coeffs["x0"] = (a_prev**0.5 * (1 - current_alpha)) / beta_t
+            coeffs["x"] = current_alpha**0.5 * (1 - a_prev) / beta_t
+        else:
+            coeffs["x0"] = a_prev**0.5
+            coeffs["eps"] = (1 - a_prev - self.noise_std.view(-1, 1, 1) ** 2) ** 0.5
+        return coeffs
 
     @property
     def num_steps(self) -> int:
@@ -88,38 +114,32 @@ class Schedule:
             self._copies[key] = Schedule(**{**self.__dict__, **moved, "_copies": {}})
         return self._copies[key]
 
-    def step_mean(self, x: torch.Tensor, k: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    def step_mean(self, x: torch.Tensor, k: torch.Tensor | int, model_output: torch.Tensor) -> torch.Tensor:
         """The scheduler's step without noise, for rows at any steps.
 
         Args:
             x: ``(N, T, D)`` current samples.
-            k: ``(N,)`` step index of each row (long, on x's device).
+            k: ``(N,)`` step index of each row (long, on x's device), or one int for every row.
             model_output: ``(N, T, D)`` the denoiser's prediction for each row.
         Returns:
             ``(N, T, D)`` the mean of ``x_{k+1}`` given ``x_k``.
         """
-        a_t = self.alpha_t[k].view(-1, 1, 1)
-        a_prev = self.alpha_prev[k].view(-1, 1, 1)
-        beta_t = 1 - a_t
+        c = self._coeffs
+        sqrt_a, sqrt_beta = c["sqrt_a"][k], c["sqrt_beta"][k]
         if self.prediction_type == "epsilon":
-            x0 = (x - beta_t**0.5 * model_output) / a_t**0.5
+            x0 = (x - sqrt_beta * model_output) / sqrt_a
             eps = model_output
         elif self.prediction_type == "sample":
             x0 = model_output
-            eps = (x - a_t**0.5 * x0) / beta_t**0.5
+            eps = (x - sqrt_a * x0) / sqrt_beta
         else:  # v_prediction
-            x0 = a_t**0.5 * x - beta_t**0.5 * model_output
-            eps = a_t**0.5 * model_output + beta_t**0.5 * x
+            x0 = sqrt_a * x - sqrt_beta * model_output
+            eps = sqrt_a * model_output + sqrt_beta * x
         if self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         if self.kind == "ddpm":
-            current_alpha = a_t / a_prev
-            current_beta = 1 - current_alpha
-            x0_coeff = (a_prev**0.5 * current_beta) / beta_t
-            x_coeff = current_alpha**0.5 * (1 - a_prev) / beta_t
-            return x0_coeff * x0 + x_coeff * x
-        std = self.noise_std[k].view(-1, 1, 1)
-        return a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+            return c["x0"][k] * x0 + c["x"][k] * x
+        return c["x0"][k] * x0 + c["eps"][k] * eps
 
     def test_variance(self) -> torch.Tensor:
         """``(S,)`` the variance convergence tests measure a step's change in.
@@ -149,13 +169,13 @@ class Schedule:
 
     def predict_x0(self, x: torch.Tensor, k: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """The clean sample the scheduler predicts from ``(x, k, model_output)``, clipped as it clips."""
-        a_t = self.alpha_t[k].view(-1, 1, 1)
+        sqrt_a, sqrt_beta = self._coeffs["sqrt_a"][k], self._coeffs["sqrt_beta"][k]
         if self.prediction_type == "epsilon":
-            x0 = (x - (1 - a_t) ** 0.5 * model_output) / a_t**0.5
+            x0 = (x - sqrt_beta * model_output) / sqrt_a
         elif self.prediction_type == "sample":
             x0 = model_output
         else:
-            x0 = a_t**0.5 * x - (1 - a_t) ** 0.5 * model_output
+            x0 = sqrt_a * x - sqrt_beta * model_output
         return x0.clamp(-self.clip_sample_range, self.clip_sample_range) if self.clip_sample else x0
 
 
@@ -282,13 +302,15 @@ class MultistepSchedule(Schedule):
             drive[:, j:] += weights[j:, j].view(1, -1, 1, 1) * x0s[:, :-j]
         return drive
 
-    def step_mean(self, x: torch.Tensor, k: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    def step_mean(self, x: torch.Tensor, k: torch.Tensor | int, model_output: torch.Tensor) -> torch.Tensor:
         """``a_k x_k + b_{k,0} x0(x_k)``: the whole step when ``m = 1``; refused when it reads earlier steps.
 
         A one-step consumer (Picard, the captured loop, the Jacobians) on an ``m > 1`` schedule
         would silently drop ``b_{k,j≥1}``; it gets this error instead.
         """
         require_single_step(self, "step_mean")
+        if isinstance(k, int):
+            k = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
         return self.step_from_x0(x, k, self.predict_x0(x, k, model_output)[:, None])
 
 

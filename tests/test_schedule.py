@@ -57,6 +57,43 @@ def test_step_mean_matches_scheduler_step(name, make, steps, eta):
         assert torch.allclose(ours, ref, atol=2e-6, rtol=1e-6), (name, k, int(t), (ours - ref).abs().max())
 
 
+def per_row_step_mean(schedule, x, k, out):
+    """The step's mean with its coefficients made from ``alpha_t``/``alpha_prev`` on each call (a closed form)."""
+    a_t, a_prev = schedule.alpha_t[k].view(-1, 1, 1), schedule.alpha_prev[k].view(-1, 1, 1)
+    beta_t = 1 - a_t
+    if schedule.prediction_type == "epsilon":
+        x0, eps = (x - beta_t**0.5 * out) / a_t**0.5, out
+    elif schedule.prediction_type == "sample":
+        x0, eps = out, (x - a_t**0.5 * out) / beta_t**0.5
+    else:
+        x0, eps = a_t**0.5 * x - beta_t**0.5 * out, a_t**0.5 * out + beta_t**0.5 * x
+    if schedule.clip_sample:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    if schedule.kind == "ddpm":
+        current_alpha = a_t / a_prev
+        return (a_prev**0.5 * (1 - current_alpha)) / beta_t * x0 + current_alpha**0.5 * (1 - a_prev) / beta_t * x
+    std = schedule.noise_std[k].view(-1, 1, 1)
+    return a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+
+
+@pytest.mark.parametrize("name,make,steps,eta", CASES, ids=[c[0] for c in CASES])
+def test_step_coefficient_table_is_bitwise_the_per_row_arithmetic(name, make, steps, eta):
+    """The coefficients made once per schedule give the same bits as making them on each call, for rows
+    at mixed steps and for one int step, in float32 and bfloat16 (what tolerance-0 equalities between
+    samplers that step rows differently rely on)."""
+    schedule = make_schedule(make(), steps, eta=eta)
+    S = schedule.num_steps
+    g = torch.Generator().manual_seed(2)
+    x, out = torch.randn(S, 16, 2, generator=g) * 2, torch.randn(S, 16, 2, generator=g)
+    ks = torch.randperm(S, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, od = x.to(dtype), out.to(dtype)
+        ref = per_row_step_mean(schedule, xd, ks, od)
+        assert torch.equal(schedule.step_mean(xd, ks, od), ref), (name, dtype)
+        one = torch.cat([schedule.step_mean(xd[i:i + 1], int(k), od[i:i + 1]) for i, k in enumerate(ks)])
+        assert one.dtype == ref.dtype and torch.equal(one, ref), (name, dtype)
+
+
 def test_mixed_steps_in_one_batch():
     """Rows at different steps in one call equal row-by-row calls."""
     scheduler = dp_ddpm()

@@ -73,11 +73,11 @@ def schedule_step(schedule: Schedule, x: torch.Tensor, k: int, model_output: tor
     """One step of the sequential loop: ``x_{k+1}`` from ``x_k`` (B,T,D) and the model output; ``x0s``
     (B, ≤ m, T, D): a multistep schedule's clean-sample history, newest first (None for order 1).
     Returns ``(x_{k+1}, x0s)``; the samplers that step one step at a time (sequential, asyncdiff) share it."""
-    if k_rows is None:  # (B,) the step index per row; the caller's, when it has made it already
-        k_rows = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
-    if schedule.order == 1:
-        mean = schedule.step_mean(x, k_rows, model_output)
+    if schedule.order == 1:  # every row at step k: an int index reads the coefficients as one (1, 1) view
+        mean = schedule.step_mean(x, k if k_rows is None else k_rows, model_output)
     else:
+        if k_rows is None:  # (B,) the step index per row; the caller's, when it has made it already
+            k_rows = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
         x0 = schedule.predict_x0(x, k_rows, model_output)[:, None]
         x0s = x0 if x0s is None else torch.cat([x0, x0s[:, : schedule.order - 1]], dim=1)
         mean = schedule.step_from_x0(x, k_rows, x0s)

@@ -1,7 +1,7 @@
 """Patch parallelism over the horizon (DistriFusion / PCPP) for the 1-D UNet: does it pay on this CPU?
 
 Three network sizes, batch 1, ONNX Runtime (one intra-op thread per patch, the two patches on
-two worker threads; :mod:`para_policy.bench.patches`):
+two worker threads; :mod:`para_policy.bench.patches` over :mod:`para_policy.patches`):
 
 * DiffusionPolicy PushT (the shipped policy, horizon 16);
 * LeRobot-like (a random ConditionalUnet1D with LeRobot PushT's widths (512, 1024, 2048),
@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from para_policy.bench import command_line, load_stream, machine_info, markdown_table, schedule_spec, write_report
-from para_policy.bench.patches import EagerPatches, action_deviation, patch_costs, sampler_latency
+from para_policy.bench.patches import action_deviation, patch_costs, sampler_latency
 from para_policy.loading import load_policy
 from para_policy.models.unet1d import ConditionalUnet1D
 from para_policy.models.unet_patches import PatchUnet
+from para_policy.patches import EagerPatches
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "para_policy" / "assets" / "pusht_lowdim.safetensors"

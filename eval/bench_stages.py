@@ -3,6 +3,7 @@
 Per schedule (DDPM-100, DDIM-16, DDIM-10): the sequential loop on ONNX Runtime with 1 and 2
 intra-op threads, ``paradigms``, and ``asyncdiff`` at 2 stages (one ONNX Runtime session and one
 core per stage: the defaults, ``tail=1``, ``tail=0`` without extrapolation, and the ``exact`` mode),
+and ``patches`` (DistriFusion's displaced patches: the horizon in 2 patches, one core each),
 interleaved call by call on recorded PushT observations; p50 / p95 latency and the executed
 actions' deviation from sequential on the same noise. First the cost model's terms (each
 stage's time, the hand-off cost), last its prediction for 4 and 8 stages on as many cores
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> None:
     rows = [r for s in schedules for r in latency_rows(pols, s, obs, reps)]
     splits = stage_splits(pols["ort1"], obs[0], counts=(2,) if args.quick else (2, 4, 8),
                           reps=10 if args.quick else 100)
-    predicted = predictions(rows, splits)
+    predicted = predictions(rows, splits, costs)
     lines = ["# AsyncDiff stage parallelism vs sequential (batch 1)", "",
              f"`{command_line('bench_stages.py', argv)}`", "", *markdown(costs, rows, predicted, splits)]
     print("\n".join(lines))

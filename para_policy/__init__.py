@@ -5,7 +5,8 @@ Public API:
   more formats: ``para_policy.loading.register_reader``), ``PolicyConfig`` (the typed policy config),
   ``LowdimPolicy``, ``ImagePolicy`` (camera observations), ``PolicyOutput``, ``LinearNormalizer``
 - sampler choice: ``sampler_spec`` (the one constructor), ``SamplerConfig``, ``PRESETS``
-  (``paradigms``, ``paradigms_published``, ``parataa``, ``sequential``), ``PicardOptions``, ``TaaOptions``
+  (``paradigms``, ``paradigms_published``, ``parataa``, ``sequential``, ``asyncdiff``, ``patches``),
+  ``PicardOptions``, ``TaaOptions``
 - samplers: ``sequential_sample``, ``picard_sample``, ``taa_sample``, ``draw_noise``, ``SampleStats``,
   warm starts ``warm_start_init`` / ``shift_trajectory``
 - models and schedules: ``ConditionalUnet1D``, ``TransformerForDiffusion`` (DiffusionPolicy's names),

@@ -135,7 +135,7 @@ class Controller(ChunkLoop):
     Args:
         policy: the policy (its normalizer and network; its own sampler setting is not changed).
         sampler: a preset name (default ``'paradigms'``, the fastest measured setting;
-            ``'paradigms_published'``, ``'parataa'``, ``'sequential'``) or a
+            ``'paradigms_published'``, ``'parataa'``, ``'sequential'``, ``'asyncdiff'``, ``'patches'``) or a
             :class:`~para_policy.samplers.SamplerConfig`. ``None`` is the policy's own sampler
             (``policy.sampler``, as ``policy.set_sampler`` chose it), not ``sampler_spec``'s default.
         config: the Controller's options as one :class:`ControllerConfig`, or None to build one

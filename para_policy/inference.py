@@ -420,13 +420,19 @@ class InferenceOwner(Protocol):
 
 class StagedNetwork:
     """Gives a policy :meth:`staged`: its network cut into stages that run at once, what the ``asyncdiff``
-    sampler finds behind the policy's ``denoise`` (:func:`~para_policy.samplers.asyncdiff.find_staged`)."""
+    sampler finds behind the policy's ``denoise`` (:func:`~para_policy.samplers.asyncdiff.find_staged`),
+    and :meth:`patched`: its network on patches of the horizon at once, what the ``patches`` sampler
+    finds there (:func:`~para_policy.samplers.patches.find_patched`)."""
 
     runtime: InferenceRuntime
 
     def staged(self, num_stages: int) -> Any:
         """:meth:`InferenceRuntime.staged` for this policy: a :class:`~para_policy.stages.StagePipeline`."""
         return self.runtime.staged(self, num_stages)  # type: ignore[arg-type]
+
+    def patched(self, num_patches: int) -> Any:
+        """:meth:`InferenceRuntime.patched` for this policy: a :class:`~para_policy.patches.PatchRunner`."""
+        return self.runtime.patched(self, num_patches)  # type: ignore[arg-type]
 
 
 class InferenceRuntime:
@@ -455,8 +461,9 @@ class InferenceRuntime:
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and pickle keep: all but the denoiser, which :meth:`restore` builds again
         (ONNX Runtime sessions do not pickle, and a copied closure would run the original's network),
-        and the stage pipelines (worker threads; :meth:`staged` builds them again)."""
-        return {**vars(self), "denoiser": None, "stage_pipelines": {}}
+        and the stage pipelines and patch runners (worker threads; :meth:`staged`, :meth:`patched`
+        build them again)."""
+        return {**vars(self), "denoiser": None, "stage_pipelines": {}, "patch_runners": {}}
 
     def staged(self, owner: InferenceOwner, num_stages: int) -> Any:
         """The owner's network as a :class:`~para_policy.stages.StagePipeline` of ``num_stages`` stages.
@@ -477,6 +484,26 @@ class InferenceRuntime:
                 return stage_pipeline(model, num_stages, owner.trajectory_shape(1)[1:], condition)
 
         return cached_pipeline(vars(self).setdefault("stage_pipelines", {}), num_stages, identity, build)
+
+    def patched(self, owner: InferenceOwner, num_patches: int) -> Any:
+        """The owner's network on ``num_patches`` patches of its horizon: a :class:`~para_policy.patches.PatchRunner`.
+
+        What the ``patches`` sampler runs: built on first use on the owner's trajectory shape
+        (:func:`~para_policy.patches.patch_runner`: ONNX Runtime, one session per patch on worker
+        threads, where the network is CPU float32, else eager; the stages' backend decision), and
+        again when the weights, device or dtype change (the old runner's threads are ended).
+        Only a ConditionalUnet1D with global conditioning (or none) splits; anything else, and a
+        horizon the patches do not divide, raises naming what is supported.
+        """
+        from para_policy.cuda_graphs import weights_identity
+        from para_policy.patches import patch_runner
+        from para_policy.stages import cached_pipeline
+
+        model = owner.model
+        identity = (str(owner.device), owner.dtype, weights_identity([*model.parameters(), *model.buffers()]))
+        shape = owner.trajectory_shape(1)[1:]
+        return cached_pipeline(vars(self).setdefault("patch_runners", {}), num_patches, identity,
+                               lambda: patch_runner(model, num_patches, shape))
 
     def identity(self) -> str:
         """The settings as JSON: how the network runs, one part of what a measured window is specific to."""

@@ -29,7 +29,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -193,6 +193,14 @@ def _close_workers(workers: list[tuple[threading.Thread, queue.SimpleQueue]]) ->
 def repeat_rows(t: Tensor | None, times: int) -> Tensor | None:
     """``t`` (B, ...) stacked ``times`` times along rows: (times·B, ...) (a stride's several timesteps)."""
     return t if t is None or times == 1 else t.repeat(times, *([1] * (t.dim() - 1)))
+
+
+#: anything with ``close()`` that :func:`cached_pipeline` keeps (a pipeline, a patch runner)
+Closable = TypeVar("Closable", bound="SupportsClose")
+
+
+class SupportsClose(Protocol):
+    def close(self) -> None: ...
 
 
 #: ``advance(j, out (r·B, T, D)) -> x (B, T, D) | None``: the caller's steps of round ``j``, returning
@@ -370,13 +378,13 @@ class StagePipeline:
         return outs[0], carries
 
 
-def cached_pipeline(cache: dict[int, tuple[Any, StagePipeline]], num_stages: int, identity: Any,
-                    build: Callable[[], StagePipeline]) -> StagePipeline:
+def cached_pipeline(cache: dict[int, tuple[Any, Closable]], num_stages: int, identity: Any,
+                    build: Callable[[], Closable]) -> Closable:
     """``cache[num_stages]``'s pipeline while it was built for ``identity``, else ``build()`` (the old one closed).
 
-    Why: a pipeline holds worker threads and sessions exported from one network's weights, device,
-    dtype and call shapes (what ``identity`` stands for), so it is built once per stage count and
-    again only when those change.
+    Why: a pipeline (a :class:`StagePipeline`, a patch runner) holds worker threads and sessions
+    exported from one network's weights, device, dtype and call shapes (what ``identity`` stands
+    for), so it is built once per worker count and again only when those change.
     """
     entry = cache.get(num_stages)
     if entry is None or entry[0] != identity:

@@ -24,7 +24,8 @@ def test_help_lists_groups_and_examples():
     res = run_cli("--help")
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "eval.py" in out and "sampler: asyncdiff, paradigms, paradigms_published, parataa, sequential" in out
+    assert "eval.py" in out
+    assert "sampler: asyncdiff, paradigms, paradigms_published, parataa, patches, sequential" in out
     assert "task: lift, pusht" in out and "logger: none, wandb" in out
     assert "python eval.py -m sampler.tolerance" in out
     assert "hydra/launcher=joblib_local" in out and "hydra/launcher=joblib " not in out  # the config that exists

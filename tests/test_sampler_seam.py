@@ -54,7 +54,7 @@ def test_every_path_builds_the_same_spec_for_a_name(tmp_path):
                                                  "round_shape": "compact", "compile_round": False}
     assert sampler_spec("paradigms").warm_start and not sampler_spec("paradigms_published").warm_start
     assert sampler_spec("parataa").options["memory"] == 3 and set(PRESETS) == {
-        "paradigms", "paradigms_published", "parataa", "sequential", "asyncdiff"}
+        "paradigms", "paradigms_published", "parataa", "sequential", "asyncdiff", "patches"}
 
 
 @pytest.mark.parametrize("options, message", [

@@ -1,205 +1,46 @@
-"""Patch parallelism over the horizon (DistriFusion / PCPP) for the 1-D UNet: the sampler, the runners, the costs.
+"""Patch parallelism over the horizon (DistriFusion / PCPP) for the 1-D UNet: the costs, measured.
 
-A measured experiment, not a sampler preset. ``eval/bench_patches.py`` runs it. Pieces:
+``eval/bench_patches.py`` runs it. The sampler is :func:`~para_policy.samplers.patch_sample` (the
+``patches`` preset), its runners :class:`~para_policy.patches.EagerPatches` and
+:class:`~para_policy.patches.OnnxPatches` (:mod:`para_policy.patches`). Here:
 
-* :func:`patch_parallel_sample`: the DDIM / DDPM loop with the trajectory cut into P patches
-  along time (:class:`~para_policy.models.unet_patches.PatchUnet`); the first ``warmup`` steps run
-  the whole network (exact), every later step runs the P patches at once, each reading its
-  neighbours' halos and the group statistics from the previous step (displaced patches);
-* :class:`EagerPatches`: the patches one after the other in eager PyTorch (exactness tests);
-  :class:`OnnxPatches`: one ONNX Runtime session (one intra-op thread) per patch, the patches on
-  :class:`~para_policy.stages.StagePipeline`'s worker threads (patch 0 in the caller's thread), and
-  an ONNX graph of the whole network that also emits the exchange (warm-up steps);
 * :func:`patch_costs`: per-call costs (whole network at 1 and 2 threads, one patch, the whole
   network emitting the exchange, two patches overlapped), blocks interleaved, p50 / p95;
+* :func:`sampler_latency`: whole sampling calls, the sequential loop on the whole network's
+  session against the displaced sampler on :class:`~para_policy.patches.OnnxPatches`;
 * :func:`action_deviation`: the displaced sampler's executed actions against sequential on the
   same noise, in action units.
+
+Every warm-up step here runs the runner's whole-network graph (no separate denoiser), so the
+sequential reference (``warmup = S``) and the displaced sampler run the same graphs.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from para_policy.models.unet1d import ConditionalUnet1D
-from para_policy.models.unet_patches import PatchExchange, PatchUnet, neighbour_inputs
-from para_policy.onnx_backend import export_graph, export_onnx, make_session
+from para_policy.models.unet_patches import PatchUnet, neighbour_inputs
+from para_policy.onnx_backend import export_onnx, make_session
+from para_policy.patches import OnnxPatches, PatchRunner
+from para_policy.samplers.patches import patch_sample
 from para_policy.samplers.sequential import schedule_step
 from para_policy.schedule import Schedule
-from para_policy.stages import StagePipeline
 from para_policy.stats import percentile_summary
 
-#: one patch's call result: ``(out (B, n, D), left_edge, right_edge, local)``
-PatchResult = tuple[Tensor, Tensor, Tensor, Tensor]
 
-
-class PatchRunner(Protocol):
-    """What :func:`patch_parallel_sample` drives: the whole network with its exchange, and the P patches at once."""
-
-    patches: int
-
-    def full(self, x: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, list[PatchExchange]]: ...
-
-    def run_patches(self, xs: Sequence[Tensor], t: Tensor, cond: Tensor | None,
-                    inputs: Sequence[tuple[Tensor, Tensor, Tensor]]) -> list[PatchResult]: ...
-
-
-class EagerPatches:
-    """:class:`PatchUnet` in eager PyTorch, the patches one after the other (exact arithmetic, no speed-up)."""
-
-    def __init__(self, patched: PatchUnet) -> None:
-        self.patched = patched
-        self.patches = patched.patches
-
-    def full(self, x: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, list[PatchExchange]]:
-        with torch.inference_mode():
-            return self.patched.full(x, t, cond)
-
-    def run_patches(self, xs: Sequence[Tensor], t: Tensor, cond: Tensor | None,
-                    inputs: Sequence[tuple[Tensor, Tensor, Tensor]]) -> list[PatchResult]:
-        with torch.inference_mode():
-            return [self.patched(x, t, cond, *i) for x, i in zip(xs, inputs, strict=True)]
-
-
-class PatchGraph(nn.Module):
-    """One patch's ONNX graph: ``(x, t[, cond], left, right, others) -> (out, left_edge, right_edge, local)``."""
-
-    def __init__(self, patched: PatchUnet, conditioned: bool) -> None:
-        super().__init__()
-        self.patched, self.conditioned = patched, conditioned
-
-    def forward(self, x: Tensor, t: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
-        cond = rest[0] if self.conditioned else None
-        return tuple(self.patched(x, t, cond, *rest[-3:]))
-
-
-class FullGraph(nn.Module):
-    """The whole network's ONNX graph: ``(x, t[, cond]) -> (out, then each patch's left_edge, right_edge, local)``."""
-
-    def __init__(self, patched: PatchUnet) -> None:
-        super().__init__()
-        self.patched = patched
-
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> tuple[Tensor, ...]:
-        out, exchanges = self.patched.full(x, t, cond)
-        return (out, *(e for ex in exchanges for e in ex))
-
-
-class PatchSession:
-    """One ONNX Runtime session of :class:`PatchGraph`, a :class:`~para_policy.stages.StagePipeline` runner.
-
-    Called with ``(x, t, cond, left, right, others)``, or with ``(x, t, cond)`` after :attr:`pending`
-    was set to ``(left, right, others)`` (how the pipeline calls the patch in the caller's thread);
-    keeps its latest result in :attr:`last` (the pipeline returns only part of it). ``session``: an
-    ``onnxruntime.InferenceSession`` (its ``run`` may be called from several threads at once, so
-    the patches share one copy of the weights).
-    """
-
-    def __init__(self, session: Any, names: Sequence[str]) -> None:
-        self.session = session
-        self.names = list(names)
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.pending: tuple[Tensor, ...] = ()
-        self.last: PatchResult | None = None
-
-    def __call__(self, inputs: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
-        given = [a for a in (*inputs, *(self.pending if len(inputs) == 3 else ())) if a is not None]
-        feeds = {n: a.detach().float().contiguous().numpy() for n, a in zip(self.names, given, strict=True)
-                 if n in self.inputs}
-        self.last = tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))  # type: ignore[assignment]
-        return self.last  # type: ignore[return-value]
-
-
-class OnnxPatches:
-    """:class:`PatchUnet` on ONNX Runtime: one session per patch on worker threads, one for the whole network.
-
-    ``sample_shape``: ``(T, D)``; ``cond_dim``: G or None. ``parallel``: the patches run at once
-    (one per core) or one after the other in the caller's thread. :meth:`close` ends the workers.
-    """
-
-    def __init__(self, patched: PatchUnet, sample_shape: Sequence[int], cond_dim: int | None, *,
-                 parallel: bool = True) -> None:
-        T, D = (int(s) for s in sample_shape)
-        patched.check_horizon(T)
-        self.patches, n = patched.patches, T // patched.patches
-        g = torch.Generator().manual_seed(0)
-        x, t = torch.randn(2, T, D, generator=g), torch.tensor([3.0, 7.0])
-        cond = None if cond_dim is None else torch.randn(2, cond_dim, generator=g)
-        base = (x, t) if cond is None else (x, t, cond)
-        names = ["x", "t", *([] if cond is None else ["condition"])]
-        ex_names = [f"{k}{p}" for p in range(self.patches) for k in ("left_edge", "right_edge", "local")]
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            self.full_session = make_session(export_graph(FullGraph(patched).eval(), base, names,
-                                                          ["out", *ex_names]), 1)
-            _, exchanges = patched.full(x, t, cond)
-            left, right, others = neighbour_inputs(exchanges)[0]
-            patch_names = [*names, "left", "right", "others"]
-            graph = export_graph(PatchGraph(patched, cond is not None).eval(),
-                                 (x[:, :n], *base[1:], left, right, others), patch_names,
-                                 ["out", "left_edge", "right_edge", "local"])
-        self.full_names = names
-        session = make_session(graph, 1)
-        self.runners = [PatchSession(session, patch_names) for _ in range(self.patches)]
-        self.pipeline = StagePipeline(self.runners) if parallel and self.patches > 1 else None
-
-    def full(self, x: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, list[PatchExchange]]:
-        given = [a for a in (x, t.reshape(-1).expand(x.shape[0]), cond) if a is not None]
-        feeds = {n: a.detach().float().contiguous().numpy() for n, a in zip(self.full_names, given, strict=True)}
-        outs = [torch.from_numpy(o) for o in self.full_session.run(None, feeds)]
-        return outs[0], [tuple(outs[1 + 3 * p: 4 + 3 * p]) for p in range(self.patches)]  # type: ignore[misc]
-
-    def run_patches(self, xs: Sequence[Tensor], t: Tensor, cond: Tensor | None,
-                    inputs: Sequence[tuple[Tensor, Tensor, Tensor]]) -> list[PatchResult]:
-        t = t.reshape(-1).expand(xs[0].shape[0]).float()
-        if self.pipeline is None:
-            return [r((x, t, cond, *i)) for r, x, i in zip(self.runners, xs, inputs, strict=True)]  # type: ignore
-        self.runners[0].pending = tuple(inputs[0])
-        carries = [(x, *i) for x, i in zip(xs[1:], inputs[1:], strict=True)]
-        self.pipeline.stale_step(xs[0], [t] * self.patches, cond, carries)  # type: ignore[arg-type]
-        return [r.last for r in self.runners]  # type: ignore[misc]
-
-    def close(self) -> None:
-        """End the worker threads (idempotent)."""
-        if self.pipeline is not None:
-            self.pipeline.close()
-
-
-@torch.inference_mode()
-def patch_parallel_sample(runner: PatchRunner | PatchUnet, schedule: Schedule, x_T: Tensor, noise: Tensor | None = None,
-                          *, condition: Tensor | None = None, warmup: int = 1) -> Tensor:
-    """Denoise ``x_T`` (B, T, D) with displaced patches (module docstring): the sample (B, T, D).
-
-    ``noise``: (B, S, T, D) per-step noise (None: zeros, for deterministic schedules);
-    ``condition``: (B, G) or None; ``warmup``: whole-network steps first (``warmup >= S`` is the
-    sequential loop). Single-step (order 1) and multistep schedules; no inpainting.
-    """
-    if isinstance(runner, PatchUnet):
-        runner = EagerPatches(runner)
-    if warmup < 1:
-        raise ValueError(f"warmup must be >= 1 (the first step has no previous step to read), got {warmup}")
-    B, T, _ = x_T.shape
-    S, P = schedule.num_steps, runner.patches
-    noise = torch.zeros(B, S, *x_T.shape[1:]) if noise is None else noise
-    steps = schedule.timesteps.to(torch.float32)
-    x, x0s, exchanges, n = x_T.float(), None, None, T // P
-    for k in range(S):
-        t = steps[k].expand(B)
-        if k < warmup or exchanges is None:
-            out, exchanges = runner.full(x, t, condition)
-        else:
-            xs = [x[:, p * n: (p + 1) * n] for p in range(P)]
-            results = runner.run_patches(xs, t, condition, neighbour_inputs(exchanges))
-            out = torch.cat([r[0] for r in results], dim=1)
-            exchanges = [tuple(r[1:]) for r in results]  # type: ignore[misc]
-        x, x0s = schedule_step(schedule, x, k, out.float(), x0s, noise.float())
-    return x
+def displaced_sample(runner: PatchRunner, schedule: Schedule, x_T: Tensor, noise: Tensor | None = None,
+                     condition: Tensor | None = None, warmup: int = 1) -> Tensor:
+    """:func:`~para_policy.samplers.patch_sample` on ``runner`` alone (every warm-up step on its whole
+    graph): the sample (B, T, D)."""
+    return patch_sample(None, schedule, x_T, noise, condition=condition, patches=runner.patches,  # type: ignore
+                        warmup=warmup, patched=runner)[0]
 
 
 def whole_sessions(model: ConditionalUnet1D, sample_shape: Sequence[int], cond_dim: int | None,
@@ -295,7 +136,7 @@ def patch_costs(model: ConditionalUnet1D, horizon: int, cond_dim: int | None, *,
 @torch.inference_mode()
 def action_deviation(policy: Any, schedule: Schedule, observations: Sequence[np.ndarray], runner: PatchRunner,
                      warmups: Sequence[int], seeds: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
-    """Executed actions of :func:`patch_parallel_sample` vs the whole network's loop on the same noise.
+    """Executed actions of :func:`displaced_sample` vs the whole network's loop on the same noise.
 
     ``policy``: a lowdim UNet policy (global conditioning); ``warmups``: whole-network steps to try.
     Returns ``{warmup: {'mean', 'max'}}``: per observation the max |Δ| over the executed actions
@@ -312,7 +153,7 @@ def action_deviation(policy: Any, schedule: Schedule, observations: Sequence[np.
         x_T, noise = keyed_noise(schedule, policy.trajectory_shape(1)[1:], [i if seeds is None else seeds[i]])
 
         def actions(w: int, cond: Tensor | None = cond, x_T: Tensor = x_T, noise: Tensor = noise) -> Tensor:
-            traj = patch_parallel_sample(runner, schedule, x_T, noise, condition=cond, warmup=w)
+            traj = displaced_sample(runner, schedule, x_T, noise, cond, w)
             return policy.normalizer.unnormalize("action", traj[..., : policy.action_dim])[0, start: start + steps]
 
         ref = actions(S)
@@ -324,7 +165,7 @@ def action_deviation(policy: Any, schedule: Schedule, observations: Sequence[np.
 def sampler_latency(model: ConditionalUnet1D, schedule: Schedule, cond_dim: int | None, horizon: int,
                     warmups: Sequence[int] = (1,), reps: int = 20) -> dict[str, dict[str, float]]:
     """Whole sampling calls at batch 1, ms p50 / p95: the sequential loop on the whole network's ONNX session
-    (1 and 2 threads) against :func:`patch_parallel_sample` on :class:`OnnxPatches` (2 workers), interleaved."""
+    (1 and 2 threads) against :func:`displaced_sample` on :class:`OnnxPatches` (2 workers), interleaved."""
     D = model.input_dim
     whole = whole_sessions(model, (horizon, D), cond_dim)
     runner = OnnxPatches(PatchUnet(model, 2), (horizon, D), cond_dim)
@@ -335,7 +176,7 @@ def sampler_latency(model: ConditionalUnet1D, schedule: Schedule, cond_dim: int 
     calls = {f"sequential whole ORT {k} thread{'s' if k > 1 else ''}":
              (lambda s=s: whole_loop(s, schedule, x_T, noise, cond)) for k, s in whole.items()}
     calls |= {f"patches 2 workers, warmup {w}":
-              (lambda w=w: patch_parallel_sample(runner, schedule, x_T, noise, condition=cond, warmup=w))
+              (lambda w=w: displaced_sample(runner, schedule, x_T, noise, cond, w))
               for w in warmups}
     times: dict[str, list[float]] = {name: [] for name in calls}
     try:

@@ -7,7 +7,8 @@
   overlapped (:meth:`~para_policy.stages.StagePipeline.stale_step`); the hand-off cost is the
   overlapped step minus its slowest stage. These predict other worker counts (a prediction).
 * :func:`latency_rows`: per schedule, batch 1, the sequential loop on ONNX Runtime at 1 and 2
-  threads and ``asyncdiff`` (2 stages, and ``exact``) timed call by call, the variants'
+  threads, ``paradigms``, ``asyncdiff`` (2 stages, its variants and ``exact``) and ``patches``
+  (2 patches of the horizon, DistriFusion) timed call by call, the variants'
   order alternating every repetition so machine load hits them alike; p50 / p95 and the
   executed actions' deviation from sequential (1 thread) on the same noise.
 """
@@ -37,6 +38,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("asyncdiff 2 stages, tail 0, no extrapolation", "asyncdiff",
      {"stages": 2, "tail": 0, "extrapolate": False}, "ort1"),
     ("asyncdiff 2 stages exact", "asyncdiff", {"stages": 2, "exact": True}, "ort1"),
+    ("patches 2 patches", "patches", {"patches": 2}, "ort1"),
 )
 #: variants timed on the first repetition only (each call takes many sequential samples' time)
 SLOW = ("asyncdiff 2 stages exact",)
@@ -145,29 +147,42 @@ def stage_splits(policy: Any, obs: np.ndarray, counts: Sequence[int] = PREDICT_S
     return out
 
 
-def predictions(rows: Sequence[dict[str, Any]], splits: dict[str, Any], variant: str = "asyncdiff 2 stages",
-                warmup: int = 1, tail: int = 2) -> list[dict[str, Any]]:
+def predictions(rows: Sequence[dict[str, Any]], splits: dict[str, Any], costs: dict[str, Any],
+                variant: str = "asyncdiff 2 stages", warmup: int = 1, tail: int = 2) -> list[dict[str, Any]]:
     """The cost model: ``variant``'s measured chunk latency at 2 stages carried to N stages on N cores (a prediction).
 
-    Per schedule of S steps, the ``S − warmup − tail`` streamed rounds each cost the slowest stage
-    plus the hand-off; at N stages the slowest stage is ``splits[N]``'s, the hand-off and
-    everything else in the chunk (the sequential steps, observation handling) as measured at 2:
+    A streamed round of N stages is bound twice. Each worker runs one stage per round plus the
+    hand-off ``w`` (``costs['hand-off']``: streamed rounds with nothing to step, where the workers
+    are the bottleneck). And the sample's own loop: the ``ε`` served at step ``k`` is the network's
+    output at ``x_{k-N+1}``, so ``x_k → stage 0 → … → stage N−1 → step → x_{k+N}`` spans N
+    rounds and holds every stage once, N hand-offs and the caller's step: per round, the mean
+    stage ``s̄_N`` plus a loop overhead ``o``. So
 
-        chunk_N = chunk_2 − (S − warmup − tail) · (slowest_2 − slowest_N)
+        round_N = max(slowest_N + w, s̄_N + o),   o = round_2 − s̄_2,
 
-    against the fastest sequential sampler's measured chunk (which more cores do not speed up at
+    with the stage times of ``splits`` (each stage alone) and ``round_2`` the measured chunk's
+    rounds (its warm-up and tail steps counted at ``costs['stages in turn']``). Per
+    schedule of S steps, ``chunk_N = chunk_2 − (S − warmup − tail) · (round_2 − round_N)``.
+    Against the fastest sequential sampler's measured chunk (which more cores do not speed up at
     batch 1: a second ONNX Runtime thread already gains little).
     """
     out = []
-    slowest = {int(n): max(split["stage_ms"]) for n, split in splits.items()}
+    stage_ms = {int(n): split["stage_ms"] for n, split in splits.items()}
+    slowest = {n: max(v) for n, v in stage_ms.items()}
+    mean = {n: sum(v) / n for n, v in stage_ms.items()}
     for schedule in dict.fromkeys(r["schedule"] for r in rows):
         mine = [r for r in rows if r["schedule"] == schedule]
         measured = next(r["p50"] for r in mine if r["variant"] == variant)
         sequential = min(r["p50"] for r in mine if r["variant"].startswith("sequential"))
-        rounds = int("".join(c for c in schedule if c.isdigit())) - warmup - tail
-        for n, stage in sorted(slowest.items()):
-            chunk = measured - rounds * (slowest[2] - stage)
-            out.append({"schedule": schedule, "stages": n, "slowest_stage_ms": stage, "chunk_ms": chunk,
+        steps = int("".join(c for c in schedule if c.isdigit()))
+        rounds = steps - warmup - tail
+        round_2 = (measured - (steps - rounds) * costs["stages in turn"]) / rounds
+        loop = round_2 - mean[2]  # o: what the sample's loop adds per round beyond the mean stage
+        for n in sorted(stage_ms):
+            round_n = max(slowest[n] + costs["hand-off"], mean[n] + loop)
+            chunk = measured - rounds * (round_2 - round_n)
+            out.append({"schedule": schedule, "stages": n, "slowest_stage_ms": slowest[n],
+                        "mean_stage_ms": mean[n], "round_ms": round_n, "chunk_ms": chunk,
                         "speedup": sequential / chunk})
     return out
 
@@ -230,8 +245,8 @@ def markdown(costs: dict[str, Any], rows: Sequence[dict[str, Any]], predicted: S
         lines += [f"| {n} | {s['cuts']} | {', '.join(f'{v:.3f}' for v in s['stage_ms'])} |" for n, s in splits.items()]
     if predicted:
         lines += ["", "## Cost model: `asyncdiff` predicted at N stages on N cores (the 2-stage row is measured)", "",
-                  "| schedule | stages | slowest stage ms | chunk ms | speed-up vs fastest sequential |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['schedule']} | {r['stages']} | {r['slowest_stage_ms']:.3f} | {r['chunk_ms']:.1f} | "
-                  f"{r['speedup']:.2f}x |" for r in predicted]
+                  "| schedule | stages | slowest stage ms | mean stage ms | round ms | chunk ms | "
+                  "speed-up vs fastest sequential |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['schedule']} | {r['stages']} | {r['slowest_stage_ms']:.3f} | {r['mean_stage_ms']:.3f} | "
+                  f"{r['round_ms']:.3f} | {r['chunk_ms']:.1f} | {r['speedup']:.2f}x |" for r in predicted]
     return lines

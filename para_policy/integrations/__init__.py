@@ -60,7 +60,8 @@ def patch(policy: Any, sampler: str = "paradigms", **options: Any) -> Any:
             ``noise_scheduler``, ``num_inference_steps``) or a LeRobot ``DiffusionPolicy``
             (has ``diffusion.conditional_sample``, ``diffusion.unet``) or its ``DiffusionModel``.
         sampler: a preset (``'paradigms'``, the fastest measured setting; ``'paradigms_published'``,
-            ``'parataa'``, ``'sequential'``) or a :class:`~para_policy.samplers.SamplerConfig`.
+            ``'parataa'``, ``'sequential'``, ``'asyncdiff'``; not ``'patches'``) or a
+            :class:`~para_policy.samplers.SamplerConfig`.
         options: the preset's options to override (``window``, ``tolerance``, ...,
             ``warm_start``) and ``scheduler`` ('ddpm' / 'ddim': the DDIM twin of a DDPM
             scheduler) / ``num_inference_steps``. Validated now (:func:`~para_policy.samplers.sampler_spec`).

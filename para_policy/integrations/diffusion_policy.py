@@ -750,6 +750,15 @@ def read_diffusion_policy(path: str | os.PathLike, *, trust_pickle: bool = False
 
 # ---- patching live policy objects --------------------------------------------------------
 
+def refuse_patches(spec: SamplerConfig) -> None:
+    """``ValueError`` for the ``patches`` family: a patched object's network (DiffusionPolicy's or LeRobot's
+    own UNet class) is not split into patches; :func:`~para_policy.loading.load_policy` runs it."""
+    if spec.family.patched:
+        raise ValueError(f"sampler {spec.name!r} (patches of the horizon at once) runs on para_policy policies "
+                         "only, not on a patched DiffusionPolicy or LeRobot object: load the checkpoint with "
+                         "para_policy.load_policy(path, sampler='patches'), or patch with another sampler")
+
+
 class SamplingPatch:
     """What :func:`patch` installed on a policy object, what it needs to undo it, and the session it samples with.
 
@@ -771,6 +780,7 @@ class SamplingPatch:
     ATTRIBUTE = "_para_patch"
 
     def __init__(self, owner: Any, target: Any, spec: SamplerConfig, n_action_steps: int) -> None:
+        refuse_patches(spec)
         self.owner = owner
         self.target = target
         self.session = SamplingSession(spec, n_action_steps)
@@ -787,6 +797,7 @@ class SamplingPatch:
 
     def set_spec(self, spec: SamplerConfig) -> None:
         """Sample with ``spec`` from the next call on (the warm start is forgotten)."""
+        refuse_patches(spec)
         self.session.set_spec(spec)
 
     def reset(self) -> None:

@@ -3,11 +3,13 @@
 from para_policy.samplers.asyncdiff import asyncdiff_sample
 from para_policy.samplers.common import Denoiser, SampleStats, apply_inpaint, diffuse_known, draw_noise
 from para_policy.samplers.jacobians import mean_step_jacobians, step_jacobians
+from para_policy.samplers.patches import patch_sample
 from para_policy.samplers.picard import picard_sample
 from para_policy.samplers.registry import (
     FAMILIES,
     PRESETS,
     AsyncDiffOptions,
+    PatchOptions,
     PicardOptions,
     SamplerConfig,
     SamplerOptionError,
@@ -23,6 +25,7 @@ __all__ = [
     "PRESETS",
     "AsyncDiffOptions",
     "Denoiser",
+    "PatchOptions",
     "PicardOptions",
     "SampleStats",
     "SamplerConfig",
@@ -33,6 +36,7 @@ __all__ = [
     "diffuse_known",
     "draw_noise",
     "mean_step_jacobians",
+    "patch_sample",
     "picard_sample",
     "sampler_spec",
     "sequential_sample",

@@ -49,9 +49,17 @@ from typing import Any, Protocol
 
 import torch
 
-from para_policy.samplers.common import Denoiser, Inpaint, SampleStats, apply_inpaint, check_inputs
+from para_policy.samplers.common import (
+    Denoiser,
+    Inpaint,
+    SampleStats,
+    apply_inpaint,
+    check_inputs,
+    find_form,
+    promote_state,
+)
 from para_policy.samplers.options import check_stage_options
-from para_policy.samplers.picard import picard_sample
+from para_policy.samplers.picard import exact_from
 from para_policy.samplers.sequential import schedule_step
 from para_policy.schedule import Schedule
 
@@ -82,19 +90,10 @@ def find_staged(denoiser: Any, stages: int) -> StagedDenoiser:
     ``denoiser.staged(stages)``; the owner of a bound-method denoiser, ``denoiser.__self__.staged(stages)``
     (a policy's ``policy.denoise``: :meth:`para_policy.policy.LowdimPolicy.staged`).
     """
-    if callable(getattr(denoiser, "stale_rounds", None)):
-        found = denoiser
-    else:
-        make = getattr(denoiser, "staged", None) or getattr(getattr(denoiser, "__self__", None), "staged", None)
-        if not callable(make):
-            raise TypeError(f"sampler 'asyncdiff' runs the network's stages on separate workers, so it needs a "
-                            f"denoiser that can be cut into stages: a policy's (policy.denoise; "
-                            f"LowdimPolicy.staged) or a para_policy.stages.StagePipeline, passed as the "
-                            f"denoiser or as staged=; got {type(denoiser).__name__}")
-        found = make(stages)
-    if found.num_stages != stages:
-        raise ValueError(f"stages={stages}, but the staged denoiser has {found.num_stages} stages")
-    return found
+    return find_form(denoiser, "asyncdiff", "stale_rounds", "staged", stages, "num_stages",
+                     "runs the network's stages on separate workers, so it needs a denoiser that can be cut "
+                     "into stages: a policy's (policy.denoise; LowdimPolicy.staged) or a "
+                     "para_policy.stages.StagePipeline, passed as the denoiser or as staged=")
 
 
 def round_plan(steps: torch.Tensor, start: int, stop: int, stride: int, num_stages: int, batch: int,
@@ -215,22 +214,15 @@ def asyncdiff_sample(
         raise ValueError(f"stride={stride} runs the last stage at several timesteps at once, but this network's "
                          f"later stages take the timestep from the carried state (a TransformerForDiffusion's "
                          f"memory), so every one would give the same output: use stride=1")
-    dtype = torch.promote_types(x_T.dtype, torch.float32)
-    x_T, noise = x_T.to(dtype), noise.to(dtype)
-    if inpaint is not None:
-        inpaint = (inpaint[0].to(dtype), inpaint[1] if inpaint[1].dtype == torch.bool else inpaint[1].to(dtype))
+    x_T, noise, inpaint = promote_state(x_T, noise, inpaint)
     B, S = x_T.shape[0], schedule.num_steps
     schedule = schedule.to(x_T.device)
     traj, parallel = stale_trajectory(staged, schedule, x_T, noise, condition, inpaint, warmup, stride, time_shift,
                                       tail, extrapolate)
     sequential, warm = S - sum(parallel) // B, min(max(warmup, 1), S)  # steps with the stages in turn
     rounds, evals = sequential + len(parallel), S * B
-    if exact:
-        sample, refine = picard_sample(denoiser, schedule, x_T, noise, window=S, tolerance=0.0,
-                                       condition=condition, inpaint=inpaint, init=traj)
-        rounds, evals = rounds + refine.rounds, evals + refine.model_evals
-    else:
-        sample = apply_inpaint(traj[:, -1], inpaint, None)
+    sample, refine = exact_from(denoiser, schedule, x_T, noise, condition, inpaint, traj, exact)
+    rounds, evals = rounds + refine.rounds, evals + refine.model_evals
     return sample, SampleStats(rounds=rounds, model_evals=evals, converged=torch.ones(B, dtype=torch.bool),
                                rounds_per_sample=torch.full((B,), rounds, dtype=torch.long),
                                rows_per_round=[B] * warm + parallel + [B] * (sequential - warm))

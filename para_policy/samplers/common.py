@@ -279,6 +279,36 @@ def check_deadline(deadline_at: Any) -> float | None:
     return float(deadline_at)
 
 
+def find_form(denoiser: Any, sampler: str, marker: str, make: str, count: int, size: str, need: str) -> Any:
+    """The form of ``denoiser`` a sampler that splits the network runs (a stage pipeline, a patch runner).
+
+    Looked for in order: ``denoiser`` itself when it has the method ``marker``; ``denoiser.<make>(count)``;
+    the owner of a bound-method denoiser, ``denoiser.__self__.<make>(count)`` (a policy's
+    ``policy.denoise``). ``size``: the form's attribute that must equal ``count``; ``need``: what
+    ``sampler`` needs, for the error when nothing is found.
+    """
+    if callable(getattr(denoiser, marker, None)):
+        found = denoiser
+    else:
+        build = getattr(denoiser, make, None) or getattr(getattr(denoiser, "__self__", None), make, None)
+        if not callable(build):
+            raise TypeError(f"sampler {sampler!r} {need}; got {type(denoiser).__name__}")
+        found = build(count)
+    if getattr(found, size) != count:
+        raise ValueError(f"{size.removeprefix('num_')}={count}, but the {make} denoiser has {getattr(found, size)}")
+    return found
+
+
+def promote_state(x_T: torch.Tensor, noise: torch.Tensor, inpaint: Inpaint | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, Inpaint | None]:
+    """``x_T``, ``noise`` and the known values in float32 at least (a half-precision caller's sample is
+    stepped in float32, as :func:`float32_state` does); a boolean mask stays boolean."""
+    dtype = torch.promote_types(x_T.dtype, torch.float32)
+    if inpaint is not None:
+        inpaint = (inpaint[0].to(dtype), inpaint[1] if inpaint[1].dtype == torch.bool else inpaint[1].to(dtype))
+    return x_T.to(dtype), noise.to(dtype), inpaint
+
+
 def known_mask(mask: torch.Tensor) -> torch.Tensor:
     """The entries an inpaint mask fixes outright: a bool mask itself, weights equal to 1."""
     return mask if mask.dtype == torch.bool else mask >= 1

@@ -90,3 +90,15 @@ def check_stage_options(stages: Any, warmup: Any, stride: Any, exact: Any, time_
         raise SamplerOptionError(f"extrapolate=True extrapolates each step's output from the step before, so it "
                                  f"needs stride=1, got stride={stride} (set extrapolate=False to stride)",
                                  "extrapolate")
+
+
+def check_patch_options(patches: Any, warmup: Any, exact: Any) -> None:
+    """Check the patch sampler's options (the one copy: :class:`PatchOptions` and :func:`patch_sample`).
+
+    ``patches`` >= 1 (workers; 1 is the whole network; that it divides the horizon is checked when
+    the runner is built, where the horizon is known), ``warmup`` >= 1 (the first displaced step
+    reads the halos and statistics of a whole-network step before it), ``exact`` a flag.
+    """
+    check_int("patches", patches, 1)
+    check_int("warmup", warmup, 1)
+    check_bool("exact", exact)

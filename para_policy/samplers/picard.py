@@ -537,3 +537,21 @@ def run_rounds(setup: RoundSetup, state: WindowState, step: Callable[..., RoundR
         rounds=rounds, model_evals=model_evals, converged=finished.cpu(),
         rounds_per_sample=torch.where(finished, state.done_round, rounds).cpu(),
         deadline_hit=deadline_hit, rows_per_round=rows_per_round)
+
+
+def exact_from(denoiser: Denoiser | None, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
+               condition: torch.Tensor | None, inpaint: Inpaint | None, traj: torch.Tensor, exact: bool
+               ) -> tuple[torch.Tensor, SampleStats]:
+    """An approximate sampler's result: its last state, or, ``exact``, the sequential loop's answer reached by
+    Picard iteration at tolerance 0 (window S) from its trajectory ``traj`` (B, S, T, D) as the warm start.
+
+    Why one function: the samplers that approximate the network (asyncdiff, patches) offer the
+    same exact mode. Returns ``(sample (B, T, D), the refinement's stats)`` (zero rounds when not ``exact``).
+    """
+    if exact:
+        return picard_sample(denoiser, schedule, x_T, noise, window=schedule.num_steps, tolerance=0.0,
+                             condition=condition, inpaint=inpaint, init=traj)
+    B = x_T.shape[0]
+    return apply_inpaint(traj[:, -1], inpaint, None), SampleStats(
+        rounds=0, model_evals=0, converged=torch.ones(B, dtype=torch.bool),
+        rounds_per_sample=torch.zeros(B, dtype=torch.long))

@@ -7,13 +7,15 @@ sampler is chosen rather than at the first call. Every path builds its spec with
 :func:`sampler_spec`.
 
 * **Families** are the sampling functions: ``sequential`` (:func:`sequential_sample`),
-  ``picard`` (:func:`picard_sample`), ``taa`` (:func:`taa_sample`) and ``asyncdiff``
-  (:func:`asyncdiff_sample`, the network's stages at once on worker threads). Each family but
+  ``picard`` (:func:`picard_sample`), ``taa`` (:func:`taa_sample`), ``asyncdiff``
+  (:func:`asyncdiff_sample`, the network's stages at once on worker threads) and ``patches``
+  (:func:`patch_sample`, patches of the horizon at once on worker threads). Each family but
   the sequential one has a dataclass of options (:class:`PicardOptions`, :class:`TaaOptions`,
-  :class:`AsyncDiffOptions`) whose defaults are the function's own.
+  :class:`AsyncDiffOptions`, :class:`PatchOptions`) whose defaults are the function's own.
 * **Presets** are named settings of a family (:data:`PRESETS`): ``paradigms`` is the
   fastest measured setting, ``paradigms_published`` ParaDiGMS as published, ``parataa``
-  ParaTAA, ``sequential`` the reference loop, ``asyncdiff`` AsyncDiff's stage parallelism.
+  ParaTAA, ``sequential`` the reference loop, ``asyncdiff`` AsyncDiff's stage parallelism,
+  ``patches`` DistriFusion's displaced patch parallelism over the horizon.
 * **The schedule** (``scheduler='ddpm'|'ddim'|'dpmsolver++'|'sde-dpmsolver++'``,
   ``num_inference_steps``, ``solver_order`` for DPM-Solver++) is orthogonal: any preset runs on
   any schedule; ``None`` means the checkpoint's own.
@@ -35,9 +37,11 @@ from para_policy.samplers.options import (
     check_anderson_options,
     check_bool,
     check_int,
+    check_patch_options,
     check_round_options,
     check_stage_options,
 )
+from para_policy.samplers.patches import patch_sample
 from para_policy.samplers.picard import ROUND_SHAPES, picard_sample
 from para_policy.samplers.sequential import sequential_sample
 from para_policy.samplers.taa import taa_sample
@@ -119,15 +123,32 @@ class AsyncDiffOptions:
 
 
 @dataclass(frozen=True)
+class PatchOptions:
+    """Options of :func:`~para_policy.samplers.patch_sample` (see it for their meaning).
+
+    patches: patches of the horizon run at once (>= 1; that it divides the horizon is checked
+    when the policy builds its runner); warmup: whole-network steps first (>= 1); exact: refine
+    to the sequential answer.
+    """
+
+    patches: int = 2
+    warmup: int = 1
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        check_patch_options(self.patches, self.warmup, self.exact)
+
+
+@dataclass(frozen=True)
 class Family:
     """A sampling function and its options class (None: it takes no options).
 
     ``takes_init``: with options, whether it takes ``init`` / warm starts / ``deadline_at`` (the
-    Picard families do; AsyncDiff does not).
+    Picard families do; AsyncDiff and the patches do not).
     """
 
     sample: Callable[..., Any]
-    options: type[PicardOptions] | type[AsyncDiffOptions] | None
+    options: type[PicardOptions] | type[AsyncDiffOptions] | type[PatchOptions] | None
     takes_init: bool = True
 
     @property
@@ -141,6 +162,12 @@ class Family:
         return self.options is AsyncDiffOptions
 
     @property
+    def patched(self) -> bool:
+        """Runs the network on patches of the horizon (the ``patches`` family): the denoiser must offer
+        ``patched(n)``."""
+        return self.options is PatchOptions
+
+    @property
     def option_names(self) -> tuple[str, ...]:
         return () if self.options is None else tuple(f.name for f in dataclasses.fields(self.options))
 
@@ -150,6 +177,7 @@ FAMILIES: dict[str, Family] = {
     "picard": Family(picard_sample, PicardOptions),
     "taa": Family(taa_sample, TaaOptions),
     "asyncdiff": Family(asyncdiff_sample, AsyncDiffOptions, takes_init=False),
+    "patches": Family(patch_sample, PatchOptions, takes_init=False),
 }
 
 #: name → family, warm_start and the options that differ from the family's defaults.
@@ -164,6 +192,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "parataa": {"family": "taa", "warm_start": False, "options": {"window": 16, "tolerance": 0.1}},
     "sequential": {"family": "sequential", "warm_start": False, "options": {}},
     "asyncdiff": {"family": "asyncdiff", "warm_start": False, "options": {}},
+    "patches": {"family": "patches", "warm_start": False, "options": {}},
 }
 DEFAULT_SAMPLER = "paradigms"
 #: the :class:`SamplerConfig` fields besides ``name`` and ``options`` (the schedule choice, warm start)

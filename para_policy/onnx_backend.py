@@ -40,6 +40,18 @@ def import_onnxruntime() -> Any:
     return require("onnxruntime", "onnx", purpose=_PURPOSE)
 
 
+def as_feed(a: torch.Tensor) -> Any:
+    """``a`` as the float32, contiguous CPU numpy array a session's ``run`` takes; no copy and no torch call
+    where it already is one (an ONNX Runtime output passed on, the usual case).
+
+    Why no torch call: each releases and takes back the GIL, so a worker thread converting a
+    stage's inputs while the caller steps the sample hands the GIL back and forth at every one.
+    """
+    if a.dtype is not torch.float32 or a.requires_grad or a.device.type != "cpu" or not a.is_contiguous():
+        a = a.detach().to("cpu", torch.float32).contiguous()
+    return a.numpy()
+
+
 def check_exportable(model: nn.Module) -> None:
     """``ValueError`` unless every parameter and buffer of ``model`` is a CPU tensor and its floats float32."""
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
@@ -197,10 +209,10 @@ class OnnxDenoiser:
             raise ValueError(f"backend='onnxruntime' runs float32 only, got x of {x.dtype}")
         n = x.shape[0]
         t = torch.as_tensor(t).reshape(-1).expand(n).to(torch.float32)
-        feeds = {"x": x.detach().contiguous().numpy(), "t": t.contiguous().numpy()}
+        feeds = {"x": as_feed(x), "t": as_feed(t)}
         cond_shape = None
         if condition is not None:
-            feeds["condition"] = condition.detach().to(torch.float32).contiguous().numpy()
+            feeds["condition"] = as_feed(condition)
             cond_shape = tuple(condition.shape[1:])
         out = self.session(tuple(x.shape[1:]), cond_shape).run(None, feeds)[0]
         return torch.from_numpy(out)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from para_policy.models.unet1d import ConditionalUnet1D
 from para_policy.models.unet_patches import PatchExchange, PatchUnet, neighbour_inputs
-from para_policy.onnx_backend import export_graph, make_session
+from para_policy.onnx_backend import as_feed, export_graph, make_session
 from para_policy.stages import StagePipeline, stage_backend
 
 __all__ = ["EagerPatches", "FullGraph", "OnnxPatches", "PatchGraph", "PatchResult", "PatchRunner", "PatchSession",
@@ -151,7 +151,7 @@ class PatchSession:
 
     def __call__(self, inputs: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
         given = [a for a in (*inputs, *(self.pending if len(inputs) == 3 else ())) if a is not None]
-        feeds = {n: a.detach().float().contiguous().numpy() for n, a in zip(self.names, given, strict=True)
+        feeds = {n: as_feed(a) for n, a in zip(self.names, given, strict=True)
                  if n in self.inputs}
         self.last = tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))  # type: ignore[assignment]
         return self.last  # type: ignore[return-value]
@@ -193,7 +193,7 @@ class OnnxPatches(PatchRunner):
 
     def full(self, x: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, list[PatchExchange]]:
         given = [a for a in (x, t.reshape(-1).expand(x.shape[0]), cond) if a is not None]
-        feeds = {n: a.detach().float().contiguous().numpy() for n, a in zip(self.full_names, given, strict=True)}
+        feeds = {n: as_feed(a) for n, a in zip(self.full_names, given, strict=True)}
         outs = [torch.from_numpy(o) for o in self.full_session.run(None, feeds)]
         return outs[0], [tuple(outs[1 + 3 * p: 4 + 3 * p]) for p in range(self.patches)]  # type: ignore[misc]
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from para_policy.models.unet1d import ConditionalUnet1D
 from para_policy.models.unet_stages import split_unet
-from para_policy.onnx_backend import check_exportable, export_graph, make_session
+from para_policy.onnx_backend import as_feed, check_exportable, export_graph, make_session
 
 #: ``runner((x, t, condition | None, *skips)) -> (x, *skips)``
 StageRunner = Callable[[tuple[Tensor | None, ...]], tuple[Tensor, ...]]
@@ -105,8 +105,7 @@ class OnnxStage:
 
     def __call__(self, inputs: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
         given = [a for a in inputs if a is not None]
-        feeds = {name: a.detach().to(torch.float32).contiguous().numpy()
-                 for name, a in zip(self.names, given, strict=True) if name in self.inputs}
+        feeds = {name: as_feed(a) for name, a in zip(self.names, given, strict=True) if name in self.inputs}
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 

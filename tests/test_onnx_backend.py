@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_eval import ckpt, compose_eval, run_eval  # noqa: F401  (fixture)
@@ -225,3 +226,14 @@ def test_image_policy_runs_its_unet_on_onnxruntime():
     configure_inference(policy, backend="onnxruntime")  # the encoder stays eager, the UNet is exported
     out = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
     assert (out.trajectory - ref.trajectory).abs().max().item() < 1e-5
+
+
+def test_as_feed_passes_a_float32_array_through_and_converts_the_rest() -> None:
+    from para_policy.onnx_backend import as_feed
+
+    a = torch.randn(2, 3)
+    assert as_feed(a).dtype == np.float32 and np.shares_memory(as_feed(a), a.numpy())  # no copy
+    for other in (a.to(torch.bfloat16), a.t(), a.clone().requires_grad_(), a[None].expand(2, 2, 3)):
+        feed = as_feed(other)
+        assert feed.dtype == np.float32 and feed.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(feed, other.detach().float().numpy())

@@ -227,29 +227,6 @@ def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
         assert stats.rounds == 1 + -(-(steps - 3) // 3) + 2 and torch.isfinite(strided).all()
 
 
-def test_the_tail_steps_call_the_callers_whole_network() -> None:
-    """The last ``tail`` steps run the caller's denoiser (its own backend), not the stages in turn; a tail over
-    every step after the warm-up is the sequential loop."""
-    model = tiny_unet()
-    schedule = make_schedule(dp_ddpm(), 10)
-    x_T, noise = draw_noise(schedule, (2, 8, 2), torch.Generator().manual_seed(0))
-    cond = torch.randn(2, 3)
-    calls = []
-
-    def denoise(x, t, c):
-        calls.append(int(t[0]))
-        return model(x, t, global_cond=c)
-
-    with eager_pipeline(model, [0, 7, len(unet_units(model))]) as pipe:
-        asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, tail=3)
-        assert calls == schedule.timesteps[-3:].tolist()
-        calls.clear()
-        out, stats = asyncdiff_sample(denoise, schedule, x_T, noise, condition=cond, staged=pipe, tail=9)
-    assert calls == schedule.timesteps[1:].tolist() and stats.rounds == 10
-    ref, _ = sequential_sample(lambda x, t, c: model(x, t, global_cond=c), schedule, x_T, noise, condition=cond)
-    assert torch.equal(out, ref)
-
-
 def test_a_transformer_runs_staged_and_refuses_a_stride() -> None:
     from para_policy.models.transformer import TransformerForDiffusion
 

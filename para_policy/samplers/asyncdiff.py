@@ -21,7 +21,7 @@ time_shift off, drift further from the sequential sample on few-step schedules).
 Two options beyond AsyncDiff, on by default because they shrink its error where it lands in the
 sample (measured in ``eval/bench_stages.py``):
 
-* ``tail``: the last steps call the whole network (the caller's denoiser) on current inputs. A
+* ``tail``: the last steps run the stages in turn on current inputs (exact network calls). A
   stale output's error at the last steps reaches the sample undamped, while errors earlier on are
   largely forgotten by the steps after them.
 * ``extrapolate``: the output served at step ``k`` is the stale one extrapolated linearly over its
@@ -126,15 +126,14 @@ def round_plan(steps: torch.Tensor, start: int, stop: int, stride: int, num_stag
 
 def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tensor, noise: torch.Tensor,
                      condition: torch.Tensor | None, inpaint: Inpaint | None, warmup: int, stride: int,
-                     time_shift: bool = True, tail: int = 0, extrapolate: bool = False,
-                     whole: Denoiser | None = None) -> tuple[torch.Tensor, list[int]]:
+                     time_shift: bool = True, tail: int = 0, extrapolate: bool = False
+                     ) -> tuple[torch.Tensor, list[int]]:
     """AsyncDiff's loop (module docstring): ``(x_1 … x_S (B, S, T, D), rows of each parallel round)``.
 
-    The ``warmup`` steps (at least one: the first parallel round needs every stage's output) run
-    the stages in turn, for their carries; the last ``tail`` steps call ``whole`` (the caller's
-    denoiser: the whole network on its own backend, which may use every core; None: the stages
-    in turn). The parallel rounds between are streamed (:meth:`StagedDenoiser.stale_rounds`), the
-    schedule's steps taken in the ``advance`` callback as each round's output arrives.
+    The ``warmup`` steps (at least one: the first parallel round needs every stage's output) and
+    the last ``tail`` steps run the stages in turn; the parallel rounds between are streamed
+    (:meth:`StagedDenoiser.stale_rounds`), the schedule's steps taken in the ``advance`` callback
+    as each round's output arrives.
     """
     B, S = x_T.shape[0], schedule.num_steps
     steps = schedule.timesteps.to(torch.float32)
@@ -167,10 +166,9 @@ def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tens
     if starts:
         state[3] = apply_inpaint(state[0], inpaint, warm)
         staged.stale_rounds(state[3], rounds, condition, carries, advance)
-    net = whole if whole is not None else (lambda x, t, c: staged.run_stages(x, t, c)[0])
     for k in range(stop, S):
         x_in = apply_inpaint(state[0], inpaint, k)
-        take(k, x_in, net(x_in, steps[k].expand(B), condition))
+        take(k, x_in, staged.run_stages(x_in, steps[k].expand(B), condition)[0])
     return torch.stack(traj, dim=1), [ts[-1].shape[0] for ts in rounds]
 
 
@@ -220,7 +218,7 @@ def asyncdiff_sample(
     B, S = x_T.shape[0], schedule.num_steps
     schedule = schedule.to(x_T.device)
     traj, parallel = stale_trajectory(staged, schedule, x_T, noise, condition, inpaint, warmup, stride, time_shift,
-                                      tail, extrapolate, None if denoiser is staged else denoiser)
+                                      tail, extrapolate)
     sequential, warm = S - sum(parallel) // B, min(max(warmup, 1), S)  # steps with the stages in turn
     rounds, evals = sequential + len(parallel), S * B
     sample, refine = exact_from(denoiser, schedule, x_T, noise, condition, inpaint, traj, exact)

@@ -6,8 +6,9 @@ core per stage: the defaults, ``tail=1``, ``tail=0`` without extrapolation, and 
 and ``patches`` (DistriFusion's displaced patches: the horizon in 2 patches, one core each),
 interleaved call by call on recorded PushT observations; p50 / p95 latency and the executed
 actions' deviation from sequential on the same noise. First the cost model's terms (each
-stage's time, the hand-off cost), last its prediction for 4 and 8 stages on as many cores
-(:mod:`para_policy.bench.stages`). Timings mean something only on a quiet machine.
+stage's time, the hand-off cost, where a round's time goes inside the sampler), last its
+prediction for 4 and 8 stages on as many cores (:mod:`para_policy.bench.stages`). Timings mean
+something only on a quiet machine.
 
     python eval/bench_stages.py            # writes eval/results/bench_stages.{md,json}
     python eval/bench_stages.py --quick    # a smoke run: DDIM-10, a few chunks, no files
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from para_policy.bench import command_line, load_stream, machine_info, write_report
-from para_policy.bench.stages import latency_rows, markdown, predictions, stage_costs, stage_splits
+from para_policy.bench.stages import latency_rows, loop_segments, markdown, predictions, stage_costs, stage_splits
 from para_policy.loading import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,18 +56,19 @@ def main(argv: list[str]) -> None:
     obs = [np.asarray(c["obs"], dtype=np.float32) for c in load_stream(STREAM)[0][:chunks]] if STREAM.exists() \
         else [np.random.default_rng(i).standard_normal((2, 20)).astype(np.float32) for i in range(chunks)]
     costs = stage_costs(pols, obs[0], reps=30 if args.quick else 300)
+    segments = loop_segments(pols["ort1"], obs[0], "ddim10" if args.quick else "ddpm100", 2 if args.quick else 10)
     schedules = ("ddim10",) if args.quick else SCHEDULES
     rows = [r for s in schedules for r in latency_rows(pols, s, obs, reps)]
     splits = stage_splits(pols["ort1"], obs[0], counts=(2,) if args.quick else (2, 4, 8),
                           reps=10 if args.quick else 100)
     predicted = predictions(rows, splits, costs)
     lines = ["# AsyncDiff stage parallelism vs sequential (batch 1)", "",
-             f"`{command_line('bench_stages.py', argv)}`", "", *markdown(costs, rows, predicted, splits)]
+             f"`{command_line('bench_stages.py', argv)}`", "", *markdown(costs, rows, predicted, splits, segments)]
     print("\n".join(lines))
     if not args.quick:
         print(write_report(args.out, "\n".join(lines) + "\n",
-                           {"costs": costs, "rows": rows, "splits": splits, "predicted": predicted,
-                            "machine": machine_info(), "argv": argv}))
+                           {"costs": costs, "segments": segments, "rows": rows, "splits": splits,
+                            "predicted": predicted, "machine": machine_info(), "argv": argv}))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,76 @@ def stage_costs(policies: dict[str, Any], obs: np.ndarray, reps: int = 200) -> d
     return ms
 
 
+class _TimedSession:
+    """An ONNX Runtime session whose ``run`` records ``(name, start, end)`` in ``events`` (perf_counter seconds)."""
+
+    def __init__(self, session: Any, name: str, events: list[tuple[str, float, float]]) -> None:
+        self.session, self.name, self.events = session, name, events
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.session, attr)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = self.session.run(*args, **kwargs)
+        self.events.append((self.name, start, time.perf_counter()))
+        return out
+
+
+def loop_segments(policy: Any, obs: np.ndarray, schedule: str = "ddpm100", calls: int = 10) -> dict[str, float]:
+    """Where a streamed 2-stage round's time goes inside ``asyncdiff`` sampling (ms, medians of the middle rounds).
+
+    Why: the ``ε`` served at step ``k`` is the network's output at ``x_{k-1}``, so the sample's own
+    loop ``x_k → stage 0 → stage 1 → step → x_{k+2}`` spans two rounds. Its segments, timed from
+    the stage sessions' ``run`` calls and the caller's ``advance``: ``stage 0``, ``stage 1`` (the
+    sessions' runs), ``hand-off 0→1`` (stage 0's run ends → stage 1's next run starts),
+    ``hand-off 1→caller`` (stage 1's run ends → the caller's step starts), ``step`` (the caller's
+    ``advance``), ``step→stage 0`` (→ stage 0's next run). When the loop binds, a round is half
+    their sum (``loop / 2``), whatever the slowest stage.
+    """
+    spec = schedule_spec("asyncdiff", schedule, stages=2)
+    x_T, noise = keyed_noise(policy.schedule_for(spec), policy.trajectory_shape(1)[1:], [0])
+    o = {"obs": torch.as_tensor(obs)[None]}
+    policy.predict_action(o, sampler=spec, x_T=x_T, noise=noise)  # builds the pipeline
+    pipe = policy.staged(2)
+    events: list[tuple[str, float, float]] = []
+    sessions = [r.session for r in pipe.runners]
+    stale_rounds = pipe.stale_rounds
+
+    def timed_rounds(x: Any, rounds: Any, cond: Any, carries: Any, advance: Callable[[int, Any], Any]) -> Any:
+        def timed(j: int, out: Any) -> Any:
+            start = time.perf_counter()
+            nxt = advance(j, out)
+            events.append(("step", start, time.perf_counter()))
+            return nxt
+        return stale_rounds(x, rounds, cond, carries, timed)
+
+    for i, r in enumerate(pipe.runners):
+        r.session = _TimedSession(sessions[i], f"s{i}", events)
+    pipe.stale_rounds = timed_rounds
+    seg: dict[str, list[float]] = {k: [] for k in ("stage 0", "hand-off 0→1", "stage 1", "hand-off 1→caller",
+                                                   "step", "step→stage 0", "round")}
+    try:
+        for _ in range(calls):
+            events.clear()
+            policy.predict_action(o, sampler=spec, x_T=x_T, noise=noise)
+            s0, s1, step = ([e for e in events if e[0] == n] for n in ("s0", "s1", "step"))
+            J = len(step)
+            for j in range(J // 5, J - J // 5):  # round j: s0[1 + j], s1[1 + j] (index 0: the warm-up step)
+                a0, a1, st, b0, b1 = s0[1 + j], s1[1 + j], step[j], s0[2 + j], s1[2 + j]
+                for key, value in (("stage 0", a0[2] - a0[1]), ("hand-off 0→1", b1[1] - a0[2]),
+                                   ("stage 1", a1[2] - a1[1]), ("hand-off 1→caller", st[1] - a1[2]),
+                                   ("step", st[2] - st[1]), ("step→stage 0", b0[1] - st[2]), ("round", b0[1] - a0[1])):
+                    seg[key].append(value * 1e3)
+    finally:
+        for r, session in zip(pipe.runners, sessions, strict=True):
+            r.session = session
+        del pipe.stale_rounds
+    out = {k: statistics.median(v) for k, v in seg.items()}
+    out["loop (2 rounds)"] = sum(v for k, v in out.items() if k != "round")
+    return out
+
+
 def worker_kinds(model: Any, cuts: list[int], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
                  reps: int) -> dict[str, float]:
     """One stale round (ms, median) of the same 2 stages with eager PyTorch on a worker thread, and in a
@@ -230,10 +300,16 @@ def latency_rows(policies: dict[str, Any], schedule: str, observations: Sequence
 
 
 def markdown(costs: dict[str, Any], rows: Sequence[dict[str, Any]], predicted: Sequence[dict[str, Any]] = (),
-             splits: dict[str, Any] | None = None) -> list[str]:
+             splits: dict[str, Any] | None = None, segments: dict[str, float] | None = None) -> list[str]:
     """The report: the cost model's terms, the latency table of every schedule, the cost model's predictions."""
     lines = ["## Per-call costs at batch 1 (ms, medians)", "", "| call | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in costs.items() if isinstance(v, float)]
+    if segments:
+        lines += ["", "## A streamed round inside `asyncdiff` sampling (2 stages, ms, medians of the middle rounds)",
+                  "",
+                  "The sample's loop `x_k → stage 0 → stage 1 → step → x_{k+2}` spans two rounds "
+                  "(`para_policy.bench.stages.loop_segments`).", "", "| segment | ms |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in segments.items()]
     lines += ["", "## Latency per chunk at batch 1 (interleaved)", "",
               "| schedule | variant | p50 ms | p95 ms | calls | speed-up vs fastest sequential | "
               "action dev mean (px) | action dev max (px) |", "|---|---|---|---|---|---|---|---|"]

@@ -39,9 +39,10 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
      {"stages": 2, "tail": 0, "extrapolate": False}, "ort1"),
     ("asyncdiff 2 stages exact", "asyncdiff", {"stages": 2, "exact": True}, "ort1"),
     ("patches 2 patches", "patches", {"patches": 2}, "ort1"),
+    ("patches 2 patches exact", "patches", {"patches": 2, "exact": True}, "ort1"),
 )
 #: variants timed on the first repetition only (each call takes many sequential samples' time)
-SLOW = ("asyncdiff 2 stages exact",)
+SLOW = ("asyncdiff 2 stages exact", "patches 2 patches exact")
 #: stage counts the cost model measures (each stage alone on one core) and predicts for
 PREDICT_STAGES = (2, 4, 8)
 

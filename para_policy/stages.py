@@ -31,12 +31,14 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from para_policy.models.unet1d import ConditionalUnet1D
 from para_policy.models.unet_stages import split_unet
 from para_policy.onnx_backend import as_feed, check_exportable, export_graph, make_session
+from para_policy.schedule import Schedule
 
 #: ``runner((x, t, condition | None, *skips)) -> (x, *skips)``
 StageRunner = Callable[[tuple[Tensor | None, ...]], tuple[Tensor, ...]]
@@ -107,6 +109,51 @@ class OnnxStage:
         given = [a for a in inputs if a is not None]
         feeds = {name: as_feed(a) for name, a in zip(self.names, given, strict=True) if name in self.inputs}
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+
+
+class StepGraph(nn.Module):
+    """The sampler's step after a streamed round as one graph: ``(x, out, prev, z, k) -> x_next`` (all (B, T, D)
+    but ``k`` (B,), the step index).
+
+    ``x_next = step_mean(x, k, ε̂) + σ_k z`` with ``ε̂ = out + lag (out − prev)`` (``lag`` 0: ``out``), made
+    by :meth:`~para_policy.schedule.Schedule.step_mean` itself on the schedule's coefficient table, so
+    it is the step :func:`~para_policy.samplers.sequential.schedule_step` takes (order-1 schedules).
+    """
+
+    def __init__(self, schedule: Schedule, lag: int) -> None:
+        super().__init__()
+        self.schedule, self.lag = schedule, lag
+
+    def forward(self, x: Tensor, out: Tensor, prev: Tensor, z: Tensor, k: Tensor) -> Tensor:
+        served = out + self.lag * (out - prev) if self.lag else out
+        return self.schedule.step_mean(x, k, served) + self.schedule.noise_std[k].view(-1, 1, 1) * z
+
+
+class OnnxStep:
+    """:class:`StepGraph` exported to ONNX and run by its own ONNX Runtime session (one intra-op thread).
+
+    Why: in the streamed rounds the caller's step (about twenty small torch operations) runs while
+    the stage worker runs its own Python between sessions, and every torch operation hands the GIL
+    over; one session call takes the GIL once. ``sample_shape``: ``(T, D)``.
+    """
+
+    def __init__(self, schedule: Schedule, lag: int, sample_shape: Sequence[int]) -> None:
+        g = torch.Generator().manual_seed(0)
+        x, out, prev, z = (torch.randn(2, *sample_shape, generator=g) for _ in range(4))
+        names = ["x", "out", "prev", "z", "k"]
+        with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            warnings.simplefilter("ignore")
+            graph = export_graph(StepGraph(schedule, lag).eval(), (x, out, prev, z, torch.tensor([3, 7])), names,
+                                 ["x_next"])
+        self.session = make_session(graph, 1)
+        self.inputs = {i.name for i in self.session.get_inputs()}  # prev is dropped when lag is 0
+
+    def __call__(self, x: Tensor, out: Tensor, prev: Tensor, noise: Tensor, k: int) -> Tensor:
+        """``x_next`` (B, T, D) after step ``k`` from ``x``, the round's output ``out``, the round before's ``prev``,
+        and the per-step noise ``noise`` (B, S, T, D) (indexed here, in numpy: a torch call would pass the GIL)."""
+        feeds = {"x": as_feed(x), "out": as_feed(out), "prev": as_feed(prev), "z": as_feed(noise)[:, k],
+                 "k": np.full(x.shape[0], k, dtype=np.int64)}
+        return torch.from_numpy(self.session.run(None, {n: v for n, v in feeds.items() if n in self.inputs})[0])
 
 
 def stage_backend(model: nn.Module, backend: str = "default") -> str:
@@ -275,6 +322,22 @@ class StagePipeline:
             carry = runner((carry[0], t, condition, *carry[1:]))
             carries.append(carry)
         return carry[0], carries[:-1]
+
+    def step_runner(self, schedule: Schedule, lag: int, sample_shape: Sequence[int]) -> Callable[..., Tensor] | None:
+        """The step after each streamed round as one ONNX Runtime call (:class:`OnnxStep`), kept per schedule and
+        ``lag``; None where a stage is not an ONNX Runtime session, or the schedule is multistep (its step
+        reads earlier steps' predictions) or not on the CPU.
+        """
+        if schedule.order != 1 or schedule.timesteps.device.type != "cpu" or \
+                not all(isinstance(r, OnnxStage) for r in self.runners):
+            return None
+        table = torch.cat([*(c.flatten() for c in schedule.step_coeffs().values()), schedule.noise_std])
+        key = (schedule.kind, schedule.prediction_type, schedule.clip_sample, schedule.clip_sample_range, lag,
+               tuple(sample_shape), table.numpy().tobytes())
+        steps = vars(self).setdefault("_steps", {})
+        if key not in steps:
+            steps[key] = OnnxStep(schedule, lag, sample_shape)
+        return steps[key]
 
     def stale_rounds(self, x: Tensor, rounds: Sequence[Sequence[Tensor]], condition: Tensor | None,
                      carries: Carries, advance: Advance) -> Carries:

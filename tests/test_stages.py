@@ -227,6 +227,42 @@ def test_warmup_over_every_step_is_the_sequential_loop(make, steps) -> None:
         assert stats.rounds == 1 + -(-(steps - 3) // 3) + 2 and torch.isfinite(strided).all()
 
 
+STEP_CASES = [
+    ("ddpm-clip", lambda: dp_ddpm(), 100, 0.0),
+    ("ddpm-sample-noclip", lambda: dp_ddpm(prediction_type="sample", clip_sample=False), 20, 0.0),
+    ("ddim-v", lambda: dp_ddim(prediction_type="v_prediction"), 10, 0.0),
+    ("ddim-eta", lambda: dp_ddim(), 16, 0.7),
+]
+
+
+@pytest.mark.parametrize("name,make,steps,eta", STEP_CASES, ids=[c[0] for c in STEP_CASES])
+def test_the_one_call_step_is_the_samplers_step(name, make, steps, eta) -> None:
+    """The step after a streamed round in one ONNX Runtime call gives the bits of ``schedule_step`` on the
+    extrapolated output, at every step, with and without extrapolation."""
+    from para_policy.samplers.sequential import schedule_step
+    from para_policy.stages import OnnxStep
+
+    schedule = make_schedule(make(), steps, eta=eta)
+    g = torch.Generator().manual_seed(3)
+    x, out, prev = (torch.randn(2, 8, 2, generator=g) * 2 for _ in range(3))
+    noise = torch.randn(2, steps, 8, 2, generator=g)
+    for lag in (0, 1):
+        step = OnnxStep(schedule, lag, (8, 2))
+        for k in range(steps):
+            served = out + lag * (out - prev) if lag else out
+            ref, _ = schedule_step(schedule, x, k, served, None, noise)
+            assert torch.equal(step(x, out, prev, noise, k), ref), (name, lag, k)
+
+
+def test_the_pipeline_offers_the_one_call_step_only_where_it_applies(pusht) -> None:
+    pipe = pusht.staged(2)  # ONNX Runtime stages
+    ddpm = make_schedule(dp_ddpm(), 10)
+    assert pipe.step_runner(ddpm, 1, (16, 2)) is pipe.step_runner(ddpm, 1, (16, 2))  # kept
+    assert pipe.step_runner(make_schedule(dp_dpm(), 8), 1, (16, 2)) is None  # multistep: reads earlier steps
+    with eager_pipeline(tiny_unet(), [0, 7, len(unet_units(tiny_unet()))]) as eager:
+        assert eager.step_runner(ddpm, 1, (8, 2)) is None
+
+
 def test_a_transformer_runs_staged_and_refuses_a_stride() -> None:
     from para_policy.models.transformer import TransformerForDiffusion
 

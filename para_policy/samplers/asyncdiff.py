@@ -78,6 +78,9 @@ class StagedDenoiser(Protocol):
 
     def run_stages(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None) -> tuple[Any, Any]: ...
 
+    # optional: step_runner(schedule, lag, sample_shape) -> step(x, out, prev, noise, k) | None, the step after each
+    # round (``ε̂ = out + lag (out − prev)``) taken in one call (:meth:`para_policy.stages.StagePipeline.step_runner`)
+
     def stale_rounds(self, x: torch.Tensor, rounds: Sequence[Sequence[torch.Tensor]],
                      condition: torch.Tensor | None, carries: Any,
                      advance: Callable[[int, torch.Tensor], torch.Tensor | None]) -> Any: ...
@@ -155,7 +158,16 @@ def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tens
     starts, rounds = round_plan(steps, warm, stop, stride, staged.num_stages, B, time_shift)
     lag = staged.num_stages - 1  # steps between a stale output's input and the step it serves
 
+    make = getattr(staged, "step_runner", None)  # the same step in one call, where the staged form offers it
+    step = make(schedule, lag if extrapolate else 0, x_T.shape[1:]) if callable(make) and inpaint is None \
+        and stride == 1 and x_T.dtype == torch.float32 else None
+
     def advance(j: int, out: torch.Tensor) -> torch.Tensor | None:
+        if step is not None:
+            state[0] = step(state[0], out, state[2], noise, starts[j])
+            state[2] = out
+            traj.append(state[0])
+            return state[0] if j + 1 < len(starts) else None
         served = out + lag * (out - state[2]) if extrapolate else out  # linear, over the lag
         state[2] = out
         for i, eps in enumerate(served.split(B)):

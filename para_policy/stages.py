@@ -15,7 +15,9 @@ two calls the sampler needs:
 * :meth:`StagePipeline.run_stages`: the stages one after the other on current inputs (the whole
   network; warm-up steps), returning every cut's state (the *carries*);
 * :meth:`StagePipeline.stale_rounds`: AsyncDiff's parallel rounds, stage ``i`` of each round on
-  stage ``i-1``'s carry from the round before, streamed from stage to stage through queues.
+  stage ``i-1``'s carry from the round before, streamed from stage to stage through queues;
+* :meth:`StagePipeline.step_runner` (ONNX Runtime stages only): the sampler's step after each
+  round as one session call (:class:`OnnxStep`).
 
 A runner is ``runner((x, t, condition | None, *skips)) -> (x, *skips)`` over torch tensors
 (a stage module's signature, :data:`Stage`).

@@ -229,7 +229,7 @@ def predictions(rows: Sequence[dict[str, Any]], splits: dict[str, Any], costs: d
     rounds and holds every stage once, N hand-offs and the caller's step: per round, the mean
     stage ``s̄_N`` plus a loop overhead ``o``. So
 
-        round_N = max(slowest_N + w, s̄_N + o),   o = round_2 − s̄_2,
+        round_N = max(slowest_N + w, s̄_N + o),   o = round_2 − s̄_2   (N > 2; round_2 as measured),
 
     with the stage times of ``splits`` (each stage alone) and ``round_2`` the measured chunk's
     rounds (its warm-up and tail steps counted at ``costs['stages in turn']``). Per
@@ -250,7 +250,7 @@ def predictions(rows: Sequence[dict[str, Any]], splits: dict[str, Any], costs: d
         round_2 = (measured - (steps - rounds) * costs["stages in turn"]) / rounds
         loop = round_2 - mean[2]  # o: what the sample's loop adds per round beyond the mean stage
         for n in sorted(stage_ms):
-            round_n = max(slowest[n] + costs["hand-off"], mean[n] + loop)
+            round_n = round_2 if n == 2 else max(slowest[n] + costs["hand-off"], mean[n] + loop)
             chunk = measured - rounds * (round_2 - round_n)
             out.append({"schedule": schedule, "stages": n, "slowest_stage_ms": slowest[n],
                         "mean_stage_ms": mean[n], "round_ms": round_n, "chunk_ms": chunk,

@@ -65,6 +65,11 @@ class Schedule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_coeffs", self.step_coeffs())
 
+    @property
+    def coeffs(self) -> dict[str, torch.Tensor]:
+        """The table :meth:`step_coeffs` made when the schedule was (name -> (S, 1, 1)); not to be changed."""
+        return self._coeffs
+
     def step_coeffs(self) -> dict[str, torch.Tensor]:
         """The coefficients :meth:`step_mean` and :meth:`predict_x0` read, each ``(S, 1, 1)``, made once.
 

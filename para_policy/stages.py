@@ -333,7 +333,7 @@ class StagePipeline:
         if schedule.order != 1 or schedule.timesteps.device.type != "cpu" or \
                 not all(isinstance(r, OnnxStage) for r in self.runners):
             return None
-        table = torch.cat([*(c.flatten() for c in schedule.step_coeffs().values()), schedule.noise_std])
+        table = torch.cat([*(c.flatten() for c in schedule.coeffs.values()), schedule.noise_std])
         key = (schedule.kind, schedule.prediction_type, schedule.clip_sample, schedule.clip_sample_range, lag,
                tuple(sample_shape), table.numpy().tobytes())
         steps = vars(self).setdefault("_steps", {})

@@ -100,15 +100,14 @@ def displaced_trajectory(patched: PatchedDenoiser, schedule: Schedule, x_T: torc
     traj = []
     for k in range(S):
         x = apply_inpaint(x, inpaint, k)
-        k_rows = torch.full((B,), k, dtype=torch.long, device=x.device)
-        t = schedule.timesteps[k_rows]
+        t = schedule.timesteps[k].expand(B)
         if k < warmup and k != feeds and whole is not None:
             out = whole(x, t, condition)
         elif k < warmup or exchange is None:
             out, exchange = patched.full(x, t, condition)
         else:
             out, exchange = patched.displaced(x, t, condition, exchange)
-        x, x0s = schedule_step(schedule, x, k, out.to(x.dtype), x0s, noise, k_rows)
+        x, x0s = schedule_step(schedule, x, k, out.to(x.dtype), x0s, noise)
         traj.append(x)
     return torch.stack(traj, dim=1)
 

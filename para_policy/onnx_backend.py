@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,13 +41,15 @@ def import_onnxruntime() -> Any:
     return require("onnxruntime", "onnx", purpose=_PURPOSE)
 
 
-def as_feed(a: torch.Tensor) -> Any:
+def as_feed(a: torch.Tensor | np.ndarray) -> np.ndarray:
     """``a`` as the float32, contiguous CPU numpy array a session's ``run`` takes; no copy and no torch call
     where it already is one (an ONNX Runtime output passed on, the usual case).
 
     Why no torch call: each releases and takes back the GIL, so a worker thread converting a
     stage's inputs while the caller steps the sample hands the GIL back and forth at every one.
     """
+    if isinstance(a, np.ndarray):
+        return a if a.dtype == np.float32 and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=np.float32)
     if a.dtype is not torch.float32 or a.requires_grad or a.device.type != "cpu" or not a.is_contiguous():
         a = a.detach().to("cpu", torch.float32).contiguous()
     return a.numpy()

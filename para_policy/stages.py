@@ -42,6 +42,8 @@ from para_policy.models.unet_stages import split_unet
 from para_policy.onnx_backend import as_feed, check_exportable, export_graph, make_session
 from para_policy.schedule import Schedule
 
+#: a torch tensor or, between ONNX Runtime stages, the numpy array a session returned
+Array = Tensor | np.ndarray
 #: ``runner((x, t, condition | None, *skips)) -> (x, *skips)``
 StageRunner = Callable[[tuple[Tensor | None, ...]], tuple[Tensor, ...]]
 #: the state at each cut: ``carries[i]`` is stage ``i``'s output ``(x, *skips)``
@@ -49,6 +51,7 @@ Carries = list[tuple[Tensor, ...]]
 #: a stage module: :class:`~para_policy.models.unet_stages.UnetStage` or
 #: :class:`~para_policy.models.transformer_stages.TransformerStage` (``forward(x, t, condition, *skips)``)
 Stage = nn.Module
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 STAGE_BACKENDS = ("onnxruntime", "eager", "default")
 
 
@@ -108,9 +111,14 @@ class OnnxStage:
         self.names = names
 
     def __call__(self, inputs: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
+        return tuple(torch.from_numpy(o) for o in self.run_arrays(inputs))
+
+    def run_arrays(self, inputs: tuple[Array | None, ...]) -> list[np.ndarray]:
+        """The stage on tensors or numpy arrays, returning the session's numpy outputs: what the streamed
+        rounds hand from stage to stage (no torch call, so no GIL hand-over, between two sessions)."""
         given = [a for a in inputs if a is not None]
         feeds = {name: as_feed(a) for name, a in zip(self.names, given, strict=True) if name in self.inputs}
-        return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+        return self.session.run(None, feeds)
 
 
 class StepGraph(nn.Module):
@@ -150,12 +158,13 @@ class OnnxStep:
         self.session = make_session(graph, 1)
         self.inputs = {i.name for i in self.session.get_inputs()}  # prev is dropped when lag is 0
 
-    def __call__(self, x: Tensor, out: Tensor, prev: Tensor, noise: Tensor, k: int) -> Tensor:
-        """``x_next`` (B, T, D) after step ``k`` from ``x``, the round's output ``out``, the round before's ``prev``,
-        and the per-step noise ``noise`` (B, S, T, D) (indexed here, in numpy: a torch call would pass the GIL)."""
+    def __call__(self, x: Array, out: Array, prev: Array, noise: Array, k: int) -> np.ndarray:
+        """``x_next`` (B, T, D), a numpy array, after step ``k`` from ``x``, the round's output ``out``, the round
+        before's ``prev``, and the per-step noise ``noise`` (B, S, T, D) (indexed here, in numpy: a torch call
+        would pass the GIL); tensors or the stages' numpy arrays."""
         feeds = {"x": as_feed(x), "out": as_feed(out), "prev": as_feed(prev), "z": as_feed(noise)[:, k],
                  "k": np.full(x.shape[0], k, dtype=np.int64)}
-        return torch.from_numpy(self.session.run(None, {n: v for n, v in feeds.items() if n in self.inputs})[0])
+        return self.session.run(None, {n: v for n, v in feeds.items() if n in self.inputs})[0]
 
 
 def stage_backend(model: nn.Module, backend: str = "default") -> str:
@@ -238,9 +247,13 @@ def _close_workers(workers: list[tuple[threading.Thread, queue.SimpleQueue]]) ->
     workers.clear()
 
 
-def repeat_rows(t: Tensor | None, times: int) -> Tensor | None:
+def repeat_rows(t: ArrayT | None, times: int) -> ArrayT | None:
     """``t`` (B, ...) stacked ``times`` times along rows: (times·B, ...) (a stride's several timesteps)."""
-    return t if t is None or times == 1 else t.repeat(times, *([1] * (t.dim() - 1)))
+    if t is None or times == 1:
+        return t
+    if isinstance(t, np.ndarray):
+        return np.tile(t, (times, *([1] * (t.ndim - 1))))
+    return t.repeat(times, *([1] * (t.dim() - 1)))
 
 
 #: anything with ``close()`` that :func:`cached_pipeline` keeps (a pipeline, a patch runner)
@@ -252,8 +265,8 @@ class SupportsClose(Protocol):
 
 
 #: ``advance(j, out (r·B, T, D)) -> x (B, T, D) | None``: the caller's steps of round ``j``, returning
-#: stage 0's input for round ``j + 1`` (None after the last round)
-Advance = Callable[[int, Tensor], Tensor | None]
+#: stage 0's input for round ``j + 1`` (None after the last round); numpy arrays between ONNX Runtime stages
+Advance = Callable[[int, Array], Array | None]
 
 
 class StagePipeline:
@@ -285,10 +298,13 @@ class StagePipeline:
         self.workers: list[tuple[threading.Thread, queue.SimpleQueue]] = []
         self._calls = itertools.count()
         #: the call being streamed: (call id, rounds' timesteps, condition); None between calls
-        self._active: tuple[int, Sequence[Sequence[Tensor]], Tensor | None] | None = None
+        self._active: tuple[int, Sequence[Sequence[Array]], Array | None] | None = None
+        #: ONNX Runtime stages only: the streamed rounds pass the sessions' numpy arrays on as they are
+        self.arrays = all(isinstance(r, OnnxStage) for r in self.runners)
         for i, runner in enumerate(self.runners[1:], start=1):
             jobs: queue.SimpleQueue = queue.SimpleQueue()
-            thread = threading.Thread(target=_worker, args=(runner, jobs, _deliverer(weakref.ref(self), i)),
+            run = runner.run_arrays if self.arrays else runner
+            thread = threading.Thread(target=_worker, args=(run, jobs, _deliverer(weakref.ref(self), i)),
                                       daemon=True, name=f"para_policy-stage-{i}")
             thread.start()
             self.workers.append((thread, jobs))
@@ -356,6 +372,9 @@ class StagePipeline:
             carries: what :meth:`run_stages` (or the previous call) returned.
             advance: ``advance(j, out (r·B, T, D))`` takes round ``j``'s last-stage output and
                 returns stage 0's input for round ``j+1`` (:data:`Advance`); called in this thread.
+                With ONNX Runtime stages (:attr:`arrays`) ``out`` is the session's numpy array, and the
+                rounds run on numpy arrays throughout: a torch call in the loop hands the GIL to the
+                worker thread and back.
         Returns:
             the last round's carries, as :meth:`run_stages` returns them.
         Raises:
@@ -373,23 +392,29 @@ class StagePipeline:
                 reps = t.shape[0] // x.shape[0]
                 x = advance(j, self.runners[0]((repeat_rows(x, reps), t, repeat_rows(condition, reps)))[0])
             return []
+        if self.arrays:  # converted once, before the loop
+            x, condition = as_feed(x), None if condition is None else as_feed(condition)
+            rounds = [[as_feed(t) for t in ts] for ts in rounds]
+            carries = [tuple(as_feed(c) for c in carry) for carry in carries]
         call = next(self._calls)
         self._active = (call, rounds, condition)
         try:
             # last stage first: stage i's round-0 job must be queued before stage i-1 can hand it round 1
             for i in range(N - 1, 0, -1):
                 self._submit(i, call, 0, carries[i - 1])
-            return self._stream(call, x, rounds, condition, advance)
+            final = self._stream(call, x, rounds, condition, advance)
         finally:
             self._active = None
+        return [tuple(torch.as_tensor(c) for c in carry) for carry in final]
 
-    def _stream(self, call: int, x: Tensor, rounds: Sequence[Sequence[Tensor]], condition: Tensor | None,
-                advance: Advance) -> Carries:
+    def _stream(self, call: int, x: Array, rounds: Sequence[Sequence[Array]], condition: Array | None,
+                advance: Advance) -> list[tuple[Array, ...]]:
         """:meth:`stale_rounds`' loop in the caller's thread: stage 0, hand on, await the last stage, step."""
         N, J = self.num_stages, len(rounds)
-        final: list[tuple[Tensor, ...] | None] = [None] * (N - 1)
+        first = self.runners[0].run_arrays if self.arrays else self.runners[0]  # type: ignore[attr-defined]
+        final: list[tuple[Array, ...] | None] = [None] * (N - 1)
         for j in range(J):
-            carry = self.runners[0]((x, rounds[j][0], condition))
+            carry = first((x, rounds[j][0], condition))
             if j + 1 < J:
                 self._submit(1, call, j + 1, carry)
             else:
@@ -408,7 +433,7 @@ class StagePipeline:
             x = advance(j, out)
         return [c for c in final if c is not None]
 
-    def _submit(self, i: int, call: int, j: int, carry: tuple[Tensor, ...]) -> None:
+    def _submit(self, i: int, call: int, j: int, carry: Sequence[Array]) -> None:
         """Queue stage ``i`` of round ``j`` of call ``call`` on ``carry`` (stage ``i-1``'s output)."""
         active = self._active
         if active is None or active[0] != call:
@@ -435,8 +460,8 @@ class StagePipeline:
         """One round of :meth:`stale_rounds`: ``(out (r·B, T, D), carries)``; ``ts`` as one round's timesteps."""
         outs: list[Tensor] = []
 
-        def keep(j: int, out: Tensor) -> None:
-            outs.append(out)
+        def keep(j: int, out: Array) -> None:
+            outs.append(torch.as_tensor(out))
 
         carries = self.stale_rounds(x, [[t.reshape(-1).to(torch.float32) for t in ts]], condition, carries, keep)
         return outs[0], carries

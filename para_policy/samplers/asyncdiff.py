@@ -162,12 +162,13 @@ def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tens
     step = make(schedule, lag if extrapolate else 0, x_T.shape[1:]) if callable(make) and inpaint is None \
         and stride == 1 and x_T.dtype == torch.float32 else None
 
-    def advance(j: int, out: torch.Tensor) -> torch.Tensor | None:
-        if step is not None:
+    def advance(j: int, out: Any) -> Any:
+        if step is not None:  # on the stages' arrays as they come (numpy between ONNX Runtime sessions)
             state[0] = step(state[0], out, state[2], noise, starts[j])
             state[2] = out
             traj.append(state[0])
             return state[0] if j + 1 < len(starts) else None
+        out = torch.as_tensor(out)
         served = out + lag * (out - state[2]) if extrapolate else out  # linear, over the lag
         state[2] = out
         for i, eps in enumerate(served.split(B)):
@@ -178,10 +179,11 @@ def stale_trajectory(staged: StagedDenoiser, schedule: Schedule, x_T: torch.Tens
     if starts:
         state[3] = apply_inpaint(state[0], inpaint, warm)
         staged.stale_rounds(state[3], rounds, condition, carries, advance)
+    state[0], state[2] = torch.as_tensor(state[0]), torch.as_tensor(state[2])
     for k in range(stop, S):
         x_in = apply_inpaint(state[0], inpaint, k)
         take(k, x_in, staged.run_stages(x_in, steps[k].expand(B), condition)[0])
-    return torch.stack(traj, dim=1), [ts[-1].shape[0] for ts in rounds]
+    return torch.stack([torch.as_tensor(x) for x in traj], dim=1), [ts[-1].shape[0] for ts in rounds]
 
 
 @torch.inference_mode()

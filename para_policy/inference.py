@@ -463,7 +463,19 @@ class InferenceRuntime:
         (ONNX Runtime sessions do not pickle, and a copied closure would run the original's network),
         and the stage pipelines and patch runners (worker threads; :meth:`staged`, :meth:`patched`
         build them again)."""
-        return {**vars(self), "denoiser": None, "stage_pipelines": {}, "patch_runners": {}}
+        return {**vars(self), "denoiser": None, "stage_pipelines": {}, "patch_runners": {}, "weights_watch": None}
+
+    def network_identity(self, owner: InferenceOwner) -> tuple[Any, ...]:
+        """``(device, dtype, weights)`` of the owner's network: what a stage pipeline or patch runner is
+        built for. Read on every sampling call, so the weights' identity comes from a kept
+        :class:`~para_policy.cuda_graphs.WeightsWatch` (a walk over the modules only after one registered
+        a tensor), not from listing every parameter again."""
+        model = owner.model
+        watch = vars(self).get("weights_watch")
+        if watch is None or watch.model is not model:
+            watch = self.weights_watch = WeightsWatch(model)
+        watch.changed()
+        return str(owner.device), owner.dtype, watch.identity
 
     def staged(self, owner: InferenceOwner, num_stages: int) -> Any:
         """The owner's network as a :class:`~para_policy.stages.StagePipeline` of ``num_stages`` stages.
@@ -472,11 +484,10 @@ class InferenceRuntime:
         ONNX Runtime where the network is CPU float32, else eager) on the owner's call shapes, and
         again when the weights, device or dtype change (the old pipeline's threads are ended).
         """
-        from para_policy.cuda_graphs import weights_identity
         from para_policy.stages import cached_pipeline, stage_pipeline
 
         model = owner.model
-        identity = (str(owner.device), owner.dtype, weights_identity([*model.parameters(), *model.buffers()]))
+        identity = self.network_identity(owner)
 
         def build() -> Any:
             with torch.inference_mode():
@@ -495,12 +506,11 @@ class InferenceRuntime:
         Only a ConditionalUnet1D with global conditioning (or none) splits; anything else, and a
         horizon the patches do not divide, raises naming what is supported.
         """
-        from para_policy.cuda_graphs import weights_identity
         from para_policy.patches import patch_runner
         from para_policy.stages import cached_pipeline
 
         model = owner.model
-        identity = (str(owner.device), owner.dtype, weights_identity([*model.parameters(), *model.buffers()]))
+        identity = self.network_identity(owner)
         shape = owner.trajectory_shape(1)[1:]
         return cached_pipeline(vars(self).setdefault("patch_runners", {}), num_patches, identity,
                                lambda: patch_runner(model, num_patches, shape))

@@ -181,6 +181,26 @@ def test_the_streamed_rounds_equal_asyncdiff_in_lock_step(stride, tail, extrapol
     assert stats.rows_per_round == [2] * 2 + parallel + [2] * tail
 
 
+@pytest.mark.parametrize("stride,extrapolate", [(1, True), (3, False)])
+def test_onnx_stages_stream_numpy_arrays_and_equal_the_lock_step_loop_over_the_same_sessions(stride,
+                                                                                          extrapolate) -> None:
+    """ONNX Runtime stages hand the sessions' numpy arrays on (a stride's rows tiled in numpy, the step in one
+    call at stride 1): the bits of the lock-step loop calling the same sessions in turn on tensors."""
+    pytest.importorskip("onnxruntime")
+    model = tiny_unet()
+    cuts = [0, 4, 9, 14, len(unet_units(model))]
+    schedule = make_schedule(dp_ddpm(), 10)
+    x_T, noise = draw_noise(schedule, (2, 8, 2), torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 3)
+    with stage_pipeline(model, 4, (8, 2), cond[:1], backend="onnxruntime", cuts=cuts) as pipe:
+        assert pipe.arrays
+        stages = [lambda x, t, c, *skips, r=r: r((x, t, c, *skips)) for r in pipe.runners]
+        ref = lockstep_asyncdiff(stages, schedule, x_T, noise, cond, 2, stride, 2, extrapolate)
+        out, _ = asyncdiff_sample(None, schedule, x_T, noise, condition=cond, staged=pipe, stages=4, warmup=2,
+                                  stride=stride, tail=2, extrapolate=extrapolate)
+    assert torch.equal(out, ref)
+
+
 def test_a_slow_caller_between_the_first_jobs_keeps_every_stage_in_round_order(monkeypatch) -> None:
     model = tiny_unet()
     cuts = [0, 4, 9, 14, len(unet_units(model))]

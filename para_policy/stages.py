@@ -51,6 +51,7 @@ Carries = list[tuple[Tensor, ...]]
 #: a stage module: :class:`~para_policy.models.unet_stages.UnetStage` or
 #: :class:`~para_policy.models.transformer_stages.TransformerStage` (``forward(x, t, condition, *skips)``)
 Stage = nn.Module
+#: a tensor or an array, kept as it came (:func:`repeat_rows`)
 ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 STAGE_BACKENDS = ("onnxruntime", "eager", "default")
 

@@ -342,13 +342,13 @@ class StagePipeline:
             carries.append(carry)
         return carry[0], carries[:-1]
 
-    def step_runner(self, schedule: Schedule, lag: int, sample_shape: Sequence[int]) -> Callable[..., Tensor] | None:
+    def step_runner(self, schedule: Schedule, lag: int, sample_shape: Sequence[int]
+                    ) -> Callable[..., np.ndarray] | None:
         """The step after each streamed round as one ONNX Runtime call (:class:`OnnxStep`), kept per schedule and
         ``lag``; None where a stage is not an ONNX Runtime session, or the schedule is multistep (its step
         reads earlier steps' predictions) or not on the CPU.
         """
-        if schedule.order != 1 or schedule.timesteps.device.type != "cpu" or \
-                not all(isinstance(r, OnnxStage) for r in self.runners):
+        if schedule.order != 1 or schedule.timesteps.device.type != "cpu" or not self.arrays:
             return None
         table = torch.cat([*(c.flatten() for c in schedule.coeffs.values()), schedule.noise_std])
         key = (schedule.kind, schedule.prediction_type, schedule.clip_sample, schedule.clip_sample_range, lag,
